@@ -1,0 +1,14 @@
+"""Byte-exact numba K-quant kernels (ggml's reference quantizers, reimplemented)."""
+from __future__ import annotations
+
+from .api import dequantize, get_threads, quantize, row_nbytes, set_threads
+from .errors import BlockSizeError, NonFiniteError, QuantError, ShapeError, UnsupportedTypeError
+from .floats import bfloat16_bits_to_f32, to_bfloat16_bits, to_float16
+from .types import SPECS, QuantSpec, resolve, supported_type_names
+
+__all__ = [
+    "quantize", "dequantize", "set_threads", "get_threads", "row_nbytes",
+    "to_float16", "to_bfloat16_bits", "bfloat16_bits_to_f32",
+    "QuantSpec", "SPECS", "resolve", "supported_type_names",
+    "QuantError", "BlockSizeError", "NonFiniteError", "ShapeError", "UnsupportedTypeError",
+]
