@@ -1,0 +1,377 @@
+"""Variants and plans: which GGML type every tensor gets, and exactly how big each file will be.
+
+The rules follow the recipe the published FLUX GGUF files share (ComfyUI-GGUF's patched
+``llama-quantize`` and stable-diffusion.cpp; see docs/flux-gguf.md "The recipes"):
+
+* 1-D tensors are F32 (loaders require it);
+* ``img_in.weight`` is F32, always: diffusers infers the model variant from its stored width and
+  mistakes a BF16 ``img_in`` for FLUX Depth (diffusers issue 11839);
+* tensors named ``img_in.`` ``txt_in.`` ``time_in.`` ``vector_in.`` ``guidance_in.`` ``final_layer.``
+  keep the source precision: BF16, F16 and F32 as they are, FP8 (E4M3 / E5M2) as BF16: BF16 holds
+  every FP8 value exactly, is what the original checkpoint and the published files use, and
+  diffusers and ComfyUI-GGUF both read it;
+* ``_M`` variants raise ``double_blocks.N.{img,txt}_attn.qkv.weight`` one step (llama.cpp's
+  ATTENTION_QKV rule); everything else gets the variant's base type;
+* a type whose block does not divide the row length falls back to F16 (as llama-quantize's last
+  resort does); the plan lists these fallbacks.
+
+Q3_K_L: in llama.cpp's ``llama_tensor_get_type`` Q3_K_L differs from Q3_K_M only on tensors
+categorised as attn_v, ffn_down and attn_output (raised to Q5_K) and, like Q3_K_M, raises attn_qkv
+to Q4_K. FLUX has no tensor in the first three categories (its attention is fused qkv, its MLPs
+are ``mlp.0/2`` and ``linear1/2``), so on FLUX a Q3_K_L file holds exactly the tensor types of
+Q3_K_M; only ``general.file_type`` differs (13 vs 12). We keep that faithful behaviour rather
+than invent a FLUX mapping no published file follows; this is why the published tables list no
+Q3_K_L.
+
+Overrides (``REGEX=TYPE``, first match wins, ``re.search`` on the BFL name) apply to 2-D tensors
+only (1-D tensors stay F32 whatever the user asks); unlike the recipe, an override never falls
+back: a type that does not fit the row is an error naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from gguf import GGUFValueType
+
+from quant_kernels import resolve, supported_type_names
+from quant_kernels.errors import UnsupportedTypeError
+
+from . import __version__
+from .errors import PlanError
+from .layout import FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
+from .writer import KV, TensorSlot, encode_header, gguf_file_size
+
+SOURCE_DTYPES = ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+QKV_PATTERN = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv\.weight$")
+FALLBACK_TYPE = "F16"
+ALWAYS_F32 = ("img_in.weight",)
+QUANTIZATION_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named recipe: the base type for quantized tensors, the raised qkv type, llama's ftype."""
+
+    name: str
+    base_type: str
+    file_type: int
+    qkv_type: str | None = None
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("Q2_K", "Q2_K", 10),
+        Variant("Q3_K_S", "Q3_K", 11),
+        Variant("Q3_K_M", "Q3_K", 12, "Q4_K"),
+        Variant("Q3_K_L", "Q3_K", 13, "Q4_K"),
+        Variant("Q4_K_S", "Q4_K", 14),
+        Variant("Q4_K_M", "Q4_K", 15, "Q5_K"),
+        Variant("Q5_K_S", "Q5_K", 16),
+        Variant("Q5_K_M", "Q5_K", 17, "Q6_K"),
+        Variant("Q6_K", "Q6_K", 18),
+        Variant("Q8_0", "Q8_0", 7),
+        Variant("F16", "F16", 1),
+        Variant("BF16", "BF16", 32),
+    )
+}
+
+
+def resolve_variant(name: str | Variant) -> Variant:
+    """Case-insensitive lookup; an unknown name lists the valid ones."""
+    if isinstance(name, Variant):
+        return name
+    v = VARIANTS.get(name.strip().upper())
+    if v is None:
+        raise PlanError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return v
+
+
+@dataclass(frozen=True)
+class Override:
+    """``--override REGEX=TYPE``: tensors whose BFL name matches REGEX (re.search) get TYPE."""
+
+    pattern: str
+    qtype: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.pattern}={self.qtype}"
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+def parse_override(text: str | Override) -> Override:
+    """Validate ``REGEX=TYPE``: the regex must compile, the type must be one we can write."""
+    if isinstance(text, Override):
+        text = text.text
+    pattern, sep, qtype = text.rpartition("=")
+    if not sep or not pattern or not qtype.strip():
+        raise PlanError(f"override '{text}' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise PlanError(f"override '{text}': bad regular expression: {e}") from None
+    try:
+        spec = resolve(qtype)
+    except UnsupportedTypeError:
+        raise PlanError(
+            f"override '{text}': unknown type {qtype.strip()!r}; valid types: {', '.join(supported_type_names())}"
+        ) from None
+    return Override(pattern, spec.name)
+
+
+class TensorLike(Protocol):
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LayoutTensor:
+    """A tensor known only by shape and dtype (dry runs from the layout, no weights read)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def layout_tensors(geometry: FluxGeometry = FluxGeometry(), dtype: str = "BF16") -> dict[str, LayoutTensor]:
+    """The full inventory of a FLUX checkpoint of this geometry, as a plan's input."""
+    return {name: LayoutTensor(shape, dtype) for name, shape in bfl_tensor_shapes(geometry).items()}
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A source file as recorded in ``flux_gguf.source``: its name (never an absolute path)."""
+
+    file: str
+    size: int
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "size": self.size}
+        if self.sha256:
+            d["sha256"] = self.sha256
+        return d
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One tensor of the output file. ``rule`` says why it got its type:
+    "1-D", "img_in", "kept", "quantized", "raised" (the _M qkv bump), "fallback", "override"."""
+
+    name: str
+    shape: tuple[int, ...]
+    source_dtype: str
+    qtype: str
+    nbytes: int
+    rule: str
+
+    @property
+    def n_params(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def targeted(self) -> bool:
+        """True for tensors the recipe (or an override) quantizes, as opposed to those it keeps."""
+        return self.rule in ("quantized", "raised", "fallback", "override")
+
+    def slot(self) -> TensorSlot:
+        return TensorSlot(self.name, self.shape, self.qtype, self.nbytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about one output file, computed before any weight is read."""
+
+    variant: Variant
+    name: str
+    family: str
+    entries: tuple[PlanEntry, ...]
+    overrides: tuple[Override, ...]
+    kv: tuple[KV, ...]
+    header_nbytes: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}-{self.variant.name}.gguf"
+
+    @property
+    def file_type(self) -> int:
+        return self.variant.file_type
+
+    @property
+    def slots(self) -> list[TensorSlot]:
+        return [e.slot() for e in self.entries]
+
+    @property
+    def file_size(self) -> int:
+        """Exact size in bytes: header, KV, tensor infos, tensor data and alignment padding."""
+        return gguf_file_size(self.header_nbytes, self.slots)
+
+    @property
+    def n_params(self) -> int:
+        return sum(e.n_params for e in self.entries)
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Over every tensor: tensor bytes * 8 / parameters (header and padding excluded)."""
+        return self.tensor_nbytes * 8 / max(self.n_params, 1)
+
+    @property
+    def bits_per_weight_quantized(self) -> float:
+        """Over the tensors the recipe quantizes (1-D and kept tensors excluded)."""
+        t = [e for e in self.entries if e.targeted]
+        return sum(e.nbytes for e in t) * 8 / max(sum(e.n_params for e in t), 1)
+
+    @property
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            counts[e.qtype] = counts.get(e.qtype, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.entries if e.rule == "fallback")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file_name,
+            "variant": self.variant.name,
+            "file_type": self.file_type,
+            "size": self.file_size,
+            "n_params": self.n_params,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "bits_per_weight_quantized": round(self.bits_per_weight_quantized, 4),
+            "types": self.type_counts,
+            "fallbacks": list(self.fallbacks),
+            "overrides": [o.text for o in self.overrides],
+            "tensors": [
+                {"name": e.name, "shape": list(e.shape), "source_dtype": e.source_dtype,
+                 "type": e.qtype, "nbytes": e.nbytes, "rule": e.rule}
+                for e in self.entries
+            ],
+        }
+
+
+def kept_type(source_dtype: str) -> str:
+    """The storage type for a tensor kept in source precision (FP8 widens to BF16, exactly)."""
+    return source_dtype if source_dtype in FLOAT_TYPES else "BF16"
+
+
+def tensor_nbytes(qtype: str, shape: tuple[int, ...]) -> int:
+    spec = resolve(qtype)
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows * spec.row_nbytes(shape[-1])
+
+
+def _fits(qtype: str, shape: tuple[int, ...]) -> bool:
+    return shape[-1] % resolve(qtype).block_size == 0
+
+
+def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: Variant,
+                overrides: Sequence[Override] = ()) -> tuple[str, str]:
+    """(GGML type, rule) for one tensor under a variant; see the module docstring for the rules."""
+    if len(shape) <= 1:
+        return "F32", "1-D"
+    for o in overrides:
+        if o.matches(name):
+            if not _fits(o.qtype, shape):
+                raise PlanError(
+                    f"override '{o.text}' puts {o.qtype} on {name}, whose rows of {shape[-1]} values are not "
+                    f"a multiple of {o.qtype}'s block size {resolve(o.qtype).block_size}"
+                )
+            return o.qtype, "override"
+    if name in ALWAYS_F32:
+        return "F32", "img_in"
+    if is_kept_unquantized(name):
+        return kept_type(source_dtype), "kept"
+    raised = variant.qkv_type is not None and QKV_PATTERN.match(name) is not None
+    qtype = variant.qkv_type if raised and variant.qkv_type else variant.base_type
+    if not _fits(qtype, shape):
+        return FALLBACK_TYPE, "fallback"
+    return qtype, "raised" if raised else "quantized"
+
+
+def flux_metadata(variant: Variant, name: str, family: str, overrides: Sequence[Override],
+                  sources: Sequence[SourceRef]) -> tuple[KV, ...]:
+    """The KV entries every file carries, in the order they are written (no timestamps)."""
+    s, u32 = GGUFValueType.STRING, GGUFValueType.UINT32
+    return (
+        KV("general.architecture", "flux", s),
+        KV("general.name", name, s),
+        KV("general.quantization_version", QUANTIZATION_VERSION, u32),
+        KV("general.file_type", variant.file_type, u32),
+        KV("flux_gguf.tool_version", __version__, s),
+        KV("flux_gguf.recipe", variant.name, s),
+        KV("flux_gguf.overrides", json.dumps([o.text for o in overrides]), s),
+        KV("flux_gguf.source", json.dumps([r.to_dict() for r in sources], sort_keys=True), s),
+        KV("flux_gguf.model_family", family, s),
+    )
+
+
+def make_plan(
+    variant: str | Variant,
+    tensors: Mapping[str, TensorLike],
+    *,
+    name: str,
+    family: str,
+    overrides: Iterable[str | Override] = (),
+    sources: Sequence[SourceRef] = (),
+) -> Plan:
+    """Plan one output file for ``tensors`` (BFL names in output order, with shape and dtype)."""
+    v = resolve_variant(variant)
+    ovr = tuple(parse_override(o) for o in overrides)
+    _check_name(name)
+    entries = []
+    for tname, t in tensors.items():
+        shape = tuple(int(s) for s in t.shape)
+        if t.dtype not in SOURCE_DTYPES:
+            raise PlanError(f"tensor {tname} has dtype {t.dtype}; expected one of {', '.join(SOURCE_DTYPES)}")
+        if not shape:
+            raise PlanError(f"tensor {tname} is a scalar; expected a 1-D or 2-D tensor")
+        qtype, rule = choose_type(tname, shape, t.dtype, v, ovr)
+        entries.append(PlanEntry(tname, shape, t.dtype, qtype, tensor_nbytes(qtype, shape), rule))
+    for o in ovr:
+        if not any(o.matches(e.name) for e in entries if len(e.shape) > 1):
+            raise PlanError(f"override '{o.text}' matches no 2-D tensor")
+    kv = flux_metadata(v, name, family, ovr, sources)
+    header = encode_header(kv, [e.slot() for e in entries])
+    return Plan(v, name, family, tuple(entries), ovr, kv, len(header))
+
+
+def make_plans(variants: Iterable[str | Variant], tensors: Mapping[str, TensorLike], **kwargs: Any) -> list[Plan]:
+    """One plan per distinct variant, in the order given (duplicates dropped)."""
+    seen: dict[str, Variant] = {}
+    for v in variants:
+        r = resolve_variant(v)
+        seen.setdefault(r.name, r)
+    if not seen:
+        raise PlanError(f"no variant given; valid variants: {', '.join(VARIANTS)}")
+    return [make_plan(v, tensors, **kwargs) for v in seen.values()]
+
+
+def _check_name(name: str) -> None:
+    if not name or name.strip() != name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise PlanError(f"output name {name!r} must be a plain file-name stem (no slashes, not empty)")
+
+
+__all__ = [
+    "VARIANTS", "Variant", "resolve_variant", "Override", "parse_override", "LayoutTensor", "layout_tensors",
+    "SourceRef", "PlanEntry", "Plan", "choose_type", "kept_type", "tensor_nbytes", "flux_metadata",
+    "make_plan", "make_plans",
+]

@@ -1,0 +1,262 @@
+"""Streaming GGUF writer: header, KV and tensor infos through gguf-py, tensor data one at a time.
+
+gguf-py's ``GGUFWriter`` encodes the header, the KV metadata and the tensor-info table (so the
+bytes are exactly what every GGUF reader expects); the tensor data is streamed here so that a
+23.8 GB conversion never holds more than one tensor, and so that the sha256 of the whole file and
+of every tensor is computed from the bytes as they are written (the output is never re-read).
+
+A file is written as ``NAME.partial`` and renamed to ``NAME`` only after the last byte has been
+written and fsynced; on any failure the partial file is removed and an :class:`OutputError`
+names the file that was not written and why.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import pathlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.gguf_writer import WriterState
+
+from .errors import OutputError
+
+ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class KV:
+    """One GGUF metadata entry (strings and unsigned ints are all this tool writes)."""
+
+    key: str
+    value: str | int
+    vtype: GGUFValueType
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor as the tensor-info table declares it: shape is [out, in] (PyTorch order)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str  # GGML type name, e.g. "Q4_K"
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor's bytes landed and their sha256 (``offset`` is absolute in the file)."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A finished GGUF file: what the release/manifest step consumes."""
+
+    path: pathlib.Path
+    size: int
+    sha256: str
+    variant: str
+    file_type: int
+    tensors: list[TensorRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        for t in d["tensors"]:
+            t["shape"] = list(t["shape"])
+        return d
+
+
+def pad_to_alignment(n: int, align: int = ALIGNMENT) -> int:
+    return (n + align - 1) // align * align
+
+
+class _InMemoryGGUFWriter(GGUFWriter):
+    """A GGUFWriter whose header, KV and tensor-info bytes go to memory instead of a file."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__(None, arch)
+        self.buffer = io.BytesIO()
+
+    def open_output_file(self, path: pathlib.Path | None = None) -> None:
+        self.fout = [self.buffer]  # type: ignore[list-item]
+        self.state = WriterState.EMPTY
+
+
+def encode_header(kv: Sequence[KV], tensors: Sequence[TensorSlot]) -> bytes:
+    """Header + KV + tensor infos, padded to the data alignment: the bytes before the first tensor.
+
+    ``kv`` must start with ``general.architecture`` (gguf-py always writes it first).
+    """
+    if not kv or kv[0].key != "general.architecture":
+        raise ValueError("the first KV entry must be general.architecture")
+    w = _InMemoryGGUFWriter(str(kv[0].value))
+    for item in kv[1:]:
+        w.add_key_value(item.key, item.value, item.vtype)
+    for t in tensors:
+        qtype = GGMLQuantizationType[t.qtype]
+        # A non-uint8 dtype makes gguf-py take the shape as element counts (no byte-shape fixup).
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    raw = w.buffer.getvalue()
+    return raw + bytes(pad_to_alignment(len(raw)) - len(raw))
+
+
+def gguf_file_size(header_nbytes: int, tensors: Sequence[TensorSlot]) -> int:
+    """Exact size of the file :class:`GGUFStreamWriter` writes (every tensor padded to ALIGNMENT)."""
+    return header_nbytes + sum(pad_to_alignment(t.nbytes) for t in tensors)
+
+
+class GGUFStreamWriter:
+    """Writes one GGUF file tensor by tensor, hashing as it goes; use as a context manager.
+
+    ``write_tensor`` must be called once per slot, in slot order; ``finish`` renames the
+    completed file into place and returns its :class:`ArtifactRecord`. Leaving the ``with``
+    block without ``finish`` (an exception, KeyboardInterrupt) removes the partial file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        kv: Sequence[KV],
+        tensors: Sequence[TensorSlot],
+        *,
+        variant: str,
+        file_type: int,
+        buffer_size: int = 8 << 20,
+    ) -> None:
+        self.path = pathlib.Path(path)
+        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.variant = variant
+        self.file_type = file_type
+        self._slots = list(tensors)
+        self._header = encode_header(kv, self._slots)
+        self._next = 0
+        self._offset = 0
+        self._file_hash = hashlib.sha256()
+        self._records: list[TensorRecord] = []
+        self._done = False
+        try:
+            self._fh: io.BufferedWriter | None = open(self.partial_path, "wb", buffering=buffer_size)
+        except OSError as e:
+            self._fh = None
+            raise self._os_error(e) from e
+        self._write(self._header)
+
+    @property
+    def expected_size(self) -> int:
+        return gguf_file_size(len(self._header), self._slots)
+
+    @property
+    def next_tensor(self) -> str | None:
+        """Name of the tensor ``write_tensor`` expects next (None when all are written)."""
+        return self._slots[self._next].name if self._next < len(self._slots) else None
+
+    def _os_error(self, e: OSError) -> OutputError:
+        if e.errno == errno.ENOSPC:
+            return OutputError(f"disk full while writing {self.path}")
+        return OutputError(f"{self.path} was not written: {e.strerror or e}")
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self._fh is not None, "writer is closed"
+        try:
+            self._fh.write(data)
+        except OSError as e:
+            raise self._os_error(e) from e
+        self._file_hash.update(data)
+        self._offset += len(data)
+
+    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
+        """Append the next tensor's encoded bytes (any C-contiguous buffer) plus alignment padding."""
+        if self._fh is None or self._done:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self._next >= len(self._slots):
+            raise ValueError(f"{self.path}: all {len(self._slots)} tensors are already written, got {name!r}")
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if buf.nbytes != slot.nbytes:
+            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        offset = self._offset
+        self._write(buf)
+        self._write(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))
+        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, hashlib.sha256(buf).hexdigest())
+        self._records.append(record)
+        self._next += 1
+        return record
+
+    def finish(self) -> ArtifactRecord:
+        """fsync, rename NAME.partial -> NAME, fsync the directory; returns the record."""
+        if self._fh is None or self._done:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self._next != len(self._slots):
+            raise ValueError(f"{self.path}: {len(self._slots) - self._next} tensors not written yet")
+        fh, self._fh = self._fh, None
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(self.partial_path, self.path)
+        except OSError as e:
+            fh.close()
+            self._remove_partial()
+            raise self._os_error(e) from e
+        _fsync_dir(self.path.parent)
+        self._done = True
+        assert self._offset == self.expected_size
+        return ArtifactRecord(
+            self.path, self._offset, self._file_hash.hexdigest(), self.variant, self.file_type, list(self._records)
+        )
+
+    def abort(self) -> None:
+        """Close and delete the partial file (idempotent; a finished file is left alone)."""
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass  # the data is being discarded anyway (e.g. a full disk fails the final flush)
+        if not self._done:
+            self._remove_partial()
+
+    def _remove_partial(self) -> None:
+        try:
+            self.partial_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> GGUFStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    """Make the rename durable; some filesystems refuse to open a directory, which is harmless."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
