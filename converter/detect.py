@@ -1,0 +1,106 @@
+"""Which FLUX.1 model a source holds, checked tensor by tensor before any work starts.
+
+The family comes from shapes alone: ``img_in`` input width (64 dev/Kontext/schnell, 384 Fill,
+128 Depth/Canny) and whether ``guidance_in`` exists (schnell has none). Dev and Kontext have the
+same tensors, so both report "flux-dev". Block counts come from the keys and the hidden size from
+``img_in.weight``'s rows, so small FLUX-shaped test models (hidden 256, one block of each kind)
+are detected like the real 3072-wide, 19 + 38 block model. Then every tensor the geometry implies
+must exist with its exact shape and nothing else may be present: a converter that silently drops
+or invents tensors produces files that load and give garbage.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ModelDetectionError
+from .layout import HEAD_DIM, FluxGeometry, bfl_tensor_shapes
+from .sources import Source
+
+FAMILIES_BY_IMG_IN = {64: "flux-dev", 384: "flux-fill", 128: "flux-depth-canny"}
+_BLOCK_INDEX = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")
+# Key fragments of other model kinds, and what to call them.
+_OTHER_MODELS = (
+    (("input_blocks.", "down_blocks."), "a UNet (Stable Diffusion-style)"),
+    (("joint_blocks.",), "an SD3 (MMDiT) model"),
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """family: "flux-dev" (dev and Kontext), "flux-schnell", "flux-fill" or "flux-depth-canny"."""
+
+    family: str
+    geometry: FluxGeometry
+
+
+def _listing(names: list[str]) -> str:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"{names[0]}{more}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _refuse_other_models(source: Source) -> None:
+    names = list(source.tensors)
+    for fragments, what in _OTHER_MODELS:
+        hit = next((n for n in names if any(f in n for f in fragments)), None)
+        if hit is not None:
+            raise ModelDetectionError(
+                f"{source.path} is {what}, not a FLUX.1 transformer: found {hit}; expected img_in.weight, "
+                "double_blocks.N.* and single_blocks.N.*")
+    if "img_in.weight" not in source.tensors or not any(_BLOCK_INDEX.match(n) for n in names):
+        found = ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+        raise ModelDetectionError(
+            f"{source.path} is not a FLUX.1 transformer: expected img_in.weight, double_blocks.N.* and "
+            f"single_blocks.N.*; found {len(names)} tensors: {found or 'none'}")
+
+
+def _geometry(source: Source) -> FluxGeometry:
+    img_in = source.tensors["img_in.weight"].shape
+    if len(img_in) != 2:
+        raise ModelDetectionError(f"{source.path}: img_in.weight has shape {_shape(img_in)}; expected [hidden, channels]")
+    hidden, channels = img_in
+    if hidden == 0 or hidden % HEAD_DIM:
+        raise ModelDetectionError(
+            f"{source.path}: img_in.weight has {hidden} rows; the hidden size must be a positive multiple "
+            f"of the {HEAD_DIM}-wide attention head")
+    if channels not in FAMILIES_BY_IMG_IN:
+        raise ModelDetectionError(
+            f"{source.path}: img_in.weight has {channels} input channels; expected 64 (dev, Kontext, "
+            "schnell), 384 (Fill) or 128 (Depth/Canny)")
+    counts = {"double_blocks": 0, "single_blocks": 0}
+    for name in source.tensors:
+        m = _BLOCK_INDEX.match(name)
+        if m is not None:
+            counts[m.group(1)] = max(counts[m.group(1)], int(m.group(2)) + 1)
+    guidance = any(n.startswith("guidance_in.") for n in source.tensors)
+    return FluxGeometry(double_blocks=counts["double_blocks"], single_blocks=counts["single_blocks"],
+                        hidden=hidden, img_in_channels=channels, guidance=guidance)
+
+
+def detect_model(source: Source) -> ModelInfo:
+    """Identify the FLUX.1 family and geometry, or refuse saying what was expected and found."""
+    _refuse_other_models(source)
+    geo = _geometry(source)
+    expected = bfl_tensor_shapes(geo)
+    missing = [n for n in expected if n not in source.tensors]
+    if missing:
+        raise ModelDetectionError(f"{source.path} is missing {_listing(missing)}")
+    wrong = [n for n, shape in expected.items() if source.tensors[n].shape != shape]
+    if wrong:
+        n = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors have wrong shapes)" if len(wrong) > 1 else ""
+        raise ModelDetectionError(
+            f"{source.path}: {n} has shape {_shape(source.tensors[n].shape)}; expected {_shape(expected[n])} "
+            f"for hidden size {geo.hidden}{more}")
+    extra = [n for n in source.tensors if n not in expected]
+    if extra:
+        raise ModelDetectionError(
+            f"{source.path} holds tensors a FLUX.1 transformer does not have: {_listing(extra)}")
+    family = FAMILIES_BY_IMG_IN[geo.img_in_channels]
+    if family == "flux-dev" and not geo.guidance:
+        family = "flux-schnell"
+    return ModelInfo(family, geo)

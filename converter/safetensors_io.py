@@ -1,0 +1,299 @@
+"""Safetensors files read by hand: the header parsed and checked, tensor bytes through mmap.
+
+We parse the header ourselves (8-byte little-endian length, then JSON) rather than calling the
+safetensors package because every malformed file must fail with one line that names the file,
+the tensor and what was expected; and we upcast to float32 ourselves so that BF16, F16 and both
+FP8 flavours convert exactly (bit for bit what PyTorch's ``.float()`` gives, NaNs included).
+
+Bytes are read through a read-only mmap, one tensor (or one row range) at a time, and the pages
+are dropped after each read, so a 24 GB checkpoint never occupies more than one tensor of RAM.
+
+The same module encodes headers, so the synthetic-checkpoint writer produces files this reader
+and the safetensors package both accept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import pathlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SourceError
+
+# Bytes per element of every dtype we read (safetensors' names).
+DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_E5M2": 1}
+# The safetensors package refuses headers above 100 MB; so do we (a random file's first 8 bytes
+# would otherwise ask for an absurd allocation).
+MAX_HEADER_BYTES = 100_000_000
+_PAGE = mmap.PAGESIZE
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """One header entry, with offsets made absolute (bytes from the start of the file)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact upcasts. Tables are built once; NaN bit patterns follow PyTorch's conversions so tests can
+# compare every code bit for bit.
+
+
+def _f16_table() -> np.ndarray:
+    """float32 value of every float16 code; NaNs quieted (bit 22 set) as hardware F16C does."""
+    t = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    bits = t.view(np.uint32)
+    bits[np.isnan(t)] |= np.uint32(0x00400000)
+    return t
+
+
+def _f8_e4m3fn_table() -> np.ndarray:
+    """float32 value of every float8_e4m3fn code: bias 7, no infinities, S.1111.111 is NaN."""
+    t = np.empty(256, dtype=np.float32)
+    for code in range(256):
+        sign = -1.0 if code & 0x80 else 1.0
+        exp, man = (code >> 3) & 0xF, code & 0x7
+        if exp == 0xF and man == 0x7:
+            t.view(np.uint32)[code] = 0xFFF00000 if code & 0x80 else 0x7FF00000  # PyTorch's NaN
+        elif exp == 0:
+            t[code] = sign * math.ldexp(man, -9)  # subnormal: man/8 * 2^-6
+        else:
+            t[code] = sign * math.ldexp(8 + man, exp - 10)  # (1 + man/8) * 2^(exp-7)
+    return t
+
+
+F16_TO_F32 = _f16_table()
+F8_E4M3_TO_F32 = _f8_e4m3fn_table()
+# float8_e5m2 is float16 with the low byte cut off: its code shifted left by 8 is the float16.
+F8_E5M2_TO_F32 = F16_TO_F32[np.arange(256, dtype=np.uint32) << 8].copy()
+_TABLES = {"F16": F16_TO_F32, "F8_E4M3": F8_E4M3_TO_F32, "F8_E5M2": F8_E5M2_TO_F32}
+
+
+def upcast_into(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Convert little-endian bytes ``raw`` (uint8) of ``dtype`` into float32 ``out`` (1-D), exactly."""
+    if dtype == "BF16":
+        bits = out.view(np.uint32)
+        bits[...] = raw.view("<u2")
+        bits <<= np.uint32(16)
+    elif dtype == "F32":
+        out[...] = raw.view("<f4")
+    elif dtype == "F16":
+        np.take(F16_TO_F32, raw.view("<u2"), out=out)
+    else:
+        np.take(_TABLES[dtype], raw, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header parsing.
+
+
+def _fail(path: pathlib.Path, message: str) -> SourceError:
+    return SourceError(f"{path}: {message}")
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _read_header(path: pathlib.Path, size: int) -> tuple[int, dict[str, object]]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"not a safetensors file (only {size} bytes; a safetensors file starts "
+                              "with an 8-byte header length)")
+        if head[:4] == b"GGUF":
+            raise _fail(path, "not a safetensors file (it is a GGUF file)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise _fail(path, f"not a safetensors file (header length {n} does not fit in the "
+                              f"{size}-byte file)")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"not a safetensors file (header is not UTF-8 text: byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"not a safetensors file (header is not JSON: {e.msg} at byte {e.pos})") from None
+    except _DuplicateKey as e:
+        raise _fail(path, f"header lies: key {e.args[0]} appears twice") from None
+    if not isinstance(header, dict):
+        raise _fail(path, f"not a safetensors file (header is a JSON {type(header).__name__}, "
+                          "expected an object)")
+    return 8 + n, header
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _parse_entry(path: pathlib.Path, name: str, entry: object, data_start: int) -> RawTensor:
+    if not isinstance(entry, dict):
+        raise _fail(path, f"tensor {name}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise _fail(path, f"tensor {name}: header entry has no dtype string")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise _fail(path, f"tensor {name}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _fail(path, f"tensor {name}: data_offsets must be two non-negative integers, got {offsets!r}")
+    if dtype not in DTYPE_SIZES:
+        raise _fail(path, f"tensor {name} has dtype {dtype}; supported: {', '.join(DTYPE_SIZES)}")
+    begin, end = offsets
+    if begin > end:
+        raise _fail(path, f"header lies about tensor {name}: data_offsets [{begin}, {end}] are out of order")
+    shp = tuple(shape)
+    need = math.prod(shp) * DTYPE_SIZES[dtype]
+    if end - begin != need:
+        raise _fail(path, f"header lies about tensor {name}: data_offsets [{begin}, {end}] span "
+                          f"{end - begin} bytes but shape {_shape_text(shp)} x {dtype} needs {need}")
+    return RawTensor(name, dtype, shp, data_start + begin, data_start + end)
+
+
+def _check_layout(path: pathlib.Path, tensors: list[RawTensor], data_start: int, size: int) -> None:
+    """Truncation first (the common real-world failure), then overlaps, holes, trailing bytes."""
+    if tensors:
+        last = max(tensors, key=lambda t: t.end)
+        if last.end > size:
+            raise _fail(path, f"truncated file: tensor {last.name} needs bytes up to {last.end} but "
+                              f"the file has {size}")
+    prev: RawTensor | None = None
+    pos = data_start
+    for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if t.begin < pos and prev is not None:
+            raise _fail(path, f"header lies: tensors {prev.name} and {t.name} overlap (data_offsets "
+                              f"[{prev.begin - data_start}, {prev.end - data_start}] and "
+                              f"[{t.begin - data_start}, {t.end - data_start}])")
+        if t.begin > pos:
+            raise _fail(path, f"header lies: {t.begin - pos} bytes before tensor {t.name} belong to no tensor")
+        pos, prev = max(pos, t.end), t
+    if pos < size:
+        raise _fail(path, f"header lies: {size - pos} bytes after the last tensor belong to no tensor")
+
+
+class SafetensorsFile:
+    """One safetensors file: a checked header now, bytes through mmap on demand.
+
+    Opening reads and validates only the header. ``close()`` releases the mapping; reading
+    afterwards raises.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        try:
+            self.size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise _fail(self.path, "no such file") from None
+        data_start, header = _read_header(self.path, self.size)
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _fail(self.path, "__metadata__ must be an object of strings")
+        self.metadata: dict[str, str] = dict(meta)
+        self.tensors: dict[str, RawTensor] = {
+            name: _parse_entry(self.path, name, entry, data_start) for name, entry in header.items()
+        }
+        _check_layout(self.path, list(self.tensors.values()), data_start, self.size)
+        self._file: object | None = None
+        self._map: mmap.mmap | None = None
+        self._closed = False
+
+    def _mapping(self) -> mmap.mmap:
+        if self._closed:
+            raise _fail(self.path, "read after close()")
+        if self._map is None:
+            f = open(self.path, "rb")
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError) as e:
+                f.close()
+                raise _fail(self.path, f"cannot map the file: {e}") from None
+            self._file = f
+        return self._map
+
+    def read_elements_into(self, name: str, first: int, out: np.ndarray) -> None:
+        """Upcast ``out.size`` elements of tensor ``name`` starting at element ``first`` into ``out``.
+
+        ``out`` is a 1-D float32 view (e.g. rows of a larger C-contiguous array); row ranges of
+        a tensor are contiguous element ranges, which is how fused diffusers parts are assembled.
+        """
+        t = self.tensors[name]
+        width = DTYPE_SIZES[t.dtype]
+        start, count = t.begin + first * width, out.size * width
+        mm = self._mapping()
+        if count == 0:
+            return
+        raw = np.frombuffer(mm, dtype=np.uint8, count=count, offset=start)
+        try:
+            upcast_into(raw, t.dtype, out)
+        finally:
+            del raw
+        if count and hasattr(mm, "madvise"):
+            lo = start - start % _PAGE
+            mm.madvise(mmap.MADV_DONTNEED, lo, start + count - lo)
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a C-contiguous float32 array of its header shape."""
+        t = self.tensors[name]
+        out = np.empty(t.shape, dtype=np.float32)
+        self.read_elements_into(name, 0, out.reshape(-1))
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._file is not None:
+            self._file.close()  # type: ignore[attr-defined]
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Header encoding (for writers).
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header for tensors stored back to back in ``entries`` order.
+
+    ``entries`` holds (name, dtype, shape). The JSON is padded with spaces to a multiple of 8
+    bytes, as the safetensors package does, so tensor data starts aligned.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob

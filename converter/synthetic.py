@@ -1,0 +1,286 @@
+"""Synthetic FLUX.1 checkpoints: real key names, shapes and dtypes, made-up weights, any size.
+
+Tests, benchmarks and the CLI's built-in example need FLUX-shaped files without downloading 24 GB
+of someone's weights. These files are written the way the real ones are laid out (BFL single
+file, ComfyUI-prefixed single file, or a sharded diffusers folder with index and config.json) and
+are deterministic: each element is a hash of (seed, BFL tensor name, element index) looked up in
+a 65,536-entry table of normal quantiles. So
+
+* a tensor does not depend on the order of writing or on the block count (a 1-block model's
+  ``double_blocks.0`` equals the 19-block model's), and the three layouts hold the same BFL tensors;
+* the F16 / BF16 / FP8 files are exactly the round-to-nearest-even of the F32 file;
+* generation is a counter-based hash in a parallel numba kernel, fast enough that writing the
+  full 23.8 GB model is limited by the disk, and memory stays at one fixed-size chunk.
+
+Weights are ~N(0, std), biases ~N(0, std/10), RMSNorm scales ~1 + N(0, std).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import statistics
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+from numba import njit, prange
+
+from quant_kernels.config import PARALLEL_JIT_OPTIONS
+from quant_kernels.floats import to_bfloat16_bits
+
+from .diffusers_names import diffusers_parts, part_rows
+from .errors import OutputError
+from .layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry, bfl_tensor_shapes
+from .safetensors_io import DTYPE_SIZES, F8_E4M3_TO_F32, F8_E5M2_TO_F32, encode_header
+from .sources import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS
+
+LAYOUTS = ("bfl", "comfyui", "diffusers")
+COMFYUI_PREFIX = "model.diffusion_model."
+BIAS_STD_FACTOR = 0.1
+CHUNK_ELEMENTS = 1 << 22  # elements generated per kernel call: the writer's whole working memory
+DEFAULT_SHARD_BYTES = 10_000_000_000  # diffusers' save_pretrained default ("10GB")
+_STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def _fill(out, table, key, first):  # pragma: no cover - compiled
+    """out[i] = table[top 16 bits of splitmix64(key, first + i)]: any element, any order, any chunk."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    for i in prange(out.shape[0]):
+        z = key + (np.uint64(first + i) + np.uint64(1)) * golden
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        out[i] = table[z >> np.uint64(48)]
+
+
+def _tensor_key(seed: int, bfl_name: str) -> np.uint64:
+    digest = hashlib.sha256(f"{seed}\0{bfl_name}".encode()).digest()
+    return np.uint64(int.from_bytes(digest[:8], "little"))
+
+
+@lru_cache(maxsize=1)
+def _normal_quantiles() -> np.ndarray:
+    """The 65,536 midpoint quantiles of N(0, 1): a fixed, exactly reproducible 'random' palette."""
+    nd = statistics.NormalDist()
+    return np.array([nd.inv_cdf((k + 0.5) / 65536) for k in range(65536)])
+
+
+def _encode_f8(x: np.ndarray, decode: np.ndarray, max_code: int) -> np.ndarray:
+    """float32 -> FP8 codes, round to nearest even, saturating at the largest finite value."""
+    values = decode[: max_code + 1].astype(np.float64)  # ascending positive codes 0..max_code
+    mag = np.abs(x.astype(np.float64))
+    hi = np.clip(np.searchsorted(values, mag), 1, max_code)
+    lo = hi - 1
+    d_lo, d_hi = mag - values[lo], values[hi] - mag
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(mag >= values[max_code], max_code, code).astype(np.uint8)
+    return code | np.where(np.signbit(x), np.uint8(0x80), np.uint8(0))
+
+
+def encode_f32(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the bit patterns ``dtype`` stores (uint16 / uint32 / uint8), rounding to nearest even."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "F32":
+        return x.view(np.uint32).copy()
+    if dtype == "BF16":
+        return to_bfloat16_bits(x)
+    if dtype == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    if dtype == "F8_E4M3":
+        return _encode_f8(x, F8_E4M3_TO_F32, 0x7E)
+    if dtype == "F8_E5M2":
+        return _encode_f8(x, F8_E5M2_TO_F32, 0x7B)
+    raise ValueError(f"dtype {dtype}; expected one of {', '.join(DTYPE_SIZES)}")
+
+
+@lru_cache(maxsize=32)
+def _table(dtype: str, mean: float, std: float) -> np.ndarray:
+    return encode_f32((mean + std * _normal_quantiles()).astype(np.float32), dtype)
+
+
+def _kind_table(bfl_name: str, dtype: str, std: float) -> np.ndarray:
+    if bfl_name.endswith(".scale"):
+        return _table(dtype, 1.0, std)
+    if bfl_name.endswith(".bias"):
+        return _table(dtype, 0.0, std * BIAS_STD_FACTOR)
+    return _table(dtype, 0.0, std)
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes where
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor in a file: its key there, shape, and the BFL element ranges it holds, in order."""
+
+    key: str
+    bfl: str
+    shape: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+
+
+def _plan(geometry: FluxGeometry, layout: str) -> list[_Stored]:
+    out: list[_Stored] = []
+    for name, shape in bfl_tensor_shapes(geometry).items():
+        count = math.prod(shape)
+        if layout != "diffusers":
+            key = COMFYUI_PREFIX + name if layout == "comfyui" else name
+            out.append(_Stored(key, name, shape, ((0, count),)))
+            continue
+        mapping = diffusers_parts(name)
+        assert mapping is not None
+        width = count // shape[0]
+        if mapping.swap_halves:  # diffusers holds (scale, shift); BFL (shift, scale)
+            half = count // 2
+            out.append(_Stored(mapping.parts[0], name, shape, ((half, count), (0, half))))
+            continue
+        row = 0
+        for part, rows in zip(mapping.parts, part_rows(name, shape[0])):
+            out.append(_Stored(part, name, (rows, *shape[1:]), ((row * width, (row + rows) * width),)))
+            row += rows
+    return out
+
+
+def _shards(stored: list[_Stored], dtype: str, shard_bytes: int) -> list[list[_Stored]]:
+    """Split like diffusers' save_pretrained: start a new shard when the next tensor would overflow."""
+    shards: list[list[_Stored]] = [[]]
+    size = 0
+    for s in stored:
+        n = math.prod(s.shape) * DTYPE_SIZES[dtype]
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
+
+
+def diffusers_config(geometry: FluxGeometry) -> dict[str, object]:
+    """The FluxTransformer2DModel config.json diffusers needs to build this geometry."""
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": HEAD_DIM,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": geometry.guidance,
+        "in_channels": geometry.img_in_channels,
+        "joint_attention_dim": CONTEXT_DIM,
+        "num_attention_heads": geometry.hidden // HEAD_DIM,
+        "num_layers": geometry.double_blocks,
+        "num_single_layers": geometry.single_blocks,
+        "out_channels": OUT_CHANNELS,
+        "patch_size": 1,
+        "pooled_projection_dim": VEC_DIM,
+    }
+
+
+def synthetic_nbytes(geometry: FluxGeometry, dtype: str = "BF16") -> int:
+    """Tensor bytes of a synthetic checkpoint (headers excluded): the progress total."""
+    return sum(math.prod(s) for s in bfl_tensor_shapes(geometry).values()) * DTYPE_SIZES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_file(path: pathlib.Path, stored: list[_Stored], dtype: str, metadata: dict[str, str],
+                seed: int, std: float, progress: Callable[[int], None] | None) -> None:
+    width = DTYPE_SIZES[dtype]
+    buf = np.empty(CHUNK_ELEMENTS, dtype=_STORAGE[dtype])
+    with open(path, "wb") as f:
+        f.write(encode_header([(s.key, dtype, s.shape) for s in stored], metadata))
+        for s in stored:
+            table, key = _kind_table(s.bfl, dtype, std), _tensor_key(seed, s.bfl)
+            for start, stop in s.ranges:
+                for first in range(start, stop, CHUNK_ELEMENTS):
+                    n = min(CHUNK_ELEMENTS, stop - first)
+                    _fill(buf[:n], table, key, first)
+                    f.write(buf[:n].data)
+                    if progress is not None:
+                        progress(n * width)
+
+
+def _check_args(geometry: FluxGeometry, dtype: str, layout: str, std: float, shard_bytes: int) -> None:
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if geometry.hidden <= 0 or geometry.hidden % HEAD_DIM:
+        raise ValueError(f"hidden size {geometry.hidden}; expected a positive multiple of {HEAD_DIM}")
+    if geometry.double_blocks < 0 or geometry.single_blocks < 0 or geometry.img_in_channels <= 0:
+        raise ValueError(f"geometry {geometry}: block counts must be >= 0 and img_in channels > 0")
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"std {std}; expected a positive finite number")
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes {shard_bytes}; expected a positive number")
+
+
+def write_synthetic_flux(
+    path: str | os.PathLike,
+    geometry: FluxGeometry = FluxGeometry(),
+    dtype: str = "BF16",
+    layout: str = "bfl",
+    seed: int = 0,
+    std: float = 0.02,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> pathlib.Path:
+    """Write a synthetic FLUX.1 checkpoint to ``path`` and return it.
+
+    ``bfl`` and ``comfyui`` write one safetensors file; ``diffusers`` writes a transformer folder
+    (shards of at most ``shard_bytes`` with an index, or one file, plus config.json) that
+    ``FluxTransformer2DModel.from_pretrained`` loads. Everything is written under
+    ``<path>.partial`` and renamed when complete; an existing file is replaced, an existing
+    folder refused. ``progress`` is called with the bytes of tensor data written so far, per chunk.
+    """
+    _check_args(geometry, dtype, layout, std, shard_bytes)
+    final = pathlib.Path(path)
+    partial = final.with_name(final.name + ".partial")
+    metadata = {"format": "pt", "flux_gguf.synthetic": f"seed={seed} std={std}"}
+    stored = _plan(geometry, layout)
+    try:
+        if layout != "diffusers":
+            _write_file(partial, stored, dtype, metadata, seed, std, progress)
+            os.replace(partial, final)
+            return final
+        if final.exists():
+            raise OutputError(f"{final}: already exists; a diffusers folder is never overwritten")
+        if partial.exists():
+            shutil.rmtree(partial)  # left over from an interrupted run of ours
+        partial.mkdir()
+        shards = _shards(stored, dtype, shard_bytes)
+        names = [DIFFUSERS_WEIGHTS] if len(shards) == 1 else [
+            f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            _write_file(partial / name, shard, dtype, metadata, seed, std, progress)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": synthetic_nbytes(geometry, dtype)},
+                     "weight_map": {s.key: name for name, shard in zip(names, shards) for s in shard}}
+            (partial / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (partial / "config.json").write_text(json.dumps(diffusers_config(geometry), indent=2) + "\n")
+        os.rename(partial, final)
+        return final
+    except OSError as e:
+        _remove(partial)
+        raise OutputError(f"{final}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _remove(p: pathlib.Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
