@@ -1,0 +1,136 @@
+"""Q2_K, Q4_K and Q5_K kernels against ggml (the oracle), byte for byte, and round trips."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+import oracle
+import quant_kernels
+from kquant_cases import describe_mismatch, input_families
+
+TYPES = ["Q2_K", "Q4_K", "Q5_K"]
+FAMILIES = input_families()  # 8 rows x 512 (two blocks per row): 16 KB per family
+
+
+def _type_size(qtype: str) -> int:
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+
+
+def _imatrix(n: int, seed: int) -> np.ndarray:
+    """Random positive per-column weights spanning decades, about one in eight zero."""
+    rng = np.random.default_rng(seed)
+    qw = (rng.random(n) * 10.0 ** rng.uniform(-2, 2, n)).astype(np.float32)
+    qw[rng.random(n) < 0.125] = 0.0
+    return qw
+
+
+def _assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    ours = quant_kernels.quantize(x, qtype, imatrix=imatrix)
+    ref = oracle.quantize(x, qtype, imatrix)
+    msg = describe_mismatch(ours, ref, _type_size(qtype))
+    assert not msg, msg
+    return ref
+
+
+def _degenerate_groups(group: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """All-negative heavy-tailed groups with sparse weights: the searches then accept a min above
+    the group's max, trial levels overflow nearest_int's range, and a group can end with a
+    negative scale (so make_qp_quants wraps levels through uint8). Rows of 2048 weights."""
+    rng = np.random.default_rng(seed)
+    x = -np.exp(rng.standard_normal((count, group)) * 3.0)
+    w = rng.random((count, group)) * (rng.random((count, group)) < 0.5)
+    return x.astype(np.float32).reshape(-1, 2048), w.astype(np.float32).reshape(-1, 2048)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reference_bytes_match_ggml(qtype: str, family: str) -> None:
+    _assert_same_bytes(FAMILIES[family], qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_imatrix_bytes_match_ggml(qtype: str, family: str) -> None:
+    x = FAMILIES[family]
+    _assert_same_bytes(x, qtype, _imatrix(x.shape[1], seed=len(family)))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("shape", [(1, 256), (3, 256), (2, 256 * 9), (40, 768)])
+def test_block_counts_match_ggml(qtype: str, shape: tuple[int, int]) -> None:
+    """One block, one-block rows, odd block counts per row, many rows (threads split rows)."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    x = (rng.standard_t(4, shape) * 0.02).astype(np.float32)
+    _assert_same_bytes(x, qtype)
+    _assert_same_bytes(x, qtype, _imatrix(shape[1], seed=shape[1]))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_imatrix_degenerate_searches_match_ggml(qtype: str) -> None:
+    group = 16 if qtype == "Q2_K" else 32
+    x, w = _degenerate_groups(group, 2048, seed=7)
+    for row, qw in zip(x, w):
+        _assert_same_bytes(row[None, :], qtype, qw)
+    _assert_same_bytes(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_imatrix_all_zero_weights_match_ggml(qtype: str) -> None:
+    x = FAMILIES["gauss_0.02"]
+    _assert_same_bytes(x, qtype, np.zeros(x.shape[1], np.float32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", ["gauss_0.02", "student_t3", "outliers", "mixed_zero_const", "fp16_subnormal"])
+def test_dequantize_matches_gguf_and_ggml(qtype: str, family: str) -> None:
+    x = FAMILIES[family]
+    for imatrix in (None, _imatrix(x.shape[1], seed=3)):
+        data = oracle.quantize(x, qtype, imatrix)
+        ours = quant_kernels.dequantize(data, qtype, x.shape)
+        by_gguf = gguf_dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
+        by_ggml = oracle.dequantize(data, qtype, x.shape)
+        np.testing.assert_array_equal(ours.view(np.uint32), by_ggml.view(np.uint32))
+        np.testing.assert_array_equal(ours.view(np.uint32), by_gguf.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_arbitrary_bytes_matches_ggml(qtype: str) -> None:
+    """Every bit pattern decodes as ggml does, including scales and d values no quantizer writes."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, (4, 3 * _type_size(qtype)), dtype=np.uint8)
+    for off in range(0, data.shape[1], _type_size(qtype)):  # keep d finite so bits compare cleanly
+        d_at = off + (80 if qtype == "Q2_K" else 0)
+        data[:, d_at + 1] &= 0x7B
+        data[:, d_at + 3] &= 0x7B
+    shape = (4, 3 * 256)
+    ours = quant_kernels.dequantize(data, qtype, shape)
+    np.testing.assert_array_equal(ours.view(np.uint32), oracle.dequantize(data, qtype, shape).view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_thread_count_does_not_change_bytes(qtype: str) -> None:
+    x = FAMILIES["student_t3"]
+    qw = _imatrix(x.shape[1], seed=1)
+    before = quant_kernels.get_threads()
+    try:
+        quant_kernels.set_threads(1)
+        one = quant_kernels.quantize(x, qtype), quant_kernels.quantize(x, qtype, imatrix=qw)
+        quant_kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
+        many = quant_kernels.quantize(x, qtype), quant_kernels.quantize(x, qtype, imatrix=qw)
+    finally:
+        quant_kernels.set_threads(before)
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("qtype,expected", [("Q2_K", 0.296), ("Q4_K", 0.0713), ("Q5_K", 0.0361)])
+def test_round_trip_error_is_the_documented_one(qtype: str, expected: float) -> None:
+    """Relative RMSE on N(0, 0.02) matches the figure in kquants.md to two digits."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, 4096)) * 0.02).astype(np.float32)
+    y = quant_kernels.dequantize(quant_kernels.quantize(x, qtype), qtype, x.shape)
+    rel = float(np.sqrt(np.mean((y - x) ** 2)) / x.std())
+    assert rel == pytest.approx(expected, rel=0.02)
