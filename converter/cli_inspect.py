@@ -1,0 +1,47 @@
+"""``flux-gguf inspect``: what a checkpoint or GGUF file holds (headers only)."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import click
+
+from .inspect_files import inspect_path
+
+GB = 1e9
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def inspect(path: pathlib.Path, as_json: bool) -> None:
+    """Show a safetensors file/folder or GGUF file: model, variant, tensor table, type histogram, size.
+
+    \b
+    Example:
+      flux-gguf inspect out/flux1-kontext-dev-Q4_K_M.gguf
+    """
+    report = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    click.echo(f"path:         {report.path}")
+    click.echo(f"kind:         {report.kind}" + (f" ({report.layout} layout)" if report.layout else ""))
+    click.echo(f"size:         {report.size / GB:.3f} GB ({report.size:,} bytes)")
+    click.echo(f"architecture: {report.architecture or 'unknown'}")
+    click.echo(f"family:       {report.family or 'unknown'}")
+    if report.kind == "gguf":
+        click.echo(f"variant:      {report.variant or 'unknown'} (general.file_type {report.file_type})")
+        for key in ("general.name", "flux_gguf.tool_version", "flux_gguf.overrides", "flux_gguf.source"):
+            if key in report.metadata:
+                click.echo(f"{key}: {report.metadata[key]}")
+    if report.problem:
+        click.echo(f"problem:      {report.problem}")
+    click.echo(f"tensors:      {len(report.tensors)} ({report.n_params:,} parameters)")
+    click.echo("types:        " + " ".join(f"{k}:{v}" for k, v in report.type_counts.items()))
+    width = max((len(t.name) for t in report.tensors), default=4)
+    click.echo("")
+    click.echo(f"{'name':<{width}}  {'type':<7} {'shape':<16} {'bytes':>12}")
+    for t in report.tensors:
+        shape = "[" + ", ".join(str(d) for d in t.shape) + "]"
+        click.echo(f"{t.name:<{width}}  {t.type:<7} {shape:<16} {t.nbytes:>12,}")
