@@ -1,0 +1,51 @@
+"""``flux-gguf release build SPEC.toml -o DIR``: a complete, verifiable release from one spec."""
+from __future__ import annotations
+
+import pathlib
+
+import click
+import numba
+
+from manifests import ManifestError
+
+from .cli_convert import GB, progress_bar
+from .release import build_release
+
+
+@click.group("release")
+def release() -> None:
+    """Build releases: GGUF files plus manifest.json, SHA256SUMS and a model card.
+
+    \b
+    Example:
+      flux-gguf release build release.toml -o dist/flux1-kontext-dev
+    """
+
+
+@release.command("build")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Release folder to create (must not exist, or be empty).")
+@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+              help="Threads for the quantization kernels (default: all cores).")
+def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> None:
+    """Convert every variant SPEC lists in one pass and write the release folder.
+
+    Paths in SPEC are relative to SPEC. The folder gets the GGUF files, README.md (a Hub model
+    card), manifest.json, SHA256SUMS and the extra files SPEC lists; it appears under its name
+    only when complete. Set SOURCE_DATE_EPOCH to record a build time (builds stay reproducible).
+
+    \b
+    Example:
+      flux-gguf release build release.toml -o dist/flux1-kontext-dev
+      cd dist/flux1-kontext-dev && sha256sum -c --strict SHA256SUMS
+    """
+    try:
+        with progress_bar("converting") as progress:
+            result = build_release(spec, out_dir, threads=threads, progress=progress)
+    except ManifestError as e:  # manifests/ has its own exception family
+        raise click.ClickException(str(e)) from e
+    for a in result.manifest.artifacts:
+        size = f"{a.size / GB:.3f} GB" if a.size >= GB / 10 else f"{a.size:,} B"
+        click.echo(f"{a.path}  {size}  sha256 {a.sha256}")
+    click.echo(f"release written to {result.out_dir} (manifest.json sha256 {result.manifest_sha256})")

@@ -1,0 +1,113 @@
+"""``flux-gguf verify DIR``: re-hash a release, and with --source re-derive it from the weights."""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from typing import Any, Iterator
+
+import click
+import numba
+from tqdm import tqdm
+
+from manifests import ManifestError, verify_release
+from manifests.verify import Progress, VerifyReport
+
+from .cli_convert import progress_bar
+from .rederive import RederiveReport, rederive_release
+
+
+@contextlib.contextmanager
+def _hash_bar() -> Iterator[Progress]:
+    """A tqdm bar of bytes re-hashed (verify reports increments, not totals)."""
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc="verifying", disable=None,
+               dynamic_ncols=True, leave=False)
+
+    def update(n: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def describe_verify(report: VerifyReport) -> str:
+    lines = []
+    for f in report.files:
+        line = f"{f.status:<10}  {f.path}"
+        if f.detail and not f.ok:
+            line += f"  ({f.detail})"
+        lines.append(line)
+        for name in f.damaged_tensors or ():
+            lines.append(f"{'':<12}  damaged tensor: {name}")
+    c = report.counts()
+    summary = ", ".join(f"{n} {s}" for s, n in c.items() if n)
+    lines.append(f"{len(report.files)} files: {summary}")
+    return "\n".join(lines)
+
+
+def describe_rederive(r: RederiveReport) -> str:
+    lines = [f"{p.status:<10}  {p.artifact}: {p.tensor} ({p.type}): {p.detail}" for p in r.problems]
+    lines += [f"recipe      {msg}" for msg in r.recipe_problems]
+    if r.unused_source_tensors:
+        lines.append(f"unused      source tensors missing from every file: {', '.join(r.unused_source_tensors)}")
+    verdict = "re-derived bit for bit" if r.ok else "NOT reproduced"
+    lines.append(f"source {r.source}: {r.tensors_checked} tensors checked ({r.encodings} encodings), {verdict}")
+    if r.source_files_match:
+        lines.append("source files are byte-identical to those the manifest lists")
+    else:
+        diffs = ", ".join(f"{f.name} {f.status}" for f in r.source_files if f.status != "ok")
+        lines.append(f"source files differ from those the manifest lists ({diffs}); tensors decide the check")
+    return "\n".join(lines)
+
+
+@click.command("verify")
+@click.argument("directory", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@click.option("--tensors", is_flag=True, help="For each damaged GGUF, list the tensors whose bytes differ.")
+@click.option("--source", "source", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Re-derive every tensor from these source weights (file or diffusers folder) and check its digest.")
+@click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
+              help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
+@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+              help="Threads for re-encoding with --source (default: all cores).")
+def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
+           ignore: tuple[str, ...], threads: int | None) -> None:
+    """Check every file of a release folder against its manifest.json.
+
+    Each file is reported ok, mismatch, missing or unexpected; the exit status is 1 if any is
+    not ok (or --source does not reproduce the release). A manifest that fails its schema or
+    names paths outside DIR is refused before any file is opened.
+
+    \b
+    Example:
+      flux-gguf verify dist/flux1-kontext-dev
+      flux-gguf verify dist/flux1-kontext-dev --tensors --json
+      flux-gguf verify dist/flux1-kontext-dev --source flux1-kontext-dev.safetensors
+    """
+    try:
+        with _hash_bar() as progress:
+            report = verify_release(directory, tensors=tensors, ignore=ignore, progress=progress)
+    except ManifestError as e:  # manifests/ has its own exception family
+        raise click.ClickException(str(e)) from e
+    rederived = None
+    if source is not None:
+        with progress_bar("re-deriving") as progress:
+            rederived = rederive_release(report.manifest, source, threads=threads, progress=progress)
+    if as_json:
+        doc: dict[str, Any] = report.to_json()
+        if rederived is not None:
+            doc["source"] = rederived.to_json()
+            doc["ok"] = report.ok and rederived.ok
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(describe_verify(report))
+        if rederived is not None:
+            click.echo(describe_rederive(rederived))
+        good = report.ok and (rederived is None or rederived.ok)
+        click.echo(f"release {directory}: {'OK' if good else 'PROBLEMS FOUND'}")
+    if not report.ok or (rederived is not None and not rederived.ok):
+        click.get_current_context().exit(1)

@@ -1,0 +1,195 @@
+"""The release's README.md: a Hub model card whose YAML front matter the Hub validates.
+
+Front matter is written by ``huggingface_hub.ModelCardData.to_yaml()`` (the fields in
+docs/hub.md); the body is plain Markdown with a table of files (size, bits per weight, tensor
+types, sha256) and, when a validation report is given, its per-variant quality figures. The text
+holds nothing that changes between two builds of the same spec (no dates, no absolute paths).
+
+Validation report (``validation.json`` from ``flux-gguf validate``): read leniently, as it is
+produced by another command. Accepted shapes: ``{"variants": {VARIANT: {...}}}`` or
+``{"variants": [{"variant": VARIANT, ...}]}`` (an entry may name its ``file`` instead, and may
+nest its figures under ``"metrics"``). Of each entry, the numeric fields in QUALITY_FIELDS are
+shown; anything else is ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from huggingface_hub import ModelCardData
+
+from . import __version__
+from .errors import ReleaseError
+from .release_spec import ReleaseSpec
+
+QUALITY_FIELDS: dict[str, str] = {"cosine": "cosine", "rel_l2": "rel. L2", "psnr": "PSNR (dB)"}
+
+
+@dataclass(frozen=True)
+class CardFile:
+    """One GGUF as the card's table shows it."""
+
+    path: str
+    variant: str
+    size: int
+    sha256: str
+    bits_per_weight: float
+    type_counts: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class CardSource:
+    name: str
+    size: int
+    sha256: str
+
+
+def card_file(path: str, variant: str, size: int, sha256: str, tensors: Sequence[Any]) -> CardFile:
+    """Summarize a GGUF from its tensor records (``type``, ``shape``, ``nbytes``)."""
+    params = sum(math.prod(t.shape) for t in tensors)
+    nbytes = sum(t.nbytes for t in tensors)
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.type] = counts.get(t.type, 0) + 1
+    ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return CardFile(path, variant, size, sha256, nbytes * 8 / max(params, 1), ordered)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_validation_report(path: Path, files: Sequence[CardFile]) -> dict[str, dict[str, float]]:
+    """Quality figures per variant from a validation report; :class:`ReleaseError` if unreadable."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReleaseError(f"{path}: cannot read the validation report: {e}") from None
+    entries = doc.get("variants") if isinstance(doc, dict) else None
+    if isinstance(entries, dict):
+        items = [(k, v) for k, v in entries.items()]
+    elif isinstance(entries, list):
+        items = [(e.get("variant") or e.get("file"), e) if isinstance(e, dict) else (None, e) for e in entries]
+    else:
+        raise ReleaseError(f"{path}: expected a 'variants' object or list in the validation report")
+    by_file = {f.path: f.variant for f in files}
+    out: dict[str, dict[str, float]] = {}
+    for i, (key, entry) in enumerate(items):
+        if not isinstance(entry, dict) or not isinstance(key, str):
+            raise ReleaseError(f"{path}: variants[{i}] must be an object naming its 'variant' or 'file'")
+        variant = by_file.get(key, key)
+        figures = dict(entry.get("metrics", {})) if isinstance(entry.get("metrics"), dict) else {}
+        figures.update({k: v for k, v in entry.items() if k in QUALITY_FIELDS})
+        picked = {}
+        for field, value in figures.items():
+            if field not in QUALITY_FIELDS:
+                continue
+            if not _number(value):
+                raise ReleaseError(f"{path}: {field} of {variant} must be a finite number, got {value!r}")
+            picked[field] = float(value)
+        if picked:
+            out[variant] = picked
+    return out
+
+
+def human_size(n: int) -> str:
+    """Decimal units, as the Hub and the published tables show sizes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n} B"
+
+
+def _figure(field: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if field == "cosine":
+        return f"{value:.6f}"
+    if field == "psnr":
+        return f"{value:.2f}"
+    return f"{value:.4g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def front_matter(spec: ReleaseSpec) -> str:
+    card = spec.card
+    data = ModelCardData(
+        base_model=spec.base_model,
+        base_model_relation="quantized",
+        library_name="gguf",
+        license=card.license,
+        license_name=card.license_name,
+        license_link=card.license_link,
+        pipeline_tag=card.pipeline_tag,
+        tags=list(card.tags),
+        **({"quantized_by": card.quantized_by} if card.quantized_by else {}),
+    )
+    return "---\n" + data.to_yaml() + "\n---\n"
+
+
+def _files_table(files: Sequence[CardFile], quality: Mapping[str, Mapping[str, float]]) -> list[str]:
+    fields = [f for f in QUALITY_FIELDS if any(f in q for q in quality.values())]
+    head = ["File", "Variant", "Size", "Bits/weight", "Tensor types", *[QUALITY_FIELDS[f] for f in fields], "SHA-256"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---", "--:", "--:", "---", *["--:"] * len(fields), "---"]) + "|"]
+    for f in files:
+        types = ", ".join(f"{n} {t}" for t, n in f.type_counts.items())
+        q = quality.get(f.variant, {})
+        row = [f"[{_cell(f.path)}]({f.path.replace(' ', '%20')})", f.variant, human_size(f.size),
+               f"{f.bits_per_weight:.2f}", types, *[_figure(x, q.get(x)) for x in fields], f"`{f.sha256}`"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_model_card(
+    spec: ReleaseSpec,
+    files: Sequence[CardFile],
+    sources: Sequence[CardSource],
+    quality: Mapping[str, Mapping[str, float]] | None = None,
+) -> str:
+    """The full README.md text (front matter + body), deterministic for a given input."""
+    quality = quality or {}
+    card = spec.card
+    title = card.title or f"{spec.name} GGUF"
+    base_link = f"[{spec.base_model}](https://huggingface.co/{spec.base_model})"
+    out = [front_matter(spec), f"# {title}", "",
+           f"GGUF quantizations of {base_link}, made with flux-gguf {__version__} from the spec recorded in "
+           "`manifest.json`. Tensor names follow the BFL layout that ComfyUI-GGUF, diffusers and "
+           "stable-diffusion.cpp load.", ""]
+    if card.description:
+        out += [card.description.strip(), ""]
+    out += ["## Files", ""] + _files_table(files, quality) + [""]
+    if quality:
+        out += ["Quality figures compare each file's output with the unquantized source model "
+                "(from the validation report shipped as `validation.json`).", ""]
+    out += ["Bits/weight counts every tensor's bytes (F32 biases and norms included) over all parameters.", ""]
+    out += ["## How the files were made", "",
+            "- 1-D tensors (biases, norm scales) are F32; `img_in.weight` is F32 so diffusers detects the model correctly.",
+            "- Tensors under `img_in.`, `txt_in.`, `time_in.`, `vector_in.`, `guidance_in.` and `final_layer.` keep "
+            "the source precision.",
+            "- `_M` variants raise the fused attention `double_blocks.N.{img,txt}_attn.qkv.weight` one type.",
+            ]
+    if spec.overrides:
+        out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
+    for key in spec.extensions:
+        out.append(f"- `{key}` entries from the spec were applied; `manifest.json` records them.")
+    out += ["", "Source files:", "", "| File | Size | SHA-256 |", "|---|--:|---|"]
+    out += [f"| {_cell(s.name)} | {human_size(s.size)} | `{s.sha256}` |" for s in sources]
+    out += ["", "## Verify your download", "",
+            "Every file's sha256 is listed in `SHA256SUMS` (and, per tensor, in `manifest.json`):", "",
+            "```sh", "sha256sum -c --strict SHA256SUMS            # all files",
+            "sha256sum -c --ignore-missing SHA256SUMS    # only the files you downloaded",
+            "flux-gguf verify .                          # ok / mismatch / missing / unexpected per file",
+            "flux-gguf verify . --tensors                # which tensors of a damaged file differ",
+            "flux-gguf verify . --source SOURCE          # re-derive every tensor from the source weights",
+            "```", ""]
+    if card.license_link or card.license_name:
+        name = card.license_name or card.license
+        out += ["## License", "", f"The weights are under the {name} license" +
+                (f": see [{card.license_link}]({card.license_link})." if card.license_link else "."), ""]
+    return "\n".join(out)

@@ -1,0 +1,214 @@
+"""``verify --source``: re-derive every tensor of a release from source weights and compare digests.
+
+File digests prove the bytes are the ones the manifest lists; this proves where the manifest's
+tensors came from. Each source tensor is read once (float32, exactly as the converter reads it),
+encoded once per type the release stores it in (the types recorded per tensor in the manifest),
+and the sha256 of the encoded bytes must equal the recorded tensor digest. The recipe is checked
+too: planning each variant with the recorded overrides must give exactly the recorded types, so
+neither a tensor's bytes nor its type choice can have come from anywhere else.
+
+The source may be laid out differently from the one the release was built from (a diffusers
+folder for a single file): tensors are compared by BFL name. Whether the source *files* are the
+very files the manifest lists is reported separately (``source_files``), and does not by itself
+fail the check.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import quant_kernels
+from manifests import BackgroundHasher, Manifest
+
+from .detect import detect_model
+from .errors import PlanError, ReleaseError
+from .recipes import make_plan
+from .release_spec import EXTENSION_KEYS, TensorTransform
+from .sources import Source, open_source
+
+ProgressFn = Callable[[int, int], None]
+OK, MISMATCH, MISSING, SHAPE = "ok", "mismatch", "missing-in-source", "shape-mismatch"
+
+
+@dataclass(frozen=True)
+class TensorProblem:
+    """A tensor of the release that the source does not reproduce."""
+
+    artifact: str
+    tensor: str
+    type: str
+    status: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "tensor": self.tensor, "type": self.type,
+                "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SourceFileCheck:
+    """Does a source file given now equal one the manifest lists (by name, size and sha256)?"""
+
+    name: str
+    status: str  # ok / mismatch / missing / unexpected, as for release files
+    expected_sha256: str | None
+    actual_sha256: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status,
+                "expected_sha256": self.expected_sha256, "actual_sha256": self.actual_sha256}
+
+
+@dataclass
+class RederiveReport:
+    """``ok`` when every recorded tensor re-derives bit for bit and every recipe choice matches."""
+
+    source: str
+    tensors_checked: int = 0
+    encodings: int = 0
+    problems: list[TensorProblem] = field(default_factory=list)
+    recipe_problems: list[str] = field(default_factory=list)
+    unused_source_tensors: list[str] = field(default_factory=list)
+    source_files: list[SourceFileCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.recipe_problems and not self.unused_source_tensors
+
+    @property
+    def source_files_match(self) -> bool:
+        return all(f.status == "ok" for f in self.source_files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "ok": self.ok, "tensors_checked": self.tensors_checked,
+                "problems": [p.to_json() for p in self.problems], "recipe_problems": self.recipe_problems,
+                "unused_source_tensors": self.unused_source_tensors,
+                "source_files_match": self.source_files_match,
+                "source_files": [f.to_json() for f in self.source_files]}
+
+
+def encode_tensor(x: np.ndarray, qtype: str) -> np.ndarray:
+    """A tensor's bytes in ``qtype`` as the converter writes them (a 1-D tensor is one row)."""
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    return quant_kernels.quantize(rows, qtype)
+
+
+def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) -> None:
+    overrides = manifest.spec.get("overrides", [])
+    if not isinstance(overrides, list):
+        raise ReleaseError("manifest.json: spec.overrides must be a list of REGEX=TYPE strings")
+    family = detect_model(source).family
+    for art in manifest.ggufs:
+        try:
+            plan = make_plan(art.variant or "", source.tensors, name=manifest.name, family=family, overrides=overrides)
+        except PlanError as e:
+            report.recipe_problems.append(f"{art.path}: {e}")
+            continue
+        if plan.file_type != art.file_type:
+            report.recipe_problems.append(f"{art.path}: file type {art.file_type} recorded, variant {plan.variant.name} gives {plan.file_type}")
+        planned = {e.name: e.qtype for e in plan.entries}
+        recorded = {t.name: t.type for t in art.tensors or ()}
+        for name, qtype in recorded.items():
+            if name in planned and planned[name] != qtype:
+                report.recipe_problems.append(f"{art.path}: {name} is {qtype}, but recipe {plan.variant.name} gives {planned[name]}")
+        if list(recorded) != [n for n in planned if n in recorded]:
+            report.recipe_problems.append(f"{art.path}: tensors are not in the order the converter writes them")
+
+
+def _source_file_checks(manifest: Manifest, source_path: Path, digests: dict[Path, Any]) -> list[SourceFileCheck]:
+    root = source_path if source_path.is_dir() else None
+    given = {(p.relative_to(root).as_posix() if root else p.name): d for p, d in digests.items()}
+    checks = []
+    for s in manifest.sources:
+        d = given.pop(s.name, None)
+        if d is None:
+            checks.append(SourceFileCheck(s.name, "missing", s.sha256, None))
+        else:
+            ok = d.size == s.size and d.sha256 == s.sha256
+            checks.append(SourceFileCheck(s.name, "ok" if ok else "mismatch", s.sha256, d.sha256))
+    checks += [SourceFileCheck(n, "unexpected", None, d.sha256) for n, d in sorted(given.items())]
+    return checks
+
+
+def rederive_release(
+    manifest: Manifest,
+    source_path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+    tensor_transform: TensorTransform | None = None,
+) -> RederiveReport:
+    """Re-encode every tensor the manifest lists from ``source_path`` and compare sha256 digests.
+
+    ``progress(done, total)`` reports source bytes processed. A release whose spec applied
+    extension entries (``[[lora]]``) can only be re-derived with the same ``tensor_transform``.
+    """
+    used = [k for k in EXTENSION_KEYS if k in manifest.spec]
+    if used and tensor_transform is None:
+        raise ReleaseError(f"manifest.json: this release applied {used[0]!r} entries to the weights; "
+                           "re-deriving it needs the same transform, which --source alone cannot rebuild")
+    src = Path(source_path)
+    previous = quant_kernels.get_threads()
+    if threads is not None:
+        try:
+            quant_kernels.set_threads(threads)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+    try:
+        with open_source(src) as source:
+            report = RederiveReport(str(src))
+            with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
+                _check_recipe(manifest, source, report)
+                _rederive_tensors(manifest, source, report, progress, tensor_transform)
+                digests = hasher.result()
+            report.source_files = _source_file_checks(manifest, src, digests)
+            return report
+    finally:
+        quant_kernels.set_threads(previous)
+
+
+def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport,
+                      progress: ProgressFn | None, transform: TensorTransform | None) -> None:
+    # name -> type -> [(artifact path, recorded entry)]: each tensor read once, each type encoded once.
+    work: dict[str, dict[str, list[tuple[str, Any]]]] = {}
+    for art in manifest.ggufs:
+        for t in art.tensors or ():
+            work.setdefault(t.name, {}).setdefault(t.type, []).append((art.path, t))
+    for name in work:
+        if name not in source.tensors:
+            for qtype, uses in work[name].items():
+                for path, t in uses:
+                    report.problems.append(TensorProblem(path, name, qtype, MISSING, "the source has no tensor of that name"))
+    report.unused_source_tensors = [n for n in source.tensors if n not in work]
+    names = [n for n in source.tensors if n in work]
+    total = sum(int(source.tensors[n].nbytes) for n in names)
+    done = 0
+    for name in names:
+        x = source.read(name)
+        if transform is not None:
+            x = np.ascontiguousarray(transform(name, x), dtype=np.float32)
+        for qtype, uses in work[name].items():
+            shapes = {tuple(t.shape) for _, t in uses}
+            if tuple(x.shape) not in shapes or len(shapes) > 1:
+                for path, t in uses:
+                    if tuple(t.shape) != tuple(x.shape):
+                        report.problems.append(TensorProblem(path, name, qtype, SHAPE,
+                                               f"recorded shape {list(t.shape)}, source has {list(x.shape)}"))
+                uses = [(p, t) for p, t in uses if tuple(t.shape) == tuple(x.shape)]
+                if not uses:
+                    continue
+            digest = hashlib.sha256(memoryview(encode_tensor(x, qtype)).cast("B")).hexdigest()
+            report.encodings += 1
+            for path, t in uses:
+                report.tensors_checked += 1
+                if digest != t.sha256:
+                    report.problems.append(TensorProblem(path, name, qtype, MISMATCH,
+                                           "re-encoding the source tensor gives different bytes"))
+        done += int(source.tensors[name].nbytes)
+        if progress is not None:
+            progress(done, total)

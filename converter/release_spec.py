@@ -1,0 +1,292 @@
+"""The release spec (``SPEC.toml``): parsed, checked and normalized before any work starts.
+
+A release is declared in a small reviewable TOML file; everything it names is checked up front
+(unknown keys, wrong types, unknown variants, bad overrides, files that do not exist), each error
+one line naming the spec file and the key. Paths in the spec are relative to the spec file.
+
+Extension point: keys other engineers own (``[[lora]]`` today) are parsed by a hook registered
+with :func:`register_spec_hook`; the hook returns a :class:`SpecExtension` saying what the key
+adds to the build (a tensor transform, extra input files to hash) and what to record. A spec
+that uses such a key while no hook is registered is refused with a clear error.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from manifests import CHECKSUMS_NAME, MANIFEST_NAME
+
+from .errors import PlanError, ReleaseError
+from .recipes import parse_override, resolve_variant
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODEL_CARD_NAME = "README.md"
+VALIDATION_NAME = "validation.json"
+TOP_KEYS = ("name", "source", "base_model", "variants", "overrides", "extra_files", "validation", "card")
+EXTENSION_KEYS = ("lora",)
+CARD_KEYS = ("license", "license_name", "license_link", "quantized_by", "pipeline_tag", "tags", "title", "description")
+DEFAULT_TAGS = ("flux", "kontext", "gguf", "image-to-image")
+DEFAULT_PIPELINE_TAG = "image-to-image"
+
+TensorTransform = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SpecExtension:
+    """What a hook-parsed key (e.g. ``[[lora]]``) contributes to the build.
+
+    ``record``: JSON-able, stored as ``manifest.spec[key]``; ``files``: further inputs, hashed and
+    listed as sources; ``tensor_transform``: applied to each float32 tensor before quantization.
+    """
+
+    record: Any
+    files: tuple[Path, ...] = ()
+    tensor_transform: TensorTransform | None = None
+
+
+SpecHook = Callable[[Any, Path, str], SpecExtension]
+"""``hook(raw TOML value, spec folder, spec file name for messages) -> SpecExtension``."""
+
+_HOOKS: dict[str, SpecHook] = {}
+
+
+def register_spec_hook(key: str, hook: SpecHook) -> None:
+    """Let the module that owns ``key`` (one of EXTENSION_KEYS) parse it."""
+    if key not in EXTENSION_KEYS:
+        raise ValueError(f"{key!r} is not a spec extension key; expected one of {', '.join(EXTENSION_KEYS)}")
+    _HOOKS[key] = hook
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """The ``[card]`` table: model-card front matter and text."""
+
+    license: str
+    license_name: str | None = None
+    license_link: str | None = None
+    quantized_by: str | None = None
+    pipeline_tag: str = DEFAULT_PIPELINE_TAG
+    tags: tuple[str, ...] = DEFAULT_TAGS
+    title: str | None = None
+    description: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"license": self.license}
+        for key in ("license_name", "license_link", "quantized_by"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["pipeline_tag"] = self.pipeline_tag
+        out["tags"] = list(self.tags)
+        for key in ("title", "description"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """A checked spec. ``*_path`` fields are resolved; the ``to_json`` record keeps them as written."""
+
+    spec_path: Path
+    name: str
+    source: str
+    base_model: str
+    variants: tuple[str, ...]
+    card: CardSpec
+    overrides: tuple[str, ...] = ()
+    extra_files: tuple[str, ...] = ()
+    validation: str | None = None
+    extensions: Mapping[str, SpecExtension] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.spec_path.parent
+
+    @property
+    def source_path(self) -> Path:
+        return self.base_dir / self.source
+
+    @property
+    def extra_file_paths(self) -> dict[str, Path]:
+        """Release name (the file name) -> file on disk."""
+        return {Path(f).name: self.base_dir / f for f in self.extra_files}
+
+    @property
+    def validation_path(self) -> Path | None:
+        return None if self.validation is None else self.base_dir / self.validation
+
+    def gguf_name(self, variant: str) -> str:
+        return f"{self.name}-{variant}.gguf"
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as recorded in the manifest: normalized, paths as written (relative), no absolutes."""
+        out: dict[str, Any] = {"name": self.name, "source": self.source, "base_model": self.base_model,
+                               "variants": list(self.variants)}
+        if self.overrides:
+            out["overrides"] = list(self.overrides)
+        if self.extra_files:
+            out["extra_files"] = list(self.extra_files)
+        if self.validation is not None:
+            out["validation"] = self.validation
+        out["card"] = self.card.to_json()
+        for key, ext in self.extensions.items():
+            out[key] = ext.record
+        return out
+
+
+class _Checker:
+    """Type checks that name the spec file and key in every message."""
+
+    def __init__(self, spec_name: str):
+        self.spec_name = spec_name
+
+    def error(self, key: str, problem: str) -> ReleaseError:
+        return ReleaseError(f"{self.spec_name}: {key!r} {problem}" if key else f"{self.spec_name}: {problem}")
+
+    def string(self, table: Mapping[str, Any], key: str, prefix: str = "", *, required: bool = False) -> str | None:
+        full = prefix + key
+        if key not in table:
+            if required:
+                raise ReleaseError(f"{self.spec_name}: missing required key {full!r}")
+            return None
+        value = table[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(full, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def strings(self, table: Mapping[str, Any], key: str, prefix: str = "") -> tuple[str, ...] | None:
+        full = prefix + key
+        if key not in table:
+            return None
+        value = table[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.error(full, f"must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
+    def unknown(self, table: Mapping[str, Any], allowed: tuple[str, ...], prefix: str = "") -> None:
+        for key in table:
+            if key not in allowed:
+                raise ReleaseError(
+                    f"{self.spec_name}: unknown key {prefix + key!r}; expected one of {', '.join(prefix + k for k in allowed)}")
+
+
+def _check_name(c: _Checker, name: str) -> str:
+    if name.strip() != name or any(ch in name for ch in "/\\\0\n\r") or name in (".", ".."):
+        raise c.error("name", "must be a plain file-name stem (no slashes or surrounding spaces)")
+    return name
+
+
+def _check_relative(c: _Checker, key: str, value: str) -> str:
+    if Path(value).is_absolute():
+        raise c.error(key, f"must be a path relative to the spec file, got the absolute path {value!r}")
+    return value
+
+
+def _parse_variants(c: _Checker, raw: tuple[str, ...] | None) -> tuple[str, ...]:
+    if not raw:
+        raise ReleaseError(f"{c.spec_name}: 'variants' must list at least one variant")
+    names: list[str] = []
+    for v in raw:
+        try:
+            name = resolve_variant(v).name
+        except PlanError as e:
+            raise c.error("variants", str(e)) from None
+        if name in names:
+            raise c.error("variants", f"lists {name} twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _parse_card(c: _Checker, raw: Any) -> CardSpec:
+    if raw is None:
+        raise ReleaseError(f"{c.spec_name}: missing required table [card] (at least card.license)")
+    if not isinstance(raw, dict):
+        raise c.error("card", "must be a table ([card])")
+    c.unknown(raw, CARD_KEYS, "card.")
+    license_ = c.string(raw, "license", "card.", required=True)
+    tags = c.strings(raw, "tags", "card.")
+    return CardSpec(
+        license=license_,  # type: ignore[arg-type]
+        license_name=c.string(raw, "license_name", "card."),
+        license_link=c.string(raw, "license_link", "card."),
+        quantized_by=c.string(raw, "quantized_by", "card."),
+        pipeline_tag=c.string(raw, "pipeline_tag", "card.") or DEFAULT_PIPELINE_TAG,
+        tags=DEFAULT_TAGS if tags is None else tags,
+        title=c.string(raw, "title", "card."),
+        description=c.string(raw, "description", "card."),
+    )
+
+
+def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
+    """Every named input exists, extra files do not collide with generated files."""
+    src = spec.source_path
+    if not src.exists():
+        raise c.error("source", f"names {spec.source!r}, which does not exist (looked for {src})")
+    reserved = {MANIFEST_NAME, CHECKSUMS_NAME, MODEL_CARD_NAME, VALIDATION_NAME} | {spec.gguf_name(v) for v in spec.variants}
+    seen: set[str] = set()
+    for rel in spec.extra_files:
+        path = spec.base_dir / rel
+        if not path.is_file():
+            raise c.error("extra_files", f"names {rel!r}, which is not an existing file (looked for {path})")
+        name = path.name
+        if name in reserved:
+            raise c.error("extra_files", f"names {rel!r}, whose file name {name!r} the release itself writes")
+        if name in seen:
+            raise c.error("extra_files", f"lists two files named {name!r}")
+        seen.add(name)
+    if spec.validation is not None and not (spec.base_dir / spec.validation).is_file():
+        raise c.error("validation", f"names {spec.validation!r}, which is not an existing file")
+    link = spec.card.license_link
+    if link is not None and "://" not in link and link not in seen:
+        raise c.error("card.license_link", f"is the relative link {link!r}, but 'extra_files' ships no file of that name")
+
+
+def parse_release_spec(path: str | Path) -> ReleaseSpec:
+    """Read and check ``SPEC.toml``; raises :class:`ReleaseError` naming the file and key at fault."""
+    spec_path = Path(path)
+    c = _Checker(str(spec_path))
+    try:
+        raw = tomllib.loads(spec_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReleaseError(f"{spec_path}: release spec not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReleaseError(f"{spec_path}: cannot read the release spec: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ReleaseError(f"{spec_path}: not valid TOML: {e}") from None
+    c.unknown(raw, TOP_KEYS + EXTENSION_KEYS)
+    overrides = c.strings(raw, "overrides") or ()
+    for o in overrides:
+        try:
+            parse_override(o)
+        except PlanError as e:
+            raise c.error("overrides", str(e)) from None
+    name = _check_name(c, c.string(raw, "name", required=True))  # type: ignore[arg-type]
+    source = _check_relative(c, "source", c.string(raw, "source", required=True))  # type: ignore[arg-type]
+    base_model = c.string(raw, "base_model", required=True)
+    variants = _parse_variants(c, c.strings(raw, "variants"))
+    extra_files = tuple(_check_relative(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
+    validation = c.string(raw, "validation")
+    if validation is not None:
+        _check_relative(c, "validation", validation)
+    extensions: dict[str, SpecExtension] = {}
+    for key in EXTENSION_KEYS:
+        if key in raw:
+            hook = _HOOKS.get(key)
+            if hook is None:
+                raise c.error(key, "entries need the module that handles them, which this flux-gguf does not have")
+            extensions[key] = hook(raw[key], spec_path.parent, str(spec_path))
+    spec = ReleaseSpec(
+        spec_path=spec_path, name=name, source=source, base_model=base_model,  # type: ignore[arg-type]
+        variants=variants, card=_parse_card(c, raw.get("card")), overrides=overrides,
+        extra_files=extra_files, validation=validation, extensions=extensions,
+    )
+    _check_files(c, spec)
+    return spec

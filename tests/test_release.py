@@ -1,0 +1,522 @@
+"""release build / verify / verify --source on small synthetic FLUX models, end to end.
+
+A 256-wide FLUX with one block of each kind (about 2.5 M parameters) goes through the real
+pipeline, so every behaviour here is the one a 12 B release gets.
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from converter.cli import main
+from converter.errors import ReleaseError
+from converter.layout import FluxGeometry
+from converter.release import build_release, created_timestamp
+from converter.release_spec import SpecExtension, parse_release_spec
+from converter.rederive import rederive_release
+from converter.synthetic import write_synthetic_flux
+from manifests import load_manifest, parse_sha256sums, verify_release
+
+GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
+VARIANTS = ["Q3_K_S", "Q4_K_M", "BF16"]
+NAME = "tiny-kontext"
+SPEC = """\
+name = "tiny-kontext"
+source = "weights/tiny.safetensors"
+base_model = "black-forest-labs/FLUX.1-Kontext-dev"
+variants = ["Q3_K_S", "Q4_K_M", "BF16"]
+extra_files = ["LICENSE.md"]
+validation = "reports/validation.json"
+
+[card]
+license = "other"
+license_name = "flux-1-dev-non-commercial-license"
+license_link = "LICENSE.md"
+quantized_by = "flux-gguf tests"
+"""
+VALIDATION = {"variants": {
+    "Q3_K_S": {"cosine": 0.991234567, "rel_l2": 0.1312, "psnr": 27.456, "seconds": 3.0},
+    "Q4_K_M": {"metrics": {"cosine": 0.997, "rel_l2": 0.0712, "psnr": 31.5}},
+}}
+
+
+def write_project(root: Path, spec: str = SPEC, seed: int = 0) -> Path:
+    """A spec folder: weights, license, validation report, and SPEC.toml; returns the spec path."""
+    (root / "weights").mkdir(parents=True)
+    write_synthetic_flux(root / "weights" / "tiny.safetensors", GEO, seed=seed)
+    (root / "LICENSE.md").write_text("FLUX.1 [dev] Non-Commercial License (test copy)\n")
+    (root / "reports").mkdir()
+    (root / "reports" / "validation.json").write_text(json.dumps(VALIDATION))
+    (root / "release.toml").write_text(spec)
+    return root / "release.toml"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return write_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="module")
+def built(project, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("releases") / "r1"
+    build_release(project, out)
+    return out
+
+
+@pytest.fixture()
+def release(built, tmp_path) -> Path:
+    """A private copy of the built release, free to damage."""
+    dst = tmp_path / "release"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the spec ------------------------------------------------------------------------------------
+
+def test_spec_parses_and_normalizes(project):
+    spec = parse_release_spec(project)
+    assert spec.name == NAME and spec.variants == tuple(VARIANTS)
+    assert spec.source_path == project.parent / "weights" / "tiny.safetensors"
+    assert spec.extra_file_paths == {"LICENSE.md": project.parent / "LICENSE.md"}
+    assert spec.card.tags == ("flux", "kontext", "gguf", "image-to-image")
+    rec = spec.to_json()
+    assert rec["source"] == "weights/tiny.safetensors"  # as written: never an absolute path
+    assert rec["card"]["quantized_by"] == "flux-gguf tests"
+    assert "overrides" not in rec
+
+
+def _spec_error(tmp_path: Path, text: str, *, extra: dict[str, str] | None = None) -> str:
+    for name, content in (extra or {}).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(ReleaseError) as e:
+        parse_release_spec(tmp_path / "s.toml")
+    return str(e.value).removeprefix(f"{tmp_path / 's.toml'}: ")
+
+
+BASE = 'name = "n"\nsource = "w.safetensors"\nbase_model = "b/m"\nvariants = ["Q4_K_M"]\n'
+CARD = '[card]\nlicense = "other"\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (BASE + 'flavour = "x"\n' + CARD,
+     "unknown key 'flavour'; expected one of name, source, base_model, variants, overrides, extra_files, validation, card, lora"),
+    (BASE + CARD + 'color = "red"\n',
+     "unknown key 'card.color'; expected one of card.license, card.license_name, card.license_link, card.quantized_by, "
+     "card.pipeline_tag, card.tags, card.title, card.description"),
+    ('source = "w.safetensors"\nbase_model = "b/m"\nvariants = ["Q4_K_M"]\n' + CARD, "missing required key 'name'"),
+    (BASE, "missing required table [card] (at least card.license)"),
+    (BASE + '[card]\nlicense_name = "x"\n', "missing required key 'card.license'"),
+    (BASE.replace('variants = ["Q4_K_M"]', 'variants = "Q4_K_M"') + CARD, "'variants' must be a list of non-empty strings, got 'Q4_K_M'"),
+    (BASE.replace('variants = ["Q4_K_M"]', "variants = []") + CARD, "'variants' must list at least one variant"),
+    (BASE.replace('"Q4_K_M"]', '"Q4_K_M", "q4_k_m"]') + CARD, "'variants' lists Q4_K_M twice"),
+    (BASE.replace('"Q4_K_M"]', '"Q9_K"]') + CARD, "'variants' unknown variant 'Q9_K'; valid variants: Q2_K, Q3_K_S"),
+    (BASE + 'overrides = ["nope"]\n' + CARD, "'overrides' override 'nope' must look like REGEX=TYPE"),
+    (BASE.replace('name = "n"', 'name = "a/b"') + CARD, "'name' must be a plain file-name stem (no slashes or surrounding spaces)"),
+    (BASE.replace('"w.safetensors"', '"/abs/w.safetensors"') + CARD, "'source' must be a path relative to the spec file, got the absolute path '/abs/w.safetensors'"),
+    (BASE + CARD, "'source' names 'w.safetensors', which does not exist"),
+    (BASE + 'extra_files = ["LICENSE.md"]\n' + CARD, "'extra_files' names 'LICENSE.md', which is not an existing file"),
+    (BASE + 'extra_files = ["README.md"]\n' + CARD, "'extra_files' names 'README.md', whose file name 'README.md' the release itself writes"),
+    (BASE + 'extra_files = ["a/L.md", "b/L.md"]\n' + CARD, "'extra_files' lists two files named 'L.md'"),
+    (BASE + 'validation = "v.json"\n' + CARD, "'validation' names 'v.json', which is not an existing file"),
+    (BASE + CARD + 'license_link = "LICENSE.md"\n', "'card.license_link' is the relative link 'LICENSE.md', but 'extra_files' ships no file of that name"),
+    (BASE + "[[lora]]\npath = \"x.safetensors\"\n" + CARD, "'lora' entries need the module that handles them, which this flux-gguf does not have"),
+    ("name = \n", "not valid TOML: "),
+])
+def test_spec_errors_name_the_key(tmp_path, text, message):
+    extra = {"README.md": "x", "a/L.md": "x", "b/L.md": "x"}
+    if "does not exist" not in message:
+        extra["w.safetensors"] = "x"
+    assert _spec_error(tmp_path, text, extra=extra).startswith(message)
+
+
+def test_spec_not_found(tmp_path):
+    with pytest.raises(ReleaseError, match=r"absent.toml: release spec not found$"):
+        parse_release_spec(tmp_path / "absent.toml")
+
+
+def test_lora_key_is_handed_to_the_registered_hook(tmp_path, monkeypatch):
+    from converter import release_spec
+    seen = []
+
+    def hook(raw, base_dir, spec_name):
+        seen.append((raw, base_dir, spec_name))
+        return SpecExtension(record=[{"name": e["name"]} for e in raw], files=(base_dir / raw[0]["path"],))
+
+    monkeypatch.setattr(release_spec, "_HOOKS", {})
+    release_spec.register_spec_hook("lora", hook)
+    (tmp_path / "w.safetensors").write_text("x")
+    (tmp_path / "s.toml").write_text(BASE + '[[lora]]\npath = "l.safetensors"\nname = "style"\nstrength = 0.8\n' + CARD)
+    spec = parse_release_spec(tmp_path / "s.toml")
+    assert seen == [([{"path": "l.safetensors", "name": "style", "strength": 0.8}], tmp_path, str(tmp_path / "s.toml"))]
+    assert spec.extensions["lora"].files == (tmp_path / "l.safetensors",)
+    assert spec.to_json()["lora"] == [{"name": "style"}]
+    with pytest.raises(ValueError, match="'tags' is not a spec extension key"):
+        release_spec.register_spec_hook("tags", hook)
+
+
+# --- a fresh release -------------------------------------------------------------------------------
+
+def test_release_holds_every_file(built):
+    names = sorted(p.relative_to(built).as_posix() for p in built.rglob("*"))
+    assert names == sorted([f"{NAME}-{v}.gguf" for v in VARIANTS] +
+                           ["LICENSE.md", "README.md", "SHA256SUMS", "manifest.json", "validation.json"])
+    assert not built.with_name(built.name + ".partial").exists()
+
+
+def test_fresh_release_verifies(built):
+    report = verify_release(built, tensors=True)
+    assert report.ok, [f for f in report.files if not f.ok]
+    assert report.counts() == {"ok": 8, "mismatch": 0, "missing": 0, "unexpected": 0}
+
+
+def test_sha256sum_strict_passes_on_a_fresh_release(built):
+    done = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=built, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(done.stdout.splitlines()) == sorted(
+        f"{n}: OK" for n in [*(f"{NAME}-{v}.gguf" for v in VARIANTS), "LICENSE.md", "README.md", "manifest.json", "validation.json"])
+
+
+def test_sha256sums_lists_everything_but_itself(built):
+    sums = parse_sha256sums((built / "SHA256SUMS").read_bytes())
+    for p in built.iterdir():
+        if p.name != "SHA256SUMS":
+            assert sums.pop(p.name) == sha(p)
+    assert sums == {}
+
+
+def test_manifest_records_tool_spec_sources_and_artifacts(built, project):
+    m = load_manifest(built / "manifest.json")
+    assert (m.tool_name, m.tool_version, m.name, m.created) == ("flux-gguf", "0.1.0", NAME, None)
+    assert m.spec == parse_release_spec(project).to_json()
+    src = project.parent / "weights" / "tiny.safetensors"
+    assert [(s.name, s.size, s.sha256) for s in m.sources] == [("tiny.safetensors", src.stat().st_size, sha(src))]
+    assert [(a.path, a.kind) for a in m.artifacts] == [
+        (f"{NAME}-Q3_K_S.gguf", "gguf"), (f"{NAME}-Q4_K_M.gguf", "gguf"), (f"{NAME}-BF16.gguf", "gguf"),
+        ("README.md", "model-card"), ("validation.json", "validation-report"), ("LICENSE.md", "extra")]
+    for a in m.artifacts:
+        assert (a.size, a.sha256) == ((built / a.path).stat().st_size, sha(built / a.path))
+    assert [(a.variant, a.file_type) for a in m.ggufs] == [("Q3_K_S", 11), ("Q4_K_M", 15), ("BF16", 32)]
+    assert {t.type for t in m.artifact(f"{NAME}-Q4_K_M.gguf").tensors} == {"F32", "BF16", "Q4_K", "Q5_K"}
+
+
+def test_manifest_tensors_match_the_gguf_files(built):
+    """Every recorded tensor is where gguf-py finds it, with its type and shape, and hashes right."""
+    m = load_manifest(built / "manifest.json")
+    for a in m.ggufs:
+        data = (built / a.path).read_bytes()
+        reader = gguf.GGUFReader(str(built / a.path))
+        assert [t.name for t in a.tensors] == [t.name for t in reader.tensors]
+        for t, rt in zip(a.tensors, reader.tensors):
+            assert (t.type, t.offset, t.nbytes) == (rt.tensor_type.name, int(rt.data_offset), int(rt.n_bytes))
+            assert list(t.shape) == [int(d) for d in reversed(rt.shape)]  # GGUF dims are reversed
+            assert hashlib.sha256(data[t.offset:t.offset + t.nbytes]).hexdigest() == t.sha256
+
+
+def test_building_twice_gives_identical_bytes(built, project, tmp_path):
+    again = tmp_path / "r2"
+    build_release(project, again)
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in built.iterdir())
+    for p in built.iterdir():
+        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_source_date_epoch_is_recorded_and_reproducible(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_release(project, a)
+    build_release(project, b)
+    assert load_manifest(a / "manifest.json").created == "2023-11-14T22:13:20Z"
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    assert (a / "SHA256SUMS").read_bytes() == (b / "SHA256SUMS").read_bytes()
+
+
+def test_created_timestamp_validation():
+    assert created_timestamp({}) is None
+    assert created_timestamp({"SOURCE_DATE_EPOCH": "0"}) == "1970-01-01T00:00:00Z"
+    with pytest.raises(ReleaseError, match=r"SOURCE_DATE_EPOCH must be a whole number of seconds since 1970, got 'soon'"):
+        created_timestamp({"SOURCE_DATE_EPOCH": "soon"})
+
+
+def test_outputs_are_never_read_back(project, tmp_path, monkeypatch):
+    """Digests come from the bytes as they are written: no file under the output is opened for reading."""
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    reads = []
+    real_open, real_io_open = builtins.open, io.open
+
+    def guard(opener):
+        def wrapped(file, mode="r", *args, **kwargs):
+            p = str(file) if isinstance(file, (str, os.PathLike)) else ""
+            if ("r" in mode or "+" in mode) and (p.startswith(str(out)) or p.startswith(str(partial))):
+                reads.append(p)
+            return opener(file, mode, *args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(builtins, "open", guard(real_open))
+    monkeypatch.setattr(io, "open", guard(real_io_open))
+    build_release(project, out)
+    monkeypatch.undo()
+    assert reads == []
+    assert verify_release(out).ok
+
+
+def test_model_card_front_matter_and_table(built):
+    text = (built / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert meta == {
+        "base_model": "black-forest-labs/FLUX.1-Kontext-dev", "base_model_relation": "quantized",
+        "library_name": "gguf", "license": "other", "license_name": "flux-1-dev-non-commercial-license",
+        "license_link": "LICENSE.md", "pipeline_tag": "image-to-image",
+        "tags": ["flux", "kontext", "gguf", "image-to-image"], "quantized_by": "flux-gguf tests",
+    }
+    m = load_manifest(built / "manifest.json")
+    rows = {line.split(" | ")[1]: line for line in body.splitlines() if line.startswith("| [")}
+    assert set(rows) == set(VARIANTS)
+    assert "| File | Variant | Size | Bits/weight | Tensor types | cosine | rel. L2 | PSNR (dB) | SHA-256 |" in body
+    for a in m.ggufs:
+        row = rows[a.variant]
+        assert f"`{a.sha256}`" in row and f"[{a.path}]({a.path})" in row
+        bits = sum(t.nbytes for t in a.tensors) * 8 / sum(__import__("math").prod(t.shape) for t in a.tensors)
+        assert f" | {bits:.2f} | " in row
+        assert f"{a.size / 1e6:.3f} MB" in row
+    assert " | 0.991235 | 0.1312 | 27.46 | " in rows["Q3_K_S"]
+    assert " | 0.997000 | 0.0712 | 31.50 | " in rows["Q4_K_M"]
+    assert " | – | – | – | " in rows["BF16"]
+    assert "2 Q5_K" in rows["Q4_K_M"]  # the _M qkv bump shows in the types
+    src = m.sources[0]
+    assert f"| tiny.safetensors | {src.size / 1e6:.3f} MB | `{src.sha256}` |" in body
+
+
+def test_occupied_output_folder_is_refused(project, tmp_path):
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ReleaseError, match=r"occupied: already exists and is not an empty folder; choose a new output folder$"):
+        build_release(project, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    spec = write_project(tmp_path / "p")
+    (tmp_path / "p" / "weights" / "tiny.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    out = tmp_path / "out"
+    with pytest.raises(Exception):
+        build_release(spec, out)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+# --- verify --source ----------------------------------------------------------------------------------
+
+def test_rederive_from_the_source(built, project):
+    m = load_manifest(built / "manifest.json")
+    r = rederive_release(m, project.parent / "weights" / "tiny.safetensors")
+    n_tensors = sum(len(a.tensors) for a in m.ggufs)
+    assert r.ok and r.problems == [] and r.recipe_problems == [] and r.unused_source_tensors == []
+    assert r.tensors_checked == n_tensors
+    assert r.encodings < n_tensors  # shared types across variants are encoded once
+    assert r.source_files_match
+
+
+def test_rederive_from_a_diffusers_folder_of_the_same_weights(built, tmp_path):
+    folder = write_synthetic_flux(tmp_path / "transformer", GEO, layout="diffusers", shard_bytes=3_000_000)
+    r = rederive_release(load_manifest(built / "manifest.json"), folder)
+    assert r.ok
+    assert not r.source_files_match
+    statuses = {f.name: f.status for f in r.source_files}
+    assert statuses["tiny.safetensors"] == "missing"
+    assert set(statuses.values()) == {"missing", "unexpected"}
+
+
+def test_rederive_from_other_weights_fails(built, tmp_path):
+    other = write_synthetic_flux(tmp_path / "other.safetensors", GEO, seed=1)
+    m = load_manifest(built / "manifest.json")
+    r = rederive_release(m, other)
+    assert not r.ok
+    assert {p.status for p in r.problems} == {"mismatch"}
+    assert len(r.problems) == sum(len(a.tensors) for a in m.ggufs)
+
+
+def test_rederive_catches_a_recorded_type_the_recipe_would_not_give(built, project):
+    m = load_manifest(built / "manifest.json")
+    art = m.artifact(f"{NAME}-Q3_K_S.gguf")
+    t = next(t for t in art.tensors if t.name == "single_blocks.0.linear2.weight")
+    forged_tensors = tuple(dataclasses.replace(x, type="Q4_K") if x is t else x for x in art.tensors)
+    forged = dataclasses.replace(m, artifacts=tuple(dataclasses.replace(a, tensors=forged_tensors) if a is art else a
+                                                    for a in m.artifacts))
+    r = rederive_release(forged, project.parent / "weights" / "tiny.safetensors")
+    assert r.recipe_problems == [f"{NAME}-Q3_K_S.gguf: single_blocks.0.linear2.weight is Q4_K, but recipe Q3_K_S gives Q3_K"]
+    assert [(p.tensor, p.type, p.status) for p in r.problems] == [("single_blocks.0.linear2.weight", "Q4_K", "mismatch")]
+
+
+def test_rederive_refuses_extension_releases_without_their_transform(built, project):
+    m = load_manifest(built / "manifest.json")
+    with_lora = dataclasses.replace(m, spec=m.spec | {"lora": [{"name": "style"}]})
+    with pytest.raises(ReleaseError, match=r"this release applied 'lora' entries to the weights"):
+        rederive_release(with_lora, project.parent / "weights" / "tiny.safetensors")
+
+
+# --- the CLI: every way a download can be damaged --------------------------------------------------
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout
+
+
+def _lines(out: str) -> list[str]:
+    return out.splitlines()
+
+
+def test_cli_build_and_verify(project, tmp_path):
+    out = tmp_path / "cli-release"
+    code, text = run("release", "build", str(project), "-o", str(out))
+    assert code == 0, text
+    assert _lines(text)[-1].startswith(f"release written to {out} (manifest.json sha256 ")
+    assert f"sha256 {sha(out / 'README.md')}" in text
+    code, text = run("verify", str(out))
+    assert code == 0
+    assert _lines(text)[-2:] == ["8 files: 8 ok", f"release {out}: OK"]
+
+
+def test_cli_build_error_is_one_line(tmp_path):
+    (tmp_path / "s.toml").write_text("bogus = 1\n")
+    result = CliRunner().invoke(main, ["release", "build", str(tmp_path / "s.toml"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {tmp_path / 's.toml'}: unknown key 'bogus'; expected one of name, "
+                                                   "source, base_model, variants, overrides, extra_files, validation, card, lora"]
+
+
+def _flip_tensor_byte(release: Path, path: str, tensor: str) -> None:
+    t = next(t for t in load_manifest(release / "manifest.json").artifact(path).tensors if t.name == tensor)
+    with open(release / path, "r+b") as f:
+        f.seek(t.offset + t.nbytes // 2)
+        b = f.read(1)
+        f.seek(t.offset + t.nbytes // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+Q3, Q4, BF = (f"{NAME}-{v}.gguf" for v in VARIANTS)
+
+
+def _statuses(out: str) -> dict[str, str]:
+    found = {}
+    for line in _lines(out):
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in ("ok", "mismatch", "missing", "unexpected"):
+            found[parts[1]] = parts[0]
+    return found
+
+
+ALL_OK = {"manifest.json": "ok", "SHA256SUMS": "ok", Q3: "ok", Q4: "ok", BF: "ok", "README.md": "ok",
+          "validation.json": "ok", "LICENSE.md": "ok"}
+
+
+def test_cli_flipped_byte_in_a_tensor(release):
+    _flip_tensor_byte(release, Q4, "double_blocks.0.txt_mlp.2.weight")
+    code, text = run("verify", str(release), "--tensors")
+    assert code == 1
+    assert _statuses(text) == ALL_OK | {Q4: "mismatch"}
+    assert f"mismatch    {Q4}  (same size, different content; 1 of 52 tensors differ)" in _lines(text)
+    assert "              damaged tensor: double_blocks.0.txt_mlp.2.weight" in _lines(text)
+    assert _lines(text)[-2:] == ["8 files: 7 ok, 1 mismatch", f"release {release}: PROBLEMS FOUND"]
+
+
+def test_cli_truncation(release):
+    size = (release / BF).stat().st_size
+    os.truncate(release / BF, size - 4096)
+    code, text = run("verify", str(release), "--json")
+    assert code == 1
+    doc = json.loads(text)
+    assert doc["ok"] is False and doc["counts"] == {"ok": 7, "mismatch": 1, "missing": 0, "unexpected": 0}
+    bad = next(f for f in doc["files"] if f["path"] == BF)
+    assert (bad["status"], bad["expected_size"], bad["actual_size"]) == ("mismatch", size, size - 4096)
+    assert bad["detail"] == f"size {size - 4096} bytes, expected {size}"
+
+
+def test_cli_missing_file(release):
+    (release / "LICENSE.md").unlink()
+    code, text = run("verify", str(release))
+    assert code == 1 and _statuses(text) == ALL_OK | {"LICENSE.md": "missing"}
+
+
+def test_cli_extra_file(release):
+    (release / "bonus.gguf").write_bytes(b"GGUF")
+    code, text = run("verify", str(release))
+    assert code == 1 and _statuses(text) == ALL_OK | {"bonus.gguf": "unexpected"}
+    assert "unexpected  bonus.gguf  (not listed in the manifest)" in _lines(text)
+    code, _ = run("verify", str(release), "--ignore", "bonus.*")
+    assert code == 0
+
+
+def test_cli_swapped_files(release):
+    tmp = release / "swap"
+    (release / Q3).rename(tmp)
+    (release / Q4).rename(release / Q3)
+    tmp.rename(release / Q4)
+    code, text = run("verify", str(release), "--json")
+    assert code == 1
+    doc = json.loads(text)
+    got = {f["path"]: f for f in doc["files"]}
+    assert {p: f["status"] for p, f in got.items()} == ALL_OK | {Q3: "mismatch", Q4: "mismatch"}
+    assert got[Q3]["actual_sha256"] == got[Q4]["expected_sha256"]
+
+
+def test_cli_edited_manifest(release):
+    doc = json.loads((release / "manifest.json").read_text())
+    doc["artifacts"][5]["size"] += 1  # LICENSE.md
+    (release / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    code, text = run("verify", str(release))
+    assert code == 1
+    assert _statuses(text) == ALL_OK | {"manifest.json": "mismatch", "LICENSE.md": "mismatch"}
+
+
+def test_cli_path_traversal_manifest(release):
+    doc = json.loads((release / "manifest.json").read_text())
+    doc["artifacts"][5]["path"] = "../../etc/passwd"
+    (release / "manifest.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["verify", str(release)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["Error: unsafe path '../../etc/passwd' in manifest: '..' components are not allowed"]
+
+
+def test_cli_schema_invalid_manifest(release):
+    doc = json.loads((release / "manifest.json").read_text())
+    doc["artifacts"][0]["tensors"][0]["sha256"] = "xyz"
+    (release / "manifest.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["verify", str(release)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {release / 'manifest.json'}: artifacts[0].tensors[0].sha256: "
+                                     "expected a string matching ^[0-9a-f]{64}$, got 'xyz'")
+
+
+def test_cli_verify_source(release, project, tmp_path):
+    code, text = run("verify", str(release), "--source", str(project.parent / "weights" / "tiny.safetensors"))
+    assert code == 0, text
+    assert "source files are byte-identical to those the manifest lists" in text
+    assert _lines(text)[-1] == f"release {release}: OK"
+    other = write_synthetic_flux(tmp_path / "other.safetensors", GEO, seed=7)
+    code, text = run("verify", str(release), "--source", str(other), "--json")
+    assert code == 1
+    doc = json.loads(text)
+    assert doc["ok"] is False and doc["source"]["ok"] is False
+    assert [(f["name"], f["status"]) for f in doc["source"]["source_files"]] == [
+        ("tiny.safetensors", "missing"), ("other.safetensors", "unexpected")]
+    assert doc["source"]["problems"][0]["status"] == "mismatch"
