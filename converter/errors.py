@@ -39,3 +39,32 @@ class HubError(FluxGGUFError):
 
 class ValidationError(FluxGGUFError):
     """validate/bench cannot run on the given inputs."""
+
+
+# Hub failures, by what the user can do about them (converter/hub.py raises these).
+class HubAuthError(HubError):
+    """No token was found, or the Hub rejected it (HTTP 401)."""
+
+
+class HubPermissionError(HubError):
+    """The token may not write to that repo: someone else's namespace, or a read-only token (HTTP 403)."""
+
+
+class HubNotFoundError(HubError):
+    """The repo, revision or file does not exist, or is private and invisible to the token (HTTP 404)."""
+
+
+class HubRateLimitError(HubError):
+    """The Hub kept answering HTTP 429 after the client's own retries."""
+
+
+class HubConnectionError(HubError):
+    """The network went away mid-transfer; what already landed is kept, so a re-run resumes."""
+
+
+class HubFileTooLargeError(HubError):
+    """A release file exceeds what the Hub accepts in one file; refused before anything is sent."""
+
+
+class HubVerificationError(HubError):
+    """The Hub's copy (metadata or downloaded bytes) does not match the release manifest."""

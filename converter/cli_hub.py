@@ -1,0 +1,177 @@
+"""``flux-gguf upload`` and ``flux-gguf download``, and the ``--remote`` check ``flux-gguf verify`` runs.
+
+A thin layer over converter/hub.py: parse and reject conflicting flags up front, show progress
+on stderr, print results (or ``--json`` on stdout), and turn every library error into one line.
+The Hub token is never accepted on the command line or printed: huggingface_hub finds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import pathlib
+from typing import Any, Callable, Iterator, TypeVar
+
+import click
+from tqdm import tqdm
+
+from manifests import ManifestError
+
+from . import hub
+from .errors import FluxGGUFError
+
+GB = 1e9
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line(message: object) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _errors_as_click(fn: F) -> F:
+    """Library errors -> ``Error: <one line>``, exit 1 (also when a command is invoked on its own)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (FluxGGUFError, ManifestError) as e:
+            raise click.ClickException(_one_line(e)) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _progress(desc: str) -> Iterator[hub.Progress]:
+    """A byte progress bar on stderr (silent when stderr is not a terminal), created on first use."""
+    bar: list[tqdm] = []
+
+    def update(n: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None, leave=False))
+        bar[0].update(n)
+
+    try:
+        yield update
+    finally:
+        if bar:
+            bar[0].close()
+
+
+def _echo_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2))
+
+
+@click.command("upload")
+@click.argument("release_dir", type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.argument("repo_id")
+@click.option("--revision", metavar="BRANCH", help="Branch to commit to (created from main if missing), or refs/pr/N.")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--message", "-m", help="Commit message (default: 'Upload <release name> (flux-gguf <version>)').")
+@click.option("--dry-run", is_flag=True, help="Verify the folder and list what would be sent; contact nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@_errors_as_click
+def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, private: bool, create_pr: bool,
+           message: str | None, dry_run: bool, as_json: bool) -> None:
+    """Verify a release folder, publish it to a Hub model repo, and check the Hub's copy against its manifest.
+
+    The folder must verify (every file re-hashed against manifest.json) or nothing is sent. An
+    interrupted upload resumes when re-run: files the Hub already holds are not sent again. The
+    token comes from HF_TOKEN or `hf auth login`.
+
+    \b
+    Example:
+      flux-gguf upload out/release me/FLUX.1-Kontext-dev-GGUF --create-pr
+    """
+    if create_pr and revision is not None:
+        raise click.UsageError(f"--create-pr and --revision {revision} cannot be used together: a pull request is "
+                               "always opened against main (to add to an open one, use --revision refs/pr/N alone)")
+    with _progress("verifying") as progress:
+        plan = hub.plan_upload(release_dir, repo_id, revision=revision, create_pr=create_pr, private=private,
+                               progress=progress)
+    target = f"{plan.repo_id} ({'pull request against main' if create_pr else 'branch ' + (revision or 'main')})"
+    if dry_run:
+        if as_json:
+            return _echo_json({"dry_run": True, **plan.to_json()})
+        click.echo(f"Would upload {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB) from {release_dir} "
+                   f"to {target} via {plan.transfer.upper()}:")
+        for f in plan.files:
+            click.echo(f"  {f.size:>15,}  {f.sha256}  {f.path}")
+        return
+    if not as_json:
+        click.echo(f"Verified {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB); uploading to {target}")
+    result = hub.upload_release(plan, message=message)
+    if as_json:
+        return _echo_json(result.to_json())
+    click.echo(f"URL:    {result.url}")
+    click.echo(f"Commit: {result.commit_url}")
+    if result.pr_url:
+        click.echo(f"Pull request: {result.pr_url}")
+    counts = result.report.counts()
+    line = f"Hub copy verified: {counts['ok']} files match the manifest (size and sha256)"
+    if counts["unexpected"]:
+        extra = ", ".join(f.path for f in result.report.files if f.status == hub.UNEXPECTED)
+        line += f"; the repo also holds files outside this release: {extra}"
+    click.echo(line)
+
+
+@click.command("download")
+@click.argument("repo_id")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit (default: main).")
+@click.option("--include", "include", multiple=True, metavar="PATTERN",
+              help="Only artifacts matching this glob (repeatable); default: all.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Folder to download into (created if missing).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@_errors_as_click
+def download(repo_id: str, revision: str | None, include: tuple[str, ...], output: pathlib.Path, as_json: bool) -> None:
+    """Download a release from the Hub, checking every file's size and sha256 against its manifest.
+
+    Files arrive as NAME.partial and get their name only once verified; files already present
+    with the right bytes are kept. On a mismatch the command fails naming the file, and nothing
+    you already had is deleted.
+
+    \b
+    Example:
+      flux-gguf download me/FLUX.1-Kontext-dev-GGUF --include '*Q4_K_M*' -o models/
+    """
+    with _progress("downloading") as progress:
+        result = hub.download_release(repo_id, output, revision=revision, include=include, progress=progress)
+    if as_json:
+        return _echo_json(result.to_json())
+    for f in result.files:
+        click.echo(f"{f.action:<10}  {f.size:>15,}  {f.path}")
+    click.echo(f"{len(result.files)} files verified against the manifest of {repo_id} at commit {result.commit} "
+               f"in {output}")
+
+
+def _remote_report_lines(report: hub.RemoteReport) -> Iterator[str]:
+    width = max((len(f.path) for f in report.files), default=4)
+    for f in report.files:
+        how = {"lfs": "sha256 from the Hub's LFS metadata", "content": "small file fetched and hashed"}.get(f.source or "", "")
+        yield f"{f.status:<10}  {f.path:<{width}}  {f.detail if not f.ok else how}".rstrip()
+    counts = ", ".join(f"{n} {s}" for s, n in report.counts().items() if n)
+    yield f"{report.repo_id}@{report.revision or 'main'} (commit {report.commit}): {counts}"
+
+
+@_errors_as_click
+def run_remote_verify(release_dir: pathlib.Path, remote: str, as_json: bool = False) -> None:
+    """What ``flux-gguf verify DIR --remote REPO_ID[@REV]`` does: compare DIR's manifest with the Hub's
+    metadata (no large file is downloaded), print one line per file, fail if anything differs."""
+    report = hub.verify_remote_release(release_dir, remote)
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        for line in _remote_report_lines(report):
+            click.echo(line)
+    if not report.ok:
+        names = ", ".join(f"{f.path} ({f.status})" for f in report.problems)
+        raise click.ClickException(f"{report.repo_id} does not match the manifest of {release_dir}: {names}")
+
+
+remote_option = click.option(
+    "--remote", metavar="REPO_ID[@REV]",
+    help="Instead of re-hashing local files, check the Hub repo's files against DIR's manifest "
+         "(sizes and LFS sha256; nothing large is downloaded).")
+"""Decorator the ``verify`` command adds; when given, it calls :func:`run_remote_verify`."""

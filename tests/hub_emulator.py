@@ -1,0 +1,693 @@
+"""A loopback Hugging Face Hub for tests: the endpoints ``huggingface_hub`` speaks when Xet is off.
+
+Why: no light public Hub emulator exists and tests must never reach the real Hub, yet the
+upload/verify/download code should be exercised through the *real* client. This stdlib
+``ThreadingHTTPServer`` answers the HTTP conversation described in docs/hub.md (repo creation,
+YAML validation, preupload, the LFS batch API with basic and multipart transfers, ndjson
+commits, model info with blobs, paths-info, tree, refs, branches and ``resolve``), keeps one
+content-addressed LFS store (so a re-run skips objects that already landed, as the Hub does),
+and logs every request so tests can assert on what was sent.
+
+Knobs for failure tests: :meth:`HubEmulator.corrupt` (damage stored bytes, metadata untouched),
+:meth:`HubEmulator.misreport_sha256` (metadata lies), :meth:`HubEmulator.drop_uploads` (the
+network goes away on the Nth LFS data request), :meth:`HubEmulator.fail` (answer a status such
+as 401/403/404/429 on matching requests).
+
+Never imported by production code.
+"""
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+DEFAULT_TOKENS = {"hf_alice_write": "alice", "hf_bob_write": "bob"}
+DEFAULT_GITATTRIBUTES = (
+    "*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
+REGULAR_MAX_BYTES = 10 * 1024 * 1024  # the Hub refuses larger regular (non-LFS) files
+
+
+def git_blob_id(data: bytes) -> str:
+    """The git object id of a blob (what the Hub reports as ``blobId``/``oid`` for regular files)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(oid: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+@dataclass
+class Entry:
+    """One file of a commit's tree. LFS content lives in the shared store under ``sha256``."""
+
+    size: int
+    sha256: str
+    lfs: bool
+    content: bytes | None = None  # regular files only
+
+    @property
+    def blob_id(self) -> str:
+        if self.lfs:
+            return git_blob_id(lfs_pointer(self.sha256, self.size))
+        assert self.content is not None
+        return git_blob_id(self.content) if self._committed_blob is None else self._committed_blob
+
+    _committed_blob: str | None = None
+
+
+@dataclass
+class Commit:
+    oid: str
+    parent: str | None
+    message: str
+    tree: dict[str, Entry]
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    owner: str
+    private: bool
+    commits: dict[str, Commit] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)  # "main", "dev", "refs/pr/1" -> commit oid
+    next_pr: int = 1
+
+
+@dataclass
+class LoggedRequest:
+    """What the emulator saw: ``status`` is None for a request whose connection was dropped."""
+
+    method: str
+    path: str
+    status: int | None
+    user: str | None = None
+    oid: str | None = None
+    nbytes: int = 0
+
+    @property
+    def dropped(self) -> bool:
+        return self.status is None
+
+
+@dataclass
+class _FailRule:
+    status: int
+    method: str | None
+    path_re: re.Pattern[str] | None
+    times: int | None
+    message: str
+    error_code: str | None
+
+
+class _Dropped(Exception):
+    """The handler cut the connection on purpose; nothing may be written back."""
+
+
+class _HTTPFail(Exception):
+    def __init__(self, status: int, message: str, error_code: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.error_code, self.extra = status, message, error_code, extra
+
+
+class HubEmulator:
+    """State and knobs of the loopback Hub; ``start()`` serves it on 127.0.0.1 at a free port."""
+
+    def __init__(self, tokens: dict[str, str] | None = None, multipart_chunk_size: int | None = None):
+        self.tokens = dict(DEFAULT_TOKENS if tokens is None else tokens)
+        self.multipart_chunk_size = multipart_chunk_size  # LFS objects larger than this go multipart
+        self.repos: dict[str, Repo] = {}
+        self.lfs_store: dict[str, bytes] = {}
+        self.log: list[LoggedRequest] = []
+        self._parts: dict[tuple[str, int], bytes] = {}
+        self._lock = threading.RLock()
+        self._fail_rules: list[_FailRule] = []
+        self._misreported: set[tuple[str, str]] = set()
+        self._upload_count = 0
+        self._drop_from: int | None = None
+        self._drop_count: int | None = None
+        self._commit_counter = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "HubEmulator":
+        handler = type("_BoundHandler", (_Handler,), {"hub": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hub-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "HubEmulator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "emulator not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # ---- setup and knobs -------------------------------------------------------------------
+    def add_repo(self, repo_id: str, owner: str | None = None, private: bool = False) -> Repo:
+        """Create a repo directly (e.g. one owned by someone else), with the Hub's initial commit."""
+        with self._lock:
+            owner = owner or repo_id.split("/")[0]
+            repo = Repo(repo_id, owner, private)
+            tree = {".gitattributes": self._regular(DEFAULT_GITATTRIBUTES.encode())}
+            self._new_commit(repo, None, "initial commit", tree, "main")
+            self.repos[repo_id] = repo
+            return repo
+
+    def corrupt(self, repo_id: str, path: str, revision: str = "main") -> None:
+        """Flip one byte of a stored file; the metadata (size, sha256, blob id) stays as committed."""
+        with self._lock:
+            entry = self._tree(self.repos[repo_id], revision)[path]
+            data = bytearray(self.lfs_store[entry.sha256] if entry.lfs else entry.content or b"")
+            data[len(data) // 2] ^= 0xFF
+            if entry.lfs:
+                self.lfs_store[entry.sha256] = bytes(data)
+            else:
+                entry._committed_blob = entry.blob_id
+                entry.content = bytes(data)
+
+    def misreport_sha256(self, repo_id: str, path: str) -> None:
+        """Make every metadata answer (model info, paths-info, tree, resolve headers) lie about a file's sha256."""
+        with self._lock:
+            self._misreported.add((repo_id, path))
+
+    def drop_uploads(self, nth: int, count: int | None = None) -> None:
+        """Cut the connection on LFS data requests number ``nth`` .. ``nth+count-1`` (1-based, counted
+        from now on); ``count=None`` means every one from ``nth`` on (the network is gone)."""
+        with self._lock:
+            self._upload_count = 0
+            self._drop_from, self._drop_count = nth, count
+
+    def restore_network(self) -> None:
+        with self._lock:
+            self._drop_from = self._drop_count = None
+
+    def fail(
+        self,
+        status: int,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        times: int | None = None,
+        message: str = "injected failure",
+        error_code: str | None = None,
+    ) -> None:
+        """Answer ``status`` to requests matching ``method`` and the ``path`` regex (``times`` of them, or all)."""
+        with self._lock:
+            rx = re.compile(path) if path is not None else None
+            self._fail_rules.append(_FailRule(status, method, rx, times, message, error_code))
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._fail_rules.clear()
+
+    # ---- queries for assertions ------------------------------------------------------------
+    def requests(self, method: str | None = None, path_contains: str = "") -> list[LoggedRequest]:
+        with self._lock:
+            return [r for r in self.log if (method is None or r.method == method) and path_contains in r.path]
+
+    def lfs_uploads(self) -> list[LoggedRequest]:
+        """Every LFS data request (single PUT or multipart part), dropped or not."""
+        return [r for r in self.requests("PUT") if r.path.startswith("/_lfs/")]
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, Entry]:
+        with self._lock:
+            return dict(self._tree(self.repos[repo_id], revision))
+
+    def file_bytes(self, repo_id: str, path: str, revision: str = "main") -> bytes:
+        with self._lock:
+            entry = self._tree(self.repos[repo_id], revision)[path]
+            return self.lfs_store[entry.sha256] if entry.lfs else entry.content or b""
+
+    # ---- state helpers (lock held) ---------------------------------------------------------
+    @staticmethod
+    def _regular(data: bytes) -> Entry:
+        return Entry(len(data), hashlib.sha256(data).hexdigest(), False, data)
+
+    def _new_commit(self, repo: Repo, parent: str | None, message: str, tree: dict[str, Entry], ref: str) -> Commit:
+        self._commit_counter += 1
+        seed = json.dumps([repo.repo_id, parent, message, sorted(tree), self._commit_counter]).encode()
+        commit = Commit(hashlib.sha1(seed).hexdigest(), parent, message, tree)
+        repo.commits[commit.oid] = commit
+        repo.refs[ref] = commit.oid
+        return commit
+
+    def _resolve(self, repo: Repo, revision: str) -> Commit:
+        oid = repo.refs.get(revision)
+        if oid is None and revision in repo.commits:
+            oid = revision
+        if oid is None:
+            raise _HTTPFail(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return repo.commits[oid]
+
+    def _tree(self, repo: Repo, revision: str) -> dict[str, Entry]:
+        return self._resolve(repo, revision).tree
+
+    def _reported_sha256(self, repo_id: str, path: str, entry: Entry) -> str:
+        if (repo_id, path) in self._misreported:
+            return entry.sha256[:-1] + ("0" if entry.sha256[-1] != "0" else "1")
+        return entry.sha256
+
+    def _file_json(self, repo_id: str, path: str, entry: Entry, *, sibling: bool) -> dict[str, Any]:
+        lfs = None
+        if entry.lfs:
+            sha = self._reported_sha256(repo_id, path, entry)
+            pointer_size = len(lfs_pointer(entry.sha256, entry.size))
+            lfs = {"size": entry.size, "pointerSize": pointer_size, ("sha256" if sibling else "oid"): sha}
+        if sibling:
+            out: dict[str, Any] = {"rfilename": path, "size": entry.size, "blobId": entry.blob_id}
+        else:
+            out = {"type": "file", "path": path, "size": entry.size, "oid": entry.blob_id}
+        if lfs is not None:
+            out["lfs"] = lfs
+        return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes one request; every answer carries a Content-Length so keep-alive works."""
+
+    hub: HubEmulator
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body leave together: no 40 ms delayed-ACK stalls
+    wbufsize = 1 << 16  # flushed after each request by BaseHTTPRequestHandler
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        return
+
+    # ---- plumbing --------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self._query = parse_qs(url.query)
+        self._record = LoggedRequest(method, unquote(url.path), None)
+        with self.hub._lock:
+            self.hub.log.append(self._record)
+        self._cached_body: bytes | None = None
+        if not (method == "PUT" and self._record.path.startswith("/_lfs/")):
+            self._body()  # read now, so an early error answer never leaves bytes on a kept-alive socket
+        try:
+            self._user = self._authenticate()
+            self._apply_fail_rules(method, self._record.path)
+            self._route(method, url.path)
+        except _Dropped:
+            self.close_connection = True
+        except _HTTPFail as e:
+            self._send_json(e.status, {"error": e.message, **e.extra}, error_code=e.error_code, error_message=e.message)
+
+    def _body(self) -> bytes:
+        if self._cached_body is None:
+            self._cached_body = self._read_body()
+        return self._cached_body
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _json_body(self) -> Any:
+        return json.loads(self._body() or b"{}")
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self._record.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(
+        self, status: int, payload: Any, *, error_code: str | None = None, error_message: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        extra = dict(headers or {})
+        if error_code:
+            extra["X-Error-Code"] = error_code
+        if error_message:
+            extra["X-Error-Message"] = error_message
+        self._send(status, json.dumps(payload).encode(), "application/json", extra)
+
+    def _authenticate(self) -> str | None:
+        auth = self.headers.get("Authorization")
+        if not auth:
+            return None
+        token = auth.removeprefix("Bearer ").strip()
+        user = self.hub.tokens.get(token)
+        if user is None:
+            self._body()
+            raise _HTTPFail(401, "Invalid credentials in Authorization header")
+        self._record.user = user
+        return user
+
+    def _apply_fail_rules(self, method: str, path: str) -> None:
+        with self.hub._lock:
+            for rule in self.hub._fail_rules:
+                if rule.method not in (None, method) or (rule.path_re and not rule.path_re.search(path)):
+                    continue
+                if rule.times is not None:
+                    if rule.times <= 0:
+                        continue
+                    rule.times -= 1
+                self._body()
+                raise _HTTPFail(rule.status, rule.message, rule.error_code)
+
+    def _require_user(self) -> str:
+        if self._user is None:
+            raise _HTTPFail(401, "Invalid username or password.")
+        return self._user
+
+    def _repo(self, repo_id: str, *, write: bool = False) -> Repo:
+        repo = self.hub.repos.get(repo_id)
+        visible = repo is not None and (not repo.private or self._user == repo.owner)
+        if not visible:
+            raise _HTTPFail(404, "Repository not found", "RepoNotFound")
+        assert repo is not None
+        if write:
+            user = self._require_user()
+            if user != repo.owner:
+                raise _HTTPFail(403, f"You don't have the rights to write to {repo_id}")
+        return repo
+
+    # ---- routing ---------------------------------------------------------------------------
+    def _route(self, method: str, raw_path: str) -> None:
+        parts = [unquote(p) for p in raw_path.strip("/").split("/")]
+        with self.hub._lock:
+            if method == "POST" and parts == ["api", "repos", "create"]:
+                return self._create_repo()
+            if method == "POST" and parts == ["api", "validate-yaml"]:
+                return self._validate_yaml()
+            if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                return self._model_api(method, f"{parts[2]}/{parts[3]}", parts[4:])
+            if parts[0] == "_lfs" and len(parts) >= 2:
+                return self._lfs_transfer(method, parts[1], parts[2:])
+            if len(parts) == 6 and parts[2:] == ["info", "lfs", "objects", "batch"] and parts[1].endswith(".git"):
+                return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}")
+            if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
+                return self._resolve_file(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+        raise _HTTPFail(404, f"no route for {method} {raw_path}")
+
+    def _model_api(self, method: str, repo_id: str, rest: list[str]) -> None:
+        if method == "GET" and not rest:
+            return self._model_info(repo_id, "main")
+        if method == "GET" and len(rest) == 2 and rest[0] == "revision":
+            return self._model_info(repo_id, rest[1])
+        if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
+            return self._tree_listing(repo_id, rest[1], "/".join(rest[2:]))
+        if method == "GET" and rest == ["refs"]:
+            repo = self._repo(repo_id)
+            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o}
+                        for n, o in repo.refs.items() if not n.startswith("refs/")]
+            return self._send_json(200, {"branches": branches, "tags": [], "converts": []})
+        if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
+            return self._preupload(repo_id, rest[1])
+        if method == "POST" and len(rest) == 2 and rest[0] == "commit":
+            return self._commit(repo_id, rest[1])
+        if method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
+            return self._paths_info(repo_id, rest[1])
+        if method == "POST" and len(rest) == 2 and rest[0] == "branch":
+            return self._create_branch(repo_id, rest[1])
+        raise _HTTPFail(404, f"no route for {method} /api/models/{repo_id}/{'/'.join(rest)}")
+
+    # ---- endpoints -------------------------------------------------------------------------
+    def _create_repo(self) -> None:
+        body = self._json_body()
+        user = self._require_user()
+        namespace = body.get("organization") or user
+        repo_id = f"{namespace}/{body['name']}"
+        existing = self.hub.repos.get(repo_id)
+        if namespace != user:
+            raise _HTTPFail(403, f"You don't have the rights to create a model under the namespace {namespace!r}")
+        if existing is not None:
+            raise _HTTPFail(409, "You already created this model repo", url=f"{self.hub.url}/{repo_id}")
+        private = body.get("visibility") == "private" or bool(body.get("private"))
+        self.hub.add_repo(repo_id, owner=user, private=private)
+        self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+
+    def _validate_yaml(self) -> None:
+        content = self._json_body().get("content", "")
+        match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.S)
+        if match is None:
+            return self._send_json(200, {"warnings": [{"message": "empty or missing yaml metadata"}]})
+        try:
+            meta = yaml.safe_load(match.group(1))
+        except yaml.YAMLError as e:
+            return self._send_json(400, {"errors": [{"message": f"invalid YAML: {e}"}]})
+        if meta is not None and not isinstance(meta, dict):
+            return self._send_json(400, {"errors": [{"message": "metadata must be a YAML mapping"}]})
+        self._send_json(200, {})
+
+    def _model_info(self, repo_id: str, revision: str) -> None:
+        repo = self._repo(repo_id)
+        commit = self.hub._resolve(repo, revision)
+        info: dict[str, Any] = {"id": repo_id, "author": repo.owner, "sha": commit.oid, "private": repo.private}
+        blobs = self._query.get("blobs", ["false"])[0].lower() == "true"
+        info["siblings"] = [
+            self.hub._file_json(repo_id, p, e, sibling=True) if blobs else {"rfilename": p}
+            for p, e in sorted(commit.tree.items())
+        ]
+        self._send_json(200, info)
+
+    def _tree_listing(self, repo_id: str, revision: str, prefix: str) -> None:
+        repo = self._repo(repo_id)
+        tree = self.hub._tree(repo, revision)
+        recursive = self._query.get("recursive", ["false"])[0].lower() == "true"
+        out, folders = [], set()
+        for path, entry in sorted(tree.items()):
+            if prefix and not path.startswith(prefix.rstrip("/") + "/"):
+                continue
+            rel = path[len(prefix.rstrip("/")) + 1:] if prefix else path
+            if "/" in rel and not recursive:
+                folders.add((prefix.rstrip("/") + "/" if prefix else "") + rel.split("/")[0])
+                continue
+            out.append(self.hub._file_json(repo_id, path, entry, sibling=False))
+        out += [{"type": "directory", "path": f, "oid": git_blob_id(f.encode())} for f in sorted(folders)]
+        self._send_json(200, out)
+
+    def _paths_info(self, repo_id: str, revision: str) -> None:
+        body = self._body().decode()
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            paths = json.loads(body).get("paths", [])
+        else:
+            paths = parse_qs(body).get("paths", [])
+        repo = self._repo(repo_id)
+        tree = self.hub._tree(repo, revision)
+        out = [self.hub._file_json(repo_id, p, tree[p], sibling=False) for p in paths if p in tree]
+        self._send_json(200, out)
+
+    def _create_branch(self, repo_id: str, branch: str) -> None:
+        body = self._json_body()
+        repo = self._repo(repo_id, write=True)
+        if branch in repo.refs:
+            raise _HTTPFail(409, f"Reference already exists: refs/heads/{branch}")
+        start = self.hub._resolve(repo, body.get("startingPoint") or "main")
+        repo.refs[branch] = start.oid
+        self._send_json(200, {})
+
+    def _preupload(self, repo_id: str, revision: str) -> None:
+        body = self._json_body()
+        repo = self._repo(repo_id, write=True)
+        tree = self.hub._tree(repo, "main" if "create_pr" in self._query else revision)
+        patterns = []
+        if ".gitattributes" in tree and tree[".gitattributes"].content is not None:
+            for line in tree[".gitattributes"].content.decode().splitlines():
+                if "filter=lfs" in line:
+                    patterns.append(line.split()[0])
+        files = []
+        for f in body["files"]:
+            sample = base64.b64decode(f["sample"])
+            lfs = (any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) for p in patterns)
+                   or f["size"] > REGULAR_MAX_BYTES or b"\0" in sample)
+            existing = tree.get(f["path"])
+            oid = None
+            if existing is not None:
+                oid = existing.sha256 if existing.lfs else existing.blob_id
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                          "oid": oid})
+        self._send_json(200, {"files": files, "commitOid": self.hub._resolve(repo, revision).oid})
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        body = self._json_body()
+        self._repo(repo_id, write=True)
+        objects = []
+        chunk = self.hub.multipart_chunk_size
+        for obj in body.get("objects", []):
+            oid, size = obj["oid"], obj["size"]
+            stored = self.hub.lfs_store.get(oid)
+            if stored is not None and len(stored) == size:
+                objects.append({"oid": oid, "size": size})  # already there: no actions, nothing to send
+                continue
+            href = f"{self.hub.url}/_lfs/{oid}"
+            upload: dict[str, Any] = {"href": href}
+            if chunk is not None and size > chunk:
+                n_parts = -(-size // chunk)
+                upload["header"] = {"chunk_size": str(chunk),
+                                    **{str(i): f"{href}/part/{i}" for i in range(1, n_parts + 1)}}
+            objects.append({"oid": oid, "size": size, "authenticated": True,
+                            "actions": {"upload": upload, "verify": {"href": f"{href}/verify"}}})
+        transfer = "multipart" if chunk is not None else "basic"
+        self._send(200, json.dumps({"transfer": transfer, "objects": objects}).encode(),
+                   "application/vnd.git-lfs+json")
+
+    def _count_upload_or_drop(self) -> None:
+        """Count one LFS data request; if the network is 'down' for it, read half the body and hang up."""
+        hub = self.hub
+        hub._upload_count += 1
+        n = hub._upload_count
+        if hub._drop_from is None or n < hub._drop_from:
+            return
+        if hub._drop_count is not None and n >= hub._drop_from + hub._drop_count:
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length // 2)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _Dropped()
+
+    def _lfs_transfer(self, method: str, oid: str, rest: list[str]) -> None:
+        self._record.oid = oid
+        if method == "PUT" and not rest:  # basic transfer: the whole object
+            self._count_upload_or_drop()
+            data = self._body()
+            self._record.nbytes = len(data)
+            if hashlib.sha256(data).hexdigest() != oid:
+                raise _HTTPFail(400, f"content does not hash to {oid}")
+            self.hub.lfs_store[oid] = data
+            return self._send(200, b"", "text/plain")
+        if method == "PUT" and len(rest) == 2 and rest[0] == "part":
+            self._count_upload_or_drop()
+            data = self._body()
+            self._record.nbytes = len(data)
+            self.hub._parts[(oid, int(rest[1]))] = data
+            return self._send(200, b"", "text/plain", {"ETag": f'"{hashlib.md5(data).hexdigest()}"'})
+        if method == "POST" and not rest:  # multipart completion
+            body = self._json_body()
+            pieces = []
+            for part in body["parts"]:
+                data = self.hub._parts.get((oid, part["partNumber"]))
+                if data is None or f'"{hashlib.md5(data).hexdigest()}"' != part["etag"]:
+                    raise _HTTPFail(400, f"part {part['partNumber']} of {oid} missing or etag mismatch")
+                pieces.append(data)
+            data = b"".join(pieces)
+            if hashlib.sha256(data).hexdigest() != oid:
+                raise _HTTPFail(400, f"assembled content does not hash to {oid}")
+            self.hub.lfs_store[oid] = data
+            return self._send_json(200, {})
+        if method == "POST" and rest == ["verify"]:
+            body = self._json_body()
+            stored = self.hub.lfs_store.get(oid)
+            if stored is None or len(stored) != body.get("size"):
+                raise _HTTPFail(404, f"object {oid} not found")
+            return self._send_json(200, {})
+        raise _HTTPFail(404, f"no LFS route {method} {rest}")
+
+    def _commit(self, repo_id: str, revision: str) -> None:
+        raw = self._body()
+        repo = self._repo(repo_id, write=True)
+        lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise _HTTPFail(400, "first ndjson line must be the header")
+        header = lines[0]["value"]
+        create_pr = "create_pr" in self._query
+        base = self.hub._resolve(repo, "main" if create_pr else revision)
+        if header.get("parentCommit") and not base.oid.startswith(header["parentCommit"]):
+            raise _HTTPFail(412, "parent commit is not the head of the revision")
+        tree = dict(base.tree)
+        for line in lines[1:]:
+            value = line["value"]
+            if line["key"] == "file":
+                tree[value["path"]] = self.hub._regular(base64.b64decode(value["content"]))
+            elif line["key"] == "lfsFile":
+                stored = self.hub.lfs_store.get(value["oid"])
+                if stored is None or ("size" in value and len(stored) != value["size"]):
+                    raise _HTTPFail(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                tree[value["path"]] = Entry(len(stored), value["oid"], True)
+            elif line["key"] in ("deletedFile", "deletedFolder"):
+                for p in [p for p in tree if p == value["path"] or p.startswith(value["path"].rstrip("/") + "/")]:
+                    del tree[p]
+            else:
+                raise _HTTPFail(400, f"unknown commit operation {line['key']!r}")
+        answer: dict[str, Any] = {}
+        if create_pr:
+            ref = f"refs/pr/{repo.next_pr}"
+            answer["pullRequestUrl"] = f"{self.hub.url}/{repo_id}/discussions/{repo.next_pr}"
+            repo.next_pr += 1
+        else:
+            ref = revision if revision in repo.refs else "main"
+        commit = self.hub._new_commit(repo, base.oid, header.get("summary", ""), tree, ref)
+        answer.update(commitUrl=f"{self.hub.url}/{repo_id}/commit/{commit.oid}", commitOid=commit.oid)
+        self._send_json(200, answer)
+
+    def _resolve_file(self, repo_id: str, revision: str, path: str) -> None:
+        repo = self._repo(repo_id)
+        commit = self.hub._resolve(repo, revision)
+        entry = commit.tree.get(path)
+        if entry is None:
+            raise _HTTPFail(404, "Entry not found", "EntryNotFound")
+        data = self.hub.lfs_store[entry.sha256] if entry.lfs else entry.content or b""
+        headers = {"X-Repo-Commit": commit.oid}
+        if entry.lfs:
+            sha = self.hub._reported_sha256(repo_id, path, entry)
+            headers.update({"ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(entry.size)})
+        else:
+            headers["ETag"] = f'"{entry.blob_id}"'
+        status = 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start_s, _, end_s = rng[6:].partition("-")
+            start = int(start_s or 0)
+            end = int(end_s) if end_s else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start:end + 1], 206
+        headers["Accept-Ranges"] = "bytes"
+        self._send(status, data, "application/octet-stream", headers)
