@@ -22,6 +22,8 @@ COMMANDS = (
     "converter.cli_example:example",
     "converter.cli_release:release",
     "converter.cli_verify:verify",
+    "converter.cli_hub:upload",
+    "converter.cli_hub:download",
 )
 
 

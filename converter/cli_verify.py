@@ -14,6 +14,7 @@ from manifests import ManifestError, verify_release
 from manifests.verify import Progress, VerifyReport
 
 from .cli_convert import progress_bar
+from .cli_hub import remote_option, run_remote_verify
 from .rederive import RederiveReport, rederive_release
 
 
@@ -74,8 +75,9 @@ def describe_rederive(r: RederiveReport) -> str:
               help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
               help="Threads for re-encoding with --source (default: all cores).")
+@remote_option
 def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
-           ignore: tuple[str, ...], threads: int | None) -> None:
+           ignore: tuple[str, ...], threads: int | None, remote: str | None = None) -> None:
     """Check every file of a release folder against its manifest.json.
 
     Each file is reported ok, mismatch, missing or unexpected; the exit status is 1 if any is
@@ -87,7 +89,12 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
       flux-gguf verify dist/flux1-kontext-dev
       flux-gguf verify dist/flux1-kontext-dev --tensors --json
       flux-gguf verify dist/flux1-kontext-dev --source flux1-kontext-dev.safetensors
+      flux-gguf verify dist/flux1-kontext-dev --remote me/FLUX.1-Kontext-dev-GGUF
     """
+    if remote is not None:
+        if source is not None or tensors:
+            raise click.UsageError("--remote checks the Hub's copy; it cannot be combined with --source or --tensors")
+        return run_remote_verify(directory, remote, as_json)
     try:
         with _hash_bar() as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore, progress=progress)

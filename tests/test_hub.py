@@ -14,7 +14,6 @@ import pathlib
 import subprocess
 import sys
 
-import click
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import constants, set_client_factory
@@ -22,7 +21,7 @@ from huggingface_hub.utils import http_backoff, httpx
 from huggingface_hub.utils._http import default_client_factory
 
 from converter import hub
-from converter.cli_hub import download, remote_option, run_remote_verify, upload
+from converter.cli import main
 from converter.errors import HubConnectionError, HubFileTooLargeError, HubVerificationError
 from manifests import (
     CHECKSUMS_NAME,
@@ -33,6 +32,7 @@ from manifests import (
     TensorEntry,
     dump_manifest,
     format_sha256sums,
+    load_manifest,
     verify_release,
 )
 from hub_emulator import HubEmulator
@@ -116,20 +116,9 @@ def emulator(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path):
     hub_.stop()
 
 
-@click.command("verify")
-@click.argument("release_dir", type=click.Path(path_type=pathlib.Path))
-@remote_option
-@click.option("--json", "as_json", is_flag=True)
-def verify_cmd(release_dir: pathlib.Path, remote: str, as_json: bool) -> None:
-    """Stand-in for the verify command's --remote branch (cli_verify.py calls run_remote_verify the same way)."""
-    run_remote_verify(release_dir, remote, as_json)
-
-
-cli = click.Group("flux-gguf", commands=[upload, download, verify_cmd])
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+def run(*args: object):
+    """``flux-gguf ARGS`` in this process (the fixture already pointed huggingface_hub at the emulator)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def error_line(result) -> str:
@@ -501,8 +490,7 @@ def test_cli_subprocess_never_prints_or_writes_the_token(emulator, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(HF_ENDPOINT=emulator.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_TOKEN=SECRET,
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(pathlib.Path(__file__).parent))
-    script = ("import click; from converter.cli_hub import upload, download; "
-              "click.Group(commands=[upload, download])()")
+    script = "from converter.cli import main; main()"
     outputs = []
     for args in (["upload", str(rel), "alice/sub"], ["download", "alice/sub", "-o", str(tmp_path / "dl")]):
         proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
@@ -515,3 +503,47 @@ def test_cli_subprocess_never_prints_or_writes_the_token(emulator, tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.stat().st_size < 1 << 20:
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_verify_remote_cannot_be_combined_with_source(emulator, tmp_path):
+    rel = make_release(tmp_path / "rel")
+    res = run("verify", rel, "--remote", "alice/demo", "--tensors")
+    assert res.exit_code == 2
+    assert "Error: --remote checks the Hub's copy; it cannot be combined with --source or --tensors" in res.output
+    assert emulator.log == []
+
+
+# ---- a release built by the real pipeline ------------------------------------------------------
+def test_a_real_release_uploads_verifies_remotely_and_downloads(emulator, tmp_path):
+    from converter.layout import FluxGeometry
+    from converter.release import build_release
+    from converter.synthetic import write_synthetic_flux
+
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    write_synthetic_flux(project / "weights" / "tiny.safetensors", FluxGeometry(double_blocks=1, single_blocks=1, hidden=256))
+    (project / "LICENSE.md").write_text("FLUX.1 [dev] Non-Commercial License (test copy)\n")
+    (project / "release.toml").write_text(
+        'name = "tiny-kontext"\nsource = "weights/tiny.safetensors"\n'
+        'base_model = "black-forest-labs/FLUX.1-Kontext-dev"\nvariants = ["Q8_0", "BF16"]\n'
+        'extra_files = ["LICENSE.md"]\n\n[card]\nlicense = "other"\n'
+        'license_name = "flux-1-dev-non-commercial-license"\nlicense_link = "LICENSE.md"\nquantized_by = "alice"\n')
+    rel = build_release(project / "release.toml", tmp_path / "release").out_dir
+
+    up = run("upload", rel, "alice/tiny-kontext-GGUF", "--json")
+    assert up.exit_code == 0, up.output
+    doc = json.loads(up.stdout)
+    listed = {a.path for a in load_manifest(rel / MANIFEST_NAME).artifacts} | {MANIFEST_NAME, CHECKSUMS_NAME}
+    assert {f["path"] for f in doc["verified"]["files"]} == listed and doc["verified"]["ok"]
+    ggufs = [p for p in listed if p.endswith(".gguf")]
+    assert len(ggufs) == 2 and all(emulator.files("alice/tiny-kontext-GGUF")[p].lfs for p in ggufs)
+
+    remote = run("verify", rel, "--remote", "alice/tiny-kontext-GGUF")
+    assert remote.exit_code == 0, remote.output
+    out = tmp_path / "downloaded"
+    down = run("download", "alice/tiny-kontext-GGUF", "-o", out)
+    assert down.exit_code == 0, down.output
+    local = run("verify", out)
+    assert local.exit_code == 0, local.output
+    for name in listed:
+        assert (out / name).read_bytes() == (rel / name).read_bytes()
