@@ -1,4 +1,4 @@
-"""Q5_K: Q4_K's blocks with 5-bit levels: the fifth bit of each level lives in qh (176 bytes)."""
+"""Q5_K: Q4_K's blocks with 5-bit levels; the fifth bit of each level lives in qh (176 bytes)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ from numba import njit, prange
 
 from ._numeric import fp16_to_f32
 from ._qkx import KERNEL_JIT, PARALLEL_KERNEL_JIT
-from .q4_k import imatrix_block_scales, ref_block_scales, scale_min_k4
+from .q4_k import GROUP, N_RES, imatrix_block, ref_block, scale_min_k4, search_row_imatrix, search_row_ref
 
 F32 = np.float32
 QK = 256
@@ -14,63 +14,54 @@ BLOCK_BYTES = 176
 
 
 @njit(**KERNEL_JIT)
-def _pack_q5(L, xo, out, oo):
+def _pack_q5(L, out, oo):
     for l in range(32):
-        out[oo + 16 + l] = 0
-    for c in range(4):
-        for l in range(32):
-            l1 = np.int32(L[xo + 64 * c + l])
-            l2 = np.int32(L[xo + 64 * c + 32 + l])
-            h = np.int32(out[oo + 16 + l])
+        h = np.int32(0)
+        for c in range(4):
+            l1 = np.int32(L[64 * c + l])
+            l2 = np.int32(L[64 * c + 32 + l])
             if l1 > 15:
                 l1 -= 16
                 h |= 1 << (2 * c)
             if l2 > 15:
                 l2 -= 16
                 h |= 2 << (2 * c)
-            out[oo + 16 + l] = h
             out[oo + 48 + 32 * c + l] = l1 | (l2 << 4)
+        out[oo + 16 + l] = h
+
+
+@njit(**KERNEL_JIT)
+def _quantize_row(x, qw, use_imatrix, out):
+    n_blocks = x.shape[0] // QK
+    res = np.zeros((N_RES, n_blocks * (QK // GROUP)), np.float32)
+    if use_imatrix:
+        search_row_imatrix(x, qw, 31, res)
+    else:
+        search_row_ref(x, 31, F32(-0.5), F32(0.1), 15, res)
+    L = np.zeros(QK, np.uint8)
+    ls = np.zeros(8, np.uint8)
+    lm = np.zeros(8, np.uint8)
+    for i in range(n_blocks):
+        if use_imatrix:
+            imatrix_block(x, QK * i, 31, True, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
+        else:
+            ref_block(x, QK * i, 31, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
+        _pack_q5(L, out, BLOCK_BYTES * i)
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows(x, out):
     """ggml quantize_row_q5_K_ref on every row."""
-    rows, n = x.shape
-    for r in prange(rows):
-        L = np.zeros(n, np.uint8)
-        laux = np.zeros(32, np.uint8)
-        w = np.empty(n, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        ls = np.empty(8, np.uint8)
-        lm = np.empty(8, np.uint8)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK):
-            ref_block_scales(xr, QK * i, w, 31, F32(-0.5), F32(0.1), 15, L, laux, scales, mins, ls, lm,
-                             orow, BLOCK_BYTES * i)
-            _pack_q5(L, QK * i, orow, BLOCK_BYTES * i)
+    qw = np.zeros(0, np.float32)
+    for r in prange(x.shape[0]):
+        _quantize_row(x[r], qw, False, out[r])
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows_imatrix(x, qw, out):
     """ggml quantize_q5_K with importance weights (quantize_row_q5_K_impl) on every row."""
-    rows, n = x.shape
-    for r in prange(rows):
-        L = np.zeros(n, np.uint8)
-        laux = np.zeros(32, np.uint8)
-        w = np.empty(n, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        ls = np.empty(8, np.uint8)
-        lm = np.empty(8, np.uint8)
-        xr = x[r]
-        orow = out[r]
-        for i in range(n // QK):
-            imatrix_block_scales(xr, QK * i, qw, w, 31, True, L, laux, scales, mins, sw, ls, lm,
-                                 orow, BLOCK_BYTES * i)
-            _pack_q5(L, QK * i, orow, BLOCK_BYTES * i)
+    for r in prange(x.shape[0]):
+        _quantize_row(x[r], qw, True, out[r])
 
 
 @njit(**PARALLEL_KERNEL_JIT)
