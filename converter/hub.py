@@ -173,6 +173,7 @@ def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int 
     # Built here, not with hf_hub_url: that one starts from the endpoint read at import time.
     url = f"{api.endpoint}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(path)}"
     headers = build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
+    headers["Accept-Encoding"] = "identity"  # the bytes hashed must be the file's bytes
     if start:
         headers["Range"] = f"bytes={start}-"
     with http_stream_backoff("GET", url, headers=headers) as response:
@@ -182,9 +183,17 @@ def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int 
         yield response
 
 
+def _chunks(response: Any) -> Iterator[bytes]:
+    """The body as sent: ``iter_raw`` is ~4x faster than ``iter_bytes`` (no decoder, no re-chunking),
+    and is the file itself unless the server encoded it anyway despite ``Accept-Encoding: identity``."""
+    if response.headers.get("Content-Encoding", "identity").lower() in ("", "identity"):
+        return response.iter_raw()
+    return response.iter_bytes(_CHUNK)
+
+
 def _fetch_bytes(api: "HfApi", repo_id: str, commit: str, path: str) -> bytes:
     with _hub_errors(api, f"downloading {path}", repo_id, commit), _open_remote(api, repo_id, commit, path) as r:
-        return b"".join(r.iter_bytes(_CHUNK))
+        return b"".join(_chunks(r))
 
 
 # ---- remote verification ----------------------------------------------------------------------
@@ -504,7 +513,7 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
             if have and r.status_code != 206:  # the server ignored the Range: start over
                 h, have = hashlib.sha256(), 0
             with open(partial, "ab" if have else "wb") as out:
-                for chunk in r.iter_bytes(_CHUNK):
+                for chunk in _chunks(r):
                     out.write(chunk)
                     h.update(chunk)
                     have += len(chunk)

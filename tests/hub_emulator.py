@@ -57,15 +57,13 @@ class Entry:
     sha256: str
     lfs: bool
     content: bytes | None = None  # regular files only
+    committed_blob_id: str | None = None  # kept by corrupt(): the metadata still describes the old bytes
 
     @property
     def blob_id(self) -> str:
         if self.lfs:
             return git_blob_id(lfs_pointer(self.sha256, self.size))
-        assert self.content is not None
-        return git_blob_id(self.content) if self._committed_blob is None else self._committed_blob
-
-    _committed_blob: str | None = None
+        return self.committed_blob_id or git_blob_id(self.content or b"")
 
 
 @dataclass
@@ -190,7 +188,7 @@ class HubEmulator:
             if entry.lfs:
                 self.lfs_store[entry.sha256] = bytes(data)
             else:
-                entry._committed_blob = entry.blob_id
+                entry.committed_blob_id = entry.blob_id
                 entry.content = bytes(data)
 
     def misreport_sha256(self, repo_id: str, path: str) -> None:

@@ -307,6 +307,8 @@ def test_corrupt_small_file_fails_remote_verify_and_download(emulator, tmp_path)
     assert error_line(dl).startswith("Error: README.md: the Hub sent ")
     assert not (out / "README.md").exists() and not (out / "README.md.partial").exists()
     assert not (out / MANIFEST_NAME).exists()
+    with pytest.raises(HubVerificationError, match=r"^README\.md: the Hub sent \d+ bytes hashing to [0-9a-f]{64}, "):
+        hub.download_release("alice/demo", out, include=["README.md"])
 
 
 def test_corrupt_lfs_file_fails_download_and_keeps_what_the_user_had(emulator, tmp_path):
