@@ -35,6 +35,7 @@ from manifests import (
     hash_file,
     load_manifest,
     parse_sha256sums,
+    UnsafePathError,
     resolve_inside,
     verify_release,
 )
@@ -533,6 +534,13 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
     os.replace(partial, dest)
 
 
+def _destination(out: Path, path: str) -> Path:
+    try:
+        return resolve_inside(out, path)
+    except UnsafePathError as e:
+        raise OutputError(f"{out / path}: {e.reason}; downloads are never written through a symbolic link") from None
+
+
 def download_release(
     repo_id: str,
     output_dir: str | os.PathLike[str],
@@ -585,13 +593,13 @@ def download_release(
     files = []
     for artifact in chosen:
         want = expected[artifact.path]
-        dest = resolve_inside(out, artifact.path)
+        dest = _destination(out, artifact.path)
         if _already_there(dest, want, on_bytes):
             files.append(DownloadedFile(artifact.path, want.size, want.sha256, "present"))
             continue
         _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes)
         files.append(DownloadedFile(artifact.path, want.size, want.sha256, "downloaded"))
     if sums_bytes is not None:
-        write_bytes_atomic(resolve_inside(out, CHECKSUMS_NAME), sums_bytes)
-    write_bytes_atomic(resolve_inside(out, MANIFEST_NAME), manifest_bytes)  # last: its presence means complete
+        write_bytes_atomic(_destination(out, CHECKSUMS_NAME), sums_bytes)
+    write_bytes_atomic(_destination(out, MANIFEST_NAME), manifest_bytes)  # last: its presence means complete
     return DownloadResult(repo_id, revision, commit, out, files)

@@ -549,3 +549,16 @@ def test_a_real_release_uploads_verifies_remotely_and_downloads(emulator, tmp_pa
     assert local.exit_code == 0, local.output
     for name in listed:
         assert (out / name).read_bytes() == (rel / name).read_bytes()
+
+
+def test_download_never_writes_through_a_symlink(emulator, tmp_path):
+    _published(emulator, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"not yours to overwrite")
+    (out / "demo-Q8_0.gguf").symlink_to(target)
+    res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+    assert error_line(res) == (f"Error: {out}/demo-Q8_0.gguf: is a symbolic link; downloads are never written "
+                               "through a symbolic link")
+    assert target.read_bytes() == b"not yours to overwrite"
