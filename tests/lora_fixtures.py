@@ -55,7 +55,8 @@ def make_truth(geo: FluxGeometry = GEO, seed: int = 0, *, xlabs: bool = False) -
     """Parts for every linear module (XLabs: only what XLabs can express).
 
     img qkv and linear1 are split-native (independent q/k/v/mlp parts of different ranks and
-    alphas); txt qkv is one fused part; the rest cycle through alpha None / 2x / 0.5x / 1x rank.
+    alphas); txt qkv is one fused part; final_layer modules get alpha 2x rank; the rest cycle
+    through alpha None / 2x / 0.5x / 1x rank.
     """
     rng = np.random.default_rng(seed)
     h = geo.hidden
@@ -82,6 +83,8 @@ def make_truth(geo: FluxGeometry = GEO, seed: int = 0, *, xlabs: bool = False) -
             spec = ((4, 8.0, (0, h)), (2, None, (h, 2 * h)), (4, 2.0, (2 * h, 3 * h)))
         elif module.endswith("linear1"):
             spec = ((4, 8.0, (0, h)), (4, None, (h, 2 * h)), (4, 2.0, (2 * h, 3 * h)), (8, 4.0, (3 * h, 7 * h)))
+        elif module.startswith("final_layer."):  # alpha that matters: diffusers' kohya reader drops it
+            spec = ((4, 8.0, None),)
         else:
             spec = ((4, alphas[k % 4], None),)
             k += 1
