@@ -8,6 +8,9 @@ Without an imatrix each group's scale comes from ``make_q3_quants`` (an x^2-weig
 coordinate-descent refinement) and the scales are quantized against the largest. With one,
 groups use ``make_qx_quants`` weighted by ``qw * sqrt(sigma2 + x^2)`` and the 16 scales are
 themselves quantized by ``make_qx_quants`` weighted by each group's total weight.
+
+Divisions are written ``np.true_divide(a, b)``: the same IEEE float32 division as ``a / b``,
+without numba's Python-style zero-divisor check, whose branch keeps loops from vectorizing.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ its sigma2 weighting for Q6_K is commented out). The 16 group scales are then st
 relative to the block's largest one.
 
 ``make_qx_quants`` also serves Q3_K's importance-weighted path, which imports it from here.
+
+Divisions are written ``np.true_divide(a, b)``: the same IEEE float32 division as ``a / b``,
+without numba's Python-style zero-divisor check, whose branch keeps loops from vectorizing.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def make_qx_quants(x, w, L, nmax, trials):
             sl2[t] += (wi * fl) * fl
     sumlx = slx[9]
     suml2 = sl2[9]
-    scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
+    scale = np.true_divide(sumlx, suml2) if suml2 != np.float32(0.0) else np.float32(0.0)
     best = scale * sumlx
     chosen = 9
     for t in range(NTRIAL):
@@ -79,7 +82,7 @@ def make_qx_quants(x, w, L, nmax, trials):
         sumlx = slx[t]
         suml2 = sl2[t]
         if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
-            scale = sumlx / suml2
+            scale = np.true_divide(sumlx, suml2)
             best = scale * sumlx
             chosen = t
     iscale = isc[chosen]
@@ -104,8 +107,8 @@ def _encode_block(xb, w, ob, L, scales, trials):
         for k in range(BLOCK_BYTES):
             ob[k] = 0
         return
-    iscale = np.float32(-128.0) / max_scale
-    dbits = fp16_bits(np.float32(1.0) / iscale)
+    iscale = np.true_divide(np.float32(-128.0), max_scale)
+    dbits = fp16_bits(np.true_divide(np.float32(1.0), iscale))
     ob[208] = np.uint8(dbits & 0xFF)
     ob[209] = np.uint8(dbits >> 8)
     d = fp16_to_f32(dbits)

@@ -3,6 +3,9 @@
 Block of 32 weights, 34 bytes: d half@0, qs int8[32]@2. ``d = amax / 127`` and
 ``q = roundf(x * (1/d))`` with C's roundf (half away from zero). ggml ignores importance
 weights for Q8_0, so there is no imatrix variant.
+
+Divisions are written ``np.true_divide(a, b)``: the same IEEE float32 division as ``a / b``,
+without numba's Python-style zero-divisor check, whose branch keeps loops from vectorizing.
 """
 from __future__ import annotations
 
