@@ -61,7 +61,8 @@ def _refuse_other_models(source: Source) -> None:
 def _geometry(source: Source) -> FluxGeometry:
     img_in = source.tensors["img_in.weight"].shape
     if len(img_in) != 2:
-        raise ModelDetectionError(f"{source.path}: img_in.weight has shape {_shape(img_in)}; expected [hidden, channels]")
+        raise ModelDetectionError(
+            f"{source.path}: img_in.weight has shape {_shape(img_in)}; expected [hidden, channels]")
     hidden, channels = img_in
     if hidden == 0 or hidden % HEAD_DIM:
         raise ModelDetectionError(

@@ -19,6 +19,7 @@ import mmap
 import os
 import pathlib
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_
 # would otherwise ask for an absurd allocation).
 MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -212,9 +214,11 @@ class SafetensorsFile:
         self.path = pathlib.Path(path)
         try:
             self.size = self.path.stat().st_size
+            data_start, header = _read_header(self.path, self.size)
         except FileNotFoundError:
             raise _fail(self.path, "no such file") from None
-        data_start, header = _read_header(self.path, self.size)
+        except OSError as e:
+            raise _fail(self.path, f"cannot read ({e.strerror or e})") from None
         meta = header.pop("__metadata__", {})
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise _fail(self.path, "__metadata__ must be an object of strings")
@@ -226,19 +230,24 @@ class SafetensorsFile:
         self._file: object | None = None
         self._map: mmap.mmap | None = None
         self._closed = False
+        self._lock = threading.Lock()  # the mapping is made lazily; readers may be threads
 
     def _mapping(self) -> mmap.mmap:
-        if self._closed:
-            raise _fail(self.path, "read after close()")
-        if self._map is None:
-            f = open(self.path, "rb")
-            try:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (ValueError, OSError) as e:
-                f.close()
-                raise _fail(self.path, f"cannot map the file: {e}") from None
-            self._file = f
-        return self._map
+        with self._lock:
+            if self._closed:
+                raise _fail(self.path, "read after close()")
+            if self._map is None:
+                try:
+                    f = open(self.path, "rb")
+                except OSError as e:
+                    raise _fail(self.path, f"cannot read ({e.strerror or e})") from None
+                try:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (ValueError, OSError) as e:
+                    f.close()
+                    raise _fail(self.path, f"cannot map the file: {e}") from None
+                self._file = f
+            return self._map
 
     def read_elements_into(self, name: str, first: int, out: np.ndarray) -> None:
         """Upcast ``out.size`` elements of tensor ``name`` starting at element ``first`` into ``out``.
@@ -257,9 +266,9 @@ class SafetensorsFile:
             upcast_into(raw, t.dtype, out)
         finally:
             del raw
-        if count and hasattr(mm, "madvise"):
+        if _DONTNEED is not None:  # drop the pages now: RSS stays at one tensor, not the file
             lo = start - start % _PAGE
-            mm.madvise(mmap.MADV_DONTNEED, lo, start + count - lo)
+            mm.madvise(_DONTNEED, lo, start + count - lo)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a C-contiguous float32 array of its header shape."""
@@ -269,13 +278,14 @@ class SafetensorsFile:
         return out
 
     def close(self) -> None:
-        self._closed = True
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        if self._file is not None:
-            self._file.close()  # type: ignore[attr-defined]
-            self._file = None
+        with self._lock:
+            self._closed = True
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            if self._file is not None:
+                self._file.close()  # type: ignore[attr-defined]
+                self._file = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,10 +195,10 @@ def _open_diffusers_folder(path: pathlib.Path) -> Source:
     if index.is_file():
         weight_map = _read_index(index)
         names = list(dict.fromkeys(weight_map.values()))
-        for shard in names:
-            if not (folder / shard).is_file():
-                key = next(k for k, v in weight_map.items() if v == shard)
-                raise SourceError(f"{index}: shard {shard} (named for {key}) is missing")
+        for name in names:
+            if not (folder / name).is_file():
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise SourceError(f"{index}: shard {name} (named for {key}) is missing")
         files = [SourceFile(index, index.stat().st_size)]
     elif single.is_file():
         names, files = [DIFFUSERS_WEIGHTS], []
@@ -224,8 +224,8 @@ def _open_diffusers_folder(path: pathlib.Path) -> Source:
         tensors, pieces = _assemble_diffusers(raw)
         return Source(path, "diffusers", shards, tensors, pieces, files)
     except BaseException:
-        for shard in shards:
-            shard.close()
+        for opened in shards:
+            opened.close()
         raise
 
 

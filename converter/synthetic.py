@@ -23,9 +23,9 @@ import os
 import pathlib
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 from numba import njit, prange
@@ -44,6 +44,7 @@ COMFYUI_PREFIX = "model.diffusion_model."
 BIAS_STD_FACTOR = 0.1
 CHUNK_ELEMENTS = 1 << 22  # elements generated per kernel call: the writer's whole working memory
 DEFAULT_SHARD_BYTES = 10_000_000_000  # diffusers' save_pretrained default ("10GB")
+FULL_SIZE = FluxGeometry()  # FLUX.1 dev / Kontext: 19 + 38 blocks, hidden 3072
 _STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
 
 
@@ -146,7 +147,7 @@ def _plan(geometry: FluxGeometry, layout: str) -> list[_Stored]:
             out.append(_Stored(mapping.parts[0], name, shape, ((half, count), (0, half))))
             continue
         row = 0
-        for part, rows in zip(mapping.parts, part_rows(name, shape[0])):
+        for part, rows in zip(mapping.parts, part_rows(name, shape[0]), strict=True):
             out.append(_Stored(part, name, (rows, *shape[1:]), ((row * width, (row + rows) * width),)))
             row += rows
     return out
@@ -227,7 +228,7 @@ def _check_args(geometry: FluxGeometry, dtype: str, layout: str, std: float, sha
 
 def write_synthetic_flux(
     path: str | os.PathLike,
-    geometry: FluxGeometry = FluxGeometry(),
+    geometry: FluxGeometry = FULL_SIZE,
     dtype: str = "BF16",
     layout: str = "bfl",
     seed: int = 0,
@@ -262,11 +263,11 @@ def write_synthetic_flux(
         shards = _shards(stored, dtype, shard_bytes)
         names = [DIFFUSERS_WEIGHTS] if len(shards) == 1 else [
             f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             _write_file(partial / name, shard, dtype, metadata, seed, std, progress)
         if len(shards) > 1:
             index = {"metadata": {"total_size": synthetic_nbytes(geometry, dtype)},
-                     "weight_map": {s.key: name for name, shard in zip(names, shards) for s in shard}}
+                     "weight_map": {s.key: name for name, shard in zip(names, shards, strict=True) for s in shard}}
             (partial / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(diffusers_config(geometry), indent=2) + "\n")
         os.rename(partial, final)
