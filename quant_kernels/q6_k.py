@@ -113,7 +113,7 @@ def _encode_block(xb, w, ob, L, scales, trials):
     ob[209] = np.uint8(dbits >> 8)
     d = fp16_to_f32(dbits)
     for g in range(16):
-        sc = min(np.int32(127), nint(iscale * scales[g]))
+        sc = np.int32(np.int8(min(np.int32(127), nint(iscale * scales[g]))))  # stored as int8_t
         ob[192 + g] = np.uint8(sc & 0xFF)
         dg = d * np.float32(sc)
         if dg == np.float32(0.0):
