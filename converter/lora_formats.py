@@ -274,7 +274,7 @@ def _tensor(handle, path, key: str) -> np.ndarray:
         raise LoraError(f"{path}: cannot read tensor {key} ({exc})") from None
     if not torch.is_floating_point(t):
         raise LoraError(f"{path}: tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; expected a float type")
-    arr = t.to(torch.float32).numpy()
+    arr = t.to(torch.float32, copy=True).numpy()  # own memory, never a view of the mapped file
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
         raise LoraError(f"{path}: tensor {key} holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf)")
@@ -368,8 +368,9 @@ def _pair(builder: _Builder, src: str, params: dict) -> tuple[np.ndarray, np.nda
     """The (A, B) factors of one source module, checked to pair up; None for full-delta-only modules."""
     a, b = params.get("A"), params.get("B")
     if a is None and b is None:
-        if "bias" in params:
-            raise builder.fail(f"{params['bias'][0]} has no lora_down/lora_A and lora_up/lora_B weights beside it")
+        orphan = params.get("bias") or params.get("alpha")
+        if orphan:  # a bias or alpha means nothing without the factors it belongs to
+            raise builder.fail(f"{orphan[0]} has no lora_down/lora_A and lora_up/lora_B weights beside it")
         return None
     if a is None or b is None:
         present = (a or b)[0]
@@ -399,7 +400,7 @@ def _build_module(builder: _Builder, src: str, name: str, target, params: dict) 
     rows, total = None, None
     if isinstance(slot, tuple):
         if hidden is None:
-            raise builder.fail(f"{src} only holds a bias delta, whose rows in {module} cannot be placed")
+            raise builder.fail(f"{src} holds no lora_down/lora_A or .diff weight, so its rows in {module} cannot be placed")
         rows, total = (slot[0] * hidden, slot[1] * hidden), fused_row_count(module, hidden)
     swap = slot == _SWAP
     if pair:

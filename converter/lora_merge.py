@@ -157,23 +157,26 @@ def validate_loras(loras: Sequence[tuple[CanonicalLora, float]], base_shapes: Sh
 
 
 def _lora_delta(lora: CanonicalLora, name: str, shape: tuple[int, ...], strength: float) -> np.ndarray | None:
-    """strength * (one LoRA's change to tensor ``name``), float32, or None if it has none."""
+    """strength * (one LoRA's change to tensor ``name``), float32, or None if it has none.
+
+    Parts of one LoRA never overlap (load_lora refuses that), so each part's ``B @ A`` is written
+    straight into its own rows of the output: no temporaries the size of the tensor.
+    """
     out = None
     module = name[: -len(".weight")] if name.endswith(".weight") else None
-    for part in lora.modules.get(module, ()) if module else ():
-        prod = np.matmul(part.b, part.a)
-        prod *= np.float32(strength * part.scale)
-        if part.rows is None and out is None:
-            out = prod
-            continue
-        if out is None:
-            out = np.zeros(shape, dtype=np.float32)
-        r0, r1 = part.rows or (0, shape[0])
-        out[r0:r1] += prod
+    parts = lora.modules.get(module, ()) if module else ()
+    if parts:
+        covered = sum((p.rows[1] - p.rows[0]) if p.rows else shape[0] for p in parts)
+        out = np.empty(shape, dtype=np.float32) if covered == shape[0] else np.zeros(shape, dtype=np.float32)
+        for part in parts:
+            r0, r1 = part.rows or (0, shape[0])
+            block = out[r0:r1]
+            np.matmul(part.b, part.a, out=block)
+            block *= np.float32(strength * part.scale)
     full = lora.full_deltas.get(name)
     if full is not None:
         scaled = full * np.float32(strength)
-        out = scaled if out is None else out + scaled
+        out = scaled if out is None else np.add(out, scaled, out=out)
     return out
 
 
@@ -226,7 +229,9 @@ class LoraMerger:
         base = self.replacement(name)
         out = np.asarray(w if base is None else base, dtype=np.float32)
         delta = self.delta(name)
-        return out + delta if delta is not None else out.copy()
+        if delta is None:
+            return out.copy()
+        return np.add(out, delta, out=delta)  # == out + delta bit for bit; reuses our own buffer
 
 
 def build_merger(specs: Sequence[LoraSpec], base_shapes: Shapes) -> LoraMerger:

@@ -254,6 +254,13 @@ def test_error_missing_partner(tmp_path):
            f"{p} (kohya): lora_unet_img_in.lora_down.weight has no partner lora_unet_img_in.lora_up.weight")
 
 
+def test_error_orphan_alpha(tmp_path):
+    p = tmp_path / "k.safetensors"
+    expect(p, {"lora_unet_img_in.lora_down.weight": A4, "lora_unet_img_in.lora_up.weight": B4,
+               "lora_unet_txt_in.alpha": np.array(4.0)},
+           f"{p} (kohya): lora_unet_txt_in.alpha has no lora_down/lora_A and lora_up/lora_B weights beside it")
+
+
 def test_error_rank_mismatch(tmp_path):
     p = tmp_path / "k.safetensors"
     expect(p, {"lora_unet_img_in.lora_down.weight": A4, "lora_unet_img_in.lora_up.weight": np.ones((H, 2), np.float32)},
