@@ -1,11 +1,13 @@
 """The per-group searches behind Q2_K, Q4_K and Q5_K (ggml's make_qkx2/qkx3/qp_quants).
 
 ggml fits one group of 16 or 32 weights at a time, one sequential float32 sum after another,
-so it mostly waits on add latency. Here ``LANES`` groups are searched side by side: a tile is
-transposed to (element, group) so every statement of the search is one vector operation across
-groups, while each group still sees exactly ggml's operations in ggml's order (sums left to
-right, no reassociation, no FMA, strict comparisons). The bytes are identical; only the
-interleaving differs.
+so it mostly waits on add latency. Here ``LANES`` groups are searched side by side in a *tile*:
+a flat float32 buffer holding per-lane state rows and the groups transposed to (element, lane),
+so every statement of the search is a vector operation across groups while each group still
+sees exactly ggml's operations in ggml's order (sums left to right, no reassociation, no FMA,
+strict comparisons). The bytes are identical; only the interleaving differs. One flat buffer
+with compile-time offsets lets LLVM prove that the loads and stores never overlap, so the loops
+vectorize without runtime alias checks.
 
 make_qkx3_quants (the importance-weighted search) is make_qkx2_quants with other parameters
 in the ggml the oracle ships: its only textual difference, ``max <= min`` for ``max == min``,
@@ -28,37 +30,44 @@ PARALLEL_KERNEL_JIT = {**PARALLEL_JIT_OPTIONS, "error_model": "numpy"}
 
 F32 = np.float32
 GROUP_MAX_EPS = np.float32(1e-15)
-LANES = 16  # groups per tile: one AVX-512 register (two AVX2 registers) per float32 operation
+# Groups per tile: two AVX-512 registers per operation, enough independent work to hide the
+# latency of each group's sequential sums.
+LANES = 32
 
-# Rows of the per-tile state array: results first, then working values.
-ST_SCALE = 0  # the group's scale (ggml's return value)
-ST_MIN = 1  # ggml's *the_min: minus the fitted offset
-ST_LISC = 2  # the search's own levels are clamp(nint(LISC*(x - LMIN)), 0, nmax); kept as a
-ST_LMIN = 3  # recipe because most groups are requantized and never need them
-ST_AUX = 4  # free for the caller's weight set-up
-_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0 = range(5, 19)
-N_STATE = 19
+# Tile layout: rows of LANES floats at these offsets, then element i of every lane's group at
+# T_X + 2*LANES*i and its weight at T_X + 2*LANES*i + LANES.
+T_SCALE = 0 * LANES  # result: the group's scale (ggml's return value)
+T_MIN = 1 * LANES  # result: ggml's *the_min, minus the fitted offset
+T_LISC = 2 * LANES  # result: the search's own levels are clamp(nint(LISC*(x - LMIN)), 0, nmax),
+T_LMIN = 3 * LANES  # kept as a recipe since most groups are requantized and never need them
+T_AUX = 4 * LANES  # free for the caller (weight set-up)
+T_AUX2 = 5 * LANES  # free for the caller
+_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0 = [
+    k * LANES for k in range(6, 20)
+]
+T_X = 20 * LANES
+T_STRIDE = 2 * LANES  # from element i to element i + 1 of the same lane
+T_W = LANES  # from an element to its weight
 
 
 @njit(**KERNEL_JIT)
 def new_tile(n):
-    """Scratch for one tile of groups of n: x and weights as (n, LANES), and the state rows."""
-    return (np.zeros((n, LANES), np.float32), np.zeros((n, LANES), np.float32),
-            np.zeros((N_STATE, LANES), np.float32))
+    """A tile buffer for groups of n weights."""
+    return np.zeros(T_X + T_STRIDE * n, np.float32)
 
 
 @njit(**KERNEL_JIT)
-def load_tile(x, first_group, n, xt):
-    """xt[i, g] = x[(first_group + g)*n + i]; lanes past the end of x get zeros."""
+def load_tile(x, first_group, n, tb):
+    """Element i of lane g = x[(first_group + g)*n + i]; lanes past the end of x get zeros."""
     n_groups = x.shape[0] // n
     for g in range(LANES):
         gi = first_group + g
         if gi < n_groups:
             for i in range(n):
-                xt[i, g] = x[gi * n + i]
+                tb[T_X + T_STRIDE * i + g] = x[gi * n + i]
         else:
             for i in range(n):
-                xt[i, g] = F32(0.0)
+                tb[T_X + T_STRIDE * i + g] = F32(0.0)
 
 
 @njit(inline="always", **KERNEL_JIT)
@@ -67,129 +76,120 @@ def _level(xi, iscale, mn, nmax):
     return F32(max(np.int32(0), min(nmax, nint(iscale * (xi - mn)))))
 
 
-@njit(inline="always", **KERNEL_JIT)
-def _sums_step(xi, w, iscale, mn, nmax, sl, sl2, sxl):
-    fl = _level(xi, iscale, mn, nmax)
-    wl = w * fl
-    return sl + wl, sl2 + wl * fl, sxl + wl * xi
-
-
-@njit(inline="always", **KERNEL_JIT)
-def _error_step(xi, w, iscale, mn, nmax, scale, offset, use_mad, err):
-    diff = scale * _level(xi, iscale, mn, nmax) + offset - xi
-    diff = abs(diff) if use_mad else diff * diff
-    return err + w * diff
-
-
 @njit(**KERNEL_JIT)
-def _level_sums(xt, wt, n, nmax, st):
+def _level_sums(tb, n, nmax):
     """Per lane, over the levels of (ISC, MN): sum w*l, sum w*l*l, sum w*l*x.
 
     Four elements per pass over the lanes keep the running sums in registers between passes.
     """
-    isc, mn, sl, sl2, sxl = st[_ISC], st[_MN], st[_SL], st[_SL2], st[_SXL]
     for g in range(LANES):
-        sl[g] = F32(0.0)
-        sl2[g] = F32(0.0)
-        sxl[g] = F32(0.0)
+        tb[_SL + g] = F32(0.0)
+        tb[_SL2 + g] = F32(0.0)
+        tb[_SXL + g] = F32(0.0)
     for i in range(0, n, 4):
         for g in range(LANES):
-            s, m = isc[g], mn[g]
-            a, b, c = sl[g], sl2[g], sxl[g]
-            a, b, c = _sums_step(xt[i, g], wt[i, g], s, m, nmax, a, b, c)
-            a, b, c = _sums_step(xt[i + 1, g], wt[i + 1, g], s, m, nmax, a, b, c)
-            a, b, c = _sums_step(xt[i + 2, g], wt[i + 2, g], s, m, nmax, a, b, c)
-            a, b, c = _sums_step(xt[i + 3, g], wt[i + 3, g], s, m, nmax, a, b, c)
-            sl[g], sl2[g], sxl[g] = a, b, c
+            s, m = tb[_ISC + g], tb[_MN + g]
+            a, b, c = tb[_SL + g], tb[_SL2 + g], tb[_SXL + g]
+            for k in range(4):
+                at = T_X + T_STRIDE * (i + k) + g
+                xi = tb[at]
+                fl = _level(xi, s, m, nmax)
+                wl = tb[at + T_W] * fl
+                a += wl
+                b += wl * fl
+                c += wl * xi
+            tb[_SL + g], tb[_SL2 + g], tb[_SXL + g] = a, b, c
 
 
 @njit(**KERNEL_JIT)
-def _fit_error(xt, wt, n, nmax, use_mad, st, scale, offset, err):
+def _fit_error(tb, n, nmax, use_mad, scale_row, offset_row, err_row):
     """Per lane: sum of w*|diff| or w*diff^2, diff = scale*l + offset - x, levels of (ISC, MN)."""
-    isc, mn = st[_ISC], st[_MN]
     for g in range(LANES):
-        err[g] = F32(0.0)
+        tb[err_row + g] = F32(0.0)
     for i in range(0, n, 4):
         for g in range(LANES):
-            s, m, a, b = isc[g], mn[g], scale[g], offset[g]
-            e = err[g]
-            e = _error_step(xt[i, g], wt[i, g], s, m, nmax, a, b, use_mad, e)
-            e = _error_step(xt[i + 1, g], wt[i + 1, g], s, m, nmax, a, b, use_mad, e)
-            e = _error_step(xt[i + 2, g], wt[i + 2, g], s, m, nmax, a, b, use_mad, e)
-            e = _error_step(xt[i + 3, g], wt[i + 3, g], s, m, nmax, a, b, use_mad, e)
-            err[g] = e
+            s, m = tb[_ISC + g], tb[_MN + g]
+            a, b = tb[scale_row + g], tb[offset_row + g]
+            e = tb[err_row + g]
+            for k in range(4):
+                at = T_X + T_STRIDE * (i + k) + g
+                xi = tb[at]
+                diff = a * _level(xi, s, m, nmax) + b - xi
+                diff = abs(diff) if use_mad else diff * diff
+                e += tb[at + T_W] * diff
+            tb[err_row + g] = e
 
 
 @njit(**KERNEL_JIT)
-def search_tile(xt, wt, n, nmax, rmin, rdelta, nstep, use_mad, st):
+def search_tile(tb, n, nmax, rmin, rdelta, nstep, use_mad):
     """ggml make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)
     for the LANES groups of a tile (n a multiple of 4, nstep >= 1).
 
-    Results per lane in st[ST_SCALE], st[ST_MIN] and the level recipe st[ST_LISC], st[ST_LMIN].
+    Results per lane in the T_SCALE and T_MIN rows, and the level recipe in T_LISC, T_LMIN.
     """
     rmin = F32(rmin)
     rdelta = F32(rdelta)
     fmax = F32(nmax)
     imax = np.int32(nmax)
-    mn, mx, sw, sx = st[_MN], st[_MX], st[_SW], st[_SX]
-    best, isc, ts, tm, cur = st[_BEST], st[_ISC], st[_TS], st[_TM], st[_CUR]
-    sl, sl2, sxl, flat, mn0 = st[_SL], st[_SL2], st[_SXL], st[_FLAT], st[_MN0]
-    scale, the_min, lisc, lmin = st[ST_SCALE], st[ST_MIN], st[ST_LISC], st[ST_LMIN]
     for g in range(LANES):
-        v = xt[0, g]
-        mn[g] = v
-        mx[g] = v
-        sw[g] = wt[0, g]
-        sx[g] = wt[0, g] * v
+        v = tb[T_X + g]
+        w = tb[T_X + T_W + g]
+        tb[_MN + g] = v
+        tb[_MX + g] = v
+        tb[_SW + g] = w
+        tb[_SX + g] = w * v
     for i in range(1, n):
         for g in range(LANES):
-            v = xt[i, g]
-            w = wt[i, g]
-            mn[g] = v if v < mn[g] else mn[g]
-            mx[g] = v if v > mx[g] else mx[g]
-            sw[g] += w
-            sx[g] += w * v
+            at = T_X + T_STRIDE * i + g
+            v = tb[at]
+            w = tb[at + T_W]
+            tb[_MN + g] = v if v < tb[_MN + g] else tb[_MN + g]
+            tb[_MX + g] = v if v > tb[_MX + g] else tb[_MX + g]
+            tb[_SW + g] += w
+            tb[_SX + g] += w * v
     for g in range(LANES):
-        m = F32(0.0) if mn[g] > F32(0.0) else mn[g]
-        mn[g] = m
-        mn0[g] = m
-        flat[g] = F32(1.0) if mx[g] == m else F32(0.0)
-        s = fmax / (mx[g] - m)
-        isc[g] = s
-        lisc[g] = s
-        lmin[g] = m
-        scale[g] = F32(1.0) / s
-    _fit_error(xt, wt, n, imax, use_mad, st, scale, mn, best)
+        m = F32(0.0) if tb[_MN + g] > F32(0.0) else tb[_MN + g]
+        tb[_MN + g] = m
+        tb[_MN0 + g] = m
+        tb[_FLAT + g] = F32(1.0) if tb[_MX + g] == m else F32(0.0)
+        s = fmax / (tb[_MX + g] - m)
+        tb[_ISC + g] = s
+        tb[T_LISC + g] = s
+        tb[T_LMIN + g] = m
+        tb[T_SCALE + g] = F32(1.0) / s
+    _fit_error(tb, n, imax, use_mad, T_SCALE, _MN, _BEST)
     for step in range(nstep + 1):
         num = rmin + rdelta * F32(step) + fmax
         for g in range(LANES):
-            isc[g] = num / (mx[g] - mn[g])
-        _level_sums(xt, wt, n, imax, st)
+            tb[_ISC + g] = num / (tb[_MX + g] - tb[_MN + g])
+        _level_sums(tb, n, imax)
         for g in range(LANES):
-            D = sw[g] * sl2[g] - sl[g] * sl[g]
-            a = (sw[g] * sxl[g] - sx[g] * sl[g]) / D
-            b = (sl2[g] * sx[g] - sl[g] * sxl[g]) / D
+            sw, sx = tb[_SW + g], tb[_SX + g]
+            sl, sl2, sxl = tb[_SL + g], tb[_SL2 + g], tb[_SXL + g]
+            D = sw * sl2 - sl * sl
+            a = (sw * sxl - sx * sl) / D
+            b = (sl2 * sx - sl * sxl) / D
             if b > F32(0.0):
                 b = F32(0.0)
-                a = sxl[g] / sl2[g]
-            ts[g] = a
-            tm[g] = b if D > F32(0.0) else F32(np.nan)  # NaN error: never accepted
-        _fit_error(xt, wt, n, imax, use_mad, st, ts, tm, cur)
+                a = sxl / sl2
+            tb[_TS + g] = a
+            tb[_TM + g] = b if D > F32(0.0) else F32(np.nan)  # a NaN error is never accepted
+        _fit_error(tb, n, imax, use_mad, _TS, _TM, _CUR)
         for g in range(LANES):
-            if cur[g] < best[g]:
-                best[g] = cur[g]
-                scale[g] = ts[g]
-                lisc[g] = isc[g]
-                lmin[g] = mn[g]
-                mn[g] = tm[g]
+            if tb[_CUR + g] < tb[_BEST + g]:
+                tb[_BEST + g] = tb[_CUR + g]
+                tb[T_SCALE + g] = tb[_TS + g]
+                tb[T_LISC + g] = tb[_ISC + g]
+                tb[T_LMIN + g] = tb[_MN + g]
+                tb[_MN + g] = tb[_TM + g]
     for g in range(LANES):
-        if flat[g] != F32(0.0):  # ggml returns early: all levels 0, scale 0
-            scale[g] = F32(0.0)
-            the_min[g] = -mn0[g]
-            lisc[g] = F32(0.0)
-            lmin[g] = F32(0.0)
+        if tb[_FLAT + g] != F32(0.0):  # ggml returns early: all levels 0, scale 0
+            tb[T_SCALE + g] = F32(0.0)
+            tb[T_MIN + g] = -tb[_MN0 + g]
+            tb[T_LISC + g] = F32(0.0)
+            tb[T_LMIN + g] = F32(0.0)
         else:
-            the_min[g] = -mn[g]
+            tb[T_MIN + g] = -tb[_MN + g]
 
 
 @njit(**KERNEL_JIT)
@@ -265,3 +265,26 @@ def make_qp_quants(n, nmax, x, L, qw):
         if n_changed == 0:
             break
     return sumlx / suml2 if suml2 > F32(0.0) else F32(0.0)
+
+
+@njit(**KERNEL_JIT)
+def load_imatrix_weights(tb, qw, first_group, n, n_groups, n_per_row, sigma2_row, sw_row):
+    """ggml's importance weights qw[col]*sqrtf(sigma2 + x*x) for every lane (sigma2 per lane in
+    row sigma2_row, set by the caller per block), and their sequential per-group sums into
+    sw_row. Lanes past the last group get zero weights."""
+    for g in range(LANES):
+        gi = first_group + g
+        if gi >= n_groups:
+            for i in range(n):
+                tb[T_X + T_STRIDE * i + T_W + g] = F32(0.0)
+            tb[sw_row + g] = F32(0.0)
+            continue
+        col = (gi * n) % n_per_row
+        s2 = tb[sigma2_row + g]
+        sumw = F32(0.0)
+        for i in range(n):
+            at = T_X + T_STRIDE * i + g
+            w = qw[col + i] * np.sqrt(s2 + tb[at] * tb[at])
+            tb[at + T_W] = w
+            sumw += w
+        tb[sw_row + g] = sumw

@@ -1,6 +1,8 @@
 """Q2_K: 256-weight blocks of 16 groups, 2-bit levels with 4-bit scales and mins (84 bytes).
 
-A block's 16 groups are exactly one search tile (see _qkx), so rows are processed block by block.
+The matrix is processed as one flat run of blocks (blocks never straddle rows), a tile of
+LANES groups (two blocks) at a time; threads take runs of CHUNK_TILES tiles, each writing only
+its own blocks' bytes.
 """
 from __future__ import annotations
 
@@ -9,21 +11,22 @@ from numba import njit, prange
 
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._qkx import (
-    KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, ST_AUX, ST_LISC, ST_LMIN, ST_MIN, ST_SCALE,
-    load_tile, make_qp_quants, new_tile, search_levels, search_tile,
+    KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, T_AUX, T_AUX2, T_LISC, T_LMIN, T_MIN, T_SCALE, T_STRIDE,
+    T_W, T_X, load_imatrix_weights, load_tile, make_qp_quants, new_tile, search_levels, search_tile,
 )
 
 F32 = np.float32
 QK = 256
 GROUP = 16
 BLOCK_BYTES = 84
-assert QK // GROUP == LANES
+TILE_BLOCKS = LANES * GROUP // QK
+CHUNK_TILES = 16  # tiles per unit of parallel work (8K weights)
 
 
 @njit(**KERNEL_JIT)
-def _finish_block(x, xo, out, oo, st, sc_b, d, dmin, L):
-    """Store scales, d, dmin; requantize each group with its stored scale (groups whose scale is
-    0 keep the search's levels, as in ggml); pack the 2-bit levels."""
+def _finish_block(x, xo, out, oo, tb, lane0, sc_b, d, dmin, L):
+    """Store scales, d, dmin; requantize each group with its stored scale (a group whose scale
+    is 0 keeps the search's levels, as in ggml); pack the 2-bit levels."""
     out[oo + 80] = d & 255
     out[oo + 81] = d >> 8
     out[oo + 82] = dmin & 255
@@ -35,7 +38,8 @@ def _finish_block(x, xo, out, oo, st, sc_b, d, dmin, L):
         out[oo + j] = sc
         dj = df * F32(sc & 15)
         if dj == F32(0.0):
-            search_levels(x, xo + GROUP * j, GROUP, 3, st[ST_LISC, j], st[ST_LMIN, j], L, GROUP * j)
+            search_levels(x, xo + GROUP * j, GROUP, 3, tb[T_LISC + lane0 + j], tb[T_LMIN + lane0 + j],
+                          L, GROUP * j)
             continue
         dm = mf * F32(sc >> 4)
         for ii in range(GROUP):
@@ -48,84 +52,106 @@ def _finish_block(x, xo, out, oo, st, sc_b, d, dmin, L):
 
 
 @njit(**KERNEL_JIT)
-def _quantize_row(x, out):
-    xt, wt, st = new_tile(GROUP)
-    L = np.zeros(QK, np.uint8)
-    sc_b = np.zeros(16, np.int32)
-    for i in range(x.shape[0] // QK):
-        load_tile(x, LANES * i, GROUP, xt)
-        for l in range(GROUP):
-            for g in range(LANES):
-                wt[l, g] = abs(xt[l, g])
-        search_tile(xt, wt, GROUP, 3, F32(-0.5), F32(0.1), 15, True, st)
-        scales, mins = st[ST_SCALE], st[ST_MIN]
-        max_scale = F32(0.0)
-        max_min = F32(0.0)
+def _ref_scales(tb, lane0, sc_b):
+    """quantize_row_q2_K_ref's 4-bit scales and mins; returns the fp16 bits of d and dmin."""
+    max_scale = F32(0.0)
+    max_min = F32(0.0)
+    for j in range(16):
+        if tb[T_SCALE + lane0 + j] > max_scale:
+            max_scale = tb[T_SCALE + lane0 + j]
+        if tb[T_MIN + lane0 + j] > max_min:
+            max_min = tb[T_MIN + lane0 + j]
+    for j in range(16):
+        sc_b[j] = 0
+    d = np.int32(0)
+    dmin = np.int32(0)
+    if max_scale > F32(0.0):
+        iscale = F32(15.0) / max_scale
         for j in range(16):
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
+            sc_b[j] = nint(iscale * tb[T_SCALE + lane0 + j]) & 255
+        d = np.int32(fp16_bits(max_scale / F32(15.0)))
+    if max_min > F32(0.0):
+        iscale = F32(15.0) / max_min
         for j in range(16):
-            sc_b[j] = 0
-        d = np.int32(0)
-        dmin = np.int32(0)
-        if max_scale > F32(0.0):
-            iscale = F32(15.0) / max_scale
-            for j in range(16):
-                sc_b[j] = nint(iscale * scales[j]) & 255
-            d = np.int32(fp16_bits(max_scale / F32(15.0)))
-        if max_min > F32(0.0):
-            iscale = F32(15.0) / max_min
-            for j in range(16):
-                sc_b[j] = (sc_b[j] | (nint(iscale * mins[j]) << 4)) & 255
-            dmin = np.int32(fp16_bits(max_min / F32(15.0)))
-        _finish_block(x, QK * i, out, BLOCK_BYTES * i, st, sc_b, d, dmin, L)
-
-
-@njit(**PARALLEL_KERNEL_JIT)
-def quantize_rows(x, out):
-    """ggml quantize_row_q2_K_ref on every row."""
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], out[r])
+            sc_b[j] = (sc_b[j] | (nint(iscale * tb[T_MIN + lane0 + j]) << 4)) & 255
+        dmin = np.int32(fp16_bits(max_min / F32(15.0)))
+    return d, dmin
 
 
 @njit(**KERNEL_JIT)
-def _quantize_row_imatrix(x, qw, out):
-    xt, wt, st = new_tile(GROUP)
+def _quantize_tile(x, qw, n_per_row, out, t, tb, L, sc_b, Ls, Lm):
+    """Blocks of tile t of the flat x: quantize_row_q2_K_ref, or quantize_row_q2_K_impl when
+    qw holds importance weights."""
+    n_blocks = x.shape[0] // QK
+    load_tile(x, LANES * t, GROUP, tb)
+    use_imatrix = qw.shape[0] > 0
+    if use_imatrix:
+        for bt in range(TILE_BLOCKS):  # sigma2 = mean x^2 over the block, summed in order
+            b = TILE_BLOCKS * t + bt
+            s2 = F32(0.0)
+            if b < n_blocks:
+                sumx2 = F32(0.0)
+                for l in range(QK):
+                    sumx2 += x[QK * b + l] * x[QK * b + l]
+                s2 = sumx2 / F32(QK)
+            for j in range(16):
+                tb[T_AUX + 16 * bt + j] = s2
+        load_imatrix_weights(tb, qw, LANES * t, GROUP, n_blocks * 16, n_per_row, T_AUX, T_AUX2)
+        search_tile(tb, GROUP, 3, F32(-0.9), F32(0.05), 36, False)
+    else:
+        for i in range(GROUP):
+            for g in range(LANES):
+                tb[T_X + T_STRIDE * i + T_W + g] = abs(tb[T_X + T_STRIDE * i + g])
+        search_tile(tb, GROUP, 3, F32(-0.5), F32(0.1), 15, True)
+    for bt in range(TILE_BLOCKS):
+        b = TILE_BLOCKS * t + bt
+        if b >= n_blocks:
+            break
+        lane0 = 16 * bt
+        if use_imatrix:
+            dm = make_qp_quants(16, 15, tb[T_SCALE + lane0:T_SCALE + lane0 + 16], Ls,
+                                tb[T_AUX2 + lane0:T_AUX2 + lane0 + 16])
+            mm = make_qp_quants(16, 15, tb[T_MIN + lane0:T_MIN + lane0 + 16], Lm,
+                                tb[T_AUX2 + lane0:T_AUX2 + lane0 + 16])
+            for j in range(16):
+                sc_b[j] = (np.int32(Ls[j]) | (np.int32(Lm[j]) << 4)) & 255
+            d = np.int32(fp16_bits(dm))
+            dmin = np.int32(fp16_bits(mm))
+        else:
+            d, dmin = _ref_scales(tb, lane0, sc_b)
+        _finish_block(x, QK * b, out, BLOCK_BYTES * b, tb, lane0, sc_b, d, dmin, L)
+
+
+@njit(**KERNEL_JIT)
+def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
+    tb = new_tile(GROUP)
     L = np.zeros(QK, np.uint8)
     sc_b = np.zeros(16, np.int32)
     Ls = np.zeros(16, np.uint8)
     Lm = np.zeros(16, np.uint8)
-    sw = st[ST_AUX]
-    for i in range(x.shape[0] // QK):
-        xo = QK * i
-        sumx2 = F32(0.0)
-        for l in range(QK):
-            sumx2 += x[xo + l] * x[xo + l]
-        sigma2 = sumx2 / F32(QK)
-        load_tile(x, LANES * i, GROUP, xt)
-        for g in range(LANES):
-            sw[g] = F32(0.0)
-        for l in range(GROUP):
-            for g in range(LANES):
-                w = qw[xo + GROUP * g + l] * np.sqrt(sigma2 + xt[l, g] * xt[l, g])
-                wt[l, g] = w
-                sw[g] += w
-        search_tile(xt, wt, GROUP, 3, F32(-0.9), F32(0.05), 36, False, st)
-        dm = make_qp_quants(16, 15, st[ST_SCALE], Ls, sw)
-        mm = make_qp_quants(16, 15, st[ST_MIN], Lm, sw)
-        for j in range(16):
-            sc_b[j] = (np.int32(Ls[j]) | (np.int32(Lm[j]) << 4)) & 255
-        _finish_block(x, xo, out, BLOCK_BYTES * i, st, sc_b,
-                      np.int32(fp16_bits(dm)), np.int32(fp16_bits(mm)), L)
+    for t in range(t0, t1):
+        _quantize_tile(x, qw, n_per_row, out, t, tb, L, sc_b, Ls, Lm)
+
+
+@njit(**PARALLEL_KERNEL_JIT)
+def quantize_rows(x, out):
+    """ggml quantize_row_q2_K_ref on every row of x (float32, C-contiguous) into out."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    qw = np.zeros(0, np.float32)
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows_imatrix(x, qw, out):
-    """ggml quantize_q2_K with importance weights (quantize_row_q2_K_impl) on every row."""
-    for r in prange(x.shape[0]):
-        _quantize_row_imatrix(x[r], qw, out[r])
+    """ggml quantize_q2_K with one importance weight per column (quantize_row_q2_K_impl)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)

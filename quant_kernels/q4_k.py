@@ -1,8 +1,9 @@
 """Q4_K: 256-weight blocks of 8 groups of 32, 4-bit levels with 6-bit scales and mins (144 bytes).
 
-Q5_K differs only in its level range, search parameters and level packing, so the row search
-and block helpers here take ``nmax`` and are shared with q5_k. A row's groups are searched a
-tile (two blocks) at a time first; blocks are then finished one by one.
+Q5_K differs only in its level range, search parameters and level packing, so everything up
+to the packing is here, parameterized by ``nmax``, and shared with q5_k. The matrix is
+processed as one flat run of blocks (blocks never straddle rows), a tile of LANES groups (four
+blocks) at a time; threads take runs of CHUNK_TILES tiles, each writing only its own blocks.
 """
 from __future__ import annotations
 
@@ -11,87 +12,56 @@ from numba import njit, prange
 
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._qkx import (
-    KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, ST_AUX, ST_LISC, ST_LMIN, ST_MIN, ST_SCALE,
-    load_tile, make_qp_quants, new_tile, search_levels, search_tile,
+    KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, T_AUX, T_AUX2, T_LISC, T_LMIN, T_MIN, T_SCALE, T_STRIDE,
+    T_W, T_X, load_imatrix_weights, load_tile, make_qp_quants, new_tile, search_levels, search_tile,
 )
 
 F32 = np.float32
 QK = 256
 GROUP = 32
 BLOCK_BYTES = 144
-# Rows of the per-row search results (one column per group).
-RES_SCALE, RES_MIN, RES_LISC, RES_LMIN, RES_SW = range(5)
-N_RES = 5
+TILE_BLOCKS = LANES * GROUP // QK
+CHUNK_TILES = 8  # tiles per unit of parallel work (8K weights)
 
 
 @njit(**KERNEL_JIT)
-def _store_tile(st, first_group, res):
+def _search(x, qw, n_per_row, t, tb, nmax, rmin, rdelta, nstep):
+    """The group searches of tile t: make_qkx2_quants with weights av_x + |x| (reference), or
+    make_qkx3_quants with weights qw*sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2) over the block
+    (importance-weighted, when qw is not empty; per-group weight sums go to row T_AUX2)."""
+    load_tile(x, LANES * t, GROUP, tb)
+    if qw.shape[0] > 0:
+        n_blocks = x.shape[0] // QK
+        for bt in range(TILE_BLOCKS):
+            b = TILE_BLOCKS * t + bt
+            s2 = F32(0.0)
+            if b < n_blocks:
+                sum_x2 = F32(0.0)
+                for l in range(QK):
+                    sum_x2 += x[QK * b + l] * x[QK * b + l]
+                s2 = F32(2.0) * sum_x2 / F32(QK)
+            for j in range(8):
+                tb[T_AUX + 8 * bt + j] = s2
+        load_imatrix_weights(tb, qw, LANES * t, GROUP, n_blocks * 8, n_per_row, T_AUX, T_AUX2)
+        search_tile(tb, GROUP, nmax, F32(-0.9), F32(0.05), 36, False)
+        return
     for g in range(LANES):
-        gi = first_group + g
-        if gi < res.shape[1]:
-            res[RES_SCALE, gi] = st[ST_SCALE, g]
-            res[RES_MIN, gi] = st[ST_MIN, g]
-            res[RES_LISC, gi] = st[ST_LISC, g]
-            res[RES_LMIN, gi] = st[ST_LMIN, g]
+        tb[T_AUX + g] = F32(0.0)
+    for i in range(GROUP):
+        for g in range(LANES):
+            v = tb[T_X + T_STRIDE * i + g]
+            tb[T_AUX + g] += v * v
+    for g in range(LANES):
+        tb[T_AUX + g] = np.sqrt(tb[T_AUX + g] / F32(GROUP))
+    for i in range(GROUP):
+        for g in range(LANES):
+            at = T_X + T_STRIDE * i + g
+            tb[at + T_W] = tb[T_AUX + g] + abs(tb[at])
+    search_tile(tb, GROUP, nmax, rmin, rdelta, nstep, False)
 
 
 @njit(**KERNEL_JIT)
-def search_row_ref(x, nmax, rmin, rdelta, nstep, res):
-    """make_qkx2_quants on every group of the row with ggml's reference weights av_x + |x|."""
-    xt, wt, st = new_tile(GROUP)
-    av = st[ST_AUX]
-    for t in range(0, res.shape[1], LANES):
-        load_tile(x, t, GROUP, xt)
-        for g in range(LANES):
-            av[g] = F32(0.0)
-        for i in range(GROUP):
-            for g in range(LANES):
-                av[g] += xt[i, g] * xt[i, g]
-        for g in range(LANES):
-            av[g] = np.sqrt(av[g] / F32(GROUP))
-        for i in range(GROUP):
-            for g in range(LANES):
-                wt[i, g] = av[g] + abs(xt[i, g])
-        search_tile(xt, wt, GROUP, nmax, rmin, rdelta, nstep, False, st)
-        _store_tile(st, t, res)
-
-
-@njit(**KERNEL_JIT)
-def search_row_imatrix(x, qw, nmax, res):
-    """make_qkx3_quants on every group with weights qw*sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2)
-    over the block; also the per-group weight sums into res[RES_SW]."""
-    xt, wt, st = new_tile(GROUP)
-    sigma2 = st[ST_AUX]
-    per_block = QK // GROUP
-    n_groups = res.shape[1]
-    for t in range(0, n_groups, LANES):
-        load_tile(x, t, GROUP, xt)
-        for b in range(t // per_block, min(n_groups, t + LANES) // per_block):
-            sum_x2 = F32(0.0)
-            for l in range(QK):
-                sum_x2 += x[QK * b + l] * x[QK * b + l]
-            s2 = F32(2.0) * sum_x2 / F32(QK)
-            for g in range(per_block * b - t, per_block * (b + 1) - t):
-                sigma2[g] = s2
-        for g in range(LANES):
-            gi = t + g
-            if gi >= n_groups:
-                sigma2[g] = F32(0.0)
-                for i in range(GROUP):
-                    wt[i, g] = F32(0.0)
-                continue
-            sumw = F32(0.0)
-            for i in range(GROUP):
-                w = qw[GROUP * gi + i] * np.sqrt(sigma2[g] + xt[i, g] * xt[i, g])
-                wt[i, g] = w
-                sumw += w
-            res[RES_SW, gi] = sumw
-        search_tile(xt, wt, GROUP, nmax, F32(-0.9), F32(0.05), 36, False, st)
-        _store_tile(st, t, res)
-
-
-@njit(**KERNEL_JIT)
-def pack_scales_mins(ls, lm, out, so):
+def _pack_scales_mins(ls, lm, out, so):
     """Eight 6-bit scales and mins into 12 bytes at out[so:] (values above 63 wrap as in C)."""
     for j in range(8):
         a = np.int32(ls[j])
@@ -118,109 +88,113 @@ def scale_min_k4(j, q, so):
 
 
 @njit(**KERNEL_JIT)
-def _store_d_dmin(out, oo, d, dmin):
-    hd = np.int32(fp16_bits(d))
-    hm = np.int32(fp16_bits(dmin))
-    out[oo] = hd & 255
-    out[oo + 1] = hd >> 8
-    out[oo + 2] = hm & 255
-    out[oo + 3] = hm >> 8
+def _block_scales(tb, lane0, clamp63, imatrix, ls, lm):
+    """The block's 6-bit scales and mins into ls, lm; returns d and dmin (before fp16).
+
+    Reference: scaled by 63/max with C's uint8 truncation before MIN(63, .). Importance-weighted:
+    make_qp_quants with the group weight sums (Q5_K then clamps to 63, Q4_K does not)."""
+    if imatrix:
+        sw = tb[T_AUX2 + lane0:T_AUX2 + lane0 + 8]
+        d = make_qp_quants(8, 63, tb[T_SCALE + lane0:T_SCALE + lane0 + 8], ls, sw)
+        dmin = make_qp_quants(8, 63, tb[T_MIN + lane0:T_MIN + lane0 + 8], lm, sw)
+        if clamp63:
+            for j in range(8):
+                ls[j] = min(np.uint8(63), ls[j])
+                lm[j] = min(np.uint8(63), lm[j])
+        return d, dmin
+    max_scale = F32(0.0)
+    max_min = F32(0.0)
+    for j in range(8):
+        if tb[T_SCALE + lane0 + j] > max_scale:
+            max_scale = tb[T_SCALE + lane0 + j]
+        if tb[T_MIN + lane0 + j] > max_min:
+            max_min = tb[T_MIN + lane0 + j]
+    inv_scale = F32(63.0) / max_scale if max_scale > F32(0.0) else F32(0.0)
+    inv_min = F32(63.0) / max_min if max_min > F32(0.0) else F32(0.0)
+    for j in range(8):
+        ls[j] = min(63, nint(inv_scale * tb[T_SCALE + lane0 + j]) & 255)
+        lm[j] = min(63, nint(inv_min * tb[T_MIN + lane0 + j]) & 255)
+    return max_scale / F32(63.0), max_min / F32(63.0)
 
 
 @njit(**KERNEL_JIT)
-def _requantize_block(x, xo, out, oo, nmax, res, j0, L):
-    """Levels from the stored d, dmin and 6-bit scales; groups whose d*sc is 0 keep the
-    search's levels, as in ggml."""
+def _requantize_block(x, xo, out, oo, nmax, tb, lane0, L, lo):
+    """Levels from the stored d, dmin and 6-bit scales into L[lo:lo+256]; a group whose d*sc is
+    0 keeps the search's levels, as in ggml."""
     d = fp16_to_f32(np.int32(out[oo]) | (np.int32(out[oo + 1]) << 8))
     dmin = fp16_to_f32(np.int32(out[oo + 2]) | (np.int32(out[oo + 3]) << 8))
     for j in range(8):
         sc, m = scale_min_k4(j, out, oo + 4)
         dj = d * F32(sc)
         if dj == F32(0.0):
-            search_levels(x, xo + GROUP * j, GROUP, nmax, res[RES_LISC, j0 + j], res[RES_LMIN, j0 + j],
-                          L, GROUP * j)
+            search_levels(x, xo + GROUP * j, GROUP, nmax, tb[T_LISC + lane0 + j], tb[T_LMIN + lane0 + j],
+                          L, lo + GROUP * j)
             continue
         dm = dmin * F32(m)
         for ii in range(GROUP):
             l = nint((x[xo + GROUP * j + ii] + dm) / dj)
-            L[GROUP * j + ii] = max(np.int32(0), min(np.int32(nmax), l))
+            L[lo + GROUP * j + ii] = max(np.int32(0), min(np.int32(nmax), l))
 
 
 @njit(**KERNEL_JIT)
-def ref_block(x, xo, nmax, res, j0, ls, lm, L, out, oo):
-    """quantize_row_q{4,5}_K_ref for block at x[xo:] after the search: 6-bit scales and mins
-    (with C's uint8 truncation), d and dmin, requantized levels into L (packing is the caller's)."""
-    max_scale = F32(0.0)
-    max_min = F32(0.0)
-    for j in range(8):
-        if res[RES_SCALE, j0 + j] > max_scale:
-            max_scale = res[RES_SCALE, j0 + j]
-        if res[RES_MIN, j0 + j] > max_min:
-            max_min = res[RES_MIN, j0 + j]
-    inv_scale = F32(63.0) / max_scale if max_scale > F32(0.0) else F32(0.0)
-    inv_min = F32(63.0) / max_min if max_min > F32(0.0) else F32(0.0)
-    for j in range(8):
-        ls[j] = min(63, nint(inv_scale * res[RES_SCALE, j0 + j]) & 255)
-        lm[j] = min(63, nint(inv_min * res[RES_MIN, j0 + j]) & 255)
-    pack_scales_mins(ls, lm, out, oo + 4)
-    _store_d_dmin(out, oo, max_scale / F32(63.0), max_min / F32(63.0))
-    _requantize_block(x, xo, out, oo, nmax, res, j0, L)
+def quantize_tile_levels(x, qw, n_per_row, t, tb, nmax, rmin, rdelta, nstep, clamp63, out,
+                         block_bytes, ls, lm, L):
+    """Tile t of the flat x up to the level packing: searches, then per block d, dmin and the
+    12 scale bytes into out (block_bytes per block) and the levels into L[256*bt:].
+    Returns how many blocks the tile holds."""
+    _search(x, qw, n_per_row, t, tb, nmax, rmin, rdelta, nstep)
+    n_blocks = min(TILE_BLOCKS, x.shape[0] // QK - TILE_BLOCKS * t)
+    for bt in range(n_blocks):
+        b = TILE_BLOCKS * t + bt
+        oo = block_bytes * b
+        d, dmin = _block_scales(tb, 8 * bt, clamp63, qw.shape[0] > 0, ls, lm)
+        _pack_scales_mins(ls, lm, out, oo + 4)
+        hd = np.int32(fp16_bits(d))
+        hm = np.int32(fp16_bits(dmin))
+        out[oo] = hd & 255
+        out[oo + 1] = hd >> 8
+        out[oo + 2] = hm & 255
+        out[oo + 3] = hm >> 8
+        _requantize_block(x, QK * b, out, oo, nmax, tb, 8 * bt, L, QK * bt)
+    return n_blocks
 
 
 @njit(**KERNEL_JIT)
-def imatrix_block(x, xo, nmax, clamp63, res, j0, ls, lm, L, out, oo):
-    """quantize_row_q{4,5}_K_impl for one block after the search: scales and mins quantized
-    by make_qp_quants (Q5_K clamps them to 63, Q4_K does not), d, dmin, requantized levels."""
-    d_block = make_qp_quants(8, 63, res[RES_SCALE, j0:j0 + 8], ls, res[RES_SW, j0:j0 + 8])
-    m_block = make_qp_quants(8, 63, res[RES_MIN, j0:j0 + 8], lm, res[RES_SW, j0:j0 + 8])
-    if clamp63:
-        for j in range(8):
-            ls[j] = min(np.uint8(63), ls[j])
-            lm[j] = min(np.uint8(63), lm[j])
-    pack_scales_mins(ls, lm, out, oo + 4)
-    _store_d_dmin(out, oo, d_block, m_block)
-    _requantize_block(x, xo, out, oo, nmax, res, j0, L)
-
-
-@njit(**KERNEL_JIT)
-def _pack_q4(L, out, oo):
-    for c in range(4):
-        for l in range(32):
-            out[oo + 16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4)
-
-
-@njit(**KERNEL_JIT)
-def _quantize_row(x, qw, use_imatrix, out):
-    n_blocks = x.shape[0] // QK
-    res = np.zeros((N_RES, n_blocks * (QK // GROUP)), np.float32)
-    if use_imatrix:
-        search_row_imatrix(x, qw, 15, res)
-    else:
-        search_row_ref(x, 15, F32(-1.0), F32(0.1), 20, res)
-    L = np.zeros(QK, np.uint8)
+def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
+    tb = new_tile(GROUP)
+    L = np.zeros(QK * TILE_BLOCKS, np.uint8)
     ls = np.zeros(8, np.uint8)
     lm = np.zeros(8, np.uint8)
-    for i in range(n_blocks):
-        if use_imatrix:
-            imatrix_block(x, QK * i, 15, False, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
-        else:
-            ref_block(x, QK * i, 15, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
-        _pack_q4(L, out, BLOCK_BYTES * i)
+    for t in range(t0, t1):
+        nb = quantize_tile_levels(x, qw, n_per_row, t, tb, 15, F32(-1.0), F32(0.1), 20, False, out,
+                                  BLOCK_BYTES, ls, lm, L)
+        for bt in range(nb):
+            oo = BLOCK_BYTES * (TILE_BLOCKS * t + bt)
+            for c in range(4):
+                for l in range(32):
+                    lo = QK * bt + 64 * c + l
+                    out[oo + 16 + 32 * c + l] = L[lo] | (L[lo + 32] << 4)
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows(x, out):
-    """ggml quantize_row_q4_K_ref on every row."""
+    """ggml quantize_row_q4_K_ref on every row of x (float32, C-contiguous) into out."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
     qw = np.zeros(0, np.float32)
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], qw, False, out[r])
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows_imatrix(x, qw, out):
-    """ggml quantize_q4_K with importance weights (quantize_row_q4_K_impl) on every row."""
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], qw, True, out[r])
+    """ggml quantize_q4_K with one importance weight per column (quantize_row_q4_K_impl)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)

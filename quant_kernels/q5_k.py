@@ -5,8 +5,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._numeric import fp16_to_f32
-from ._qkx import KERNEL_JIT, PARALLEL_KERNEL_JIT
-from .q4_k import GROUP, N_RES, imatrix_block, ref_block, scale_min_k4, search_row_imatrix, search_row_ref
+from ._qkx import KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, new_tile
+from .q4_k import CHUNK_TILES, GROUP, TILE_BLOCKS, quantize_tile_levels, scale_min_k4
 
 F32 = np.float32
 QK = 256
@@ -14,54 +14,51 @@ BLOCK_BYTES = 176
 
 
 @njit(**KERNEL_JIT)
-def _pack_q5(L, out, oo):
-    for l in range(32):
-        h = np.int32(0)
-        for c in range(4):
-            l1 = np.int32(L[64 * c + l])
-            l2 = np.int32(L[64 * c + 32 + l])
-            if l1 > 15:
-                l1 -= 16
-                h |= 1 << (2 * c)
-            if l2 > 15:
-                l2 -= 16
-                h |= 2 << (2 * c)
-            out[oo + 48 + 32 * c + l] = l1 | (l2 << 4)
-        out[oo + 16 + l] = h
-
-
-@njit(**KERNEL_JIT)
-def _quantize_row(x, qw, use_imatrix, out):
-    n_blocks = x.shape[0] // QK
-    res = np.zeros((N_RES, n_blocks * (QK // GROUP)), np.float32)
-    if use_imatrix:
-        search_row_imatrix(x, qw, 31, res)
-    else:
-        search_row_ref(x, 31, F32(-0.5), F32(0.1), 15, res)
-    L = np.zeros(QK, np.uint8)
+def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
+    tb = new_tile(GROUP)
+    L = np.zeros(QK * TILE_BLOCKS, np.uint8)
     ls = np.zeros(8, np.uint8)
     lm = np.zeros(8, np.uint8)
-    for i in range(n_blocks):
-        if use_imatrix:
-            imatrix_block(x, QK * i, 31, True, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
-        else:
-            ref_block(x, QK * i, 31, res, 8 * i, ls, lm, L, out, BLOCK_BYTES * i)
-        _pack_q5(L, out, BLOCK_BYTES * i)
+    for t in range(t0, t1):
+        nb = quantize_tile_levels(x, qw, n_per_row, t, tb, 31, F32(-0.5), F32(0.1), 15, True, out,
+                                  BLOCK_BYTES, ls, lm, L)
+        for bt in range(nb):
+            oo = BLOCK_BYTES * (TILE_BLOCKS * t + bt)
+            for l in range(32):
+                h = np.int32(0)
+                for c in range(4):
+                    lo = QK * bt + 64 * c + l
+                    l1 = np.int32(L[lo])
+                    l2 = np.int32(L[lo + 32])
+                    if l1 > 15:
+                        l1 -= 16
+                        h |= 1 << (2 * c)
+                    if l2 > 15:
+                        l2 -= 16
+                        h |= 2 << (2 * c)
+                    out[oo + 48 + 32 * c + l] = l1 | (l2 << 4)
+                out[oo + 16 + l] = h
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows(x, out):
-    """ggml quantize_row_q5_K_ref on every row."""
+    """ggml quantize_row_q5_K_ref on every row of x (float32, C-contiguous) into out."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
     qw = np.zeros(0, np.float32)
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], qw, False, out[r])
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows_imatrix(x, qw, out):
-    """ggml quantize_q5_K with importance weights (quantize_row_q5_K_impl) on every row."""
-    for r in prange(x.shape[0]):
-        _quantize_row(x[r], qw, True, out[r])
+    """ggml quantize_q5_K with one importance weight per column (quantize_row_q5_K_impl)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
 
 
 @njit(**PARALLEL_KERNEL_JIT)
@@ -79,8 +76,8 @@ def dequantize_rows(data, out):
                 ml = dmin * F32(m)
                 q0 = bo + 48 + 32 * (j // 2)
                 shift = 4 * (j % 2)
-                y0 = QK * i + 32 * j
-                for l in range(32):
+                y0 = QK * i + GROUP * j
+                for l in range(GROUP):
                     q = (np.int32(data[r, q0 + l]) >> shift) & 15
                     if (np.int32(data[r, bo + 16 + l]) >> j) & 1:
                         q += 16
