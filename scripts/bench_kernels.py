@@ -98,6 +98,9 @@ def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: i
         "ours_1t_cpu_mw_s": x.size / cpu["ours_1t"] / 1e6,
         "ggml_1t_cpu_mw_s": x.size / cpu["ggml_1t"] / 1e6,
         "ratio_1t_cpu": cpu["ggml_1t"] / cpu["ours_1t"],
+        # CPU time of all threads over CPU time at one: 1.0 means threads add no work, so on
+        # otherwise idle cores the wall time divides by the thread count
+        "nt_cpu_over_1t_cpu": cpu["ours_nt"] / cpu["ours_1t"],
         "wall_seconds": wall,
         "cpu_seconds": cpu,
     }
