@@ -24,6 +24,8 @@ COMMANDS = (
     "converter.cli_verify:verify",
     "converter.cli_hub:upload",
     "converter.cli_hub:download",
+    "converter.cli_validate:validate",
+    "converter.cli_validate:bench",
 )
 
 

@@ -1,0 +1,149 @@
+"""Fixed, seeded transformer inputs shaped like one FLUX.1 Kontext edit step.
+
+validate and bench feed the same probe to the source transformer and to the GGUF one, so their
+outputs can be compared number for number. The shapes follow diffusers' FluxKontextPipeline:
+the target latent is packed into 2x2 patches (H/16 * W/16 tokens of 64 features), the context
+image adds as many tokens again (its position ids carry a first coordinate of 1), the T5 text
+holds ``text_tokens`` rows of 4096 features and CLIP's pooled vector 768. The transformer
+multiplies ``timestep`` and ``guidance`` by 1000 itself, so they are passed as the pipeline does
+(sigma in [0, 1] and the raw guidance scale).
+
+Values come from numpy's seeded generator, so a probe is identical on every machine and torch
+version; only the device and dtype they are cast to differ.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ValidationError
+from .layout import CONTEXT_DIM, OUT_CHANNELS, VEC_DIM
+
+if TYPE_CHECKING:  # torch is imported lazily: the converter itself never needs it.
+    import torch
+
+# Pixels per packed token side: the VAE downsamples 8x and latents are packed in 2x2 patches.
+PIXELS_PER_TOKEN = 16
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe looks like; recorded next to every measurement made with it."""
+
+    height: int = 1024
+    width: int = 1024
+    text_tokens: int = 512
+    seed: int = 0
+    timestep: float = 0.5
+    guidance: float = 2.5
+    context_image: bool = True  # Kontext: a context image as large as the target
+
+    def __post_init__(self) -> None:
+        for side, value in (("height", self.height), ("width", self.width)):
+            if value < PIXELS_PER_TOKEN or value % PIXELS_PER_TOKEN:
+                raise ValidationError(
+                    f"probe {side} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {value}"
+                )
+        if self.text_tokens < 1:
+            raise ValidationError(f"probe text_tokens must be at least 1, got {self.text_tokens}")
+        if not 0.0 <= self.timestep <= 1.0:
+            raise ValidationError(f"probe timestep must be a sigma in [0, 1], got {self.timestep}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Packed latent grid (rows, columns) of the target image."""
+        return self.height // PIXELS_PER_TOKEN, self.width // PIXELS_PER_TOKEN
+
+    @property
+    def target_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens the transformer sees: doubled when a context image is present."""
+        return self.target_tokens * (2 if self.context_image else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "target_tokens": self.target_tokens, "image_tokens": self.image_tokens}
+
+
+@dataclass(frozen=True)
+class KontextProbe:
+    """One transformer call's inputs, as float32 numpy arrays (batch of 1)."""
+
+    spec: ProbeSpec
+    hidden_states: np.ndarray  # (1, image_tokens, 64): noisy target latents, then context latents
+    img_ids: np.ndarray  # (image_tokens, 3)
+    encoder_hidden_states: np.ndarray  # (1, text_tokens, 4096)
+    pooled_projections: np.ndarray  # (1, 768)
+    txt_ids: np.ndarray  # (text_tokens, 3), all zero as in the pipeline
+
+    def transformer_kwargs(
+        self, device: str | torch.device, dtype: torch.dtype, *, guidance_embeds: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``FluxTransformer2DModel.forward`` on ``device``.
+
+        Position ids stay float32 as the pipeline keeps them; guidance is passed only to models
+        that embed it (FLUX.1 [schnell] has no guidance embedder).
+        """
+        import torch
+
+        def t(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+        kwargs = {
+            "hidden_states": t(self.hidden_states, dtype),
+            "encoder_hidden_states": t(self.encoder_hidden_states, dtype),
+            "pooled_projections": t(self.pooled_projections, dtype),
+            "timestep": torch.full((1,), self.spec.timestep, device=device, dtype=dtype),
+            "img_ids": t(self.img_ids, torch.float32),
+            "txt_ids": t(self.txt_ids, torch.float32),
+        }
+        if guidance_embeds:
+            kwargs["guidance"] = torch.full((1,), self.spec.guidance, device=device, dtype=torch.float32)
+        return kwargs
+
+
+def latent_image_ids(rows: int, cols: int, first: float = 0.0) -> np.ndarray:
+    """Position ids of a packed latent grid: (first, row, column) per token, row-major.
+
+    The same layout as FluxKontextPipeline._prepare_latent_image_ids; the context image uses
+    first = 1 so the transformer can tell it from the target.
+    """
+    ids = np.zeros((rows, cols, 3), dtype=np.float32)
+    ids[..., 0] = first
+    ids[..., 1] = np.arange(rows, dtype=np.float32)[:, None]
+    ids[..., 2] = np.arange(cols, dtype=np.float32)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def make_kontext_probe(spec: ProbeSpec = ProbeSpec()) -> KontextProbe:
+    """Build the probe for ``spec``; the same spec always gives the same arrays."""
+    rng = np.random.default_rng(spec.seed)
+    rows, cols = spec.grid
+    n = spec.target_tokens
+    sigma = spec.timestep
+    # A flow-matching step sees (1 - sigma) * clean + sigma * noise; clean latents are ~N(0, 1)
+    # after the VAE's shift and scale, so the mix keeps roughly unit variance.
+    clean = rng.standard_normal((1, n, OUT_CHANNELS), dtype=np.float32)
+    noise = rng.standard_normal((1, n, OUT_CHANNELS), dtype=np.float32)
+    target = (1.0 - sigma) * clean + sigma * noise
+    parts = [target.astype(np.float32)]
+    ids = [latent_image_ids(rows, cols, 0.0)]
+    if spec.context_image:
+        parts.append(rng.standard_normal((1, n, OUT_CHANNELS), dtype=np.float32))
+        ids.append(latent_image_ids(rows, cols, 1.0))
+    # T5-XXL hidden states are small (std ~0.2); CLIP's pooled output is near unit scale.
+    text = 0.2 * rng.standard_normal((1, spec.text_tokens, CONTEXT_DIM), dtype=np.float32)
+    pooled = rng.standard_normal((1, VEC_DIM), dtype=np.float32)
+    return KontextProbe(
+        spec=spec,
+        hidden_states=np.concatenate(parts, axis=1),
+        img_ids=np.concatenate(ids, axis=0),
+        encoder_hidden_states=text.astype(np.float32),
+        pooled_projections=pooled,
+        txt_ids=np.zeros((spec.text_tokens, 3), dtype=np.float32),
+    )
