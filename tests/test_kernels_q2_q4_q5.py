@@ -1,6 +1,8 @@
 """Q2_K, Q4_K and Q5_K kernels against ggml (the oracle), byte for byte, and round trips."""
 from __future__ import annotations
 
+import importlib
+
 import numba
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import quant_kernels
 from kquant_cases import describe_mismatch, input_families
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
-FAMILIES = input_families()  # 8 rows x 512 (two blocks per row): 16 KB per family
+FAMILIES = input_families(n=2048, rows=32)  # 256 KB per family; 8 blocks per row
 
 
 def _type_size(qtype: str) -> int:
@@ -75,6 +77,23 @@ def test_imatrix_degenerate_searches_match_ggml(qtype: str) -> None:
     for row, qw in zip(x, w):
         _assert_same_bytes(row[None, :], qtype, qw)
     _assert_same_bytes(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_kernels_write_every_output_byte(qtype: str) -> None:
+    """Called directly on a buffer full of junk, the row kernels still produce ggml's bytes."""
+    kernels = importlib.import_module(f"quant_kernels.{quant_kernels.resolve(qtype).module}")
+    x = np.ascontiguousarray(FAMILIES["student_t3"][:5, :768])
+    qw = _imatrix(768, seed=2)
+    for imatrix in (None, qw):
+        out = np.full((5, 3 * _type_size(qtype)), 0xA5, np.uint8)
+        if imatrix is None:
+            kernels.quantize_rows(x, out)
+        else:
+            kernels.quantize_rows_imatrix(x, imatrix, out)
+        ref = oracle.quantize(x, qtype, imatrix)
+        msg = describe_mismatch(out, ref, _type_size(qtype))
+        assert not msg, msg
 
 
 @pytest.mark.parametrize("qtype", TYPES)
