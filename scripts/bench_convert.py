@@ -6,8 +6,8 @@ in a child process for each scenario and measures that child alone (``os.wait4``
 CPU time, peak RSS, and source-read / output-write throughput. Outputs are deleted after each
 scenario so the disk only ever holds the source plus one scenario's files.
 
-    python scripts/bench_convert.py --work bench-out              # both scenarios
-    python scripts/bench_convert.py --work bench-out --json bench.json --scenario Q4_K_M
+    python scripts/bench_convert.py --work bench-out/convert              # both scenarios
+    python scripts/bench_convert.py --work bench-out/convert --json bench.json --scenario Q4_K_M
 
 Targets (2 cores): peak RSS <= 3 GB, Q4_K_M <= 3 minutes.
 """
@@ -88,8 +88,8 @@ def run_scenario(src: pathlib.Path, out: pathlib.Path, variants: list[str], thre
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("bench-out"),
-                    help="folder for the 23.8 GB source and the outputs (default: bench-out)")
+    ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("bench-out/convert"),
+                    help="folder for the 23.8 GB source and the outputs (default: bench-out/convert)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), action="append",
                     help="run only this scenario (repeatable; default: all)")
     ap.add_argument("--threads", type=int, default=None, help="--threads for convert (default: all cores)")

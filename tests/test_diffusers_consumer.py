@@ -157,6 +157,7 @@ def test_diffusers_loads_and_runs_our_file(work, reference_output, variant):
     assert out.shape == reference_output.shape == (1, IMAGE_TOKENS, 64)
     assert torch.isfinite(out).all()
     cos = F.cosine_similarity(out.flatten().double(), reference_output.flatten().double(), dim=0).item()
+    print(f"{variant}: cosine to the safetensors model {cos:.6f}")  # shown with pytest -s
     assert cos >= MIN_COSINE[variant], f"{variant}: cosine {cos:.6f} < {MIN_COSINE[variant]}"
 
 
