@@ -38,7 +38,7 @@ def default_name(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         p = p.resolve()
         return p.parent.name if p.name == "transformer" and p.parent.name else p.name
-    return p.name.removesuffix(".safetensors").removesuffix(".index.json") or p.stem
+    return p.name.removesuffix(".safetensors") or p.stem
 
 
 def source_refs(source: Source, sha256: Mapping[str, str] | None = None) -> list[SourceRef]:
