@@ -194,7 +194,8 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     try:
         return GGUFReader(p)
     except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise ValidationError(f"{p}: not a readable GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValidationError(f"{p}: not a readable GGUF file ({why})") from None
 
 
 def gguf_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
@@ -225,7 +226,8 @@ def tensor_errors(
     stored = {t.name: t for t in open_gguf(path).tensors}
     missing = [n for n in source.tensors if n not in stored]
     if missing:
-        raise ValidationError(f"{path} lacks source tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValidationError(f"{path} lacks source tensor {missing[0]}{more}")
     extra = [n for n in stored if n not in source.tensors]
     if extra:
         raise ValidationError(f"{path} holds {extra[0]}, which the source {source.path} does not have")
@@ -383,8 +385,11 @@ def write_validation_json(report: ValidationReport, path: str | os.PathLike[str]
         try:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValidationError(f"{path}: existing file is not valid JSON ({exc}); move it away or pick another --output") from None
-        if not isinstance(old, dict) or old.get("schema_version") != SCHEMA_VERSION or not isinstance(old.get("variants"), dict):
+            raise ValidationError(
+                f"{path}: existing file is not valid JSON ({exc}); move it away or pick another --output"
+            ) from None
+        valid = isinstance(old, dict) and isinstance(old.get("variants"), dict)
+        if not valid or old.get("schema_version") != SCHEMA_VERSION:
             raise ValidationError(
                 f"{path}: existing file is not a validation.json of schema_version {SCHEMA_VERSION}; "
                 "move it away or pick another --output"
