@@ -373,3 +373,40 @@ def test_cli_end_to_end_bf16_is_identical(small, tmp_path):
     assert doc["probe"]["image_tokens"] == 8 and doc["probe"]["text_tokens"] == 16
     assert all(e["rel_rmse"] == 0.0 for e in doc["tensors"]["per_tensor"])
     assert json.loads(out.read_text())["variants"][small.bf16.name] == doc
+
+
+def test_end_to_end_without_diffusers_says_what_to_install(tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(ValidationError) as e:
+        validate(tiny.q8_0, tiny.source, probe=SMALL_PROBE, device="cpu")
+    assert str(e.value) == (
+        "validate and bench need diffusers and torch (diffusers is missing); "
+        "install them with: pip install 'flux-gguf[validate]'"
+    )
+    assert validate(tiny.q8_0, tiny.source, probe=None).tensors  # the per-tensor pass needs neither
+
+
+def test_types_we_never_write_are_decoded_by_gguf_py(tiny, tmp_path):
+    """A third-party file may hold Q4_0; its error is still measured (gguf-py decodes it)."""
+    q = gguf.GGMLQuantizationType.Q4_0
+    w = gguf.GGUFWriter(tmp_path / "other-Q4_0.gguf", "flux")
+    with open_source(tiny.source) as src:
+        for name in src.tensors:
+            x = src.read(name)
+            if x.ndim == 2 and not is_kept_unquantized(name):
+                data = gguf.quants.quantize(x, q)
+                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
+            else:
+                w.add_tensor(name, x)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        r = validate(tmp_path / "other-Q4_0.gguf", tiny.source, probe=None)
+        e = next(e for e in r.tensors if e.name == "double_blocks.0.img_mod.lin.weight")
+        x = src.read(e.name)
+    rel, _, _ = _reference_error(x, gguf.quants.dequantize(gguf.quants.quantize(x, q), q))
+    assert e.qtype == "Q4_0" and e.rel_rmse == pytest.approx(rel, rel=1e-9)
+    assert 0.05 < r.by_type["Q4_0"].rel_rmse < 0.2
