@@ -190,6 +190,6 @@ def render_model_card(
             "```", ""]
     if card.license_link or card.license_name:
         name = card.license_name or card.license
-        out += ["## License", "", f"The weights are under the {name} license" +
-                (f": see [{card.license_link}]({card.license_link})." if card.license_link else "."), ""]
+        out += ["## License", "", f"License: `{name}`" +
+                (f"; see [{card.license_link}]({card.license_link})." if card.license_link else "."), ""]
     return "\n".join(out)

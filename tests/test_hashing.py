@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import threading
 
 import numpy as np
@@ -139,3 +140,23 @@ def test_hash_stream_stop_event():
     stop.set()
     with pytest.raises(InterruptedError):
         hash_stream(io.BytesIO(b"abc"), stop=stop)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_background_hasher_runs_niced_without_touching_the_caller(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 1000)
+    seen = []
+
+    class Probe(BackgroundHasher):
+        def _run(self):
+            super()._run()
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert Probe([p]).result()[p].size == 1000
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    seen.clear()
+    Probe([p], low_priority=False).result()
+    assert seen == [before]

@@ -302,6 +302,8 @@ def test_model_card_front_matter_and_table(built):
     assert " | 0.997000 | 0.0712 | 31.50 | " in rows["Q4_K_M"]
     assert " | – | – | – | " in rows["BF16"]
     assert "2 Q5_K" in rows["Q4_K_M"]  # the _M qkv bump shows in the types
+    assert "License: `flux-1-dev-non-commercial-license`; see [LICENSE.md](LICENSE.md)." in body
+    assert "sha256sum -c --strict SHA256SUMS" in body
     src = m.sources[0]
     assert f"| tiny.safetensors | {src.size / 1e6:.3f} MB | `{src.sha256}` |" in body
 
