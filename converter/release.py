@@ -145,10 +145,11 @@ def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: 
                 progress: ProgressFn | None) -> tuple[Manifest, str]:
     with open_source(spec.source_path) as source:
         source_files = [Path(f.path) for f in source.files]
+        shapes = {name: tuple(t.shape) for name, t in source.tensors.items()}
     names = _source_names(spec.source_path, source_files)
     ext_files = [f for ext in spec.extensions.values() for f in ext.files]
     names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in ext_files]
-    transform = _compose([e.tensor_transform for e in spec.extensions.values() if e.tensor_transform is not None])
+    transform = _compose([e.make_transform(shapes) for e in spec.extensions.values() if e.make_transform is not None])
 
     inputs = source_files + list(ext_files)
     with BackgroundHasher(inputs) as hasher:

@@ -39,17 +39,23 @@ DEFAULT_PIPELINE_TAG = "image-to-image"
 TensorTransform = Callable[[str, np.ndarray], np.ndarray]
 
 
+TransformFactory = Callable[[Mapping[str, tuple[int, ...]]], TensorTransform]
+"""Called once with the source's tensor shapes (BFL names) before conversion starts, so the
+extension can validate against the model (e.g. LoRA targets) and return the per-tensor transform."""
+
+
 @dataclass(frozen=True)
 class SpecExtension:
     """What a hook-parsed key (e.g. ``[[lora]]``) contributes to the build.
 
     ``record``: JSON-able, stored as ``manifest.spec[key]``; ``files``: further inputs, hashed and
-    listed as sources; ``tensor_transform``: applied to each float32 tensor before quantization.
+    listed as sources; ``make_transform``: builds the transform applied to each float32 tensor
+    before quantization (see :data:`TransformFactory`).
     """
 
     record: Any
     files: tuple[Path, ...] = ()
-    tensor_transform: TensorTransform | None = None
+    make_transform: TransformFactory | None = None
 
 
 SpecHook = Callable[[Any, Path, str], SpecExtension]

@@ -172,6 +172,82 @@ def test_lora_key_is_handed_to_the_registered_hook(tmp_path, monkeypatch):
         release_spec.register_spec_hook("tags", hook)
 
 
+def test_extension_hook_drives_the_build(project, built, tmp_path, monkeypatch):
+    """A registered [[lora]] hook: its transform changes the weights, its files become sources."""
+    from converter import release_spec
+    import numpy as np
+    target = "double_blocks.0.img_mlp.0.weight"
+    shapes_seen = []
+
+    def make_transform(shapes):
+        shapes_seen.append(shapes[target])
+        return lambda name, x: x + np.float32(0.5) if name == target else x
+
+    def hook(raw, base_dir, spec_name):
+        return SpecExtension(record=raw, files=tuple(base_dir / e["path"] for e in raw), make_transform=make_transform)
+
+    monkeypatch.setattr(release_spec, "_HOOKS", {"lora": hook})
+    root = tmp_path / "p"
+    spec = write_project(root, SPEC.replace("[card]", '[[lora]]\npath = "style.safetensors"\nstrength = 0.5\n\n[card]'))
+    (root / "style.safetensors").write_bytes(b"pretend LoRA")
+    build_release(spec, tmp_path / "out")
+    m = load_manifest(tmp_path / "out" / "manifest.json")
+    assert shapes_seen == [(4 * 256, 256)]
+    assert m.spec["lora"] == [{"path": "style.safetensors", "strength": 0.5}]
+    assert [s.name for s in m.sources] == ["tiny.safetensors", "style.safetensors"]
+    assert m.sources[1].sha256 == hashlib.sha256(b"pretend LoRA").hexdigest()
+    plain = load_manifest(built / "manifest.json")
+    for a, b in zip(m.ggufs, plain.ggufs):
+        differ = {t.name for t, u in zip(a.tensors, b.tensors) if t.sha256 != u.sha256}
+        assert differ == {target}
+    assert "`lora` entries from the spec were applied" in (tmp_path / "out" / "README.md").read_text()
+    src = root / "weights" / "tiny.safetensors"
+    assert rederive_release(m, src, tensor_transform=make_transform({target: (1024, 256)})).ok
+    assert not rederive_release(dataclasses.replace(m, spec=plain.spec), src).ok
+
+
+def test_release_from_a_diffusers_folder(tmp_path):
+    root = tmp_path / "p"
+    spec = write_project(root, SPEC.replace('"weights/tiny.safetensors"', '"weights/transformer"'))
+    write_synthetic_flux(root / "weights" / "transformer", GEO, layout="diffusers", shard_bytes=3_000_000)
+    build_release(spec, tmp_path / "out")
+    m = load_manifest(tmp_path / "out" / "manifest.json")
+    folder = root / "weights" / "transformer"
+    assert len(m.sources) > 2
+    for s in m.sources:  # names relative to the folder, digests of the files read
+        assert sha(folder / s.name) == s.sha256
+    assert "diffusion_pytorch_model.safetensors.index.json" in {s.name for s in m.sources}
+    assert verify_release(tmp_path / "out").ok
+    assert rederive_release(m, folder).source_files_match
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "cannot read the validation report"),
+    ('{"results": []}', "expected a 'variants' object or list in the validation report"),
+    ('{"variants": [{"cosine": 1}]}', "variants[0] must be an object naming its 'variant' or 'file'"),
+    ('{"variants": {"Q4_K_M": {"psnr": "high"}}}', "psnr of Q4_K_M must be a finite number, got 'high'"),
+])
+def test_bad_validation_report_is_refused(tmp_path, content, message):
+    root = tmp_path / "p"
+    spec = write_project(root)
+    (root / "reports" / "validation.json").write_text(content)
+    with pytest.raises(ReleaseError) as e:
+        build_release(spec, tmp_path / "out")
+    assert str(e.value).startswith(f"{root / 'reports' / 'validation.json'}: {message}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_validation_report_as_a_list_by_file_name(tmp_path):
+    root = tmp_path / "p"
+    spec = write_project(root)
+    (root / "reports" / "validation.json").write_text(json.dumps(
+        {"variants": [{"file": f"{NAME}-BF16.gguf", "cosine": 0.9999991, "psnr": 60.0}]}))
+    build_release(spec, tmp_path / "out")
+    body = (tmp_path / "out" / "README.md").read_text()
+    assert "| cosine | PSNR (dB) | SHA-256 |" in body
+    assert " | 0.999999 | 60.00 | " in body
+
+
 # --- a fresh release -------------------------------------------------------------------------------
 
 def test_release_holds_every_file(built):
