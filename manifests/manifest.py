@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import SchemaError
 from .paths import check_relative_path
@@ -244,7 +244,3 @@ def dump_manifest(manifest: Manifest) -> bytes:
     validate(doc)
     _check_rules(doc, MANIFEST_NAME)
     return (_dump(doc, 0, False) + "\n").encode("utf-8")
-
-
-def iter_listed_paths(manifest: Manifest) -> Iterable[str]:
-    return (a.path for a in manifest.artifacts)
