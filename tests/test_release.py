@@ -237,11 +237,17 @@ def test_bad_validation_report_is_refused(tmp_path, content, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_validation_report_as_a_list_by_file_name(tmp_path):
+@pytest.mark.parametrize("report", [
+    {"variants": [{"file": f"{NAME}-BF16.gguf", "cosine": 0.9999991, "psnr": 60.0}]},
+    # what `flux-gguf validate` writes: keyed by file name, figures under "metrics"
+    {"schema_version": 1, "variants": {f"{NAME}-BF16.gguf": {
+        "file": f"{NAME}-BF16.gguf", "variant": "BF16", "metrics": {"cosine": 0.9999991, "psnr": 60.0},
+        "gguf_bytes": 1, "tensors": {"summary_by_type": {}}, "outputs": None}}},
+])
+def test_validation_report_keyed_by_file_name(tmp_path, report):
     root = tmp_path / "p"
     spec = write_project(root)
-    (root / "reports" / "validation.json").write_text(json.dumps(
-        {"variants": [{"file": f"{NAME}-BF16.gguf", "cosine": 0.9999991, "psnr": 60.0}]}))
+    (root / "reports" / "validation.json").write_text(json.dumps(report))
     build_release(spec, tmp_path / "out")
     body = (tmp_path / "out" / "README.md").read_text()
     assert "| cosine | PSNR (dB) | SHA-256 |" in body
