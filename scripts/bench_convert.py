@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from converter.layout import FluxGeometry
@@ -60,13 +61,18 @@ def run_scenario(src: pathlib.Path, out: pathlib.Path, variants: list[str], thre
            "--json"] + [a for v in variants for a in ("--variant", v)]
     if threads:
         cmd += ["--threads", str(threads)]
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in earlier children).
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    stdout, stderr = child.stdout.read(), child.stderr.read()  # type: ignore[union-attr]
-    code = os.waitstatus_to_exitcode(status)
+    # The child's output goes to files, not pipes: a full pipe would block it while we sit in wait4.
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
+        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in earlier children).
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read()
+    code = child.returncode
     if code != 0:
         sys.exit(f"bench: convert failed ({code}): {stderr.decode(errors='replace').strip()[-2000:]}")
     artifacts = json.loads(stdout)["artifacts"]
