@@ -1,6 +1,10 @@
 """Byte-exact numba K-quant kernels (ggml's reference quantizers, reimplemented)."""
 from __future__ import annotations
 
+from ._cache import invalidate_stale_kernels
+
+invalidate_stale_kernels()  # before any kernel module is imported
+
 from .api import dequantize, get_threads, quantize, row_nbytes, set_threads
 from .errors import BlockSizeError, NonFiniteError, QuantError, ShapeError, UnsupportedTypeError
 from .floats import bfloat16_bits_to_f32, to_bfloat16_bits, to_float16
