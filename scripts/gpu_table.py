@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -57,6 +58,7 @@ from converter.errors import FluxGGUFError  # noqa: E402
 from converter.layout import FluxGeometry  # noqa: E402
 from converter.pipeline import convert  # noqa: E402
 from converter.probes import ProbeSpec, make_kontext_probe  # noqa: E402
+from converter.recipes import layout_tensors, make_plans  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from converter.synthetic import synthetic_nbytes, write_synthetic_flux  # noqa: E402
 from converter.validate import environment  # noqa: E402
@@ -90,6 +92,20 @@ def load_state(out: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
             f"{path} holds results made with other settings ({state.get('settings')}); "
             "use another OUT_DIR or pass --fresh")
     return state
+
+
+def disk_needed(work: pathlib.Path, source: pathlib.Path, geometry: FluxGeometry, variants: list[str]) -> None:
+    """Refuse up front when WORK_DIR cannot hold the checkpoint and every GGUF (convert writes all at once)."""
+    plans = make_plans(variants, layout_tensors(geometry), name=NAME, family="flux-dev")
+    present = [source] + [work / p.file_name for p in plans]
+    need = (0 if source.exists() else synthetic_nbytes(geometry, "BF16")) + sum(
+        p.file_size for p in plans if not (work / p.file_name).exists())
+    free = shutil.disk_usage(work).free
+    if need > free:
+        have = sum(f.stat().st_size for f in present if f.exists())
+        raise click.ClickException(
+            f"{work}: needs {need / 1e9:.1f} GB more free disk (checkpoint and {len(plans)} GGUF files; "
+            f"{have / 1e9:.1f} GB already there), has {free / 1e9:.1f} GB; use a larger disk or fewer --variants")
 
 
 def generate(source: pathlib.Path, geometry: FluxGeometry, state: dict[str, Any], out: pathlib.Path) -> None:
@@ -282,6 +298,8 @@ def main(work_dir: pathlib.Path, out_dir: pathlib.Path, stage: str, tiny: bool, 
     source = work_dir / f"{NAME}.safetensors"
     try:
         state = load_state(out_dir, settings)
+        if stage in ("all", "generate", "convert"):
+            disk_needed(work_dir, source, geometry, names)
         if stage in ("all", "generate"):
             generate(source, geometry, state, out_dir)
         if stage in ("all", "convert"):

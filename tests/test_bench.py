@@ -103,11 +103,15 @@ def test_cli_bench_error_line():
 def test_gpu_table_script_runs_tiny_on_cpu(tmp_path):
     """The GPU script end to end at the smallest geometry diffusers loads, so it is known to work."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_table.py"), str(tmp_path / "work"), str(tmp_path / "out"),
-         "--tiny", "--variants", "Q8_0,Q4_K_M", "--steps", "1", "--warmup", "1"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
-    )
+
+    def run(*extra):
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "gpu_table.py"), str(tmp_path / "work"), str(tmp_path / "out"),
+             "--tiny", "--variants", "Q8_0,Q4_K_M", "--warmup", "1", *extra],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
+        )
+
+    res = run("--steps", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "benchmarks.json").read_text())
     assert [r["label"] for r in doc["bench"]["records"]] == ["BF16", "Q8_0", "Q4_K_M"]
@@ -116,3 +120,11 @@ def test_gpu_table_script_runs_tiny_on_cpu(tmp_path):
     assert "random weights" in md and "| flux1-kontext-dev-synthetic-Q4_K_M.gguf | Q4_K_M |" in md
     assert "python scripts/gpu_table.py" in md
     assert "converted" in res.stdout  # progress lines
+    # A rerun resumes: every file measured before is kept, nothing is loaded again.
+    again = run("--steps", "1", "--stage", "bench")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("measured before, kept") == 3 and "loading on" not in again.stdout
+    # Results made with other settings are never mixed in.
+    other = run("--steps", "2", "--stage", "report")
+    assert other.returncode == 1
+    assert f"Error: {tmp_path / 'out' / 'benchmarks.json'} holds results made with other settings" in other.stderr
