@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .errors import ValidationError
 from .probes import ProbeSpec
-from .validate import ProgressFn, ValidationReport, validate as run_validate, write_validation_json
+from .validate import VALIDATION_FILE, ProgressFn, ValidationReport, validate as run_validate, write_validation_json
 
 GB = 1e9
 _DEVICE = click.Choice(["cpu", "cuda"])
@@ -145,7 +145,7 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
                                 width=render_width, max_sequence_length=max_sequence_length,
                                 save_dir=save_images, log=_log)
         report = report.with_pipeline(result.to_dict())
-    path = write_validation_json(report, output or gguf.parent / "validation.json")
+    path = write_validation_json(report, output or gguf.parent / VALIDATION_FILE)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
