@@ -3,10 +3,10 @@
 Why merge before quantizing: ``W + delta`` rounded once is the best a quantized file can hold;
 merging after quantization rounds twice (lora.md). The merge is
 ``W' = W + strength * (alpha / rank) * (B @ A)`` in float32 on the upcast source weight, several
-LoRAs stacking in the order given. ``B @ A`` is numpy's float32 matmul: BLAS chooses the
-summation order (and may vary it with thread count or CPU), so a delta is float32-accurate but
-not bit-defined across machines. Within one process ``merger(name, w)`` is exactly
-``w + merger.delta(name)``, which is what tests compare.
+LoRAs stacking in the order given. ``B @ A`` comes from :mod:`converter.lowrank`: exact products
+summed in float64 in a fixed order and rounded once, so the merged weights (and therefore the
+quantized bytes) are the same on every machine and for any thread count, and ``verify --source``
+can re-derive a merged release anywhere. ``merger(name, w)`` is exactly ``w + merger.delta(name)``.
 
 Full-tensor replacements (control-LoRA norm scales) are applied as they are whenever the LoRA's
 strength is non-zero, the way diffusers and ComfyUI apply them, then the deltas are added.
@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import LoraError
 from .lora_formats import CanonicalLora, key_list, load_lora
+from .lowrank import lowrank_product
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -171,7 +172,7 @@ def _lora_delta(lora: CanonicalLora, name: str, shape: tuple[int, ...], strength
         for part in parts:
             r0, r1 = part.rows or (0, shape[0])
             block = out[r0:r1]
-            np.matmul(part.b, part.a, out=block)
+            lowrank_product(part.b, part.a, out=block)  # same bits on every machine
             block *= np.float32(strength * part.scale)
     full = lora.full_deltas.get(name)
     if full is not None:
