@@ -71,13 +71,16 @@ def describe_rederive(r: RederiveReport) -> str:
 @click.option("--tensors", is_flag=True, help="For each damaged GGUF, list the tensors whose bytes differ.")
 @click.option("--source", "source", type=click.Path(path_type=pathlib.Path), default=None,
               help="Re-derive every tensor from these source weights (file or diffusers folder) and check its digest.")
+@click.option("--lora", "loras", multiple=True, type=click.Path(path_type=pathlib.Path), metavar="FILE",
+              help="With --source: a LoRA file the release merged (matched to the manifest by sha256); repeatable.")
 @click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
               help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
               help="Threads for re-encoding with --source (default: all cores).")
 @remote_option
 def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
-           ignore: tuple[str, ...], threads: int | None, remote: str | None = None) -> None:
+           loras: tuple[pathlib.Path, ...], ignore: tuple[str, ...], threads: int | None,
+           remote: str | None = None) -> None:
     """Check every file of a release folder against its manifest.json.
 
     Each file is reported ok, mismatch, missing or unexpected; the exit status is 1 if any is
@@ -89,8 +92,11 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
       flux-gguf verify dist/flux1-kontext-dev
       flux-gguf verify dist/flux1-kontext-dev --tensors --json
       flux-gguf verify dist/flux1-kontext-dev --source flux1-kontext-dev.safetensors
+      flux-gguf verify dist/NAME --source flux1-kontext-dev.safetensors --lora hyper8.safetensors
       flux-gguf verify dist/flux1-kontext-dev --remote me/FLUX.1-Kontext-dev-GGUF
     """
+    if loras and source is None:
+        raise click.UsageError("--lora only applies with --source (re-deriving a release that merged LoRAs)")
     if remote is not None:
         if source is not None or tensors:
             raise click.UsageError("--remote checks the Hub's copy; it cannot be combined with --source or --tensors")
@@ -102,8 +108,10 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         raise click.ClickException(str(e)) from e
     rederived = None
     if source is not None:
+        transform = _lora_transform(report.manifest, source, loras) if loras else None
         with progress_bar("re-deriving") as progress:
-            rederived = rederive_release(report.manifest, source, threads=threads, progress=progress)
+            rederived = rederive_release(report.manifest, source, threads=threads, progress=progress,
+                                         tensor_transform=transform)
     if as_json:
         doc: dict[str, Any] = report.to_json()
         if rederived is not None:
@@ -118,3 +126,16 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         click.echo(f"release {directory}: {'OK' if good else 'PROBLEMS FOUND'}")
     if not report.ok or (rederived is not None and not rederived.ok):
         click.get_current_context().exit(1)
+
+
+def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> Any:
+    """The merge transform the release applied, rebuilt from its record and the user's LoRA files."""
+    from .release_lora import merger_for_manifest
+    from .sources import open_source
+
+    records = manifest.spec.get("lora") or []
+    if not any(r.get("mode", "merge") == "merge" for r in records):
+        raise click.UsageError("--lora: this release merged no LoRA")
+    with open_source(source) as src:
+        shapes = {name: tuple(t.shape) for name, t in src.tensors.items()}
+    return merger_for_manifest(records, list(loras), shapes)

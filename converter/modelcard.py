@@ -151,6 +151,8 @@ def render_model_card(
     files: Sequence[CardFile],
     sources: Sequence[CardSource],
     quality: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    extension_outputs: Mapping[str, Sequence[Any]] | None = None,
 ) -> str:
     """The full README.md text (front matter + body), deterministic for a given input."""
     quality = quality or {}
@@ -176,8 +178,14 @@ def render_model_card(
             ]
     if spec.overrides:
         out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
-    for key in spec.extensions:
-        out.append(f"- `{key}` entries from the spec were applied; `manifest.json` records them.")
+    sections: list[str] = []
+    for key, ext in spec.extensions.items():
+        if ext.card_section is not None:
+            sections += ext.card_section((extension_outputs or {}).get(key, ()))
+        else:
+            out.append(f"- `{key}` entries from the spec were applied; `manifest.json` records them.")
+    if sections:
+        out += [""] + sections
     out += ["", "Source files:", "", "| File | Size | SHA-256 |", "|---|--:|---|"]
     out += [f"| {_cell(s.name)} | {human_size(s.size)} | `{s.sha256}` |" for s in sources]
     out += ["", "## Verify your download", "",

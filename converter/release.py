@@ -34,10 +34,18 @@ from manifests import (
 from manifests.hashing import FileDigest, copy_file_hashed, hash_bytes, write_bytes_atomic
 
 from . import __version__
+from . import release_lora  # noqa: F401  (registers the [[lora]] spec hook)
 from .errors import OutputError, ReleaseError
 from .modelcard import CardSource, card_file, read_validation_report, render_model_card
 from .pipeline import convert
-from .release_spec import MODEL_CARD_NAME, VALIDATION_NAME, ReleaseSpec, TensorTransform, parse_release_spec
+from .release_spec import (
+    MODEL_CARD_NAME,
+    VALIDATION_NAME,
+    ExtensionOutput,
+    ReleaseSpec,
+    TensorTransform,
+    parse_release_spec,
+)
 from .sources import open_source
 from .writer import ArtifactRecord
 
@@ -160,6 +168,11 @@ def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: 
     sources = tuple(SourceEntry(n, digests[p].size, digests[p].sha256) for n, p in zip(names, inputs))
 
     artifacts = [_gguf_entry(r) for r in records]
+    ext_outputs: dict[str, list[ExtensionOutput]] = {}
+    for key, ext in spec.extensions.items():
+        if ext.write_outputs is not None:
+            ext_outputs[key] = list(ext.write_outputs(partial, spec))
+            artifacts += [ArtifactEntry(path=o.name, size=o.size, sha256=o.sha256, kind=o.kind) for o in ext_outputs[key]]
     files = [card_file(a.path, a.variant or "", a.size, a.sha256, a.tensors or ()) for a in artifacts]
     quality = {}
     extra: list[ArtifactEntry] = []
@@ -170,7 +183,8 @@ def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: 
     for name, path in spec.extra_file_paths.items():
         extra.append(_file_entry(name, copy_file_hashed(path, partial / name), KIND_EXTRA))
 
-    card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality)
+    card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,
+                             extension_outputs=ext_outputs)
     card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
     artifacts += [_file_entry(MODEL_CARD_NAME, card_digest, KIND_CARD)] + extra
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,12 +50,31 @@ class SpecExtension:
 
     ``record``: JSON-able, stored as ``manifest.spec[key]``; ``files``: further inputs, hashed and
     listed as sources; ``make_transform``: builds the transform applied to each float32 tensor
-    before quantization (see :data:`TransformFactory`).
+    before quantization (see :data:`TransformFactory`); ``write_outputs``: writes extra release
+    files (listed in the manifest and SHA256SUMS); ``card_section``: the model card's Markdown
+    lines for this key, given those outputs.
     """
 
     record: Any
     files: tuple[Path, ...] = ()
     make_transform: TransformFactory | None = None
+    write_outputs: OutputWriter | None = None
+    card_section: Callable[[Sequence[ExtensionOutput]], list[str]] | None = None
+
+
+@dataclass(frozen=True)
+class ExtensionOutput:
+    """A file an extension adds to the release (e.g. a LoRA side-car), with the digest computed
+    while it was written."""
+
+    name: str  # file name inside the release folder
+    size: int
+    sha256: str
+    kind: str  # manifest artifact kind, e.g. "lora"
+
+
+OutputWriter = Callable[[Path, "ReleaseSpec"], Sequence[ExtensionOutput]]
+"""``write(release folder being built, spec) -> outputs``; called after the GGUFs are written."""
 
 
 SpecHook = Callable[[Any, Path, str], SpecExtension]
@@ -285,6 +304,8 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
     extensions: dict[str, SpecExtension] = {}
     for key in EXTENSION_KEYS:
         if key in raw:
+            if not _HOOKS:
+                from . import release_lora  # noqa: F401  (registers the [[lora]] hook)
             hook = _HOOKS.get(key)
             if hook is None:
                 raise c.error(key, "entries need the module that handles them, which this flux-gguf does not have")

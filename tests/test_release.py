@@ -137,7 +137,6 @@ CARD = '[card]\nlicense = "other"\n'
     (BASE + 'extra_files = ["a/L.md", "b/L.md"]\n' + CARD, "'extra_files' lists two files named 'L.md'"),
     (BASE + 'validation = "v.json"\n' + CARD, "'validation' names 'v.json', which is not an existing file"),
     (BASE + CARD + 'license_link = "LICENSE.md"\n', "'card.license_link' is the relative link 'LICENSE.md', but 'extra_files' ships no file of that name"),
-    (BASE + "[[lora]]\npath = \"x.safetensors\"\n" + CARD, "'lora' entries need the module that handles them, which this flux-gguf does not have"),
     ("name = \n", "not valid TOML: "),
 ])
 def test_spec_errors_name_the_key(tmp_path, text, message):
@@ -145,6 +144,13 @@ def test_spec_errors_name_the_key(tmp_path, text, message):
     if "does not exist" not in message:
         extra["w.safetensors"] = "x"
     assert _spec_error(tmp_path, text, extra=extra).startswith(message)
+
+
+def test_extension_key_without_a_hook_is_refused(tmp_path, monkeypatch):
+    from converter import release_spec
+    monkeypatch.setattr(release_spec, "_HOOKS", {"other": None})  # hooks known, none for 'lora'
+    message = _spec_error(tmp_path, BASE + "[[lora]]\npath = \"x.safetensors\"\n" + CARD, extra={"w.safetensors": "x"})
+    assert message.startswith("'lora' entries need the module that handles them, which this flux-gguf does not have")
 
 
 def test_spec_not_found(tmp_path):

@@ -1,0 +1,172 @@
+"""[[lora]] in a release spec: merged before quantization, or shipped as a hashed kohya side-car."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import quant_kernels
+from converter.cli import main
+from converter.errors import LoraError, ReleaseError
+from converter.lora_formats import load_lora
+from converter.layout import bfl_tensor_shapes
+from converter.lora_merge import LoraSpec, build_merger
+from converter.release import build_release
+from converter.release_spec import parse_release_spec
+from converter.sources import open_source
+from converter.synthetic import write_synthetic_flux
+from lora_fixtures import GEO, dense_canonical, make_truth, write_diffusers, write_kohya
+from manifests import load_manifest, verify_release
+
+SPEC = """\
+name = "tiny"
+source = "weights/tiny.safetensors"
+base_model = "black-forest-labs/FLUX.1-Kontext-dev"
+variants = ["Q4_K_M", "Q8_0"]
+
+[[lora]]
+path = "loras/speed.safetensors"
+name = "speed"
+strength = 0.5
+mode = "merge"
+
+[[lora]]
+path = "loras/style.safetensors"
+name = "style"
+strength = 0.8
+mode = "sidecar"
+dtype = "F16"
+
+[card]
+license = "other"
+"""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lora-release")
+    (root / "weights").mkdir()
+    (root / "loras").mkdir()
+    write_synthetic_flux(root / "weights" / "tiny.safetensors", GEO, seed=3)
+    write_kohya(root / "loras" / "speed.safetensors", make_truth(GEO, seed=1))
+    write_diffusers(root / "loras" / "style.safetensors", make_truth(GEO, seed=2))
+    (root / "release.toml").write_text(SPEC)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(project, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "tiny"
+    build_release(project / "release.toml", out)
+    return out
+
+
+def test_release_records_both_loras_and_verifies(built, project):
+    assert verify_release(built).ok
+    m = load_manifest(built / "manifest.json")
+    recs = {r["name"]: r for r in m.spec["lora"]}
+    assert recs["speed"]["mode"] == "merge" and recs["speed"]["strength"] == 0.5 and recs["speed"]["format"] == "kohya"
+    assert recs["style"]["mode"] == "sidecar" and recs["style"]["dtype"] == "F16"
+    assert recs["speed"]["sha256"] == hashlib.sha256((project / "loras" / "speed.safetensors").read_bytes()).hexdigest()
+    side = m.artifact("tiny-lora-style.safetensors")
+    assert side.kind == "lora"
+    assert side.sha256 == hashlib.sha256((built / "tiny-lora-style.safetensors").read_bytes()).hexdigest()
+    assert [s.name for s in m.sources] == ["tiny.safetensors", "loras/speed.safetensors", "loras/style.safetensors"]
+    sums = (built / "SHA256SUMS").read_text()
+    assert "  tiny-lora-style.safetensors\n" in sums
+    subprocess.run(["sha256sum", "-c", "--strict", "--quiet", "SHA256SUMS"], cwd=built, check=True)
+
+
+def test_merged_tensors_equal_quantize_of_merged_weights(built, project):
+    m = load_manifest(built / "manifest.json")
+    with open_source(project / "weights" / "tiny.safetensors") as src:
+        shapes = {n: t.shape for n, t in src.tensors.items()}
+        merger = build_merger([LoraSpec(project / "loras" / "speed.safetensors", 0.5)], shapes)
+        gguf = next(a for a in m.ggufs if a.variant == "Q4_K_M")
+        by_name = {t.name: t for t in gguf.tensors}
+        for name in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"):
+            w = src.read(name)
+            merged = merger(name, w)
+            assert not np.array_equal(merged, w)
+            t = by_name[name]
+            expected = quant_kernels.quantize(merged, t.type).tobytes()
+            assert hashlib.sha256(expected).hexdigest() == t.sha256, name
+
+
+def test_sidecar_holds_the_style_lora_and_names_the_base(built, project):
+    side = load_lora(built / "tiny-lora-style.safetensors")
+    orig = load_lora(project / "loras" / "style.safetensors")
+    shapes = bfl_tensor_shapes(GEO)
+    a, b = dense_canonical(side, shapes), dense_canonical(orig, shapes)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-3, atol=1e-5)  # stored as F16
+    assert side.metadata["flux_gguf.base_model"] == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert float(side.metadata["flux_gguf.recommended_strength"]) == 0.8
+
+
+def test_model_card_describes_merge_and_sidecar(built):
+    text = (built / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["base_model"] == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert "## LoRAs" in text
+    assert "- `speed` (kohya format, strength 0.5), from `loras/speed.safetensors`" in text
+    assert "| [tiny-lora-style.safetensors](tiny-lora-style.safetensors) | `style` (diffusers) | 0.8 |" in text
+    assert "<lora:tiny-lora-style:0.8>" in text
+
+
+def test_build_is_reproducible(project, built, tmp_path):
+    again = tmp_path / "again"
+    build_release(project / "release.toml", again)
+    for f in sorted(p.name for p in built.iterdir()):
+        assert (again / f).read_bytes() == (built / f).read_bytes(), f
+
+
+def test_verify_source_needs_and_uses_the_merged_lora(built, project):
+    src = str(project / "weights" / "tiny.safetensors")
+    r = CliRunner().invoke(main, ["verify", str(built), "--source", src])
+    assert r.exit_code == 1
+    assert "this release applied 'lora' entries to the weights" in r.output
+    r = CliRunner().invoke(main, ["verify", str(built), "--source", src,
+                                  "--lora", str(project / "loras" / "speed.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert f"release {built}: OK" in r.output
+    r = CliRunner().invoke(main, ["verify", str(built), "--source", src,
+                                  "--lora", str(project / "loras" / "style.safetensors")])
+    assert r.exit_code == 1
+    assert "Error: manifest.json: the release merged LoRA 'speed' (loras/speed.safetensors, sha256 " in r.output
+    r = CliRunner().invoke(main, ["verify", str(built), "--lora", str(project / "loras" / "speed.safetensors")])
+    assert r.exit_code == 2 and "--lora only applies with --source" in r.output
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('path = "loras/speed.safetensors"\nmode = "fuse"\n', "[[lora]] entry 1: mode must be one of merge, sidecar, got 'fuse'"),
+    ('path = "loras/speed.safetensors"\nweight = 1\n', "[[lora]] entry 1: unknown key 'weight'; expected one of path, name, strength, mode, dtype"),
+    ('path = "loras/none.safetensors"\n', "[[lora]] entry 1: LoRA file not found: "),
+    ('path = "../x.safetensors"\n', "[[lora]] entry 1: path must be a relative path inside the spec's folder, got '../x.safetensors'"),
+    ('path = "loras/speed.safetensors"\ndtype = "F16"\n', '[[lora]] entry 1: dtype applies to mode = "sidecar" only'),
+    ('path = "loras/speed.safetensors"\nstrength = "high"\n', "[[lora]] entry 1: strength must be a finite number, got 'high'"),
+])
+def test_lora_entry_errors_name_the_entry(project, tmp_path, entry, message):
+    spec = project / f"bad-{abs(hash(entry))}.toml"
+    spec.write_text(SPEC.split("[[lora]]")[0] + "[[lora]]\n" + entry + "\n[card]\nlicense = \"other\"\n")
+    with pytest.raises(ReleaseError) as e:
+        parse_release_spec(spec)
+    assert str(e.value).startswith(f"{spec}: {message}")
+
+
+def test_lora_for_another_size_is_refused_before_converting(project, tmp_path):
+    from converter.layout import FluxGeometry
+    big = FluxGeometry(double_blocks=1, single_blocks=1, hidden=512)
+    write_kohya(project / "loras" / "wide.safetensors", make_truth(big, seed=4), big)
+    spec = project / "wide.toml"
+    spec.write_text(SPEC.split("[[lora]]")[0] + '[[lora]]\npath = "loras/wide.safetensors"\n\n[card]\nlicense = "other"\n')
+    out = tmp_path / "never"
+    with pytest.raises(LoraError, match=r"wide\.safetensors \(kohya\)"):
+        build_release(spec, out)
+    assert not out.exists() and not (tmp_path / "never.partial").exists()
