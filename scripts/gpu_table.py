@@ -98,8 +98,14 @@ def disk_needed(work: pathlib.Path, source: pathlib.Path, geometry: FluxGeometry
     """Refuse up front when WORK_DIR cannot hold the checkpoint and every GGUF (convert writes all at once)."""
     plans = make_plans(variants, layout_tensors(geometry), name=NAME, family="flux-dev")
     present = [source] + [work / p.file_name for p in plans]
-    need = (0 if source.exists() else synthetic_nbytes(geometry, "BF16")) + sum(
-        p.file_size for p in plans if not (work / p.file_name).exists())
+    need = sum(p.file_size for p in plans if not (work / p.file_name).exists())
+    source_need = 0 if source.exists() else synthetic_nbytes(geometry, "BF16")
+    if os.stat(source.parent).st_dev != os.stat(work).st_dev:
+        if source_need > shutil.disk_usage(source.parent).free:
+            raise click.ClickException(f"{source.parent}: needs {source_need / 1e9:.1f} GB free for the checkpoint, "
+                                       f"has {shutil.disk_usage(source.parent).free / 1e9:.1f} GB")
+    else:
+        need += source_need
     free = shutil.disk_usage(work).free
     if need > free:
         have = sum(f.stat().st_size for f in present if f.exists())
@@ -152,7 +158,8 @@ def convert_all(source: pathlib.Path, work: pathlib.Path, variants: list[str], t
 
 
 def bench_all(source: pathlib.Path, work: pathlib.Path, geometry: FluxGeometry, probe: ProbeSpec, steps: int,
-              warmup: int, device: str, state: dict[str, Any], out: pathlib.Path) -> None:
+              warmup: int, device: str, state: dict[str, Any], out: pathlib.Path,
+              stop_at: float | None = None) -> None:
     """Baseline first, then each GGUF; every finished file is saved, so a rerun picks up where it stopped."""
     require_diffusers()
     dev = resolve_device(device)
@@ -171,6 +178,9 @@ def bench_all(source: pathlib.Path, work: pathlib.Path, geometry: FluxGeometry, 
         if path.name in done and (not is_baseline or reference_path.exists()):
             say(f"bench: {path.name} measured before, kept")
             continue
+        if stop_at is not None and time.monotonic() > stop_at:
+            say(f"bench: deadline reached before {path.name}; rerun to continue")
+            break
         say(f"bench: {path.name}: loading on {dev}")
         if is_baseline:
             with open_source(path) as src:
@@ -275,9 +285,15 @@ def render_markdown(state: dict[str, Any], argv: dict[str, Any]) -> str:
               help="Conversion threads (default: all cores).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available.")
 @click.option("--fresh", is_flag=True, help="Forget earlier results in OUT_DIR (files in WORK_DIR are kept).")
+@click.option("--source-dir", type=click.Path(path_type=pathlib.Path), default=None,
+              help="Where the synthetic checkpoint lives (default WORK_DIR), e.g. /dev/shm when the disk "
+                   "cannot hold the checkpoint and every GGUF.")
+@click.option("--deadline", type=click.FloatRange(min=0), default=None,
+              help="Seconds after start past which no further file is benched (the report is still written); "
+                   "a rerun continues.")
 def main(work_dir: pathlib.Path, out_dir: pathlib.Path, stage: str, tiny: bool, variants: str, height: int | None,
          width: int | None, text_tokens: int | None, steps: int, warmup: int, threads: int | None,
-         device: str | None, fresh: bool) -> None:
+         device: str | None, fresh: bool, source_dir: pathlib.Path | None, deadline: float | None) -> None:
     """Generate, convert and bench the synthetic full-size Kontext checkpoint; write benchmarks.md."""
     names = [v.strip() for v in variants.split(",") if v.strip()]
     geometry = TINY if tiny else FULL
@@ -295,7 +311,9 @@ def main(work_dir: pathlib.Path, out_dir: pathlib.Path, stage: str, tiny: bool, 
     argv = {"tiny": True if tiny else None, "variants": variants if names != list(VARIANTS) else None,
             "height": height, "width": width, "text_tokens": text_tokens, "steps": steps, "warmup": warmup}
     argv = {k: v for k, v in argv.items() if v is not None}
-    source = work_dir / f"{NAME}.safetensors"
+    (source_dir or work_dir).mkdir(parents=True, exist_ok=True)
+    source = (source_dir or work_dir) / f"{NAME}.safetensors"
+    stop_at = None if deadline is None else time.monotonic() + deadline
     try:
         state = load_state(out_dir, settings)
         if stage in ("all", "generate", "convert"):
@@ -305,7 +323,7 @@ def main(work_dir: pathlib.Path, out_dir: pathlib.Path, stage: str, tiny: bool, 
         if stage in ("all", "convert"):
             convert_all(source, work_dir, names, threads, state, out_dir)
         if stage in ("all", "bench"):
-            bench_all(source, work_dir, geometry, probe, steps, warmup, device, state, out_dir)
+            bench_all(source, work_dir, geometry, probe, steps, warmup, device, state, out_dir, stop_at)
     except FluxGGUFError as e:
         raise click.ClickException(str(e)) from None
     write_json(out_dir / STATE, state)
