@@ -208,3 +208,29 @@ def test_help_lists_every_command():
     assert r.exit_code == 0
     for spec in COMMANDS:
         assert f"  {spec.split(':')[1]} " in r.stdout
+
+
+def test_dry_run_on_a_full_size_header_matches_the_published_sizes(tmp_path):
+    """The full FLUX.1 layout as a sparse file: a real header, 23.8 GB of holes; nothing is read."""
+    import math
+
+    from converter.layout import bfl_tensor_shapes
+    from converter.safetensors_io import encode_header
+
+    shapes = bfl_tensor_shapes(FluxGeometry())
+    p = tmp_path / "flux1-kontext-dev.safetensors"
+    header = encode_header([(n, "BF16", s) for n, s in shapes.items()], {"format": "pt"})
+    with open(p, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(math.prod(s) * 2 for s in shapes.values()))
+    published = {"Q2_K": 4.024, "Q3_K_S": 5.226, "Q3_K_M": 5.368, "Q4_K_S": 6.797, "Q4_K_M": 6.932,
+                 "Q5_K_S": 8.277, "Q5_K_M": 8.419, "Q6_K": 9.848, "Q8_0": 12.714}
+    r = run("convert", p, "-o", tmp_path / "out", "--variant", ",".join(published), "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["family"] == "flux-dev"
+    sizes = {pl["variant"]: pl["size"] for pl in out["plans"]}
+    assert sizes.keys() == published.keys()
+    for v, gb in published.items():
+        assert abs(sizes[v] / 1e9 - gb) <= gb * 0.001, v
+    assert not (tmp_path / "out").exists()
