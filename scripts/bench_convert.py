@@ -28,7 +28,13 @@ from converter.layout import FluxGeometry
 from converter.synthetic import synthetic_nbytes, write_synthetic_flux
 from converter.recipes import layout_tensors, make_plans
 
-SCENARIOS = {"Q4_K_M": ["Q4_K_M"], "Q3_K_S+Q4_K_M+Q5_K_M": ["Q3_K_S", "Q4_K_M", "Q5_K_M"]}
+SCENARIOS = {
+    "Q4_K_M": ["Q4_K_M"],
+    "Q3_K_S": ["Q3_K_S"],
+    "Q5_K_M": ["Q5_K_M"],
+    # one pass for all three, to compare with the sum of the three single runs above
+    "Q3_K_S+Q4_K_M+Q5_K_M": ["Q3_K_S", "Q4_K_M", "Q5_K_M"],
+}
 SOURCE_NAME = "flux1-synthetic-full.safetensors"
 GB = 1e9
 
@@ -128,6 +134,12 @@ def main() -> None:
     for r in results["runs"]:
         print(f"{r['scenario']:<24} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['peak_rss_gb']:>12.3f} "
               f"{r['read_gb_s']:>10.3f} {r['write_gb_s']:>11.3f}")
+    walls = {r["scenario"]: r["wall_s"] for r in results["runs"]}
+    singles = ["Q3_K_S", "Q4_K_M", "Q5_K_M"]
+    if all(s in walls for s in singles) and "Q3_K_S+Q4_K_M+Q5_K_M" in walls:
+        total = sum(walls[s] for s in singles)
+        print(f"one pass for three variants: {walls['Q3_K_S+Q4_K_M+Q5_K_M']:.1f} s vs {total:.1f} s for three "
+              f"separate runs ({walls['Q3_K_S+Q4_K_M+Q5_K_M'] / total:.2f}x)")
     if args.remove_source:
         src.unlink()
 
