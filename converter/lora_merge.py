@@ -16,6 +16,7 @@ shape, otherwise a LoraError lists the offending keys and the format detected.
 """
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -238,3 +239,12 @@ class LoraMerger:
 def build_merger(specs: Sequence[LoraSpec], base_shapes: Shapes) -> LoraMerger:
     """Load every LoRA of ``specs`` (any format), validate them against the base, return the hook."""
     return LoraMerger([(load_lora(spec.path), spec.strength) for spec in specs], base_shapes)
+
+
+def merged_lora_metadata(entries: Sequence[tuple[str, str, float, str]]) -> dict[str, str]:
+    """``flux_gguf.loras`` for the GGUF header: (name, file sha256, strength, format) of each merged
+    LoRA, so a file says what was baked into it. Empty when nothing was merged."""
+    if not entries:
+        return {}
+    doc = [{"name": n, "sha256": h, "strength": st, "format": f} for n, h, st, f in entries]
+    return {"flux_gguf.loras": json.dumps(doc, sort_keys=True)}

@@ -63,6 +63,7 @@ def plan_source(
     name: str | None = None,
     overrides: Iterable[str | Override] = (),
     source_sha256: Mapping[str, str] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> list[Plan]:
     """Detect the model and plan every variant for it; reads headers only (``--dry-run``)."""
     info = detect_model(source)
@@ -73,6 +74,7 @@ def plan_source(
         family=info.family,
         overrides=tuple(overrides),
         sources=source_refs(source, source_sha256),
+        extra_metadata=extra_metadata,
     )
 
 
@@ -87,12 +89,14 @@ def convert(
     progress: ProgressFn | None = None,
     tensor_transform: TensorTransform | None = None,
     source_sha256: Mapping[str, str] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
     ``progress(done, total)`` is called with source bytes processed so far;
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
-    float32 array to quantize (same shape). Returns one record per file, in variant order.
+    float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
+    entries (e.g. the LoRAs merged by the transform). Returns one record per file, in variant order.
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
@@ -104,7 +108,8 @@ def convert(
             raise PlanError(str(e)) from None
     try:
         with open_source(src) as source:
-            plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256)
+            plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
+                                extra_metadata=extra_metadata)
             out = _prepare_out_dir(pathlib.Path(out_dir), plans)
             return _convert_planned(source, plans, out, progress, tensor_transform)
     finally:

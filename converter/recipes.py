@@ -308,10 +308,12 @@ def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: V
 
 
 def flux_metadata(variant: Variant, name: str, family: str, overrides: Sequence[Override],
-                  sources: Sequence[SourceRef]) -> tuple[KV, ...]:
-    """The KV entries every file carries, in the order they are written (no timestamps)."""
+                  sources: Sequence[SourceRef], extra: Mapping[str, str] | None = None) -> tuple[KV, ...]:
+    """The KV entries every file carries, in the order they are written (no timestamps).
+
+    ``extra``: further ``flux_gguf.*`` string entries (e.g. ``flux_gguf.loras`` for merged LoRAs)."""
     s, u32 = GGUFValueType.STRING, GGUFValueType.UINT32
-    return (
+    own = (
         KV("general.architecture", "flux", s),
         KV("general.name", name, s),
         KV("general.quantization_version", QUANTIZATION_VERSION, u32),
@@ -322,6 +324,10 @@ def flux_metadata(variant: Variant, name: str, family: str, overrides: Sequence[
         KV("flux_gguf.source", json.dumps([r.to_dict() for r in sources], sort_keys=True), s),
         KV("flux_gguf.model_family", family, s),
     )
+    for key in extra or {}:
+        if not key.startswith("flux_gguf.") or any(key == kv.key for kv in own):
+            raise PlanError(f"extra metadata key {key!r} must be a new flux_gguf.* key")
+    return own + tuple(KV(k, v, s) for k, v in sorted((extra or {}).items()))
 
 
 def make_plan(
@@ -332,6 +338,7 @@ def make_plan(
     family: str,
     overrides: Iterable[str | Override] = (),
     sources: Sequence[SourceRef] = (),
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan one output file for ``tensors`` (BFL names in output order, with shape and dtype)."""
     v = resolve_variant(variant)
@@ -349,7 +356,7 @@ def make_plan(
     for o in ovr:
         if not any(o.matches(e.name) for e in entries if len(e.shape) > 1):
             raise PlanError(f"override '{o.text}' matches no 2-D tensor")
-    kv = flux_metadata(v, name, family, ovr, sources)
+    kv = flux_metadata(v, name, family, ovr, sources, extra_metadata)
     header = encode_header(kv, [e.slot() for e in entries])
     return Plan(v, name, family, tuple(entries), ovr, kv, len(header))
 

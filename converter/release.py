@@ -163,7 +163,8 @@ def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: 
     with BackgroundHasher(inputs) as hasher:
         records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
                           overrides=spec.overrides, threads=threads, progress=progress,
-                          tensor_transform=transform)
+                          tensor_transform=transform,
+                          extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()})
         digests = hasher.result()
     sources = tuple(SourceEntry(n, digests[p].size, digests[p].sha256) for n, p in zip(names, inputs))
 

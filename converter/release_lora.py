@@ -28,7 +28,7 @@ from manifests.hashing import hash_file
 from .errors import LoraError, ReleaseError
 from .lora_export import SIDECAR_DTYPES, export_kohya
 from .lora_formats import CanonicalLora, load_lora
-from .lora_merge import LoraMerger, validate_loras
+from .lora_merge import LoraMerger, merged_lora_metadata, validate_loras
 from .release_spec import ExtensionOutput, ReleaseSpec, SpecExtension, register_spec_hook
 
 MODES = ("merge", "sidecar")
@@ -158,6 +158,8 @@ def lora_spec_hook(raw: Any, spec_dir: Path, where: str) -> SpecExtension:
         make_transform=make_transform,
         write_outputs=write_outputs if any(e.mode == "sidecar" for e in entries) else None,
         card_section=lambda outputs: _card_section(entries, outputs),
+        gguf_metadata=merged_lora_metadata([(e.name, e.sha256, e.strength, e.lora.format)
+                                            for e in entries if e.mode == "merge"]),
     )
 
 

@@ -52,7 +52,8 @@ class SpecExtension:
     listed as sources; ``make_transform``: builds the transform applied to each float32 tensor
     before quantization (see :data:`TransformFactory`); ``write_outputs``: writes extra release
     files (listed in the manifest and SHA256SUMS); ``card_section``: the model card's Markdown
-    lines for this key, given those outputs.
+    lines for this key, given those outputs; ``gguf_metadata``: ``flux_gguf.*`` string entries
+    added to every GGUF header.
     """
 
     record: Any
@@ -60,6 +61,7 @@ class SpecExtension:
     make_transform: TransformFactory | None = None
     write_outputs: OutputWriter | None = None
     card_section: Callable[[Sequence[ExtensionOutput]], list[str]] | None = None
+    gguf_metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

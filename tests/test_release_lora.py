@@ -170,3 +170,13 @@ def test_lora_for_another_size_is_refused_before_converting(project, tmp_path):
     with pytest.raises(LoraError, match=r"wide\.safetensors \(kohya\)"):
         build_release(spec, out)
     assert not out.exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_release_ggufs_name_the_merged_lora_in_their_header(built, project):
+    import gguf
+    import json as _json
+    reader = gguf.GGUFReader(built / "tiny-Q8_0.gguf")
+    field = reader.fields["flux_gguf.loras"]
+    doc = _json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert doc == [{"name": "speed", "strength": 0.5, "format": "kohya",
+                    "sha256": hashlib.sha256((project / "loras" / "speed.safetensors").read_bytes()).hexdigest()}]
