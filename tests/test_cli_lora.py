@@ -75,3 +75,14 @@ def test_missing_lora_file_and_bad_strength(files, tmp_path):
     assert r.exit_code == 1
     assert "invalid LoRA strength 'strong'" in r.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_inspect_shows_the_merged_loras(files, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(files / "tiny.safetensors"), "-o", str(out), "--variant", "Q8_0",
+                                  "--lora", f"{files / 'a.safetensors'}:0.25"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out / "tiny-Q8_0.gguf")])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("flux_gguf.loras: "))
+    assert json.loads(line.removeprefix("flux_gguf.loras: "))[0]["strength"] == 0.25
