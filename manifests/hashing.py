@@ -11,8 +11,11 @@ Why this shape:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -134,12 +137,37 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def open_partial(path: str | os.PathLike[str], buffering: int = -1) -> io.BufferedWriter:
+    """Open ``path`` (a ``.partial`` name) for writing as a fresh regular file.
+
+    Whatever already sits under that name (a leftover partial file, or a symbolic link someone
+    planted) is unlinked first, and the new file is created with O_EXCL | O_NOFOLLOW, so bytes
+    are never written through a link to a file outside the output folder.
+    """
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(p))
+        p.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(p, flags, 0o644)
+    try:
+        return open(fd, "wb", buffering=buffering)  # type: ignore[return-value]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> FileDigest:
     """Write ``data`` to ``path`` via ``path.partial`` and a rename; return its digest."""
     final = Path(path)
     tmp = partial_path(final)
     try:
-        with open(tmp, "wb") as f:
+        with open_partial(tmp) as f:
             w = HashingWriter(f)
             w.write(data)
             f.flush()
@@ -164,7 +192,7 @@ def copy_file_hashed(
     buf = bytearray(chunk_size)
     view = memoryview(buf)
     try:
-        with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+        with open(src, "rb", buffering=0) as fin, open_partial(tmp) as fout:
             w = HashingWriter(fout)
             while n := fin.readinto(view):
                 w.write(view[:n])
