@@ -142,18 +142,21 @@ def _convert_planned(
     writers: list[GGUFStreamWriter] = []
     sinks: list[_WriterThread] = []
     reader: _Prefetcher | None = None
+    records: list[ArtifactRecord] = []
     current = None
     try:
         for p in plans:
             writers.append(GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name,
                                             file_type=p.file_type))
         sinks = [_WriterThread(w) for w in writers]
-        reader = _Prefetcher(source, order, transform)
+        reader = _Prefetcher(source, order)
         done = 0
         if progress is not None:
             progress(0, total)
         for tname, x in reader:
             current = tname
+            if transform is not None:
+                x = _apply_transform(transform, tname, x)
             entries = [b[tname] for b in by_name]
             if tuple(x.shape) != entries[0].shape:
                 raise FluxGGUFError(f"got shape {tuple(x.shape)}, expected {entries[0].shape}")
@@ -168,7 +171,11 @@ def _convert_planned(
                 progress(done, total)
         for s in sinks:  # every file fully written before any is renamed into place
             s.drain()
-        return [w.finish() for w in writers]
+        for w in writers:  # every file flushed and on disk before the first rename
+            w.sync()
+        for w in writers:
+            records.append(w.commit())
+        return records
     except BaseException as e:
         for s in sinks:
             s.cancel()
@@ -176,10 +183,11 @@ def _convert_planned(
             reader.close()
         for w in writers:
             w.abort()
-        if isinstance(e, OutputError):
+        pending = plans[len(records):]  # files renamed into place before the failure stay: they are complete
+        if isinstance(e, OutputError) and not records:
             raise  # a writer's own error already names its file and why
         cause = e.cause if isinstance(e, _TensorError) else e
-        raise _not_written(plans, out, e, current) from cause
+        raise _not_written(pending, out, e, current, written=[r.path for r in records]) from cause
     finally:
         if reader is not None:
             reader.close()
@@ -191,7 +199,15 @@ def _encode(x: np.ndarray, qtype: str) -> np.ndarray:
     return quant_kernels.quantize(rows, qtype)
 
 
-def _not_written(plans: Sequence[Plan], out: pathlib.Path, e: BaseException, tensor: str | None) -> OutputError:
+def _apply_transform(transform: TensorTransform, name: str, x: np.ndarray) -> np.ndarray:
+    y = transform(name, x)
+    if not isinstance(y, np.ndarray):
+        raise FluxGGUFError(f"tensor_transform returned {type(y).__name__}, expected a numpy array")
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _not_written(plans: Sequence[Plan], out: pathlib.Path, e: BaseException, tensor: str | None,
+                 written: Sequence[pathlib.Path] = ()) -> OutputError:
     if isinstance(e, _TensorError):
         tensor, e = e.tensor, e.cause
     if isinstance(e, KeyboardInterrupt):
@@ -203,7 +219,8 @@ def _not_written(plans: Sequence[Plan], out: pathlib.Path, e: BaseException, ten
     if tensor is not None:
         why = f"tensor {tensor}: {why}"
     files = ", ".join(str(out / p.file_name) for p in plans)
-    return OutputError(f"{files} {_was(plans)} not written: {why}")
+    done = f" ({', '.join(map(str, written))} {_was(written)} complete)" if written else ""
+    return OutputError(f"{files} {_was(plans)} not written: {why}{done}")
 
 
 class _TensorError(Exception):
@@ -219,10 +236,15 @@ _DONE = object()
 
 
 class _Prefetcher:
-    """Reads (and transforms) tensors in a background thread, one ahead of the consumer."""
+    """Reads tensors in a background thread, one ahead of the consumer.
 
-    def __init__(self, source: Source, names: Sequence[str], transform: TensorTransform | None) -> None:
-        self._source, self._names, self._transform = source, names, transform
+    Only I/O and upcasting happen here: numba's parallel kernels (quantizers, the LoRA product)
+    run in the calling thread alone, since two threads launching parallel regions at once abort
+    the process under numba's workqueue threading layer, and ``set_num_threads`` is per thread.
+    """
+
+    def __init__(self, source: Source, names: Sequence[str]) -> None:
+        self._source, self._names = source, names
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flux-gguf-reader", daemon=True)
@@ -235,11 +257,6 @@ class _Prefetcher:
                 if self._stop.is_set():
                     return
                 x = self._source.read(name)
-                if self._transform is not None:
-                    x = self._transform(name, x)
-                    if not isinstance(x, np.ndarray):
-                        raise FluxGGUFError(f"tensor_transform returned {type(x).__name__}, expected a numpy array")
-                    x = np.ascontiguousarray(x, dtype=np.float32)
                 if not self._put((name, x)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer thread

@@ -288,6 +288,8 @@ def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: V
     """(GGML type, rule) for one tensor under a variant; see the module docstring for the rules."""
     if len(shape) <= 1:
         return "F32", "1-D"
+    if name in ALWAYS_F32:  # before overrides: diffusers detects the model from it (issue 11839)
+        return "F32", "img_in"
     for o in overrides:
         if o.matches(name):
             if not _fits(o.qtype, shape):
@@ -296,8 +298,6 @@ def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: V
                     f"a multiple of {o.qtype}'s block size {resolve(o.qtype).block_size}"
                 )
             return o.qtype, "override"
-    if name in ALWAYS_F32:
-        return "F32", "img_in"
     if is_kept_unquantized(name):
         return kept_type(source_dtype), "kept"
     raised = variant.qkv_type is not None and QKV_PATTERN.match(name) is not None
@@ -354,7 +354,10 @@ def make_plan(
         qtype, rule = choose_type(tname, shape, t.dtype, v, ovr)
         entries.append(PlanEntry(tname, shape, t.dtype, qtype, tensor_nbytes(qtype, shape), rule))
     for o in ovr:
-        if not any(o.matches(e.name) for e in entries if len(e.shape) > 1):
+        if not any(o.matches(e.name) for e in entries if len(e.shape) > 1 and e.name not in ALWAYS_F32):
+            if any(o.matches(n) for n in ALWAYS_F32):
+                raise PlanError(f"override '{o.text}' matches only {', '.join(ALWAYS_F32)}, which stays F32 "
+                                "so diffusers detects the model correctly")
             raise PlanError(f"override '{o.text}' matches no 2-D tensor")
     kv = flux_metadata(v, name, family, ovr, sources, extra_metadata)
     header = encode_header(kv, [e.slot() for e in entries])

@@ -23,6 +23,8 @@ import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
+from manifests.hashing import open_partial
+
 from .errors import OutputError
 
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
@@ -150,8 +152,9 @@ class GGUFStreamWriter:
         self._file_hash = hashlib.sha256()
         self._records: list[TensorRecord] = []
         self._done = False
+        self._synced = False
         try:
-            self._fh: io.BufferedWriter | None = open(self.partial_path, "wb", buffering=buffer_size)
+            self._fh: io.BufferedWriter | None = open_partial(self.partial_path, buffering=buffer_size)
         except OSError as e:
             self._fh = None
             raise self._os_error(e) from e
@@ -202,6 +205,11 @@ class GGUFStreamWriter:
 
     def finish(self) -> ArtifactRecord:
         """fsync, rename NAME.partial -> NAME, fsync the directory; returns the record."""
+        self.sync()
+        return self.commit()
+
+    def sync(self) -> None:
+        """Flush and fsync the complete partial file and close it (the slow part of finishing)."""
         if self._fh is None or self._done:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next != len(self._slots):
@@ -211,9 +219,22 @@ class GGUFStreamWriter:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
+        except OSError as e:
+            try:
+                fh.close()
+            except OSError:
+                pass
+            self._remove_partial()
+            raise self._os_error(e) from e
+        self._synced = True
+
+    def commit(self) -> ArtifactRecord:
+        """Rename the synced NAME.partial to NAME (atomic) and fsync the directory."""
+        if not self._synced or self._done:
+            raise ValueError(f"{self.path}: commit() needs a synced, unfinished writer")
+        try:
             os.replace(self.partial_path, self.path)
         except OSError as e:
-            fh.close()
             self._remove_partial()
             raise self._os_error(e) from e
         _fsync_dir(self.path.parent)

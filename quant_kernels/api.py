@@ -85,7 +85,10 @@ def quantize(
         qw = np.ascontiguousarray(imatrix, dtype=np.float32)
         if qw.shape != (n,):
             raise ShapeError(f"imatrix must hold one weight per column ({n}), got shape {tuple(qw.shape)}")
-        _check_finite(qw.reshape(1, n))
+        count, where = find_nonfinite(qw.reshape(1, n))
+        if count:
+            raise QuantError(f"imatrix holds {count} non-finite weight{'s' if count != 1 else ''} (NaN or inf); "
+                             f"first at column {where[1]} ({float(qw[where[1]])})")
         if (qw < 0).any():
             raise QuantError("imatrix weights must be non-negative")
         kernels.quantize_rows_imatrix(x, qw, out)

@@ -158,12 +158,24 @@ def test_overrides_first_match_wins():
 
 
 def test_override_kquant_on_rows_not_multiple_of_256_is_an_error():
+    narrow = FluxGeometry(double_blocks=1, single_blocks=1, hidden=384)  # rows of 384
     with pytest.raises(PlanError) as e:
-        plan("Q8_0", layout_tensors(SMALL), overrides=[r"^img_in\.=Q4_K"])
+        plan("Q8_0", layout_tensors(narrow), overrides=[r"txt_attn\.proj=Q4_K"])
     assert str(e.value) == (
-        "override '^img_in\\.=Q4_K' puts Q4_K on img_in.weight, whose rows of 64 values are not "
-        "a multiple of Q4_K's block size 256"
+        "override 'txt_attn\\.proj=Q4_K' puts Q4_K on double_blocks.0.txt_attn.proj.weight, whose rows of 384 "
+        "values are not a multiple of Q4_K's block size 256"
     )
+
+
+def test_img_in_weight_stays_f32_whatever_the_overrides():
+    p = plan("Q8_0", layout_tensors(SMALL), overrides=[r"weight$=Q8_0"])
+    by = {e.name: e for e in p.entries}
+    assert by["img_in.weight"].qtype == "F32" and by["img_in.weight"].rule == "img_in"
+    assert by["txt_in.weight"].qtype == "Q8_0"
+    with pytest.raises(PlanError) as e:
+        plan("Q8_0", layout_tensors(SMALL), overrides=[r"^img_in\.=Q8_0"])
+    assert str(e.value) == ("override '^img_in\\.=Q8_0' matches only img_in.weight, which stays F32 so diffusers "
+                            "detects the model correctly")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -102,9 +102,15 @@ def test_disk_full_is_reported_and_cleaned_up(tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.fail("/dev/full is needed to simulate a full disk")
     plan = small_plan()
-    (tmp_path / (plan.file_name + ".partial")).symlink_to("/dev/full")  # every write: ENOSPC
-    with pytest.raises(OutputError) as e:
-        write(plan, tmp_path, fake_payloads(plan), buffer_size=4096)
+    import converter.writer as writer_module
+
+    def open_full(path, buffering=-1):  # the partial file's writes hit a device that is always full
+        return open("/dev/full", "wb", buffering=buffering)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer_module, "open_partial", open_full)
+        with pytest.raises(OutputError) as e:
+            write(plan, tmp_path, fake_payloads(plan), buffer_size=4096)
     assert str(e.value) == f"disk full while writing {tmp_path / plan.file_name}"
     assert list(tmp_path.iterdir()) == []
 
@@ -136,3 +142,17 @@ def test_out_of_order_or_wrong_size_writes_are_refused(tmp_path):
 
 def test_pad_to_alignment():
     assert [pad_to_alignment(n) for n in (0, 1, 31, 32, 33)] == [0, 32, 32, 32, 64]
+
+
+def test_a_planted_partial_symlink_is_not_written_through(tmp_path):
+    plan = small_plan()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / (plan.file_name + ".partial")).symlink_to(victim)
+    record = write(plan, out, fake_payloads(plan))
+    assert victim.read_text() == "precious"
+    final = out / plan.file_name
+    assert final.is_file() and not final.is_symlink()
+    assert final.stat().st_size == record.size
