@@ -132,6 +132,11 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
     with the right bytes are kept. On a mismatch the command fails naming the file, and nothing
     you already had is deleted.
 
+    The release's manifest.json and SHA256SUMS (the whole release's, also with --include) are
+    written last. If the folder already holds a different manifest.json or SHA256SUMS (another
+    release, or another commit), the command fails naming it before downloading anything and
+    leaves it as it is: give each release a folder of its own.
+
     \b
     Example:
       flux-gguf download me/FLUX.1-Kontext-dev-GGUF --include '*Q4_K_M*' -o models/

@@ -10,7 +10,9 @@ Why this shape:
 - The Hub reports a sha256 for LFS/Xet files only; small regular files (README.md,
   manifest.json, SHA256SUMS) are fetched and hashed instead, so every file is really checked.
 - Downloads stream into ``NAME.partial`` while hashing and are renamed only once size and sha256
-  match the manifest; a dropped connection keeps the partial file so a re-run resumes it.
+  match the manifest; a dropped connection keeps the partial file so a re-run resumes it. A
+  partial file is only ever created fresh or reopened without following a link, so no byte is
+  written through a symbolic link planted at either name.
 - Library code never prints; the token is never put into a message, a file or a log.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 from manifests import (
@@ -39,7 +41,7 @@ from manifests import (
     resolve_inside,
     verify_release,
 )
-from manifests.hashing import partial_path, write_bytes_atomic
+from manifests.hashing import open_partial, partial_path, write_bytes_atomic
 
 from . import __version__
 from .errors import (
@@ -168,7 +170,11 @@ def _hub_errors(api: "HfApi", action: str, repo_id: str, revision: str | None) -
 
 @contextlib.contextmanager
 def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int = 0) -> Iterator[Any]:
-    """A streamed GET of one file at one commit (``Range`` from ``start``), errors raised as huggingface_hub's."""
+    """A streamed GET of one file at one commit (``Range`` from ``start``), errors raised as huggingface_hub's.
+
+    With ``start``, an HTTP 416 (range not satisfiable: the file is not longer than ``start``) is
+    yielded, not raised, so the caller can start over from 0.
+    """
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
     # Built here, not with hf_hub_url: that one starts from the endpoint read at import time.
@@ -180,7 +186,8 @@ def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int 
     with http_stream_backoff("GET", url, headers=headers) as response:
         if response.status_code >= 400:
             response.read()  # so the error can quote the body
-            hf_raise_for_status(response)
+            if not (start and response.status_code == 416):
+                hf_raise_for_status(response)
         yield response
 
 
@@ -496,24 +503,80 @@ def _already_there(path: Path, want: FileDigest, on_bytes: Callable[[int], None]
     return st.st_size == want.size and hash_file(path, on_bytes=on_bytes) == want
 
 
+_RESUME_FLAGS = (os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+
+
+def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
+    """The ``.partial`` file an earlier run left, opened to re-read and append, never through a link.
+
+    Returns None when there is nothing to resume; a partial that is not a regular file of 1 to
+    ``limit`` bytes (a symbolic link, a FIFO, an oversized file) is unlinked first, so the download
+    starts over in a fresh file. A folder is left alone (``open_partial`` then refuses it, naming it).
+    """
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= limit:
+        try:
+            fd = os.open(partial, _RESUME_FLAGS)  # O_NOFOLLOW: a link swapped in since the lstat fails here
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            now = os.fstat(fd)
+            if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return open(fd, "r+b", buffering=0)
+            os.close(fd)
+    partial.unlink(missing_ok=True)  # a link is removed, never followed
+    return None
+
+
 def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
                   on_bytes: Callable[[int], None]) -> None:
-    """Stream one file into ``dest.partial`` while hashing; rename only if it matches ``want``."""
+    """Stream one file into ``dest.partial`` while hashing; rename only if it matches ``want``.
+
+    A regular partial file an earlier run left is re-hashed and resumed with a ``Range`` request;
+    one that already holds all ``want.size`` bytes is renamed without any request if it matches
+    (and discarded if not). A server that ignores the range, or answers 416, gets a fresh start.
+    """
     partial = partial_path(dest)
     h, have = hashlib.sha256(), 0
+    out: BinaryIO | None = None
+
+    def start_over() -> None:
+        nonlocal out, h, have
+        if out is not None:
+            out.close()
+            out = None
+        h, have = hashlib.sha256(), 0
+
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if partial.is_file() and not partial.is_symlink() and 0 < partial.stat().st_size <= want.size:
-            with open(partial, "rb", buffering=0) as f:  # resume: re-hash what an earlier run left
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    have += len(chunk)
-                    on_bytes(len(chunk))
-        with _hub_errors(api, f"downloading {path}", repo_id, commit), \
-                _open_remote(api, repo_id, commit, path, have) as r:
-            if have and r.status_code != 206:  # the server ignored the Range: start over
-                h, have = hashlib.sha256(), 0
-            with open(partial, "ab" if have else "wb") as out:
+        out = _open_resumable(partial, want.size)
+        if out is not None:  # resume: re-hash what an earlier run left
+            while chunk := out.read(_CHUNK):
+                h.update(chunk)
+                have += len(chunk)
+                on_bytes(len(chunk))
+            if have == want.size:  # complete already: nothing to ask the Hub for
+                if h.hexdigest() == want.sha256:
+                    out.close()
+                    os.replace(partial, dest)
+                    return
+                start_over()
+        while True:
+            with _hub_errors(api, f"downloading {path}", repo_id, commit), \
+                    _open_remote(api, repo_id, commit, path, have) as r:
+                if have and r.status_code == 416:  # nothing past what we have: ask for the whole file
+                    start_over()
+                    continue
+                if have and r.status_code != 206:  # the server ignored the Range: start over
+                    start_over()
+                if out is None:
+                    out = open_partial(partial)  # a fresh regular file, whatever sat under that name
                 for chunk in _chunks(r):
                     out.write(chunk)
                     h.update(chunk)
@@ -523,15 +586,33 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
                         break
                 out.flush()
                 os.fsync(out.fileno())
+            break
     except OSError as e:  # the local side: disk full, permissions (Hub errors arrive translated)
         raise OutputError(f"{partial}: cannot write the download: {e.strerror or e}") from e
+    finally:
+        if out is not None:
+            out.close()
     got = h.hexdigest()
     if have != want.size or got != want.sha256:
         partial.unlink(missing_ok=True)
         raise HubVerificationError(
             f"{path}: the Hub sent {have if have <= want.size else 'more than ' + str(want.size)} bytes hashing to "
             f"{got}, the manifest says {want.size} bytes with sha256 {want.sha256}; nothing was written under its name")
-    os.replace(partial, dest)
+    os.replace(partial, dest)  # onto a symbolic link this replaces the link; nothing is written through it
+
+
+def _check_own_record(dest: Path, data: bytes, repo_id: str, commit: str) -> None:
+    """Refuse when ``dest`` (manifest.json or SHA256SUMS) exists with content other than ``data``."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise HubError(f"{dest}: exists and is not a regular file; move it away and re-run")
+    if st.st_size == len(data) and hash_file(dest).sha256 == hashlib.sha256(data).hexdigest():
+        return
+    raise HubError(f"{dest}: already there and differs from the {dest.name} of {repo_id} at {commit[:12]}; it is "
+                   "never overwritten: download into another folder (-o) or move it away")
 
 
 def _destination(out: Path, path: str) -> Path:
@@ -555,6 +636,12 @@ def download_release(
     ``include``: glob patterns of artifact paths (default: all). Everything comes from one commit.
     Files already present with the right bytes are kept; a file is replaced only by verified bytes;
     on any mismatch nothing the user had is deleted and the error names the file.
+
+    The release's manifest.json and SHA256SUMS (the whole release's, also with ``include``) are
+    written last, once every chosen file is verified. If ``output_dir`` already holds a
+    manifest.json or SHA256SUMS with other content (another release, or another commit of this
+    one), nothing is downloaded and :class:`HubError` names that file: it is never overwritten,
+    so each release belongs in a folder of its own.
     """
     api = api or hub_api()
     parse_repo_spec(repo_id)
@@ -584,6 +671,9 @@ def download_release(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    records = {MANIFEST_NAME: manifest_bytes} | ({CHECKSUMS_NAME: sums_bytes} if sums_bytes is not None else {})
+    for name, data in records.items():  # before any transfer: a different one is never overwritten
+        _check_own_record(_destination(out, name), data, repo_id, commit)
     total = sum(a.size for a in chosen)
 
     def on_bytes(n: int) -> None:
@@ -599,7 +689,8 @@ def download_release(
             continue
         _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes)
         files.append(DownloadedFile(artifact.path, want.size, want.sha256, "downloaded"))
-    if sums_bytes is not None:
-        write_bytes_atomic(_destination(out, CHECKSUMS_NAME), sums_bytes)
-    write_bytes_atomic(_destination(out, MANIFEST_NAME), manifest_bytes)  # last: its presence means complete
+    for name, data in reversed(records.items()):  # last, manifest.json last of all: every chosen file is verified
+        dest = _destination(out, name)
+        _check_own_record(dest, data, repo_id, commit)
+        write_bytes_atomic(dest, data)
     return DownloadResult(repo_id, revision, commit, out, files)

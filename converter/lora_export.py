@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from manifests.hashing import open_partial
 from quant_kernels import to_bfloat16_bits, to_float16
 
 from .errors import LoraError, OutputError
@@ -119,8 +120,10 @@ def _write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndar
     partial = path.with_name(path.name + ".partial")
     digest = hashlib.sha256()
     size = 0
+    created = False
     try:
-        with open(partial, "wb") as f:
+        with open_partial(partial) as f:  # a fresh regular file: never written through a planted link
+            created = True
             for chunk in (struct.pack("<Q", len(blob)), blob, *(memoryview(a.reshape(-1).view(np.uint8)) for _, a in tensors.values())):
                 f.write(chunk)
                 digest.update(chunk)
@@ -129,10 +132,14 @@ def _write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndar
             os.fsync(f.fileno())
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        if created:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, IsADirectoryError) and not created:
+            raise OutputError(f"cannot write LoRA side-car {path}: a folder {partial} is in the way") from None
         raise OutputError(f"cannot write LoRA side-car {path}: {exc.strerror or exc}") from None
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if created:
+            partial.unlink(missing_ok=True)
         raise
     return ExportRecord(path=path, size=size, sha256=digest.hexdigest())
 

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import shutil
+import stat
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from manifests.hashing import open_partial
 from quant_kernels.config import PARALLEL_JIT_OPTIONS
 from quant_kernels.floats import to_bfloat16_bits
 
@@ -45,6 +47,7 @@ BIAS_STD_FACTOR = 0.1
 CHUNK_ELEMENTS = 1 << 22  # elements generated per kernel call: the writer's whole working memory
 DEFAULT_SHARD_BYTES = 10_000_000_000  # diffusers' save_pretrained default ("10GB")
 FULL_SIZE = FluxGeometry()  # FLUX.1 dev / Kontext: 19 + 38 blocks, hidden 3072
+PARTIAL_MARKER = ".flux-gguf-partial"  # put in a NAME.partial folder by this writer: only such a folder is ever removed
 _STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
 
 
@@ -198,7 +201,7 @@ def _write_file(path: pathlib.Path, stored: list[_Stored], dtype: str, metadata:
                 seed: int, std: float, progress: Callable[[int], None] | None) -> None:
     width = DTYPE_SIZES[dtype]
     buf = np.empty(CHUNK_ELEMENTS, dtype=_STORAGE[dtype])
-    with open(path, "wb") as f:
+    with open_partial(path) as f:  # a fresh regular file: never written through a planted link
         f.write(encode_header([(s.key, dtype, s.shape) for s in stored], metadata))
         for s in stored:
             table, key = _kind_table(s.bfl, dtype, std), _tensor_key(seed, s.bfl)
@@ -243,23 +246,31 @@ def write_synthetic_flux(
     (shards of at most ``shard_bytes`` with an index, or one file, plus config.json) that
     ``FluxTransformer2DModel.from_pretrained`` loads. Everything is written under
     ``<path>.partial`` and renamed when complete; an existing file is replaced, an existing
-    folder refused. ``progress`` is called with the bytes of tensor data written so far, per chunk.
+    folder refused. A ``<path>.partial`` folder is removed only if it carries the marker file this
+    writer puts there (``.flux-gguf-partial``: an interrupted run of ours); any other is refused.
+    ``progress`` is called with the bytes of tensor data written so far, per chunk.
     """
     _check_args(geometry, dtype, layout, std, shard_bytes)
     final = pathlib.Path(path)
     partial = final.with_name(final.name + ".partial")
     metadata = {"format": "pt", "flux_gguf.synthetic": f"seed={seed} std={std}"}
     stored = _plan(geometry, layout)
+    created: str | None = None  # "file" or "folder": only what this call created is removed on failure
     try:
         if layout != "diffusers":
+            mode = _lstat_mode(partial)
+            if mode is not None and stat.S_ISDIR(mode):
+                raise OutputError(f"{partial}: a folder is in the way; move it away and re-run")
+            created = "file"  # open_partial replaces whatever file or link sits there with a fresh file
             _write_file(partial, stored, dtype, metadata, seed, std, progress)
             os.replace(partial, final)
             return final
-        if final.exists():
+        if _lstat_mode(final) is not None:
             raise OutputError(f"{final}: already exists; a diffusers folder is never overwritten")
-        if partial.exists():
-            shutil.rmtree(partial)  # left over from an interrupted run of ours
+        _clear_own_partial_folder(partial)
         partial.mkdir()
+        created = "folder"
+        _write_new(partial / PARTIAL_MARKER, b"")
         shards = _shards(stored, dtype, shard_bytes)
         names = [DIFFUSERS_WEIGHTS] if len(shards) == 1 else [
             f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -268,20 +279,50 @@ def write_synthetic_flux(
         if len(shards) > 1:
             index = {"metadata": {"total_size": synthetic_nbytes(geometry, dtype)},
                      "weight_map": {s.key: name for name, shard in zip(names, shards, strict=True) for s in shard}}
-            (partial / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (partial / "config.json").write_text(json.dumps(diffusers_config(geometry), indent=2) + "\n")
+            _write_new(partial / DIFFUSERS_INDEX, (json.dumps(index, indent=2) + "\n").encode())
+        _write_new(partial / "config.json", (json.dumps(diffusers_config(geometry), indent=2) + "\n").encode())
+        (partial / PARTIAL_MARKER).unlink()
         os.rename(partial, final)
         return final
     except OSError as e:
-        _remove(partial)
+        _remove(partial, created)
         raise OutputError(f"{final}: cannot write ({e.strerror or e})") from None
     except BaseException:
-        _remove(partial)
+        _remove(partial, created)
         raise
 
 
-def _remove(p: pathlib.Path) -> None:
-    if p.is_dir():
+def _lstat_mode(p: pathlib.Path) -> int | None:
+    """``st_mode`` of ``p`` itself (a link is not followed), or None if nothing is there."""
+    try:
+        return os.lstat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _clear_own_partial_folder(partial: pathlib.Path) -> None:
+    """Remove ``partial`` if an interrupted run of this writer left it (it holds the marker); refuse anything else."""
+    mode = _lstat_mode(partial)
+    if mode is None:
+        return
+    marker = _lstat_mode(partial / PARTIAL_MARKER) if stat.S_ISDIR(mode) else None
+    if marker is None or not stat.S_ISREG(marker):
+        raise OutputError(f"{partial}: is in the way and was not left by this writer (no {PARTIAL_MARKER} "
+                          "in it); move it away and re-run")
+    shutil.rmtree(partial)
+
+
+def _write_new(path: pathlib.Path, data: bytes) -> None:
+    with open_partial(path) as f:
+        f.write(data)
+
+
+def _remove(p: pathlib.Path, created: str | None) -> None:
+    """Remove what this call created at ``p`` (its partial file or folder), and nothing else."""
+    mode = _lstat_mode(p)
+    if created is None or mode is None:
+        return
+    if created == "folder" and stat.S_ISDIR(mode):
         shutil.rmtree(p, ignore_errors=True)
-    else:
+    elif created == "file" and not stat.S_ISDIR(mode):
         p.unlink(missing_ok=True)

@@ -94,6 +94,7 @@ class LoggedRequest:
     user: str | None = None
     oid: str | None = None
     nbytes: int = 0
+    range: str | None = None  # the Range header, if the request sent one
 
     @property
     def dropped(self) -> bool:
@@ -315,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self._query = parse_qs(url.query)
-        self._record = LoggedRequest(method, unquote(url.path), None)
+        self._record = LoggedRequest(method, unquote(url.path), None, range=self.headers.get("Range"))
         with self.hub._lock:
             self.hub.log.append(self._record)
         self._cached_body: bytes | None = None
@@ -684,7 +685,10 @@ class _Handler(BaseHTTPRequestHandler):
         if rng and rng.startswith("bytes="):
             start_s, _, end_s = rng[6:].partition("-")
             start = int(start_s or 0)
-            end = int(end_s) if end_s else len(data) - 1
+            if start >= len(data):  # like real servers: nothing at or past the end to send
+                headers.update({"Content-Range": f"bytes */{len(data)}", "Accept-Ranges": "bytes"})
+                return self._send(416, b"", "text/plain", headers)
+            end = min(int(end_s), len(data) - 1) if end_s else len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
         headers["Accept-Ranges"] = "bytes"

@@ -412,6 +412,120 @@ def test_download_resumes_a_partial_file_with_a_range_request(emulator, tmp_path
     assert last.status == 206
 
 
+def _file_gets(emulator, name: str) -> list:
+    return [r for r in emulator.requests("GET", "/resolve/") if r.path.endswith("/" + name)]
+
+
+def test_emulator_answers_416_for_a_range_at_or_past_the_end_like_real_servers(emulator, tmp_path):
+    from huggingface_hub.utils import get_session
+
+    rel = _published(emulator, tmp_path)
+    size = len((rel / "demo-Q8_0.gguf").read_bytes())
+    commit = emulator.repos["alice/demo"].refs["main"]
+    url = f"{emulator.url}/alice/demo/resolve/{commit}/demo-Q8_0.gguf"
+    for start in (size, size + 10):
+        r = get_session().get(url, headers={"Range": f"bytes={start}-", "Authorization": f"Bearer {TOKEN}"})
+        assert (r.status_code, r.headers["Content-Range"]) == (416, f"bytes */{size}")
+    r = get_session().get(url, headers={"Range": f"bytes={size - 1}-", "Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 206 and len(r.content) == 1
+
+
+def test_download_finishes_a_complete_partial_without_any_request(emulator, tmp_path):
+    rel = _published(emulator, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    data = (rel / "demo-Q8_0.gguf").read_bytes()
+    (out / "demo-Q8_0.gguf.partial").write_bytes(data)  # an earlier run got every byte, then stopped
+    before = len(_file_gets(emulator, "demo-Q8_0.gguf"))
+    for _ in range(2):  # and a re-run is not stuck either
+        res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+        assert res.exit_code == 0, res.output
+    assert len(_file_gets(emulator, "demo-Q8_0.gguf")) == before
+    assert (out / "demo-Q8_0.gguf").read_bytes() == data
+    assert not list(out.glob("*.partial"))
+
+
+def test_download_discards_a_complete_partial_with_wrong_bytes_and_starts_over(emulator, tmp_path):
+    rel = _published(emulator, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    data = (rel / "demo-Q8_0.gguf").read_bytes()
+    (out / "demo-Q8_0.gguf.partial").write_bytes(bytes(len(data)))
+    result = hub.download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
+    assert [f.action for f in result.files] == ["downloaded"]
+    assert (out / "demo-Q8_0.gguf").read_bytes() == data
+    last = _file_gets(emulator, "demo-Q8_0.gguf")[-1]
+    assert (last.status, last.range) == (200, None)
+
+
+def test_download_starts_over_when_the_server_answers_416_to_the_resume(emulator, tmp_path):
+    rel = _published(emulator, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    data = (rel / "demo-Q8_0.gguf").read_bytes()
+    (out / "demo-Q8_0.gguf.partial").write_bytes(data[:2000])
+    emulator.fail(416, method="GET", path=r"demo-Q8_0\.gguf$", times=1, message="Range Not Satisfiable")
+    result = hub.download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
+    assert [f.action for f in result.files] == ["downloaded"]
+    assert (out / "demo-Q8_0.gguf").read_bytes() == data
+    gets = _file_gets(emulator, "demo-Q8_0.gguf")[-2:]
+    assert [(r.status, r.range) for r in gets] == [(416, "bytes=2000-"), (200, None)]
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_download_never_writes_through_a_symlinked_partial(emulator, tmp_path, target_exists):
+    rel = _published(emulator, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere.bin"
+    if target_exists:
+        target.write_bytes(b"not yours to overwrite")
+    (out / "demo-Q8_0.gguf.partial").symlink_to(target)
+    res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+    assert res.exit_code == 0, res.output
+    if target_exists:
+        assert target.read_bytes() == b"not yours to overwrite"
+    else:
+        assert not os.path.lexists(target)
+    dest = out / "demo-Q8_0.gguf"
+    assert not dest.is_symlink() and dest.read_bytes() == (rel / "demo-Q8_0.gguf").read_bytes()
+    assert not os.path.lexists(out / "demo-Q8_0.gguf.partial")
+    last = _file_gets(emulator, "demo-Q8_0.gguf")[-1]
+    assert (last.status, last.range) == (200, None)
+
+
+def test_download_refuses_to_overwrite_a_different_manifest_or_checksums(emulator, tmp_path):
+    rel = _published(emulator, tmp_path)
+    other = make_release(tmp_path / "other-rel", {"Q5_K_S": 4000}, seed=1, name="other")
+    assert run("upload", other, "alice/other").exit_code == 0
+    out = tmp_path / "out"
+    assert run("download", "alice/demo", "--include", "*Q4_K_M*", "-o", out).exit_code == 0
+    mine = {name: (out / name).read_bytes() for name in (MANIFEST_NAME, CHECKSUMS_NAME)}
+    commit = emulator.repos["alice/other"].refs["main"]
+
+    before = len(emulator.requests("GET", "/resolve/"))
+    res = run("download", "alice/other", "--include", "*Q5_K_S*", "-o", out)
+    assert error_line(res) == (f"Error: {out}/{MANIFEST_NAME}: already there and differs from the {MANIFEST_NAME} of "
+                               f"alice/other at {commit[:12]}; it is never overwritten: download into another "
+                               "folder (-o) or move it away")
+    fetched = [r.path for r in emulator.requests("GET", "/resolve/")[before:]]
+    assert not [p for p in fetched if p.endswith(".gguf")]  # refused before any transfer
+    assert not (out / "other-Q5_K_S.gguf").exists()
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+
+    (out / MANIFEST_NAME).unlink()
+    with pytest.raises(hub.HubError, match=rf"^{out}/{CHECKSUMS_NAME}: already there and differs from the "
+                                           rf"{CHECKSUMS_NAME} of alice/other at {commit[:12]}; "):
+        hub.download_release("alice/other", out)
+    assert (out / CHECKSUMS_NAME).read_bytes() == mine[CHECKSUMS_NAME]
+
+    again = run("download", "alice/demo", "--include", "*Q8_0*", "-o", out)  # its own release: fine
+    assert again.exit_code == 0, again.output
+    assert (out / MANIFEST_NAME).read_bytes() == (rel / MANIFEST_NAME).read_bytes()
+    helped = " ".join(run("download", "--help").output.split())
+    assert "If the folder already holds a different manifest.json or SHA256SUMS" in helped
+
+
 def test_download_of_a_repo_without_manifest(emulator, tmp_path):
     emulator.add_repo("alice/plain")
     res = run("download", "alice/plain", "-o", tmp_path / "out")
@@ -560,5 +674,12 @@ def test_download_never_writes_through_a_symlink(emulator, tmp_path):
     (out / "demo-Q8_0.gguf").symlink_to(target)
     res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
     assert error_line(res) == (f"Error: {out}/demo-Q8_0.gguf: is a symbolic link; downloads are never written "
+                               "through a symbolic link")
+    assert target.read_bytes() == b"not yours to overwrite"
+
+    (out / "demo-Q8_0.gguf").unlink()
+    (out / MANIFEST_NAME).symlink_to(target)
+    res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+    assert error_line(res) == (f"Error: {out}/{MANIFEST_NAME}: is a symbolic link; downloads are never written "
                                "through a symbolic link")
     assert target.read_bytes() == b"not yours to overwrite"

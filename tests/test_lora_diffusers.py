@@ -83,6 +83,27 @@ def test_export_layout_dtypes_and_metadata(tmp_path):
                                   final.b * np.float32(final.scale))
 
 
+def test_export_never_writes_through_a_planted_partial(tmp_path):
+    lora = load_lora(F.write_kohya(tmp_path / "k.safetensors", TRUTH))
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not yours to overwrite")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "side.safetensors.partial").symlink_to(outside)
+    rec = export(lora, out / "side.safetensors")
+    assert outside.read_bytes() == b"not yours to overwrite"
+    assert not rec.path.is_symlink() and rec.sha256 == hashlib.sha256(rec.path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in out.iterdir()) == ["side.safetensors"]
+
+    (out / "other.safetensors.partial").mkdir()
+    (out / "other.safetensors.partial" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError) as err:
+        export(lora, out / "other.safetensors")
+    assert str(err.value) == (f"cannot write LoRA side-car {out}/other.safetensors: a folder "
+                              f"{out}/other.safetensors.partial is in the way")
+    assert (out / "other.safetensors.partial" / "keep.txt").read_text() == "mine"
+
+
 def test_export_errors(tmp_path):
     lora = load_lora(F.write_kohya(tmp_path / "k.safetensors", TRUTH))
     with pytest.raises(LoraError) as err:

@@ -167,6 +167,47 @@ def test_outputs_appear_only_when_complete(tmp_path, monkeypatch):
     assert str(e.value) == f"{folder}: already exists; a diffusers folder is never overwritten"
 
 
+def test_partial_names_are_never_written_through_or_wiped(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not yours to overwrite")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.safetensors.partial").symlink_to(outside)
+    target = write_synthetic_flux(out / "m.safetensors", GEO)
+    assert outside.read_bytes() == b"not yours to overwrite"
+    assert not target.is_symlink() and target.stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["m.safetensors"]
+
+    (out / "n.safetensors.partial").mkdir()  # someone's folder under the partial name: refused, kept
+    (out / "n.safetensors.partial" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError) as e:
+        write_synthetic_flux(out / "n.safetensors", GEO)
+    assert str(e.value) == f"{out}/n.safetensors.partial: a folder is in the way; move it away and re-run"
+    assert (out / "n.safetensors.partial" / "keep.txt").read_text() == "mine"
+
+
+def test_diffusers_partial_folder_is_removed_only_if_this_writer_left_it(tmp_path):
+    partial = tmp_path / "d.partial"
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError) as e:
+        write_synthetic_flux(tmp_path / "d", GEO, layout="diffusers")
+    assert str(e.value) == (f"{partial}: is in the way and was not left by this writer "
+                            f"(no {synthetic.PARTIAL_MARKER} in it); move it away and re-run")
+    assert (partial / "keep.txt").read_text() == "mine" and not (tmp_path / "d").exists()
+
+    (partial / synthetic.PARTIAL_MARKER).write_bytes(b"")  # what an interrupted (killed) run of ours leaves
+    folder = write_synthetic_flux(tmp_path / "d", GEO, layout="diffusers")
+    assert not partial.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+    link = tmp_path / "e.partial"
+    link.symlink_to(partial.parent / "elsewhere", target_is_directory=True)
+    with pytest.raises(OutputError, match=r"e\.partial: is in the way and was not left by this writer"):
+        write_synthetic_flux(tmp_path / "e", GEO, layout="diffusers")
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
 def test_streams_in_chunks_never_a_whole_tensor(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "CHUNK_ELEMENTS", 4096)
     geo = FluxGeometry(2, 2, hidden=512)
