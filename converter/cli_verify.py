@@ -72,7 +72,8 @@ def describe_rederive(r: RederiveReport) -> str:
 @click.option("--source", "source", type=click.Path(path_type=pathlib.Path), default=None,
               help="Re-derive every tensor from these source weights (file or diffusers folder) and check its digest.")
 @click.option("--lora", "loras", multiple=True, type=click.Path(path_type=pathlib.Path), metavar="FILE",
-              help="With --source: a LoRA file the release merged (matched to the manifest by sha256); repeatable.")
+              help="With --source: a LoRA file the release lists (matched to the manifest by sha256): a merged "
+                   "one is applied, a side-car one only counts as a given source file; repeatable.")
 @click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
               help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
@@ -108,10 +109,10 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         raise click.ClickException(str(e)) from e
     rederived = None
     if source is not None:
-        transform = _lora_transform(report.manifest, source, loras) if loras else None
+        transform, given = _lora_transform(report.manifest, source, loras)
         with progress_bar("re-deriving") as progress:
             rederived = rederive_release(report.manifest, source, threads=threads, progress=progress,
-                                         tensor_transform=transform)
+                                         tensor_transform=transform, extra_source_files=given)
     if as_json:
         doc: dict[str, Any] = report.to_json()
         if rederived is not None:
@@ -128,14 +129,18 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         click.get_current_context().exit(1)
 
 
-def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> Any:
-    """The merge transform the release applied, rebuilt from its record and the user's LoRA files."""
-    from .release_lora import merger_for_manifest
+def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> tuple[Any, Any]:
+    """The merge transform the release applied (None when it merged none), rebuilt from its record
+    and the user's LoRA files, and those files' digests (they count as given source files)."""
+    from .release_lora import check_lora_files, hash_lora_files, is_merge, manifest_lora_records, merger_for_manifest
     from .sources import open_source
 
-    records = manifest.spec.get("lora") or []
-    if not any(r.get("mode", "merge") == "merge" for r in records):
-        raise click.UsageError("--lora: this release merged no LoRA")
+    records = manifest_lora_records(manifest.spec)  # a malformed record is refused here, naming its key
+    given = hash_lora_files(list(loras))
+    if not loras or not any(is_merge(r) for r in records):
+        # Nothing to apply (rederive refuses a merged release without its transform).
+        check_lora_files(records, {p: d.sha256 for p, d in given.items()})
+        return None, given
     with open_source(source) as src:
         shapes = {name: tuple(t.shape) for name, t in src.tensors.items()}
-    return merger_for_manifest(records, list(loras), shapes)
+    return merger_for_manifest(records, {p: d.sha256 for p, d in given.items()}, shapes), given

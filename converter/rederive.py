@@ -10,7 +10,10 @@ neither a tensor's bytes nor its type choice can have come from anywhere else.
 The source may be laid out differently from the one the release was built from (a diffusers
 folder for a single file): tensors are compared by BFL name. Whether the source *files* are the
 very files the manifest lists is reported separately (``source_files``), and does not by itself
-fail the check.
+fail the check. LoRA files given with ``--lora`` are sources too, matched by sha256.
+
+Only ``[[lora]]`` entries merged into the weights need their transform: a release whose LoRAs are
+all side-cars re-derives from the base weights alone.
 """
 from __future__ import annotations
 
@@ -18,16 +21,18 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 import quant_kernels
 from manifests import BackgroundHasher, Manifest
+from manifests.hashing import FileDigest
 
 from .detect import detect_model
 from .errors import PlanError, ReleaseError
 from .recipes import make_plan
+from .release_lora import is_merge, manifest_lora_records
 from .release_spec import EXTENSION_KEYS, TensorTransform
 from .sources import Source, open_source
 
@@ -98,10 +103,34 @@ def encode_tensor(x: np.ndarray, qtype: str) -> np.ndarray:
     return quant_kernels.quantize(rows, qtype)
 
 
-def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) -> None:
+def _recorded_overrides(manifest: Manifest) -> list[str]:
     overrides = manifest.spec.get("overrides", [])
     if not isinstance(overrides, list):
-        raise ReleaseError("manifest.json: spec.overrides must be a list of REGEX=TYPE strings")
+        raise ReleaseError(f"manifest.json: spec.overrides must be a list of REGEX=TYPE strings, got {overrides!r}")
+    for i, o in enumerate(overrides):
+        if not isinstance(o, str):
+            raise ReleaseError(f"manifest.json: spec.overrides[{i}] must be a REGEX=TYPE string, got {o!r}")
+    return overrides
+
+
+def weight_changing_entries(manifest: Manifest) -> list[str]:
+    """Spec keys whose entries changed the weights (so re-deriving needs their transform).
+
+    ``lora`` counts only when some record was merged (a record without ``mode`` is a merge);
+    side-car LoRAs leave the GGUFs alone. Raises ReleaseError for a malformed record.
+    """
+    used = []
+    for key in EXTENSION_KEYS:
+        if key not in manifest.spec:
+            continue
+        if key == "lora" and not any(is_merge(r) for r in manifest_lora_records(manifest.spec)):
+            continue
+        used.append(key)
+    return used
+
+
+def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) -> None:
+    overrides = _recorded_overrides(manifest)
     family = detect_model(source).family
     for art in manifest.ggufs:
         try:
@@ -120,18 +149,27 @@ def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) ->
             report.recipe_problems.append(f"{art.path}: tensors are not in the order the converter writes them")
 
 
-def _source_file_checks(manifest: Manifest, source_path: Path, digests: dict[Path, Any]) -> list[SourceFileCheck]:
+def _source_file_checks(manifest: Manifest, source_path: Path, digests: dict[Path, Any],
+                        extra: Mapping[Path, FileDigest] | None = None) -> list[SourceFileCheck]:
+    """Source files by name; then ``extra`` files (``--lora``, named anything) by size and sha256."""
     root = source_path if source_path.is_dir() else None
     given = {(p.relative_to(root).as_posix() if root else p.name): d for p, d in digests.items()}
+    by_content = {(d.size, d.sha256): p for p, d in (extra or {}).items()}
     checks = []
     for s in manifest.sources:
         d = given.pop(s.name, None)
         if d is None:
-            checks.append(SourceFileCheck(s.name, "missing", s.sha256, None))
+            found = by_content.pop((s.size, s.sha256), None)
+            if found is not None:
+                checks.append(SourceFileCheck(s.name, "ok", s.sha256, s.sha256))
+            else:
+                checks.append(SourceFileCheck(s.name, "missing", s.sha256, None))
         else:
             ok = d.size == s.size and d.sha256 == s.sha256
+            by_content.pop((d.size, d.sha256), None)  # the same file given twice is not extra
             checks.append(SourceFileCheck(s.name, "ok" if ok else "mismatch", s.sha256, d.sha256))
     checks += [SourceFileCheck(n, "unexpected", None, d.sha256) for n, d in sorted(given.items())]
+    checks += [SourceFileCheck(str(p), "unexpected", None, sha) for (_, sha), p in by_content.items()]
     return checks
 
 
@@ -142,13 +180,17 @@ def rederive_release(
     threads: int | None = None,
     progress: ProgressFn | None = None,
     tensor_transform: TensorTransform | None = None,
+    extra_source_files: Mapping[Path, FileDigest] | None = None,
 ) -> RederiveReport:
     """Re-encode every tensor the manifest lists from ``source_path`` and compare sha256 digests.
 
-    ``progress(done, total)`` reports source bytes processed. A release whose spec applied
-    extension entries (``[[lora]]``) can only be re-derived with the same ``tensor_transform``.
+    ``progress(done, total)`` reports source bytes processed. A release whose spec merged
+    extension entries into the weights (``[[lora]]`` with mode "merge") can only be re-derived
+    with the same ``tensor_transform``. ``extra_source_files`` (e.g. the ``--lora`` files, already
+    hashed) count as given source files when their size and sha256 match a listed source.
     """
-    used = [k for k in EXTENSION_KEYS if k in manifest.spec]
+    _recorded_overrides(manifest)  # a malformed spec is refused before any work starts
+    used = weight_changing_entries(manifest)
     if used and tensor_transform is None:
         raise ReleaseError(f"manifest.json: this release applied {used[0]!r} entries to the weights; "
                            "re-deriving it needs the same transform, which --source alone cannot rebuild")
@@ -166,7 +208,7 @@ def rederive_release(
                 _check_recipe(manifest, source, report)
                 _rederive_tensors(manifest, source, report, progress, tensor_transform)
                 digests = hasher.result()
-            report.source_files = _source_file_checks(manifest, src, digests)
+            report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
             return report
     finally:
         quant_kernels.set_threads(previous)

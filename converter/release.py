@@ -1,22 +1,29 @@
 """``release build``: one spec in, a complete verifiable release folder out.
 
 Everything is built in ``DIR.partial`` and renamed to ``DIR`` only when the last file is in
-place, so a folder under its final name is always a complete release. Every digest is computed
-while the bytes are produced: GGUFs by the streaming writer, extra files while they are copied,
-README/manifest/SHA256SUMS from the bytes in memory; the source files are hashed by a background
-thread while the conversion reads them. Nothing is read back.
+place, so a folder under its final name is always a complete release. ``DIR.partial`` carries a
+marker file (``.flux-gguf-partial``, removed before the rename) while a build owns it: the next
+build removes a leftover partial folder only if it has the marker, and refuses any other folder
+of that name. Any OSError while writing becomes one OutputError naming the file, with the
+partial folder removed.
+
+Every digest is computed while the bytes are produced: GGUFs by the streaming writer, extra files
+while they are copied, README/manifest/SHA256SUMS from the bytes in memory; the source files are
+hashed by a background thread while the conversion reads them. Nothing is read back.
 
 Reproducible: the same spec and source give byte-identical files. The manifest carries a
 ``created`` time only when ``SOURCE_DATE_EPOCH`` is set (then it is that time).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +58,9 @@ from .writer import ArtifactRecord
 
 TOOL_NAME = "flux-gguf"
 KIND_GGUF, KIND_CARD, KIND_VALIDATION, KIND_EXTRA = "gguf", "model-card", "validation-report", "extra"
+
+PARTIAL_MARKER = ".flux-gguf-partial"
+"""Present in ``DIR.partial`` while a build of ours owns it; removed just before the final rename."""
 
 ProgressFn = Callable[[int, int], None]
 
@@ -96,16 +106,86 @@ def _compose(transforms: Sequence[TensorTransform]) -> TensorTransform | None:
     return chained
 
 
-def _prepare(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReleaseError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    partial = out.with_name(out.name + ".partial")
-    if partial.is_dir() and not partial.is_symlink():
-        shutil.rmtree(partial)  # left over from an interrupted build of ours
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+@contextlib.contextmanager
+def _writing(out: Path, what: str) -> Iterator[None]:
+    """Turn an OSError (disk full, I/O error, permissions) of one output step into an OutputError."""
     try:
-        partial.mkdir(parents=True)
+        yield
     except OSError as e:
-        raise OutputError(f"{out} was not written: cannot create {partial}: {e.strerror or e}") from None
+        raise OutputError(f"{out} was not written: cannot {what}: {_reason(e)}") from None
+
+
+def _is_cwd(path: Path) -> bool:
+    try:
+        return os.path.samefile(path, os.curdir)
+    except OSError:
+        return False
+
+
+def _output_path(out_dir: str | os.PathLike[str], spec: ReleaseSpec) -> Path:
+    """``-o`` as an absolute path (``-o .`` has no name to put ``.partial`` after), checked up front."""
+    out = Path(os.path.abspath(out_dir))
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"{out}: cannot inspect the output folder: {_reason(e)}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        # Refused rather than followed: the finished release is renamed into place, and a rename
+        # replaces the link itself (or fails, for a folder over a link), not the folder it points to;
+        # following it instead would build beside the target, outside the folder that was named.
+        # Naming the target directly does what was meant, and says so on the command line.
+        target = os.path.realpath(out)
+        raise OutputError(f"{out}: is a symbolic link (to {target}); give the folder itself "
+                          f"(-o {target}) or a new folder")
+    try:
+        occupied = st is not None and (not stat.S_ISDIR(st.st_mode) or any(out.iterdir()))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot list the output folder: {_reason(e)}") from None
+    if occupied:
+        raise ReleaseError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    if st is not None:
+        # An empty folder is replaced by the finished release (rmdir, then rename). Neither works on
+        # a mount point, and replacing the current folder would leave the shell in a deleted one.
+        if os.path.ismount(out):
+            raise OutputError(f"{out}: is a mount point, which the finished release cannot be renamed onto; "
+                              f"name a new folder inside it, e.g. -o {out / spec.name}")
+        if _is_cwd(out):
+            raise OutputError(f"{out}: is the current folder, which the finished release would replace; "
+                              f"name a new folder inside it, e.g. -o ./{spec.name}")
+    return out
+
+
+def _prepare(out: Path) -> Path:
+    """Create ``out.partial`` (with our marker), first removing a stale one only if it is ours."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"{out} was not written: cannot inspect {partial}: {_reason(e)}") from None
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode) or not os.path.lexists(partial / PARTIAL_MARKER):
+            raise OutputError(f"{partial}: already exists and was not left by a flux-gguf build (no "
+                              f"{PARTIAL_MARKER} marker in it); move it away or choose another output folder")
+        with _writing(out, f"remove the leftover {partial} of an interrupted build"):
+            shutil.rmtree(partial)
+    with _writing(out, f"create {partial}"):
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()  # never exist_ok: the folder must be one this build created
+    try:
+        with _writing(out, f"create {partial / PARTIAL_MARKER}"):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            os.close(os.open(partial / PARTIAL_MARKER, flags, 0o644))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return partial
 
 
@@ -136,20 +216,23 @@ def build_release(
     if not isinstance(spec, ReleaseSpec):
         spec = parse_release_spec(spec)
     created = created_timestamp()
-    out = Path(out_dir)
+    out = _output_path(out_dir, spec)
     partial = _prepare(out)
     try:
-        manifest, manifest_sha = _build_into(spec, partial, created, threads, progress)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(partial, out)
+        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress)
+        with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
+            (partial / PARTIAL_MARKER).unlink()
+        with _writing(out, f"move {partial} into place"):
+            if os.path.lexists(out):
+                out.rmdir()  # empty when checked; fails (ENOTEMPTY) if something appeared since
+            os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return ReleaseResult(out, manifest, manifest_sha)
 
 
-def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: int | None,
+def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
                 progress: ProgressFn | None) -> tuple[Manifest, str]:
     with open_source(spec.source_path) as source:
         source_files = [Path(f.path) for f in source.files]
@@ -165,35 +248,46 @@ def _build_into(spec: ReleaseSpec, partial: Path, created: str | None, threads: 
                           overrides=spec.overrides, threads=threads, progress=progress,
                           tensor_transform=transform,
                           extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()})
-        digests = hasher.result()
+        try:
+            digests = hasher.result()
+        except OSError as e:
+            what = f" {e.filename}" if e.filename else "s"
+            raise OutputError(f"{out} was not written: cannot read the source file{what}: {_reason(e)}") from None
     sources = tuple(SourceEntry(n, digests[p].size, digests[p].sha256) for n, p in zip(names, inputs))
 
     artifacts = [_gguf_entry(r) for r in records]
     ext_outputs: dict[str, list[ExtensionOutput]] = {}
     for key, ext in spec.extensions.items():
         if ext.write_outputs is not None:
-            ext_outputs[key] = list(ext.write_outputs(partial, spec))
+            with _writing(out, f"write the {key!r} outputs into {partial}"):
+                ext_outputs[key] = list(ext.write_outputs(partial, spec))
             artifacts += [ArtifactEntry(path=o.name, size=o.size, sha256=o.sha256, kind=o.kind) for o in ext_outputs[key]]
     files = [card_file(a.path, a.variant or "", a.size, a.sha256, a.tensors or ()) for a in artifacts]
     quality = {}
     extra: list[ArtifactEntry] = []
     if spec.validation_path is not None:
         quality = read_validation_report(spec.validation_path, files)
-        extra.append(_file_entry(VALIDATION_NAME, copy_file_hashed(spec.validation_path, partial / VALIDATION_NAME),
-                                 KIND_VALIDATION))
+        with _writing(out, f"copy {spec.validation_path} to {partial / VALIDATION_NAME}"):
+            digest = copy_file_hashed(spec.validation_path, partial / VALIDATION_NAME)
+        extra.append(_file_entry(VALIDATION_NAME, digest, KIND_VALIDATION))
     for name, path in spec.extra_file_paths.items():
-        extra.append(_file_entry(name, copy_file_hashed(path, partial / name), KIND_EXTRA))
+        with _writing(out, f"copy {path} to {partial / name}"):
+            digest = copy_file_hashed(path, partial / name)
+        extra.append(_file_entry(name, digest, KIND_EXTRA))
 
     card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,
                              extension_outputs=ext_outputs)
-    card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
+    with _writing(out, f"write {partial / MODEL_CARD_NAME}"):
+        card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
     artifacts += [_file_entry(MODEL_CARD_NAME, card_digest, KIND_CARD)] + extra
 
     manifest = Manifest(tool_name=TOOL_NAME, tool_version=__version__, name=spec.name, spec=spec.to_json(),
                         sources=sources, artifacts=tuple(artifacts), created=created)
     data = dump_manifest(manifest)
     manifest_sha = hash_bytes(data).sha256
-    write_bytes_atomic(partial / MANIFEST_NAME, data)
+    with _writing(out, f"write {partial / MANIFEST_NAME}"):
+        write_bytes_atomic(partial / MANIFEST_NAME, data)
     sums = {a.path: a.sha256 for a in artifacts} | {MANIFEST_NAME: manifest_sha}
-    write_bytes_atomic(partial / CHECKSUMS_NAME, format_sha256sums(sums))
+    with _writing(out, f"write {partial / CHECKSUMS_NAME}"):
+        write_bytes_atomic(partial / CHECKSUMS_NAME, format_sha256sums(sums))
     return manifest, manifest_sha

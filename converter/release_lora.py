@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from manifests.hashing import hash_file
+from manifests.hashing import FileDigest, hash_file
 
 from .errors import LoraError, ReleaseError
 from .lora_export import SIDECAR_DTYPES, export_kohya
@@ -163,22 +163,88 @@ def lora_spec_hook(raw: Any, spec_dir: Path, where: str) -> SpecExtension:
     )
 
 
-def merger_for_manifest(records: Sequence[Mapping[str, Any]], lora_files: Sequence[Path],
+def _where(i: int, key: str | None = None) -> str:
+    return f"manifest.json: spec.lora[{i}]" + (f".{key}" if key else "")
+
+
+def manifest_lora_records(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The ``lora`` records of a manifest's ``spec`` (empty when it has none), type-checked.
+
+    A manifest can be edited by hand, so every shape ``verify --source`` relies on is checked here
+    and refused with a :class:`ReleaseError` naming the key. Records without ``mode`` (written
+    before side-cars existed) are merges.
+    """
+    raw = spec.get("lora")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ReleaseError(f"manifest.json: spec.lora must be a list of tables (the [[lora]] entries), got {raw!r}")
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            raise ReleaseError(f"{_where(i)} must be a table (one [[lora]] entry), got {r!r}")
+        mode = r.get("mode", "merge")
+        if mode not in MODES:
+            raise ReleaseError(f"{_where(i, 'mode')} must be one of {', '.join(MODES)}, got {mode!r}")
+    return list(raw)
+
+
+def is_merge(record: Mapping[str, Any]) -> bool:
+    """Did this (checked) record change the weights?"""
+    return record.get("mode", "merge") == "merge"
+
+
+def hash_lora_files(paths: Sequence[Path]) -> dict[Path, FileDigest]:
+    """Size and sha256 of each ``--lora`` file; an unreadable one is a one-line LoraError."""
+    out = {}
+    for p in paths:
+        try:
+            out[Path(p)] = hash_file(p)
+        except OSError as e:
+            raise LoraError(f"--lora {p}: cannot read: {e.strerror or e}") from None
+    return out
+
+
+def _check_sha256(value: Any, i: int) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ReleaseError(f"{_where(i, 'sha256')} must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+def check_lora_files(records: Sequence[Mapping[str, Any]], lora_files: Mapping[Path, str]) -> None:
+    """Every given file (path -> sha256) must be one the release records, merged or side-car."""
+    known = {r.get("sha256") for r in records}
+    for path, sha in lora_files.items():
+        if sha not in known:
+            raise LoraError(f"--lora {path}: this release records no LoRA with that file's sha256 ({sha})")
+
+
+def merger_for_manifest(records: Sequence[Mapping[str, Any]], lora_files: Sequence[Path] | Mapping[Path, str],
                         shapes: Mapping[str, tuple[int, ...]]) -> LoraMerger:
     """Rebuild a release's merge transform from its recorded ``lora`` entries and the user's
-    copies of the LoRA files (matched by sha256), for ``verify --source``."""
-    by_sha = {hash_file(p).sha256: p for p in lora_files}
-    merged = [r for r in records if r.get("mode", "merge") == "merge"]
+    copies of the LoRA files (matched by sha256), for ``verify --source``.
+
+    ``records`` come from :func:`manifest_lora_records`; ``lora_files`` are paths, or paths with
+    their sha256 already computed. Files of side-car entries are accepted and not applied.
+    """
+    if isinstance(lora_files, Mapping):
+        sha_by_path = {Path(p): s for p, s in lora_files.items()}
+    else:
+        sha_by_path = {p: d.sha256 for p, d in hash_lora_files(lora_files).items()}
+    by_sha = {s: p for p, s in sha_by_path.items()}
     loras = []
-    for r in merged:
-        path = by_sha.get(r.get("sha256", ""))
+    for i, r in enumerate(records):
+        if not is_merge(r):
+            continue
+        sha = _check_sha256(r.get("sha256"), i)
+        strength = r.get("strength")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise ReleaseError(f"{_where(i, 'strength')} must be a finite number, got {strength!r}")
+        path = by_sha.get(sha)
         if path is None:
             raise LoraError(f"manifest.json: the release merged LoRA {r.get('name')!r} ({r.get('path')}, sha256 "
-                            f"{r.get('sha256')}); pass that file with --lora")
-        loras.append((load_lora(path), float(r["strength"])))
-    unused = sorted(set(by_sha) - {r.get("sha256") for r in merged})
-    if unused:
-        raise LoraError(f"--lora {by_sha[unused[0]]}: this release merged no LoRA with that file's sha256")
+                            f"{sha}); pass that file with --lora")
+        loras.append((load_lora(path), float(strength)))
+    check_lora_files(records, sha_by_path)
     return LoraMerger(loras, shapes)
 
 

@@ -4,9 +4,10 @@ Order matters for safety: manifest.json is read (never through a symlink), valid
 schema and its paths checked, and every listed path is ``lstat``-ed for symlinks, all *before*
 any listed file is opened. Then each file is re-hashed once at disk speed.
 
-Verdicts per file: ``ok``, ``mismatch`` (size or digest differ, or not a plain file),
-``missing``, ``unexpected`` (present but not listed). manifest.json is checked against the
-digest SHA256SUMS lists for it, and SHA256SUMS must agree with the manifest on every file.
+Verdicts per file: ``ok``, ``mismatch`` (size or digest differ, not a plain file, or cannot be
+read: detail ``cannot read: <reason>``), ``missing``, ``unexpected`` (present but not listed).
+manifest.json is checked against the digest SHA256SUMS lists for it, and SHA256SUMS must agree
+with the manifest on every file.
 """
 from __future__ import annotations
 
@@ -100,8 +101,15 @@ def _read_manifest(root: Path) -> tuple[Manifest, bytes]:
         raise UnsafePathError(MANIFEST_NAME, "is a symbolic link")
     if not stat.S_ISREG(st.st_mode):
         raise ManifestError(f"{path}: not a regular file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {_reason(e)}") from None
     return load_manifest(data, source=str(path)), data
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
 
 
 def _damaged_tensors(path: Path, artifact: ArtifactEntry, chunk_size: int) -> list[str]:
@@ -125,7 +133,11 @@ def _check_artifact(root: Path, artifact: ArtifactEntry, *, tensors: bool, chunk
     if not stat.S_ISREG(st.st_mode):
         check.status, check.detail = MISMATCH, "not a regular file"
         return check
-    digest = hash_file(path, chunk_size=chunk_size, on_bytes=on_bytes)
+    try:
+        digest = hash_file(path, chunk_size=chunk_size, on_bytes=on_bytes)
+    except OSError as e:  # unreadable (permissions, I/O error): a verdict for this file, not a crash
+        check.status, check.detail = MISMATCH, f"cannot read: {_reason(e)}"
+        return check
     check.actual_size, check.actual_sha256 = digest.size, digest.sha256
     if digest.size == artifact.size and digest.sha256 == artifact.sha256:
         check.status = OK
@@ -136,7 +148,11 @@ def _check_artifact(root: Path, artifact: ArtifactEntry, *, tensors: bool, chunk
     else:
         check.detail = "same size, different content"
     if tensors and artifact.kind == GGUF_KIND:
-        check.damaged_tensors = _damaged_tensors(path, artifact, chunk_size)
+        try:
+            check.damaged_tensors = _damaged_tensors(path, artifact, chunk_size)
+        except OSError as e:
+            check.detail += f"; cannot read its tensors: {_reason(e)}"
+            return check
         if not check.damaged_tensors:
             check.detail += "; every tensor's data is intact (the damage is in the header, metadata or padding)"
         else:
@@ -154,7 +170,11 @@ def _check_checksums(root: Path, manifest: Manifest) -> tuple[FileCheck, dict[st
     if not stat.S_ISREG(st.st_mode):
         check.status, check.detail = MISMATCH, "not a regular file"
         return check, None
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        check.status, check.detail = MISMATCH, f"cannot read: {_reason(e)}"
+        return check, None
     digest = hash_bytes(data)
     check.actual_size, check.actual_sha256 = digest.size, digest.sha256
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ import yaml
 from click.testing import CliRunner
 
 from converter.cli import main
-from converter.errors import ReleaseError
+from converter.errors import ModelDetectionError, OutputError, ReleaseError
 from converter.layout import FluxGeometry
 from converter.release import build_release, created_timestamp
 from converter.release_spec import SpecExtension, parse_release_spec
@@ -409,9 +410,170 @@ def test_failed_build_leaves_nothing(tmp_path):
     spec = write_project(tmp_path / "p")
     (tmp_path / "p" / "weights" / "tiny.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     out = tmp_path / "out"
-    with pytest.raises(Exception):
+    with pytest.raises(ModelDetectionError) as e:
         build_release(spec, out)
+    assert str(e.value) == (f"{tmp_path / 'p' / 'weights' / 'tiny.safetensors'} is not a FLUX.1 transformer: expected "
+                            "img_in.weight, double_blocks.N.* and single_blocks.N.*; found 0 tensors: none")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+# --- output folders: where the release goes, and what may already be there ---------------------------
+
+def cli_error(*args: str) -> tuple[int, list[str]]:
+    """Exit code and output lines of a failing command (exceptions are not caught: none may escape)."""
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_output_dot_in_an_empty_current_folder_is_refused_clearly(project, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, lines = cli_error("release", "build", str(project), "-o", ".")
+    assert code == 1
+    assert lines == [f"Error: {here}: is the current folder, which the finished release would replace; "
+                     f"name a new folder inside it, e.g. -o ./{NAME}"]
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_relative_output_is_resolved(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = build_release(project, "rel")
+    assert result.out_dir == tmp_path / "rel" and result.out_dir.is_absolute()
+    assert verify_release(tmp_path / "rel").ok
+    assert not (tmp_path / "rel.partial").exists()
+
+
+@pytest.mark.parametrize("target", ["empty", "absent"])
+def test_symlinked_output_is_refused_before_converting(project, tmp_path, monkeypatch, target):
+    if target == "empty":
+        (tmp_path / target).mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / target)
+    monkeypatch.setattr("converter.release.convert", lambda *a, **k: pytest.fail("converted before refusing"))
+    code, lines = cli_error("release", "build", str(project), "-o", str(link))
+    assert code == 1
+    assert lines == [f"Error: {link}: is a symbolic link (to {tmp_path / target}); give the folder itself "
+                     f"(-o {tmp_path / target}) or a new folder"]
+    assert link.is_symlink() and not (tmp_path / "link.partial").exists()
+    if target == "empty":
+        assert list((tmp_path / target).iterdir()) == []
+
+
+def test_mount_point_output_is_refused(project, tmp_path, monkeypatch):
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    code, lines = cli_error("release", "build", str(project), "-o", str(out))
+    assert code == 1
+    assert lines == [f"Error: {out}: is a mount point, which the finished release cannot be renamed onto; "
+                     f"name a new folder inside it, e.g. -o {out / NAME}"]
+    assert list(out.iterdir()) == [] and not (tmp_path / "mnt.partial").exists()
+
+
+def _fail_on(monkeypatch, step: str, partial: Path) -> str:
+    """Make one late output step fail with ENOSPC; returns what the error names."""
+    from converter import release as rel
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    if step in ("README.md", "manifest.json", "SHA256SUMS"):
+        real = rel.write_bytes_atomic
+
+        def write(path, data):
+            if Path(path).name == step:
+                raise enospc
+            return real(path, data)
+        monkeypatch.setattr(rel, "write_bytes_atomic", write)
+        return f"write {partial / step}"
+    if step in ("LICENSE.md", "validation.json"):
+        real_copy = rel.copy_file_hashed
+
+        def copy(src, dst):
+            if Path(dst).name == step:
+                raise enospc
+            return real_copy(src, dst)
+        monkeypatch.setattr(rel, "copy_file_hashed", copy)
+        src = {"LICENSE.md": "LICENSE.md", "validation.json": "reports/validation.json"}[step]
+        return f"copy {partial.parent / 'p' / src} to {partial / step}"
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(src) == partial:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    return f"move {partial} into place"
+
+
+@pytest.mark.parametrize("step", ["README.md", "manifest.json", "SHA256SUMS", "LICENSE.md", "validation.json", "rename"])
+def test_write_failure_after_the_ggufs_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, step):
+    spec = write_project(tmp_path / "p")
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    what = _fail_on(monkeypatch, step, partial)
+    reason = "Invalid cross-device link" if step == "rename" else "No space left on device"
+    code, lines = cli_error("release", "build", str(spec), "-o", str(out))
+    assert code == 1
+    assert lines == [f"Error: {out} was not written: cannot {what}: {reason}"]
+    assert not out.exists() and not partial.exists()
+
+
+def test_rename_onto_a_folder_filled_during_the_build_is_one_line(project, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def progress(done, total):
+        if not (out / "late.txt").exists():
+            (out / "late.txt").write_text("appeared mid-build")
+    with pytest.raises(OutputError) as e:
+        build_release(project, out, progress=progress)
+    assert str(e.value) == f"{out} was not written: cannot move {tmp_path / 'out.partial'} into place: Directory not empty"
+    assert [p.name for p in out.iterdir()] == ["late.txt"] and not (tmp_path / "out.partial").exists()
+
+
+def test_a_users_partial_folder_is_never_deleted(project, tmp_path):
+    out = tmp_path / "out"
+    theirs = tmp_path / "out.partial"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("my work")
+    code, lines = cli_error("release", "build", str(project), "-o", str(out))
+    assert code == 1
+    assert lines == [f"Error: {theirs}: already exists and was not left by a flux-gguf build (no .flux-gguf-partial "
+                     "marker in it); move it away or choose another output folder"]
+    assert (theirs / "notes.txt").read_text() == "my work" and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_partial_name_that_is_not_a_folder_is_refused(project, tmp_path, kind):
+    out = tmp_path / "out"
+    theirs = tmp_path / "out.partial"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".flux-gguf-partial").write_text("")
+    (elsewhere / "keep.txt").write_text("keep")
+    if kind == "file":
+        theirs.write_text("a file")
+    else:
+        theirs.symlink_to(elsewhere)
+    with pytest.raises(OutputError, match=r"out\.partial: already exists and was not left by a flux-gguf build"):
+        build_release(project, out)
+    assert os.path.lexists(theirs) and (elsewhere / "keep.txt").exists() and not out.exists()
+
+
+def test_our_stale_partial_folder_is_replaced_and_the_marker_never_shipped(project, tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / "out.partial"
+    stale.mkdir()
+    (stale / ".flux-gguf-partial").write_text("")
+    (stale / f"{NAME}-Q4_K_M.gguf.partial").write_bytes(b"half a file")
+    seen = []
+    build_release(project, out, progress=lambda done, total: seen.append((stale / ".flux-gguf-partial").is_file()))
+    assert seen and all(seen)  # the marker is there while the build runs
+    assert not stale.exists()
+    assert ".flux-gguf-partial" not in {p.name for p in out.iterdir()}
+    assert ".flux-gguf-partial" not in (out / "SHA256SUMS").read_text()
+    assert ".flux-gguf-partial" not in {a.path for a in load_manifest(out / "manifest.json").artifacts}
+    assert verify_release(out).ok
 
 
 # --- verify --source ----------------------------------------------------------------------------------
@@ -459,9 +621,34 @@ def test_rederive_catches_a_recorded_type_the_recipe_would_not_give(built, proje
 
 def test_rederive_refuses_extension_releases_without_their_transform(built, project):
     m = load_manifest(built / "manifest.json")
-    with_lora = dataclasses.replace(m, spec=m.spec | {"lora": [{"name": "style"}]})
-    with pytest.raises(ReleaseError, match=r"this release applied 'lora' entries to the weights"):
-        rederive_release(with_lora, project.parent / "weights" / "tiny.safetensors")
+    src = project.parent / "weights" / "tiny.safetensors"
+    for records in ([{"name": "style"}], [{"name": "a", "mode": "sidecar"}, {"name": "b", "mode": "merge"}]):
+        with_lora = dataclasses.replace(m, spec=m.spec | {"lora": records})
+        with pytest.raises(ReleaseError, match=r"this release applied 'lora' entries to the weights"):
+            rederive_release(with_lora, src)
+
+
+def test_rederive_needs_no_transform_when_every_lora_is_a_sidecar(built, project):
+    m = load_manifest(built / "manifest.json")
+    sidecars = dataclasses.replace(m, spec=m.spec | {"lora": [{"name": "a", "mode": "sidecar"},
+                                                               {"name": "b", "mode": "sidecar"}]})
+    assert rederive_release(sidecars, project.parent / "weights" / "tiny.safetensors").ok
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"overrides": [1]}, "manifest.json: spec.overrides[0] must be a REGEX=TYPE string, got 1"),
+    ({"overrides": "x=Q8_0"}, "manifest.json: spec.overrides must be a list of REGEX=TYPE strings, got 'x=Q8_0'"),
+    ({"lora": "abc"}, "manifest.json: spec.lora must be a list of tables (the [[lora]] entries), got 'abc'"),
+    ({"lora": [1]}, "manifest.json: spec.lora[0] must be a table (one [[lora]] entry), got 1"),
+    ({"lora": [{"mode": "sidecar"}, {"mode": 3}]}, "manifest.json: spec.lora[1].mode must be one of merge, sidecar, got 3"),
+])
+def test_cli_verify_source_refuses_a_malformed_spec_in_one_line(release, project, edit, message):
+    doc = json.loads((release / "manifest.json").read_text())
+    doc["spec"].update(edit)
+    (release / "manifest.json").write_text(json.dumps(doc))
+    code, lines = cli_error("verify", str(release), "--source", str(project.parent / "weights" / "tiny.safetensors"))
+    assert code == 1
+    assert lines == [f"Error: {message}"]
 
 
 # --- the CLI: every way a download can be damaged --------------------------------------------------

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -180,3 +182,93 @@ def test_release_ggufs_name_the_merged_lora_in_their_header(built, project):
     doc = _json.loads(bytes(field.parts[field.data[0]]).decode())
     assert doc == [{"name": "speed", "strength": 0.5, "format": "kohya",
                     "sha256": hashlib.sha256((project / "loras" / "speed.safetensors").read_bytes()).hexdigest()}]
+
+
+# --- verify --source: side-car-only releases, --lora files as sources, edited records ---------------
+
+SIDECAR_ONLY = SPEC.split("[[lora]]")[0] + """[[lora]]
+path = "loras/style.safetensors"
+name = "style"
+strength = 0.8
+mode = "sidecar"
+
+[card]
+license = "other"
+"""
+
+
+def _verify(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, ["verify", *args], catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def sidecar_only(project, tmp_path_factory) -> Path:
+    spec = project / "sidecar-only.toml"
+    spec.write_text(SIDECAR_ONLY.replace('variants = ["Q4_K_M", "Q8_0"]', 'variants = ["Q8_0"]'))
+    out = tmp_path_factory.mktemp("sidecar") / "tiny"
+    build_release(spec, out)
+    return out
+
+
+def test_verify_source_of_a_sidecar_only_release_needs_no_lora(sidecar_only, project):
+    src = str(project / "weights" / "tiny.safetensors")
+    code, out = _verify(str(sidecar_only), "--source", src)
+    assert code == 0, out
+    assert "re-derived bit for bit" in out
+    assert ("source files differ from those the manifest lists (loras/style.safetensors missing); "
+            "tensors decide the check") in out.splitlines()
+    assert out.splitlines()[-1] == f"release {sidecar_only}: OK"
+    # the side-car's source file may be given too: it is then a present source, not applied
+    code, out = _verify(str(sidecar_only), "--source", src, "--lora", str(project / "loras" / "style.safetensors"))
+    assert code == 0, out
+    assert "source files are byte-identical to those the manifest lists" in out.splitlines()
+
+
+def test_verify_source_counts_the_given_lora_files_as_present(built, project):
+    src = str(project / "weights" / "tiny.safetensors")
+    speed, style = str(project / "loras" / "speed.safetensors"), str(project / "loras" / "style.safetensors")
+    code, out = _verify(str(built), "--source", src, "--lora", speed, "--json")
+    assert code == 0, out
+    files = json.loads(out)["source"]["source_files"]
+    assert [(f["name"], f["status"]) for f in files] == [
+        ("tiny.safetensors", "ok"), ("loras/speed.safetensors", "ok"), ("loras/style.safetensors", "missing")]
+    assert files[1]["actual_sha256"] == hashlib.sha256((project / "loras" / "speed.safetensors").read_bytes()).hexdigest()
+    code, out = _verify(str(built), "--source", src, "--lora", speed, "--lora", style)
+    assert code == 0, out
+    assert "source files are byte-identical to those the manifest lists" in out.splitlines()
+
+
+def test_verify_lora_file_errors_are_one_line(built, project, tmp_path):
+    src = str(project / "weights" / "tiny.safetensors")
+    absent = tmp_path / "absent.safetensors"
+    code, out = _verify(str(built), "--source", src, "--lora", str(absent))
+    assert code == 1
+    assert out.strip().splitlines() == [f"Error: --lora {absent}: cannot read: No such file or directory"]
+    other = tmp_path / "other.safetensors"
+    write_kohya(other, make_truth(GEO, seed=9))
+    code, out = _verify(str(built), "--source", src, "--lora", str(project / "loras" / "speed.safetensors"),
+                        "--lora", str(other))
+    assert code == 1
+    assert out.strip().splitlines() == [f"Error: --lora {other}: this release records no LoRA with that file's sha256 "
+                                        f"({hashlib.sha256(other.read_bytes()).hexdigest()})"]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda recs: recs.__setitem__(0, recs[0] | {"strength": "high"}),
+     "manifest.json: spec.lora[0].strength must be a finite number, got 'high'"),
+    (lambda recs: recs[0].pop("strength"), "manifest.json: spec.lora[0].strength must be a finite number, got None"),
+    (lambda recs: recs.__setitem__(0, recs[0] | {"sha256": 7}), "manifest.json: spec.lora[0].sha256 must be 64 lowercase hex digits, got 7"),
+    (lambda recs: recs.__setitem__(1, recs[1] | {"mode": "fuse"}), "manifest.json: spec.lora[1].mode must be one of merge, sidecar, got 'fuse'"),
+    (lambda recs: recs.__setitem__(1, "style"), "manifest.json: spec.lora[1] must be a table (one [[lora]] entry), got 'style'"),
+])
+def test_verify_source_refuses_edited_lora_records_in_one_line(built, project, tmp_path, edit, message):
+    release = tmp_path / "release"
+    shutil.copytree(built, release)
+    doc = json.loads((release / "manifest.json").read_text())
+    edit(doc["spec"]["lora"])
+    (release / "manifest.json").write_text(json.dumps(doc))
+    code, out = _verify(str(release), "--source", str(project / "weights" / "tiny.safetensors"),
+                        "--lora", str(project / "loras" / "speed.safetensors"))
+    assert code == 1
+    assert out.strip().splitlines() == [f"Error: {message}"]

@@ -314,3 +314,82 @@ def test_recorded_tensor_ranges_match_gguf_reader(release):
             for t, rt in zip(art.tensors, reader.tensors):
                 assert (t.name, t.offset, t.nbytes) == (rt.name, int(rt.data_offset), int(rt.n_bytes))
                 assert hash_range(f, t.offset, t.nbytes) == t.sha256
+
+
+# --- unreadable files: a verdict each, never a traceback -------------------------------------------
+
+def _unreadable(monkeypatch, name: str, error: OSError) -> None:
+    """Make reading one listed file fail (tests run as root, so chmod would not stop the read)."""
+    import manifests.verify as mv
+    real_hash = mv.hash_file
+
+    def hash_file_failing(path, **kwargs):
+        if Path(path).name == name:
+            raise error
+        return real_hash(path, **kwargs)
+    monkeypatch.setattr(mv, "hash_file", hash_file_failing)
+    real_read = Path.read_bytes
+
+    def read_bytes_failing(self):
+        if self.name == name:
+            raise error
+        return real_read(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes_failing)
+
+
+@pytest.mark.parametrize(("name", "error", "reason"), [
+    ("README.md", PermissionError(13, "Permission denied"), "Permission denied"),
+    ("tiny-F32.gguf", OSError(5, "Input/output error"), "Input/output error"),
+])
+def test_unreadable_file_is_a_mismatch_not_a_crash(release, monkeypatch, name, error, reason):
+    _unreadable(monkeypatch, name, error)
+    report = verify_release(release, tensors=True)
+    assert verdicts(report) == ALL_OK | {name: "mismatch"}
+    check = report.file(name)
+    assert check.detail == f"cannot read: {reason}"
+    assert check.actual_size is None and check.actual_sha256 is None
+
+
+def test_cli_unreadable_file_is_reported_and_exits_1(release, monkeypatch):
+    from click.testing import CliRunner
+    from converter.cli import main
+    _unreadable(monkeypatch, "README.md", PermissionError(13, "Permission denied"))
+    result = CliRunner().invoke(main, ["verify", str(release)], catch_exceptions=False)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert "mismatch    README.md  (cannot read: Permission denied)" in lines
+    assert lines[-2:] == ["6 files: 5 ok, 1 mismatch", f"release {release}: PROBLEMS FOUND"]
+
+
+def test_unreadable_sha256sums_is_a_mismatch(release, monkeypatch):
+    _unreadable(monkeypatch, CHECKSUMS_NAME, OSError(5, "Input/output error"))
+    report = verify_release(release)
+    assert verdicts(report) == ALL_OK | {CHECKSUMS_NAME: "mismatch"}
+    assert report.file(CHECKSUMS_NAME).detail == "cannot read: Input/output error"
+    assert report.file(MANIFEST_NAME).detail == "not covered: SHA256SUMS gives no digest for it"
+
+
+def test_cli_unreadable_manifest_is_one_line(release, monkeypatch):
+    from click.testing import CliRunner
+    from converter.cli import main
+    _unreadable(monkeypatch, MANIFEST_NAME, PermissionError(13, "Permission denied"))
+    result = CliRunner().invoke(main, ["verify", str(release)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {release / MANIFEST_NAME}: cannot read: Permission denied"]
+
+
+def test_gguf_unreadable_while_listing_damaged_tensors(release, monkeypatch):
+    path = release / "tiny-F32.gguf"
+    with open(path, "r+b") as f:
+        f.seek(40)
+        b = f.read(1)
+        f.seek(40)
+        f.write(bytes([b[0] ^ 0xFF]))
+    import manifests.verify as mv
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(mv, "_damaged_tensors", failing)
+    check = verify_release(release, tensors=True).file("tiny-F32.gguf")
+    assert check.status == "mismatch" and check.damaged_tensors is None
+    assert check.detail == "same size, different content; cannot read its tensors: Input/output error"
