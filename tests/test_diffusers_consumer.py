@@ -161,12 +161,17 @@ def test_diffusers_loads_and_runs_our_file(work, reference_output, variant):
     assert cos >= MIN_COSINE[variant], f"{variant}: cosine {cos:.6f} < {MIN_COSINE[variant]}"
 
 
-def test_f32_img_in_keeps_diffusers_variant_detection_right(tmp_path):
+def test_f32_img_in_keeps_diffusers_variant_detection_right(tmp_path, monkeypatch):
     """diffusers infers the variant from img_in.weight's stored width: F32 reads as flux-dev,
     while a BF16 img_in (what the published Kontext files have) reads as FLUX Depth."""
+    import converter.recipes as recipes
+
     small = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
     src = write_synthetic_flux(tmp_path / "small.safetensors", small)
     [ours] = convert(src, tmp_path / "ours", ["Q8_0"])
+    # What the published files do: our recipe refuses to move img_in.weight off F32, so lift that
+    # rule to make a file with a BF16 img_in for comparison.
+    monkeypatch.setattr(recipes, "ALWAYS_F32", ())
     [bf16] = convert(src, tmp_path / "bf16", ["Q8_0"], overrides=[r"^img_in\.weight$=BF16"])
     assert infer_diffusers_model_type(load_gguf_checkpoint(str(ours.path))) == "flux-dev"
     assert infer_diffusers_model_type(load_gguf_checkpoint(str(bf16.path))) == "flux-depth"
