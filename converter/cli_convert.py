@@ -31,9 +31,10 @@ def split_variants(values: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def progress_bar(desc: str) -> Iterator[ProgressFn]:
-    """A tqdm bar on stderr (bytes of source processed, with rate and ETA) fed by the pipeline."""
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
+def progress_bar(desc: str, unit: str = "B") -> Iterator[ProgressFn]:
+    """A tqdm bar on stderr (by default bytes of source processed, with rate and ETA) fed by a
+    ``progress(done, total)`` callback."""
+    bar = tqdm(total=0, unit=unit, unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
                dynamic_ncols=True, leave=True)
 
     def update(done: int, total: int) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-from typing import Iterator
 
 import click
-from tqdm import tqdm
 
+from .cli_convert import progress_bar
 from .errors import ValidationError
 from .probes import ProbeSpec
-from .validate import VALIDATION_FILE, ProgressFn, ValidationReport, validate as run_validate, write_validation_json
+from .validate import VALIDATION_FILE, ValidationReport, validate as run_validate, write_validation_json
 
 GB = 1e9
 _DEVICE = click.Choice(["cpu", "cuda"])
@@ -24,21 +23,6 @@ def _quiet_libraries() -> None:
             module = __import__(f"{name}.utils", fromlist=["logging"])
             module.logging.set_verbosity_error()
             module.logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def _weights_bar(desc: str) -> Iterator[ProgressFn]:
-    bar = tqdm(total=0, unit=" weights", unit_scale=True, desc=desc, disable=None, dynamic_ncols=True)
-
-    def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        yield update
-    finally:
-        bar.close()
 
 
 def _log(message: str) -> None:
@@ -134,7 +118,7 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
             raise ValidationError("--tensors-only and --pipeline exclude each other")
     probe = None if tensors_only else ProbeSpec(height=height, width=width, text_tokens=text_tokens, seed=seed)
     _quiet_libraries()
-    with _weights_bar("comparing tensors") as progress:
+    with progress_bar("comparing tensors", unit=" weights") as progress:
         report = run_validate(gguf, source, config_dir=config_dir, device=device, probe=probe,
                               progress=progress, log=_log)
     if pipeline_dir is not None and image is not None and prompt is not None:

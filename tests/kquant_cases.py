@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 
 def input_families(n: int = 512, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,3 +58,28 @@ def describe_mismatch(ours: np.ndarray, ref: np.ndarray, block_bytes: int) -> st
         f"has {int(counts[worst])} differing bytes at offsets {cols[:16].tolist()}: "
         f"ours {a[worst, cols[:8]].tolist()} vs ggml {b[worst, cols[:8]].tolist()}"
     )
+
+
+def type_size(qtype: str) -> int:
+    """Bytes in one block of ``qtype``."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+
+
+def random_imatrix(n: int, seed: int) -> np.ndarray:
+    """Random positive per-column weights spanning four decades, about one in eight zero."""
+    rng = np.random.default_rng(seed)
+    qw = (rng.random(n) * 10.0 ** rng.uniform(-2, 2, n)).astype(np.float32)
+    qw[rng.random(n) < 0.125] = 0.0
+    return qw
+
+
+def assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize with ours and with ggml; fail with describe_mismatch's report unless equal."""
+    import oracle
+    import quant_kernels
+
+    ours = quant_kernels.quantize(x, qtype, imatrix=imatrix)
+    ref = oracle.quantize(x, qtype, imatrix)
+    msg = describe_mismatch(ours, ref, type_size(qtype))
+    assert not msg, msg
+    return ours

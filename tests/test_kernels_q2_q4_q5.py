@@ -6,35 +6,18 @@ import importlib
 import numba
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import oracle
 import quant_kernels
-from kquant_cases import describe_mismatch, input_families
+from kquant_cases import assert_same_bytes, describe_mismatch, input_families, random_imatrix, type_size
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
 FAMILIES = input_families(n=2048, rows=32)  # 256 KB per family; 8 blocks per row
 
 
-def _type_size(qtype: str) -> int:
-    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
 
-
-def _imatrix(n: int, seed: int) -> np.ndarray:
-    """Random positive per-column weights spanning decades, about one in eight zero."""
-    rng = np.random.default_rng(seed)
-    qw = (rng.random(n) * 10.0 ** rng.uniform(-2, 2, n)).astype(np.float32)
-    qw[rng.random(n) < 0.125] = 0.0
-    return qw
-
-
-def _assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    ours = quant_kernels.quantize(x, qtype, imatrix=imatrix)
-    ref = oracle.quantize(x, qtype, imatrix)
-    msg = describe_mismatch(ours, ref, _type_size(qtype))
-    assert not msg, msg
-    return ref
 
 
 def _degenerate_groups(group: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,14 +33,14 @@ def _degenerate_groups(group: int, count: int, seed: int) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reference_bytes_match_ggml(qtype: str, family: str) -> None:
-    _assert_same_bytes(FAMILIES[family], qtype)
+    assert_same_bytes(FAMILIES[family], qtype)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_imatrix_bytes_match_ggml(qtype: str, family: str) -> None:
     x = FAMILIES[family]
-    _assert_same_bytes(x, qtype, _imatrix(x.shape[1], seed=len(family)))
+    assert_same_bytes(x, qtype, random_imatrix(x.shape[1], seed=len(family)))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -66,8 +49,8 @@ def test_block_counts_match_ggml(qtype: str, shape: tuple[int, int]) -> None:
     """One block, one-block rows, odd block counts per row, many rows (threads split rows)."""
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     x = (rng.standard_t(4, shape) * 0.02).astype(np.float32)
-    _assert_same_bytes(x, qtype)
-    _assert_same_bytes(x, qtype, _imatrix(shape[1], seed=shape[1]))
+    assert_same_bytes(x, qtype)
+    assert_same_bytes(x, qtype, random_imatrix(shape[1], seed=shape[1]))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -75,8 +58,8 @@ def test_imatrix_degenerate_searches_match_ggml(qtype: str) -> None:
     group = 16 if qtype == "Q2_K" else 32
     x, w = _degenerate_groups(group, 2048, seed=7)
     for row, qw in zip(x, w):
-        _assert_same_bytes(row[None, :], qtype, qw)
-    _assert_same_bytes(x, qtype)
+        assert_same_bytes(row[None, :], qtype, qw)
+    assert_same_bytes(x, qtype)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -84,29 +67,29 @@ def test_kernels_write_every_output_byte(qtype: str) -> None:
     """Called directly on a buffer full of junk, the row kernels still produce ggml's bytes."""
     kernels = importlib.import_module(f"quant_kernels.{quant_kernels.resolve(qtype).module}")
     x = np.ascontiguousarray(FAMILIES["student_t3"][:5, :768])
-    qw = _imatrix(768, seed=2)
+    qw = random_imatrix(768, seed=2)
     for imatrix in (None, qw):
-        out = np.full((5, 3 * _type_size(qtype)), 0xA5, np.uint8)
+        out = np.full((5, 3 * type_size(qtype)), 0xA5, np.uint8)
         if imatrix is None:
             kernels.quantize_rows(x, out)
         else:
             kernels.quantize_rows_imatrix(x, imatrix, out)
         ref = oracle.quantize(x, qtype, imatrix)
-        msg = describe_mismatch(out, ref, _type_size(qtype))
+        msg = describe_mismatch(out, ref, type_size(qtype))
         assert not msg, msg
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_imatrix_all_zero_weights_match_ggml(qtype: str) -> None:
     x = FAMILIES["gauss_0.02"]
-    _assert_same_bytes(x, qtype, np.zeros(x.shape[1], np.float32))
+    assert_same_bytes(x, qtype, np.zeros(x.shape[1], np.float32))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("family", ["gauss_0.02", "student_t3", "outliers", "mixed_zero_const", "fp16_subnormal"])
 def test_dequantize_matches_gguf_and_ggml(qtype: str, family: str) -> None:
     x = FAMILIES[family]
-    for imatrix in (None, _imatrix(x.shape[1], seed=3)):
+    for imatrix in (None, random_imatrix(x.shape[1], seed=3)):
         data = oracle.quantize(x, qtype, imatrix)
         ours = quant_kernels.dequantize(data, qtype, x.shape)
         by_gguf = gguf_dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
@@ -119,8 +102,8 @@ def test_dequantize_matches_gguf_and_ggml(qtype: str, family: str) -> None:
 def test_dequantize_arbitrary_bytes_matches_ggml(qtype: str) -> None:
     """Every bit pattern decodes as ggml does, including scales and d values no quantizer writes."""
     rng = np.random.default_rng(11)
-    data = rng.integers(0, 256, (4, 3 * _type_size(qtype)), dtype=np.uint8)
-    for off in range(0, data.shape[1], _type_size(qtype)):  # keep d finite so bits compare cleanly
+    data = rng.integers(0, 256, (4, 3 * type_size(qtype)), dtype=np.uint8)
+    for off in range(0, data.shape[1], type_size(qtype)):  # keep d finite so bits compare cleanly
         d_at = off + (80 if qtype == "Q2_K" else 0)
         data[:, d_at + 1] &= 0x7B
         data[:, d_at + 3] &= 0x7B
@@ -132,7 +115,7 @@ def test_dequantize_arbitrary_bytes_matches_ggml(qtype: str) -> None:
 @pytest.mark.parametrize("qtype", TYPES)
 def test_thread_count_does_not_change_bytes(qtype: str) -> None:
     x = FAMILIES["student_t3"]
-    qw = _imatrix(x.shape[1], seed=1)
+    qw = random_imatrix(x.shape[1], seed=1)
     before = quant_kernels.get_threads()
     try:
         quant_kernels.set_threads(1)

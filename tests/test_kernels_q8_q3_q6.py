@@ -13,7 +13,7 @@ from numba.core.registry import CPUDispatcher
 
 import oracle
 import quant_kernels
-from kquant_cases import describe_mismatch, input_families
+from kquant_cases import assert_same_bytes, input_families, random_imatrix, type_size
 from quant_kernels import BlockSizeError, NonFiniteError, QuantError, ShapeError, q3_k, q6_k, q8_0
 
 TYPES = ["Q8_0", "Q3_K", "Q6_K"]
@@ -21,28 +21,11 @@ KQUANTS = ["Q3_K", "Q6_K"]
 FAMILIES = input_families()  # 8 rows x 512 (two K-blocks, sixteen Q8_0 blocks per row): 16 KB each
 
 
-def _type_size(qtype: str) -> int:
-    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
-
 
 def _block_size(qtype: str) -> int:
     return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
 
 
-def _imatrix(n: int, seed: int) -> np.ndarray:
-    """Random positive per-column weights spanning four decades, about one in eight zero."""
-    rng = np.random.default_rng(seed)
-    qw = (rng.random(n) * 10.0 ** rng.uniform(-2, 2, n)).astype(np.float32)
-    qw[rng.random(n) < 0.125] = 0.0
-    return qw
-
-
-def _assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    ours = quant_kernels.quantize(x, qtype, imatrix=imatrix)
-    ref = oracle.quantize(x, qtype, imatrix)
-    msg = describe_mismatch(ours, ref, _type_size(qtype))
-    assert not msg, msg
-    return ours
 
 
 # --- bytes: ours == ggml --------------------------------------------------------------------
@@ -50,7 +33,7 @@ def _assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = N
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reference_bytes_match_ggml(qtype: str, family: str) -> None:
-    _assert_same_bytes(FAMILIES[family], qtype)
+    assert_same_bytes(FAMILIES[family], qtype)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -58,7 +41,7 @@ def test_reference_bytes_match_ggml(qtype: str, family: str) -> None:
 def test_imatrix_bytes_match_ggml(qtype: str, family: str) -> None:
     """K-quants use the weights (ggml's quantize_row_<type>_impl); Q8_0 ignores them, as ggml does."""
     x = FAMILIES[family]
-    _assert_same_bytes(x, qtype, _imatrix(x.shape[1], seed=len(family)))
+    assert_same_bytes(x, qtype, random_imatrix(x.shape[1], seed=len(family)))
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -68,8 +51,8 @@ def test_block_counts_match_ggml(qtype: str, blocks_per_row: int, rows: int) -> 
     n = blocks_per_row * _block_size(qtype)
     rng = np.random.default_rng(rows * 1000 + n)
     x = (rng.standard_t(4, (rows, n)) * 0.02).astype(np.float32)
-    _assert_same_bytes(x, qtype)
-    _assert_same_bytes(x, qtype, _imatrix(n, seed=n))
+    assert_same_bytes(x, qtype)
+    assert_same_bytes(x, qtype, random_imatrix(n, seed=n))
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
@@ -85,23 +68,23 @@ def test_many_blocks_match_ggml(qtype: str) -> None:
         rng.uniform(-1, 1, (56, 4096)),
     ]
     x = np.concatenate(parts).astype(np.float32)
-    _assert_same_bytes(x, qtype)
-    _assert_same_bytes(x, qtype, _imatrix(x.shape[1], seed=5))
+    assert_same_bytes(x, qtype)
+    assert_same_bytes(x, qtype, random_imatrix(x.shape[1], seed=5))
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
 def test_imatrix_all_zero_weights_match_ggml(qtype: str) -> None:
     x = FAMILIES["gauss_0.02"]
-    _assert_same_bytes(x, qtype, np.zeros(x.shape[1], np.float32))
+    assert_same_bytes(x, qtype, np.zeros(x.shape[1], np.float32))
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
 def test_imatrix_zero_weight_groups_match_ggml(qtype: str) -> None:
     """Whole groups of 16 with zero weight next to weighted ones (their searches see suml2 == 0)."""
     x = FAMILIES["student_t3"]
-    qw = _imatrix(x.shape[1], seed=9)
+    qw = random_imatrix(x.shape[1], seed=9)
     qw.reshape(-1, 16)[::3] = 0.0
-    _assert_same_bytes(x, qtype, qw)
+    assert_same_bytes(x, qtype, qw)
 
 
 def test_q8_0_rounds_half_away_from_zero() -> None:
@@ -109,7 +92,7 @@ def test_q8_0_rounds_half_away_from_zero() -> None:
     x = np.zeros((1, 32), np.float32)
     x[0, 0] = 127.0  # d = 1, so x * id == x
     x[0, 1:9] = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5]
-    ours = _assert_same_bytes(x, "Q8_0")
+    ours = assert_same_bytes(x, "Q8_0")
     assert ours[0, 3:11].view(np.int8).tolist() == [1, -1, 2, -2, 3, -3, 127, -127]
 
 
@@ -119,7 +102,7 @@ def test_q8_0_rounds_half_away_from_zero() -> None:
 @pytest.mark.parametrize("family", ["gauss_0.02", "student_t3", "outliers", "mixed_zero_const", "fp16_subnormal", "ties"])
 def test_dequantize_matches_gguf_and_ggml(qtype: str, family: str) -> None:
     x = FAMILIES[family]
-    for imatrix in (None, _imatrix(x.shape[1], seed=3)):
+    for imatrix in (None, random_imatrix(x.shape[1], seed=3)):
         data = quant_kernels.quantize(x, qtype, imatrix=imatrix)
         ours = quant_kernels.dequantize(data, qtype, x.shape)
         by_gguf = gguf_dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
@@ -131,7 +114,7 @@ def test_dequantize_matches_gguf_and_ggml(qtype: str, family: str) -> None:
 @pytest.mark.parametrize("qtype", TYPES)
 def test_dequantize_arbitrary_bytes_matches_ggml(qtype: str) -> None:
     """Every bit pattern decodes as ggml does, including scales and d values no quantizer writes."""
-    ts, bs = _type_size(qtype), _block_size(qtype)
+    ts, bs = type_size(qtype), _block_size(qtype)
     d_at = {"Q8_0": 0, "Q3_K": 108, "Q6_K": 208}[qtype]
     rng = np.random.default_rng(11)
     data = rng.integers(0, 256, (4, 3 * ts), dtype=np.uint8)
@@ -158,7 +141,7 @@ def test_round_trip_error_is_the_documented_one(qtype: str, expected: float) -> 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_thread_count_does_not_change_bytes(qtype: str) -> None:
     x = FAMILIES["student_t3"]
-    qw = _imatrix(x.shape[1], seed=1)
+    qw = random_imatrix(x.shape[1], seed=1)
     before = quant_kernels.get_threads()
     try:
         quant_kernels.set_threads(1)
@@ -229,7 +212,7 @@ def test_non_finite_input_names_count_and_first_location(qtype: str) -> None:
 
 def test_non_finite_imatrix_is_rejected() -> None:
     x = FAMILIES["gauss_0.02"]
-    qw = _imatrix(x.shape[1], seed=2)
+    qw = random_imatrix(x.shape[1], seed=2)
     qw[7] = np.inf
     with pytest.raises(QuantError) as err:
         quant_kernels.quantize(x, "Q3_K", imatrix=qw)
@@ -254,7 +237,7 @@ def test_float16_and_float64_input_is_rounded_to_float32_first(qtype: str, dtype
     x = FAMILIES["student_t3"].astype(dtype)
     expected = oracle.quantize(x.astype(np.float32), qtype)
     assert np.array_equal(quant_kernels.quantize(x, qtype), expected)
-    qw = _imatrix(x.shape[1], seed=4)
+    qw = random_imatrix(x.shape[1], seed=4)
     assert np.array_equal(quant_kernels.quantize(x, qtype, imatrix=qw.astype(np.float64)), oracle.quantize(x.astype(np.float32), qtype, qw))
 
 
@@ -269,5 +252,5 @@ def test_output_shape_and_dtype(qtype: str) -> None:
     x = FAMILIES["gauss_0.02"]
     out = quant_kernels.quantize(x, qtype)
     assert out.dtype == np.uint8
-    assert out.shape == (x.shape[0], x.shape[1] // _block_size(qtype) * _type_size(qtype))
+    assert out.shape == (x.shape[0], x.shape[1] // _block_size(qtype) * type_size(qtype))
     assert quant_kernels.row_nbytes(qtype, x.shape[1]) == out.shape[1]
