@@ -8,6 +8,7 @@ one, and one writer thread per output file writes and hashes while the next tens
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import queue
@@ -100,20 +101,27 @@ def convert(
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
-    previous_threads = quant_kernels.get_threads()
+    with kernel_threads(threads), open_source(src) as source:
+        plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
+                            extra_metadata=extra_metadata)
+        out = _prepare_out_dir(pathlib.Path(out_dir), plans)
+        return _convert_planned(source, plans, out, progress, tensor_transform)
+
+
+@contextlib.contextmanager
+def kernel_threads(threads: int | None) -> Iterator[None]:
+    """Run the quantization kernels on ``threads`` threads inside the block (None: as they are),
+    restoring the previous count after; a count out of range is a PlanError."""
+    previous = quant_kernels.get_threads()
     if threads is not None:
         try:
             quant_kernels.set_threads(threads)
         except ValueError as e:
             raise PlanError(str(e)) from None
     try:
-        with open_source(src) as source:
-            plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
-                                extra_metadata=extra_metadata)
-            out = _prepare_out_dir(pathlib.Path(out_dir), plans)
-            return _convert_planned(source, plans, out, progress, tensor_transform)
+        yield
     finally:
-        quant_kernels.set_threads(previous_threads)
+        quant_kernels.set_threads(previous)
 
 
 def _prepare_out_dir(out: pathlib.Path, plans: Sequence[Plan]) -> pathlib.Path:

@@ -30,6 +30,7 @@ from manifests import BackgroundHasher, Manifest
 from manifests.hashing import FileDigest
 
 from .detect import detect_model
+from .pipeline import kernel_threads
 from .errors import PlanError, ReleaseError
 from .recipes import make_plan
 from .release_lora import is_merge, manifest_lora_records
@@ -195,23 +196,14 @@ def rederive_release(
         raise ReleaseError(f"manifest.json: this release applied {used[0]!r} entries to the weights; "
                            "re-deriving it needs the same transform, which --source alone cannot rebuild")
     src = Path(source_path)
-    previous = quant_kernels.get_threads()
-    if threads is not None:
-        try:
-            quant_kernels.set_threads(threads)
-        except ValueError as e:
-            raise PlanError(str(e)) from None
-    try:
-        with open_source(src) as source:
-            report = RederiveReport(str(src))
-            with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
-                _check_recipe(manifest, source, report)
-                _rederive_tensors(manifest, source, report, progress, tensor_transform)
-                digests = hasher.result()
-            report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
-            return report
-    finally:
-        quant_kernels.set_threads(previous)
+    with kernel_threads(threads), open_source(src) as source:
+        report = RederiveReport(str(src))
+        with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
+            _check_recipe(manifest, source, report)
+            _rederive_tensors(manifest, source, report, progress, tensor_transform)
+            digests = hasher.result()
+        report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
+        return report
 
 
 def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport,
