@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .types import GGMLQuantizationType, block_geometry
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._qkx import (
     KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, T_AUX, T_AUX2, T_LISC, T_LMIN, T_MIN, T_SCALE, T_STRIDE,
@@ -16,9 +17,8 @@ from ._qkx import (
 )
 
 F32 = np.float32
-QK = 256
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q2_K)  # 256, 84
 GROUP = 16
-BLOCK_BYTES = 84
 TILE_BLOCKS = LANES * GROUP // QK
 CHUNK_TILES = 16  # tiles per unit of parallel work (8K weights)
 

@@ -19,12 +19,12 @@ from numba import njit, prange
 
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from .config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from .types import GGMLQuantizationType, block_geometry
 from .q6_k import NLANE, make_qx_quants
 
 __all__ = ["quantize_rows", "quantize_rows_imatrix", "dequantize_rows"]
 
-QK = 256
-BLOCK_BYTES = 110
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q3_K)  # 256, 110
 GROUP_MAX_EPS = np.float32(1e-15)
 
 # Per-thread scratch. Blocks are processed transposed (element-major: index 16*i + g holds

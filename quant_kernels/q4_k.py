@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .types import GGMLQuantizationType, block_geometry
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._qkx import (
     KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, T_AUX, T_AUX2, T_LISC, T_LMIN, T_MIN, T_SCALE, T_STRIDE,
@@ -17,9 +18,8 @@ from ._qkx import (
 )
 
 F32 = np.float32
-QK = 256
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q4_K)  # 256, 144
 GROUP = 32
-BLOCK_BYTES = 144
 TILE_BLOCKS = LANES * GROUP // QK
 CHUNK_TILES = 8  # tiles per unit of parallel work (8K weights)
 

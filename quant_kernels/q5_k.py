@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .types import GGMLQuantizationType, block_geometry
 from ._numeric import fp16_to_f32
 from ._qkx import KERNEL_JIT, LANES, PARALLEL_KERNEL_JIT, new_tile
 from .q4_k import CHUNK_TILES, GROUP, TILE_BLOCKS, quantize_tile_levels, scale_min_k4
 
 F32 = np.float32
-QK = 256
-BLOCK_BYTES = 176
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q5_K)  # 256, 176
 
 
 @njit(**KERNEL_JIT)

@@ -18,11 +18,11 @@ from numba import njit, prange
 
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from .config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from .types import GGMLQuantizationType, block_geometry
 
 __all__ = ["quantize_rows", "quantize_rows_imatrix", "dequantize_rows"]
 
-QK = 256
-BLOCK_BYTES = 210
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q6_K)  # 256, 210
 GROUP_MAX_EPS = np.float32(1e-15)
 
 

@@ -14,11 +14,11 @@ from numba import njit, prange
 
 from ._numeric import fp16_bits, fp16_to_f32, roundf
 from .config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from .types import GGMLQuantizationType, block_geometry
 
 __all__ = ["quantize_rows", "dequantize_rows"]
 
-QK = 32
-BLOCK_BYTES = 34
+QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q8_0)  # 32, 34
 
 
 @njit(**JIT_OPTIONS)

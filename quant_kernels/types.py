@@ -73,3 +73,8 @@ def resolve(qtype: GGMLQuantizationType | str | int) -> QuantSpec:
     if spec is None:
         raise UnsupportedTypeError(key.name, supported_type_names())
     return spec
+
+
+def block_geometry(qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(weights per block, bytes per block) from gguf's table, for the kernels' compile-time constants."""
+    return GGML_QUANT_SIZES[qtype]
