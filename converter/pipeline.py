@@ -22,7 +22,15 @@ from quant_kernels.errors import QuantError
 
 from .detect import detect_model
 from .errors import FluxGGUFError, OutputError, PlanError
-from .recipes import Override, Plan, SourceRef, Variant, make_plans, parse_override, resolve_variant
+from .recipes import (
+    Override,
+    Plan,
+    SourceRef,
+    Variant,
+    make_plans,
+    parse_override,
+    resolve_variant,
+)
 from .sources import Source, open_source
 from .writer import ArtifactRecord, GGUFStreamWriter
 

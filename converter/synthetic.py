@@ -37,7 +37,14 @@ from quant_kernels.floats import to_bfloat16_bits
 
 from .diffusers_names import diffusers_parts, part_rows
 from .errors import OutputError
-from .layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry, bfl_tensor_shapes
+from .layout import (
+    CONTEXT_DIM,
+    HEAD_DIM,
+    OUT_CHANNELS,
+    VEC_DIM,
+    FluxGeometry,
+    bfl_tensor_shapes,
+)
 from .safetensors_io import DTYPE_SIZES, F8_E4M3_TO_F32, F8_E5M2_TO_F32, encode_header
 from .sources import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS
 

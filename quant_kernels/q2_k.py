@@ -133,6 +133,7 @@ def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
         _quantize_tile(x, qw, n_per_row, out, t, tb, L, sc_b, Ls, Lm)
 
 
+# Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows(x, out):
     """ggml quantize_row_q2_K_ref on every row of x (float32, C-contiguous) into out."""

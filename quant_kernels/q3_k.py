@@ -272,6 +272,7 @@ def _encode_block_imatrix(xb, qw, ob, f, iw, weight, trials):
     _finish_block(f, iw, fp16_bits(d_block), ob)
 
 
+# Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_JIT_OPTIONS)
 def quantize_rows(x, out):
     """quantize_row_q3_K_ref on every row."""

@@ -176,6 +176,7 @@ def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
                     out[oo + 16 + 32 * c + l] = L[lo] | (L[lo + 32] << 4)
 
 
+# Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_KERNEL_JIT)
 def quantize_rows(x, out):
     """ggml quantize_row_q4_K_ref on every row of x (float32, C-contiguous) into out."""

@@ -132,6 +132,7 @@ def _encode_block(xb, w, ob, L, scales, trials):
             ob[128 + 32 * h + l] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
 
 
+# Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_JIT_OPTIONS)
 def quantize_rows(x, out):
     """quantize_row_q6_K_ref on every row; search weights are x^2."""

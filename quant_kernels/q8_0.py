@@ -35,6 +35,7 @@ def _encode_block(xb, ob):
         ob[2 + j] = np.uint8(np.int32(roundf(xb[j] * inv)) & 0xFF)
 
 
+# Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_JIT_OPTIONS)
 def quantize_rows(x, out):
     """quantize_row_q8_0_ref on every row."""

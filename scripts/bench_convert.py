@@ -25,8 +25,8 @@ import tempfile
 import time
 
 from converter.layout import FluxGeometry
-from converter.synthetic import synthetic_nbytes, write_synthetic_flux
 from converter.recipes import layout_tensors, make_plans
+from converter.synthetic import synthetic_nbytes, write_synthetic_flux
 
 SCENARIOS = {
     "Q4_K_M": ["Q4_K_M"],

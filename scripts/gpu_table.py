@@ -13,7 +13,7 @@
 2. convert: every variant in one pass over the source with all cores (timed);
 3. bench: the BF16 source and then each GGUF, one model on the GPU at a time: load time, peak
    VRAM, seconds per transformer step at 1024x1024 with Kontext's doubled image tokens, output
-   cosine / relative L2 against the BF16 output (converter.bench);
+   cosine / relative L2 against the BF16 output (converter.quality.bench);
 4. report: OUT_DIR/benchmarks.md (the table, the setup, the commands) and benchmarks.json.
 
 Progress goes to stdout line by line. Nothing touches the network (HF_HUB_OFFLINE=1): diffusers
@@ -38,7 +38,10 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from converter.bench import (  # noqa: E402
+from converter.errors import FluxGGUFError  # noqa: E402
+from converter.layout import FluxGeometry  # noqa: E402
+from converter.pipeline import convert  # noqa: E402
+from converter.quality.bench import (  # noqa: E402
     BenchRecord,
     BenchReport,
     baseline_label,
@@ -47,21 +50,18 @@ from converter.bench import (  # noqa: E402
     measure,
     progress_line,
 )
-from converter.diffusers_model import (  # noqa: E402
+from converter.quality.diffusers_model import (  # noqa: E402
     load_gguf_transformer,
     load_source_transformer,
     require_diffusers,
     resolve_device,
     write_transformer_config,
 )
-from converter.errors import FluxGGUFError  # noqa: E402
-from converter.layout import FluxGeometry  # noqa: E402
-from converter.pipeline import convert  # noqa: E402
-from converter.probes import ProbeSpec, make_kontext_probe  # noqa: E402
+from converter.quality.probes import ProbeSpec, make_kontext_probe  # noqa: E402
+from converter.quality.validate import environment  # noqa: E402
 from converter.recipes import layout_tensors, make_plans  # noqa: E402
 from converter.sources import open_source  # noqa: E402
 from converter.synthetic import synthetic_nbytes, write_synthetic_flux  # noqa: E402
-from converter.validate import environment  # noqa: E402
 
 NAME = "flux1-kontext-dev-synthetic"
 VARIANTS = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_S", "Q2_K")

@@ -17,7 +17,13 @@ import click
 from tqdm import tqdm
 
 from converter.errors import FluxGGUFError
-from converter.layout import DOUBLE_BLOCKS, HIDDEN, IMG_IN_CHANNELS, SINGLE_BLOCKS, FluxGeometry
+from converter.layout import (
+    DOUBLE_BLOCKS,
+    HIDDEN,
+    IMG_IN_CHANNELS,
+    SINGLE_BLOCKS,
+    FluxGeometry,
+)
 from converter.safetensors_io import DTYPE_SIZES
 from converter.synthetic import LAYOUTS, synthetic_nbytes, write_synthetic_flux
 

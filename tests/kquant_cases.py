@@ -76,6 +76,7 @@ def random_imatrix(n: int, seed: int) -> np.ndarray:
 def assert_same_bytes(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize with ours and with ggml; fail with describe_mismatch's report unless equal."""
     import oracle
+
     import quant_kernels
 
     ours = quant_kernels.quantize(x, qtype, imatrix=imatrix)

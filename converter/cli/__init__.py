@@ -1,7 +1,10 @@
-"""The ``flux-gguf`` command: a click group; every command lives in its own module.
+"""The ``flux-gguf`` command: a click group; every command lives in its own module of this package.
 
 Adding a command is one line in COMMANDS. Commands raise the library's exceptions; the group
-turns every FluxGGUFError / QuantError into ``Error: <one line>`` and exit status 1.
+turns every one of them into ``Error: <one line>`` and exit status 1. ``output`` holds what the
+commands share: progress bars, result tables, the one-line error.
+
+The top layer: may import every other part of flux-gguf; nothing imports it.
 """
 from __future__ import annotations
 
@@ -10,28 +13,22 @@ from typing import Any
 
 import click
 
-from quant_kernels.errors import QuantError
+from converter import __version__
 
-from . import __version__
-from .errors import FluxGGUFError
+from .output import LIBRARY_ERRORS, one_line
 
 # "module:attribute" of a click.Command, in the order `flux-gguf --help` lists them.
 COMMANDS = (
-    "converter.cli_convert:convert",
-    "converter.cli_inspect:inspect",
-    "converter.cli_example:example",
-    "converter.cli_release:release",
-    "converter.cli_verify:verify",
-    "converter.cli_hub:upload",
-    "converter.cli_hub:download",
-    "converter.cli_validate:validate",
-    "converter.cli_validate:bench",
+    "converter.cli.convert:convert",
+    "converter.cli.inspect:inspect",
+    "converter.cli.example:example",
+    "converter.cli.release:release",
+    "converter.cli.verify:verify",
+    "converter.cli.hub:upload",
+    "converter.cli.hub:download",
+    "converter.cli.validate:validate",
+    "converter.cli.validate:bench",
 )
-
-
-def one_line(message: object) -> str:
-    """Collapse a (possibly multi-line) message into one line for ``Error: ...``."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 class FluxGroup(click.Group):
@@ -40,7 +37,7 @@ class FluxGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (FluxGGUFError, QuantError) as e:
+        except LIBRARY_ERRORS as e:
             raise click.ClickException(one_line(e)) from e
 
 

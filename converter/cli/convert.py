@@ -1,76 +1,28 @@
-"""``flux-gguf convert``: plan (``--dry-run``) or write one GGUF file per variant.
-
-Also holds the small presentation helpers other commands reuse (progress bar, result tables).
-"""
+"""``flux-gguf convert``: plan (``--dry-run``) or write one GGUF file per variant."""
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import click
 import numba
-from tqdm import tqdm
 
+from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
+from converter.pipeline import convert as run_convert
+from converter.pipeline import plan_source
+from converter.recipes import parse_override, resolve_variant
+from converter.sources import open_source
 from manifests.hashing import hash_file
 
-from .lora_merge import build_merger, merged_lora_metadata, parse_lora_option
-from .pipeline import ProgressFn, convert as run_convert, plan_source
-from .recipes import Plan, parse_override, resolve_variant
-from .sources import open_source
-from .writer import ArtifactRecord
-
-GB = 1e9
+from .output import describe_artifacts, describe_plans, progress_bar
 
 
 def split_variants(values: Sequence[str]) -> list[str]:
     """``--variant Q4_K_M --variant Q8_0`` and ``--variant Q4_K_M,Q8_0`` both work."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
-
-@contextlib.contextmanager
-def progress_bar(desc: str, unit: str = "B") -> Iterator[ProgressFn]:
-    """A tqdm bar on stderr (by default bytes of source processed, with rate and ETA) fed by a
-    ``progress(done, total)`` callback."""
-    bar = tqdm(total=0, unit=unit, unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
-               dynamic_ncols=True, leave=True)
-
-    def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-def describe_plans(plans: Sequence[Plan], out_dir: pathlib.Path | None = None) -> str:
-    lines = [f"{'variant':<8} {'file':<40} {'size GB':>9} {'bpw':>6} {'bpw q':>6}  types"]
-    for p in plans:
-        types = " ".join(f"{k}:{v}" for k, v in p.type_counts.items())
-        path = str(out_dir / p.file_name) if out_dir is not None else p.file_name
-        lines.append(f"{p.variant.name:<8} {path:<40} {p.file_size / GB:>9.3f} {p.bits_per_weight:>6.3f} "
-                     f"{p.bits_per_weight_quantized:>6.3f}  {types}")
-    for p in plans:
-        if p.fallbacks:
-            lines.append(f"note: {p.variant.name}: {len(p.fallbacks)} tensors fall back to F16 (rows not a "
-                         f"multiple of the block size): {', '.join(p.fallbacks)}")
-    return "\n".join(lines)
-
-
-def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
-    lines = []
-    for r in records:
-        counts: dict[str, int] = {}
-        for t in r.tensors:
-            counts[t.type] = counts.get(t.type, 0) + 1
-        types = " ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines.append(f"{r.path}  {r.size / GB:.3f} GB  sha256 {r.sha256}  {types}")
-    return "\n".join(lines)
 
 
 @click.command("convert")

@@ -10,11 +10,13 @@ import time
 
 import click
 
-from .cli_convert import describe_artifacts, describe_plans, progress_bar
-from .layout import FluxGeometry
-from .pipeline import convert as run_convert, plan_source
-from .sources import open_source
-from .synthetic import write_synthetic_flux
+from converter.layout import FluxGeometry
+from converter.pipeline import convert as run_convert
+from converter.pipeline import plan_source
+from converter.sources import open_source
+from converter.synthetic import write_synthetic_flux
+
+from .output import describe_artifacts, describe_plans, progress_bar
 
 EXAMPLE_GEOMETRY = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512)
 EXAMPLE_VARIANTS = ("Q8_0", "Q4_K_M")

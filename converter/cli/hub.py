@@ -1,61 +1,22 @@
 """``flux-gguf upload`` and ``flux-gguf download``, and the ``--remote`` check ``flux-gguf verify`` runs.
 
-A thin layer over converter/hub.py: parse and reject conflicting flags up front, show progress
+A thin layer over converter/hub/: parse and reject conflicting flags up front, show progress
 on stderr, print results (or ``--json`` on stdout), and turn every library error into one line.
 The Hub token is never accepted on the command line or printed: huggingface_hub finds it.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import pathlib
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import click
-from tqdm import tqdm
 
-from manifests import ManifestError
+from converter.hub.download import download_release
+from converter.hub.remote import UNEXPECTED, RemoteReport, verify_remote_release
+from converter.hub.upload import plan_upload, upload_release
 
-from . import hub
-from .errors import FluxGGUFError
-
-GB = 1e9
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line(message: object) -> str:
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
-def _errors_as_click(fn: F) -> F:
-    """Library errors -> ``Error: <one line>``, exit 1 (also when a command is invoked on its own)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (FluxGGUFError, ManifestError) as e:
-            raise click.ClickException(_one_line(e)) from e
-
-    return wrapper  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def _progress(desc: str) -> Iterator[hub.Progress]:
-    """A byte progress bar on stderr (silent when stderr is not a terminal), created on first use."""
-    bar: list[tqdm] = []
-
-    def update(n: int, total: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None, leave=False))
-        bar[0].update(n)
-
-    try:
-        yield update
-    finally:
-        if bar:
-            bar[0].close()
+from .output import GB, errors_as_click, increment_bar
 
 
 def _echo_json(payload: Any) -> None:
@@ -71,7 +32,7 @@ def _echo_json(payload: Any) -> None:
 @click.option("--message", "-m", help="Commit message (default: 'Upload <release name> (flux-gguf <version>)').")
 @click.option("--dry-run", is_flag=True, help="Verify the folder and list what would be sent; contact nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@_errors_as_click
+@errors_as_click
 def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, private: bool, create_pr: bool,
            message: str | None, dry_run: bool, as_json: bool) -> None:
     """Verify a release folder, publish it to a Hub model repo, and check the Hub's copy against its manifest.
@@ -87,8 +48,8 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
     if create_pr and revision is not None:
         raise click.UsageError(f"--create-pr and --revision {revision} cannot be used together: a pull request is "
                                "always opened against main (to add to an open one, use --revision refs/pr/N alone)")
-    with _progress("verifying") as progress:
-        plan = hub.plan_upload(release_dir, repo_id, revision=revision, create_pr=create_pr, private=private,
+    with increment_bar("verifying") as progress:
+        plan = plan_upload(release_dir, repo_id, revision=revision, create_pr=create_pr, private=private,
                                progress=progress)
     target = f"{plan.repo_id} ({'pull request against main' if create_pr else 'branch ' + (revision or 'main')})"
     if dry_run:
@@ -101,7 +62,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
         return
     if not as_json:
         click.echo(f"Verified {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB); uploading to {target}")
-    result = hub.upload_release(plan, message=message)
+    result = upload_release(plan, message=message)
     if as_json:
         return _echo_json(result.to_json())
     click.echo(f"URL:    {result.url}")
@@ -111,7 +72,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
     counts = result.report.counts()
     line = f"Hub copy verified: {counts['ok']} files match the manifest (size and sha256)"
     if counts["unexpected"]:
-        extra = ", ".join(f.path for f in result.report.files if f.status == hub.UNEXPECTED)
+        extra = ", ".join(f.path for f in result.report.files if f.status == UNEXPECTED)
         line += f"; the repo also holds files outside this release: {extra}"
     click.echo(line)
 
@@ -124,7 +85,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder to download into (created if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@_errors_as_click
+@errors_as_click
 def download(repo_id: str, revision: str | None, include: tuple[str, ...], output: pathlib.Path, as_json: bool) -> None:
     """Download a release from the Hub, checking every file's size and sha256 against its manifest.
 
@@ -141,8 +102,8 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
     Example:
       flux-gguf download me/FLUX.1-Kontext-dev-GGUF --include '*Q4_K_M*' -o models/
     """
-    with _progress("downloading") as progress:
-        result = hub.download_release(repo_id, output, revision=revision, include=include, progress=progress)
+    with increment_bar("downloading") as progress:
+        result = download_release(repo_id, output, revision=revision, include=include, progress=progress)
     if as_json:
         return _echo_json(result.to_json())
     for f in result.files:
@@ -151,7 +112,7 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
                f"in {output}")
 
 
-def _remote_report_lines(report: hub.RemoteReport) -> Iterator[str]:
+def _remote_report_lines(report: RemoteReport) -> Iterator[str]:
     width = max((len(f.path) for f in report.files), default=4)
     for f in report.files:
         how = {"lfs": "sha256 from the Hub's LFS metadata", "content": "small file fetched and hashed"}.get(f.source or "", "")
@@ -160,11 +121,11 @@ def _remote_report_lines(report: hub.RemoteReport) -> Iterator[str]:
     yield f"{report.repo_id}@{report.revision or 'main'} (commit {report.commit}): {counts}"
 
 
-@_errors_as_click
+@errors_as_click
 def run_remote_verify(release_dir: pathlib.Path, remote: str, as_json: bool = False) -> None:
     """What ``flux-gguf verify DIR --remote REPO_ID[@REV]`` does: compare DIR's manifest with the Hub's
     metadata (no large file is downloaded), print one line per file, fail if anything differs."""
-    report = hub.verify_remote_release(release_dir, remote)
+    report = verify_remote_release(release_dir, remote)
     if as_json:
         _echo_json(report.to_json())
     else:

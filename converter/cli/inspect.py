@@ -6,9 +6,9 @@ import pathlib
 
 import click
 
-from .inspect_files import inspect_path
+from converter.inspect_files import inspect_path
 
-GB = 1e9
+from .output import GB
 
 
 @click.command("inspect")

@@ -6,10 +6,10 @@ import pathlib
 import click
 import numba
 
+from converter.release.build import build_release
 from manifests import ManifestError
 
-from .cli_convert import GB, progress_bar
-from .release import build_release
+from .output import GB, progress_bar
 
 
 @click.group("release")

@@ -7,12 +7,17 @@ import pathlib
 
 import click
 
-from .cli_convert import progress_bar
-from .errors import ValidationError
-from .probes import ProbeSpec
-from .validate import VALIDATION_FILE, ValidationReport, validate as run_validate, write_validation_json
+from converter.errors import ValidationError
+from converter.quality.probes import ProbeSpec
+from converter.quality.validate import (
+    VALIDATION_FILE,
+    ValidationReport,
+    write_validation_json,
+)
+from converter.quality.validate import validate as run_validate
 
-GB = 1e9
+from .output import GB, progress_bar
+
 _DEVICE = click.Choice(["cpu", "cuda"])
 
 
@@ -122,7 +127,7 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
         report = run_validate(gguf, source, config_dir=config_dir, device=device, probe=probe,
                               progress=progress, log=_log)
     if pipeline_dir is not None and image is not None and prompt is not None:
-        from .pipeline_check import pipeline_check
+        from converter.quality.pipeline_check import pipeline_check
 
         result = pipeline_check(gguf, source, pipeline_dir, image, prompt, config_dir=config_dir, device=device,
                                 seed=seed, steps=steps, guidance=guidance, height=render_height,
@@ -165,7 +170,8 @@ def bench(ggufs: tuple[pathlib.Path, ...], baseline: pathlib.Path | None, height
     Example:
       flux-gguf bench out/*.gguf --baseline flux1-kontext-dev.safetensors --steps 5 -o bench-out
     """
-    from .bench import bench as run_bench, markdown_table, write_bench
+    from converter.quality.bench import bench as run_bench
+    from converter.quality.bench import markdown_table, write_bench
 
     probe = ProbeSpec(height=height, width=width, text_tokens=text_tokens, seed=seed)
     _quiet_libraries()

@@ -1,38 +1,19 @@
 """``flux-gguf verify DIR``: re-hash a release, and with --source re-derive it from the weights."""
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import numba
-from tqdm import tqdm
 
+from converter.release.rederive import RederiveReport, rederive_release
 from manifests import ManifestError, verify_release
-from manifests.verify import Progress, VerifyReport
+from manifests.verify import VerifyReport
 
-from .cli_convert import progress_bar
-from .cli_hub import remote_option, run_remote_verify
-from .rederive import RederiveReport, rederive_release
-
-
-@contextlib.contextmanager
-def _hash_bar() -> Iterator[Progress]:
-    """A tqdm bar of bytes re-hashed (verify reports increments, not totals)."""
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc="verifying", disable=None,
-               dynamic_ncols=True, leave=False)
-
-    def update(n: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(n)
-
-    try:
-        yield update
-    finally:
-        bar.close()
+from .hub import remote_option, run_remote_verify
+from .output import increment_bar, progress_bar
 
 
 def describe_verify(report: VerifyReport) -> str:
@@ -103,7 +84,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
             raise click.UsageError("--remote checks the Hub's copy; it cannot be combined with --source or --tensors")
         return run_remote_verify(directory, remote, as_json)
     try:
-        with _hash_bar() as progress:
+        with increment_bar("verifying") as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore, progress=progress)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
@@ -132,8 +113,14 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
 def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> tuple[Any, Any]:
     """The merge transform the release applied (None when it merged none), rebuilt from its record
     and the user's LoRA files, and those files' digests (they count as given source files)."""
-    from .release_lora import check_lora_files, hash_lora_files, is_merge, manifest_lora_records, merger_for_manifest
-    from .sources import open_source
+    from converter.release.lora import (
+        check_lora_files,
+        hash_lora_files,
+        is_merge,
+        manifest_lora_records,
+        merger_for_manifest,
+    )
+    from converter.sources import open_source
 
     records = manifest_lora_records(manifest.spec)  # a malformed record is refused here, naming its key
     given = hash_lora_files(list(loras))

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from converter.errors import LoraError, OutputError
 from manifests.hashing import open_partial
 from quant_kernels import to_bfloat16_bits, to_float16
 
-from .errors import LoraError, OutputError
-from .lora_formats import CanonicalLora, LoraPart, fused_row_count, key_list
+from .formats import CanonicalLora, LoraPart, fused_row_count, key_list
 
 SIDECAR_DTYPES = ("BF16", "F16", "F32")
 KOHYA_PREFIX = "lora_unet_"

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import LoraError
-from .layout import MLP_RATIO
+from converter.errors import LoraError
+from converter.layout import MLP_RATIO
 
 FORMATS = ("kohya", "comfyui", "diffusers", "onetrainer", "bfl", "bfl_control", "fal_kontext", "xlabs")
 

@@ -3,7 +3,7 @@
 Why merge before quantizing: ``W + delta`` rounded once is the best a quantized file can hold;
 merging after quantization rounds twice (lora.md). The merge is
 ``W' = W + strength * (alpha / rank) * (B @ A)`` in float32 on the upcast source weight, several
-LoRAs stacking in the order given. ``B @ A`` comes from :mod:`converter.lowrank`: exact products
+LoRAs stacking in the order given. ``B @ A`` comes from :mod:`converter.lora.lowrank`: exact products
 summed in float64 in a fixed order and rounded once, so the merged weights (and therefore the
 quantized bytes) are the same on every machine and for any thread count, and ``verify --source``
 can re-derive a merged release anywhere. ``merger(name, w)`` is exactly ``w + merger.delta(name)``.
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LoraError
-from .lora_formats import CanonicalLora, key_list, load_lora
+from converter.errors import LoraError
+
+from .formats import CanonicalLora, key_list, load_lora
 from .lowrank import lowrank_product
 
 Shapes = Mapping[str, tuple[int, ...]]

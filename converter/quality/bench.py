@@ -23,7 +23,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .detect import detect_model
+from converter.detect import detect_model
+from converter.errors import FluxGGUFError, ValidationError
+from converter.layout import FluxGeometry
+from converter.sources import open_source
+
 from .diffusers_model import (
     check_loadable,
     geometry_from_shapes,
@@ -35,10 +39,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .errors import FluxGGUFError, ValidationError
-from .layout import FluxGeometry
 from .probes import KontextProbe, ProbeSpec, make_kontext_probe
-from .sources import open_source
 from .tensor_error import json_float
 from .validate import (
     LogFn,

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from .errors import ValidationError
-from .layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+from converter.errors import ValidationError
+from converter.layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+
 from .probes import KontextProbe
 
 if TYPE_CHECKING:

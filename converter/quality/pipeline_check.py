@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .detect import detect_model
+from converter.detect import detect_model
+from converter.errors import FluxGGUFError, ValidationError
+from converter.sources import open_source
+
 from .diffusers_model import (
     check_loadable,
     compute_dtype,
@@ -32,8 +35,6 @@ from .diffusers_model import (
     resolve_device,
     write_transformer_config,
 )
-from .errors import FluxGGUFError, ValidationError
-from .sources import open_source
 from .tensor_error import json_float
 from .validate import LogFn, source_state_dict_reader
 

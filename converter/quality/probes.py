@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ValidationError
-from .layout import CONTEXT_DIM, OUT_CHANNELS, VEC_DIM
+from converter.errors import ValidationError
+from converter.layout import CONTEXT_DIM, OUT_CHANNELS, VEC_DIM
 
 if TYPE_CHECKING:  # torch is imported lazily: the converter itself never needs it.
     import torch

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ValidationError
+from converter.errors import ValidationError
 
 _CHUNK_ELEMENTS = 1 << 22  # ~32 MB of float64 per chunk
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")

@@ -38,9 +38,12 @@ from typing import Any, Callable
 import numpy as np
 
 import quant_kernels
+from converter.detect import detect_model
+from converter.errors import FluxGGUFError, ValidationError
+from converter.layout import FluxGeometry
+from converter.sources import Source, open_source
 from quant_kernels.errors import UnsupportedTypeError
 
-from .detect import detect_model
 from .diffusers_model import (
     check_loadable,
     load_gguf_transformer,
@@ -51,10 +54,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .errors import FluxGGUFError, ValidationError
-from .layout import FluxGeometry
 from .probes import ProbeSpec, make_kontext_probe
-from .sources import Source, open_source
 from .tensor_error import (
     ErrorSummary,
     TensorError,
@@ -253,7 +253,7 @@ def environment(device: str | None) -> dict[str, str]:
     """Versions and hardware a measurement was made with (goes into the JSON next to it)."""
     import gguf
 
-    from . import __version__
+    from converter import __version__
 
     env = {"flux_gguf": __version__, "python": platform.python_version(), "numpy": np.__version__}
     try:

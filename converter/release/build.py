@@ -27,6 +27,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from converter import __version__
+from converter.errors import OutputError, ReleaseError
+from converter.pipeline import convert
+from converter.sources import open_source
+from converter.writer import ArtifactRecord
 from manifests import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
@@ -38,14 +43,16 @@ from manifests import (
     dump_manifest,
     format_sha256sums,
 )
-from manifests.hashing import FileDigest, copy_file_hashed, hash_bytes, write_bytes_atomic
+from manifests.hashing import (
+    FileDigest,
+    copy_file_hashed,
+    hash_bytes,
+    write_bytes_atomic,
+)
 
-from . import __version__
-from . import release_lora  # noqa: F401  (registers the [[lora]] spec hook)
-from .errors import OutputError, ReleaseError
+from . import lora  # noqa: F401  (registers the [[lora]] spec hook)
 from .modelcard import CardSource, card_file, read_validation_report, render_model_card
-from .pipeline import convert
-from .release_spec import (
+from .spec import (
     MODEL_CARD_NAME,
     VALIDATION_NAME,
     ExtensionOutput,
@@ -53,8 +60,6 @@ from .release_spec import (
     TensorTransform,
     parse_release_spec,
 )
-from .sources import open_source
-from .writer import ArtifactRecord
 
 TOOL_NAME = "flux-gguf"
 KIND_GGUF, KIND_CARD, KIND_VALIDATION, KIND_EXTRA = "gguf", "model-card", "validation-report", "extra"

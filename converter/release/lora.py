@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from converter.errors import LoraError, ReleaseError
+from converter.lora.export import SIDECAR_DTYPES, export_kohya
+from converter.lora.formats import CanonicalLora, load_lora
+from converter.lora.merge import LoraMerger, merged_lora_metadata, validate_loras
 from manifests.hashing import FileDigest, hash_file
 
-from .errors import LoraError, ReleaseError
-from .lora_export import SIDECAR_DTYPES, export_kohya
-from .lora_formats import CanonicalLora, load_lora
-from .lora_merge import LoraMerger, merged_lora_metadata, validate_loras
-from .release_spec import ExtensionOutput, ReleaseSpec, SpecExtension, register_spec_hook
+from .spec import ExtensionOutput, ReleaseSpec, SpecExtension, register_spec_hook
 
 MODES = ("merge", "sidecar")
 ENTRY_KEYS = ("path", "name", "strength", "mode", "dtype")

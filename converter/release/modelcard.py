@@ -21,9 +21,10 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import ModelCardData
 
-from . import __version__
-from .errors import ReleaseError
-from .release_spec import ReleaseSpec
+from converter import __version__
+from converter.errors import ReleaseError
+
+from .spec import ReleaseSpec
 
 QUALITY_FIELDS: dict[str, str] = {"cosine": "cosine", "rel_l2": "rel. L2", "psnr": "PSNR (dB)"}
 

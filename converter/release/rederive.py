@@ -26,16 +26,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 import quant_kernels
+from converter.detect import detect_model
+from converter.errors import PlanError, ReleaseError
+from converter.pipeline import kernel_threads
+from converter.recipes import make_plan
+from converter.sources import Source, open_source
 from manifests import BackgroundHasher, Manifest
 from manifests.hashing import FileDigest
 
-from .detect import detect_model
-from .pipeline import kernel_threads
-from .errors import PlanError, ReleaseError
-from .recipes import make_plan
-from .release_lora import is_merge, manifest_lora_records
-from .release_spec import EXTENSION_KEYS, TensorTransform
-from .sources import Source, open_source
+from .lora import is_merge, manifest_lora_records
+from .spec import EXTENSION_KEYS, TensorTransform
 
 ProgressFn = Callable[[int, int], None]
 OK, MISMATCH, MISSING, SHAPE = "ok", "mismatch", "missing-in-source", "shape-mismatch"

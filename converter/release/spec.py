@@ -18,10 +18,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from converter.errors import PlanError, ReleaseError
+from converter.recipes import parse_override, resolve_variant
 from manifests import CHECKSUMS_NAME, MANIFEST_NAME
-
-from .errors import PlanError, ReleaseError
-from .recipes import parse_override, resolve_variant
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -306,8 +305,6 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
     extensions: dict[str, SpecExtension] = {}
     for key in EXTENSION_KEYS:
         if key in raw:
-            if not _HOOKS:
-                from . import release_lora  # noqa: F401  (registers the [[lora]] hook)
             hook = _HOOKS.get(key)
             if hook is None:
                 raise c.error(key, "entries need the module that handles them, which this flux-gguf does not have")

@@ -4,15 +4,15 @@ from __future__ import annotations
 import math
 import pathlib
 
+import lora_fixtures as F
 import numpy as np
 import pytest
 
-import lora_fixtures as F
 import quant_kernels
 from converter.errors import LoraError
 from converter.layout import FluxGeometry, bfl_tensor_shapes
-from converter.lora_formats import load_lora
-from converter.lora_merge import (
+from converter.lora.formats import load_lora
+from converter.lora.merge import (
     LoraMerger,
     LoraSpec,
     build_merger,

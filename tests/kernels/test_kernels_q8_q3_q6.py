@@ -5,16 +5,24 @@ import re
 
 import numba
 import numpy as np
+import oracle
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
+from kquant_cases import assert_same_bytes, input_families, random_imatrix, type_size
 from numba.core.caching import NullCache
 from numba.core.registry import CPUDispatcher
 
-import oracle
 import quant_kernels
-from kquant_cases import assert_same_bytes, input_families, random_imatrix, type_size
-from quant_kernels import BlockSizeError, NonFiniteError, QuantError, ShapeError, q3_k, q6_k, q8_0
+from quant_kernels import (
+    BlockSizeError,
+    NonFiniteError,
+    QuantError,
+    ShapeError,
+    q3_k,
+    q6_k,
+    q8_0,
+)
 
 TYPES = ["Q8_0", "Q3_K", "Q6_K"]
 KQUANTS = ["Q3_K", "Q6_K"]

@@ -10,14 +10,20 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from converter.bench import BenchRecord, BenchReport, bench, markdown_table, write_bench
 from converter.cli import main
 from converter.errors import ValidationError
-from converter.probes import ProbeSpec
+from converter.quality.bench import (
+    BenchRecord,
+    BenchReport,
+    bench,
+    markdown_table,
+    write_bench,
+)
+from converter.quality.probes import ProbeSpec
 from tests.flux_small import small_flux, tiny_flux
 
 PROBE = ProbeSpec(height=32, width=32, text_tokens=16)
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

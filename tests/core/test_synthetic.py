@@ -20,10 +20,15 @@ from converter.errors import OutputError
 from converter.layout import FluxGeometry, bfl_tensor_shapes
 from converter.safetensors_io import F8_E4M3_TO_F32, F8_E5M2_TO_F32
 from converter.sources import DIFFUSERS_INDEX, open_source
-from converter.synthetic import diffusers_config, encode_f32, synthetic_nbytes, write_synthetic_flux
+from converter.synthetic import (
+    diffusers_config,
+    encode_f32,
+    synthetic_nbytes,
+    write_synthetic_flux,
+)
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def sha(path: pathlib.Path) -> str:

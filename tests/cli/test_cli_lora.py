@@ -8,14 +8,14 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lora_fixtures import GEO, make_truth, write_diffusers, write_kohya
 
 import quant_kernels
 from converter.cli import main
 from converter.layout import FluxGeometry
-from converter.lora_merge import LoraSpec, build_merger
+from converter.lora.merge import LoraSpec, build_merger
 from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
-from lora_fixtures import GEO, make_truth, write_diffusers, write_kohya
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from converter.cli import main
 from converter.errors import ModelDetectionError, OutputError, ReleaseError
 from converter.layout import FluxGeometry
-from converter.release import build_release, created_timestamp
-from converter.release_spec import SpecExtension, parse_release_spec
-from converter.rederive import rederive_release
+from converter.release.build import build_release, created_timestamp
+from converter.release.rederive import rederive_release
+from converter.release.spec import SpecExtension, parse_release_spec
 from converter.synthetic import write_synthetic_flux
 from manifests import load_manifest, parse_sha256sums, verify_release
 
@@ -148,7 +148,7 @@ def test_spec_errors_name_the_key(tmp_path, text, message):
 
 
 def test_extension_key_without_a_hook_is_refused(tmp_path, monkeypatch):
-    from converter import release_spec
+    from converter.release import spec as release_spec
     monkeypatch.setattr(release_spec, "_HOOKS", {"other": None})  # hooks known, none for 'lora'
     message = _spec_error(tmp_path, BASE + "[[lora]]\npath = \"x.safetensors\"\n" + CARD, extra={"w.safetensors": "x"})
     assert message.startswith("'lora' entries need the module that handles them, which this flux-gguf does not have")
@@ -160,7 +160,7 @@ def test_spec_not_found(tmp_path):
 
 
 def test_lora_key_is_handed_to_the_registered_hook(tmp_path, monkeypatch):
-    from converter import release_spec
+    from converter.release import spec as release_spec
     seen = []
 
     def hook(raw, base_dir, spec_name):
@@ -181,8 +181,9 @@ def test_lora_key_is_handed_to_the_registered_hook(tmp_path, monkeypatch):
 
 def test_extension_hook_drives_the_build(project, built, tmp_path, monkeypatch):
     """A registered [[lora]] hook: its transform changes the weights, its files become sources."""
-    from converter import release_spec
     import numpy as np
+
+    from converter.release import spec as release_spec
     target = "double_blocks.0.img_mlp.0.weight"
     shapes_seen = []
 
@@ -450,7 +451,7 @@ def test_symlinked_output_is_refused_before_converting(project, tmp_path, monkey
         (tmp_path / target).mkdir()
     link = tmp_path / "link"
     link.symlink_to(tmp_path / target)
-    monkeypatch.setattr("converter.release.convert", lambda *a, **k: pytest.fail("converted before refusing"))
+    monkeypatch.setattr("converter.release.build.convert", lambda *a, **k: pytest.fail("converted before refusing"))
     code, lines = cli_error("release", "build", str(project), "-o", str(link))
     assert code == 1
     assert lines == [f"Error: {link}: is a symbolic link (to {tmp_path / target}); give the folder itself "
@@ -474,7 +475,7 @@ def test_mount_point_output_is_refused(project, tmp_path, monkeypatch):
 
 def _fail_on(monkeypatch, step: str, partial: Path) -> str:
     """Make one late output step fail with ENOSPC; returns what the error names."""
-    from converter import release as rel
+    from converter.release import build as rel
     enospc = OSError(errno.ENOSPC, "No space left on device")
     if step in ("README.md", "manifest.json", "SHA256SUMS"):
         real = rel.write_bytes_atomic

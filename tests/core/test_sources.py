@@ -146,7 +146,9 @@ def test_diffusers_mapping_is_the_inverse_of_diffusers_own_converter(tmp_path):
     The converter hard-codes hidden size 3072 when it splits ``linear1``, so the row counts are
     the real ones; it never looks at columns, so 2-D tensors keep only 3 columns (tiny, fast).
     """
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
 
     geo = FluxGeometry(double_blocks=2, single_blocks=2)
     gen = torch.Generator().manual_seed(0)

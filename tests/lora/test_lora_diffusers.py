@@ -10,16 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 
+import lora_fixtures as F
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-import lora_fixtures as F
 from converter.errors import LoraError, OutputError
 from converter.layout import FluxGeometry
-from converter.lora_export import export_kohya, kohya_tensors
-from converter.lora_formats import load_lora
+from converter.lora.export import export_kohya, kohya_tensors
+from converter.lora.formats import load_lora
 
 SHAPES = F.base_shapes()
 TRUTH = F.make_truth()

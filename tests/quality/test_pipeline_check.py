@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from converter.cli import main
 from converter.errors import ValidationError
-from converter.pipeline_check import compare_images, pipeline_check
+from converter.quality.pipeline_check import compare_images, pipeline_check
 from tests.flux_small import small_flux
 
 PROMPT = "make the cat wear a red hat"
@@ -26,8 +26,19 @@ RENDER = dict(steps=2, height=64, width=64, max_sequence_length=32, seed=7)
 def _tiny_pipeline(folder):
     """Save a FluxKontextPipeline with tiny random components and no transformer."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     torch.manual_seed(0)
     clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from lora_fixtures import GEO, dense_canonical, make_truth, write_diffusers, write_kohya
 
 import quant_kernels
 from converter.cli import main
 from converter.errors import LoraError, ReleaseError
-from converter.lora_formats import load_lora
 from converter.layout import bfl_tensor_shapes
-from converter.lora_merge import LoraSpec, build_merger
-from converter.release import build_release
-from converter.release_spec import parse_release_spec
+from converter.lora.formats import load_lora
+from converter.lora.merge import LoraSpec, build_merger
+from converter.release.build import build_release
+from converter.release.spec import parse_release_spec
 from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
-from lora_fixtures import GEO, dense_canonical, make_truth, write_diffusers, write_kohya
 from manifests import load_manifest, verify_release
 
 SPEC = """\
@@ -175,8 +175,9 @@ def test_lora_for_another_size_is_refused_before_converting(project, tmp_path):
 
 
 def test_release_ggufs_name_the_merged_lora_in_their_header(built, project):
-    import gguf
     import json as _json
+
+    import gguf
     reader = gguf.GGUFReader(built / "tiny-Q8_0.gguf")
     field = reader.fields["flux_gguf.loras"]
     doc = _json.loads(bytes(field.parts[field.data[0]]).decode())

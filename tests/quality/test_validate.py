@@ -12,16 +12,21 @@ from click.testing import CliRunner
 from converter.cli import main
 from converter.errors import ValidationError
 from converter.layout import bfl_tensor_shapes, is_kept_unquantized
-from converter.modelcard import CardFile, read_validation_report
-from converter.probes import ProbeSpec, make_kontext_probe
-from converter.sources import open_source
-from converter.tensor_error import block_of, summarize_by_block, summarize_by_type, tensor_error
-from converter.validate import (
+from converter.quality.probes import ProbeSpec, make_kontext_probe
+from converter.quality.tensor_error import (
+    block_of,
+    summarize_by_block,
+    summarize_by_type,
+    tensor_error,
+)
+from converter.quality.validate import (
     compare_outputs,
     label_for,
     validate,
     write_validation_json,
 )
+from converter.release.modelcard import CardFile, read_validation_report
+from converter.sources import open_source
 from tests.flux_small import TINY, small_flux, tiny_flux
 
 SMALL_PROBE = ProbeSpec(height=64, width=32, text_tokens=24, seed=3)
@@ -120,7 +125,7 @@ def test_tensor_error_matches_plain_numpy(monkeypatch):
     ref = rng.standard_normal((300, 96)).astype(np.float32)
     approx = ref + 0.01 * rng.standard_normal(ref.shape).astype(np.float32)
     rel, mx, cos = _reference_error(ref, approx)
-    import converter.tensor_error as te
+    import converter.quality.tensor_error as te
 
     for chunk in (7, 1000, 1 << 22):  # chunking never changes the figures beyond rounding
         monkeypatch.setattr(te, "_CHUNK_ELEMENTS", chunk)
@@ -301,7 +306,7 @@ def test_validation_json_merges_files_and_feeds_the_model_card(tiny, tmp_path):
     assert entry["tensors"]["summary_by_type"]["Q8_0"]["rel_rmse"] == pytest.approx(r1.by_type["Q8_0"].rel_rmse)
     assert not list(tmp_path.glob("*.partial"))
     # With outputs measured, the card shows them.
-    from converter.validate import OutputComparison
+    from converter.quality.validate import OutputComparison
 
     measured = r1.__class__(**{**r1.__dict__, "outputs": OutputComparison(0.01, 0.9999, 45.0, 0.1)})
     write_validation_json(measured, out)

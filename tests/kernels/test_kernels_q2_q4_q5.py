@@ -5,13 +5,19 @@ import importlib
 
 import numba
 import numpy as np
+import oracle
 import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
+from kquant_cases import (
+    assert_same_bytes,
+    describe_mismatch,
+    input_families,
+    random_imatrix,
+    type_size,
+)
 
-import oracle
 import quant_kernels
-from kquant_cases import assert_same_bytes, describe_mismatch, input_families, random_imatrix, type_size
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
 FAMILIES = input_families(n=2048, rows=32)  # 256 KB per family; 8 blocks per row

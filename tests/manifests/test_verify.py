@@ -352,6 +352,7 @@ def test_unreadable_file_is_a_mismatch_not_a_crash(release, monkeypatch, name, e
 
 def test_cli_unreadable_file_is_reported_and_exits_1(release, monkeypatch):
     from click.testing import CliRunner
+
     from converter.cli import main
     _unreadable(monkeypatch, "README.md", PermissionError(13, "Permission denied"))
     result = CliRunner().invoke(main, ["verify", str(release)], catch_exceptions=False)
@@ -371,6 +372,7 @@ def test_unreadable_sha256sums_is_a_mismatch(release, monkeypatch):
 
 def test_cli_unreadable_manifest_is_one_line(release, monkeypatch):
     from click.testing import CliRunner
+
     from converter.cli import main
     _unreadable(monkeypatch, MANIFEST_NAME, PermissionError(13, "Permission denied"))
     result = CliRunner().invoke(main, ["verify", str(release)], catch_exceptions=False)

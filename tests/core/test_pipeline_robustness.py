@@ -60,8 +60,8 @@ def test_sigint_mid_conversion_leaves_no_files(src, tmp_path):
 
 def test_lora_merge_under_the_workqueue_threading_layer(tmp_path):
     """Parallel kernels are launched from one thread only: the workqueue layer aborts otherwise."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from lora_fixtures import GEO as LGEO, make_truth, write_kohya
+    from lora_fixtures import GEO as LGEO
+    from lora_fixtures import make_truth, write_kohya
 
     write_synthetic_flux(tmp_path / "m.safetensors", LGEO, seed=2)
     write_kohya(tmp_path / "l.safetensors", make_truth(LGEO, seed=3))

@@ -5,7 +5,7 @@ import numba
 import numpy as np
 import pytest
 
-from converter.lowrank import lowrank_product
+from converter.lora.lowrank import lowrank_product
 
 
 def _inputs(rows=300, rank=16, cols=260, seed=0):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import re
 
+import lora_fixtures as F
 import numpy as np
 import pytest
 import torch
 
-import lora_fixtures as F
 from converter.errors import LoraError
-from converter.lora_formats import detect_format, load_lora
+from converter.lora.formats import detect_format, load_lora
 
 SHAPES = F.base_shapes()
 TRUTH = F.make_truth()

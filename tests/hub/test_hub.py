@@ -16,13 +16,22 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from hub_emulator import HubEmulator
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import http_backoff, httpx
 from huggingface_hub.utils._http import default_client_factory
 
-from converter import hub
 from converter.cli import main
-from converter.errors import HubConnectionError, HubFileTooLargeError, HubVerificationError
+from converter.errors import (
+    HubConnectionError,
+    HubError,
+    HubFileTooLargeError,
+    HubVerificationError,
+)
+from converter.hub.client import LFS_MAX_FILE_BYTES, parse_repo_spec
+from converter.hub.download import download_release
+from converter.hub.remote import verify_remote_release
+from converter.hub.upload import plan_upload, upload_release
 from manifests import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
@@ -35,7 +44,6 @@ from manifests import (
     load_manifest,
     verify_release,
 )
-from hub_emulator import HubEmulator
 
 TOKEN = "hf_alice_write"
 SECRET = "hf_s3cret_never_print_me_7f3a9c"
@@ -145,7 +153,7 @@ def test_upload_creates_repo_uploads_and_verifies_the_hub_copy(emulator, tmp_pat
     # the read-back really asked the Hub for file metadata of that commit
     assert emulator.requests("GET", f"/api/models/alice/demo-GGUF/revision/{commit}")
 
-    report = hub.verify_remote_release(rel, "alice/demo-GGUF")
+    report = verify_remote_release(rel, "alice/demo-GGUF")
     assert report.ok and report.commit == commit
     assert {f.path: f.source for f in report.files} == {
         "demo-Q4_K_M.gguf": "lfs", "demo-Q8_0.gguf": "lfs", "README.md": "content",
@@ -227,14 +235,14 @@ def test_upload_refuses_a_release_that_does_not_verify(emulator, tmp_path):
 
 def test_a_file_over_the_hub_limit_is_refused_before_hashing_or_sending(emulator, tmp_path):
     rel = make_release(tmp_path / "rel")
-    big = hub.LFS_MAX_FILE_BYTES + 1
+    big = LFS_MAX_FILE_BYTES + 1
     with open(rel / "huge.gguf", "wb") as f:
         f.truncate(big)  # sparse: costs no disk, and must never be read
     manifest = json.loads((rel / MANIFEST_NAME).read_text())
     manifest["artifacts"].append({"path": "huge.gguf", "size": big, "sha256": "a" * 64, "kind": "lora"})
     (rel / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(HubFileTooLargeError) as e:
-        hub.plan_upload(rel, "alice/demo")
+        plan_upload(rel, "alice/demo")
     assert str(e.value) == (f"huge.gguf: {big} bytes (50.0 GB) is over the Hub's 50 GB per-file limit "
                             "for LFS uploads; nothing was sent")
     assert emulator.log == []
@@ -257,7 +265,7 @@ def test_dropped_connection_then_rerun_sends_only_the_missing_objects(emulator, 
     oids = {_sha((rel / f"demo-{v}.gguf").read_bytes()) for v in sizes}
     emulator.drop_uploads(3)  # the network goes away at the 3rd LFS data request and stays away
     with pytest.raises(HubConnectionError) as e:
-        hub.upload_release(hub.plan_upload(rel, "alice/demo"))
+        upload_release(plan_upload(rel, "alice/demo"))
     assert str(e.value).startswith(f"lost the connection to {emulator.url} while uploading {rel} to alice/demo")
     assert str(e.value).endswith("what already landed is kept; re-run the same command to resume")
     first = emulator.lfs_uploads()
@@ -274,7 +282,7 @@ def test_dropped_connection_then_rerun_sends_only_the_missing_objects(emulator, 
     second = emulator.lfs_uploads()[n_first:]
     assert {r.oid for r in second} == oids - landed
     assert all(r.status == 200 for r in second) and len(second) == len(oids - landed)
-    assert hub.verify_remote_release(rel, "alice/demo").ok
+    assert verify_remote_release(rel, "alice/demo").ok
 
 
 def test_dropped_connection_message_through_the_cli(emulator, tmp_path):
@@ -308,7 +316,7 @@ def test_corrupt_small_file_fails_remote_verify_and_download(emulator, tmp_path)
     assert not (out / "README.md").exists() and not (out / "README.md.partial").exists()
     assert not (out / MANIFEST_NAME).exists()
     with pytest.raises(HubVerificationError, match=r"^README\.md: the Hub sent \d+ bytes hashing to [0-9a-f]{64}, "):
-        hub.download_release("alice/demo", out, include=["README.md"])
+        download_release("alice/demo", out, include=["README.md"])
 
 
 def test_corrupt_lfs_file_fails_download_and_keeps_what_the_user_had(emulator, tmp_path):
@@ -332,7 +340,7 @@ def test_corrupt_lfs_file_fails_download_and_keeps_what_the_user_had(emulator, t
 def test_misreported_sha256_fails_remote_verify_and_download_before_any_transfer(emulator, tmp_path):
     rel = _published(emulator, tmp_path)
     emulator.misreport_sha256("alice/demo", "demo-Q4_K_M.gguf")
-    report = hub.verify_remote_release(rel, "alice/demo")
+    report = verify_remote_release(rel, "alice/demo")
     bad = report.file("demo-Q4_K_M.gguf")
     assert not report.ok and [p.path for p in report.problems] == ["demo-Q4_K_M.gguf"]
     assert bad.status == "mismatch" and bad.source == "lfs"
@@ -405,7 +413,7 @@ def test_download_resumes_a_partial_file_with_a_range_request(emulator, tmp_path
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
     (out / "demo-Q8_0.gguf.partial").write_bytes(data[:2000])
-    result = hub.download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
+    result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
     last = [r for r in emulator.requests("GET", "/resolve/") if r.path.endswith("demo-Q8_0.gguf")][-1]
@@ -451,7 +459,7 @@ def test_download_discards_a_complete_partial_with_wrong_bytes_and_starts_over(e
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
     (out / "demo-Q8_0.gguf.partial").write_bytes(bytes(len(data)))
-    result = hub.download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
+    result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
     last = _file_gets(emulator, "demo-Q8_0.gguf")[-1]
@@ -465,7 +473,7 @@ def test_download_starts_over_when_the_server_answers_416_to_the_resume(emulator
     data = (rel / "demo-Q8_0.gguf").read_bytes()
     (out / "demo-Q8_0.gguf.partial").write_bytes(data[:2000])
     emulator.fail(416, method="GET", path=r"demo-Q8_0\.gguf$", times=1, message="Range Not Satisfiable")
-    result = hub.download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
+    result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
     gets = _file_gets(emulator, "demo-Q8_0.gguf")[-2:]
@@ -514,9 +522,9 @@ def test_download_refuses_to_overwrite_a_different_manifest_or_checksums(emulato
     assert {name: (out / name).read_bytes() for name in mine} == mine
 
     (out / MANIFEST_NAME).unlink()
-    with pytest.raises(hub.HubError, match=rf"^{out}/{CHECKSUMS_NAME}: already there and differs from the "
+    with pytest.raises(HubError, match=rf"^{out}/{CHECKSUMS_NAME}: already there and differs from the "
                                            rf"{CHECKSUMS_NAME} of alice/other at {commit[:12]}; "):
-        hub.download_release("alice/other", out)
+        download_release("alice/other", out)
     assert (out / CHECKSUMS_NAME).read_bytes() == mine[CHECKSUMS_NAME]
 
     again = run("download", "alice/demo", "--include", "*Q8_0*", "-o", out)  # its own release: fine
@@ -592,11 +600,11 @@ def test_invalid_card_metadata_is_reported(emulator, tmp_path):
 
 
 def test_repo_spec_parsing():
-    assert hub.parse_repo_spec("alice/demo") == ("alice/demo", None)
-    assert hub.parse_repo_spec("alice/demo@refs/pr/3") == ("alice/demo", "refs/pr/3")
+    assert parse_repo_spec("alice/demo") == ("alice/demo", None)
+    assert parse_repo_spec("alice/demo@refs/pr/3") == ("alice/demo", "refs/pr/3")
     for bad in ("demo", "alice/demo@", "al ice/demo", "a/b/c"):
-        with pytest.raises(hub.HubError):
-            hub.parse_repo_spec(bad)
+        with pytest.raises(HubError):
+            parse_repo_spec(bad)
 
 
 # ---- the real entry point, environment only, token never shown ---------------------------------
@@ -605,7 +613,7 @@ def test_cli_subprocess_never_prints_or_writes_the_token(emulator, tmp_path):
     home = tmp_path / "hf_home_sub"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(HF_ENDPOINT=emulator.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_TOKEN=SECRET,
-               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(pathlib.Path(__file__).parent))
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
     script = "from converter.cli import main; main()"
     outputs = []
     for args in (["upload", str(rel), "alice/sub"], ["download", "alice/sub", "-o", str(tmp_path / "dl")]):
@@ -632,7 +640,7 @@ def test_verify_remote_cannot_be_combined_with_source(emulator, tmp_path):
 # ---- a release built by the real pipeline ------------------------------------------------------
 def test_a_real_release_uploads_verifies_remotely_and_downloads(emulator, tmp_path):
     from converter.layout import FluxGeometry
-    from converter.release import build_release
+    from converter.release.build import build_release
     from converter.synthetic import write_synthetic_flux
 
     project = tmp_path / "project"

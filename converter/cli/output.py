@@ -1,0 +1,106 @@
+"""Presentation shared by every command: progress bars on stderr, result tables, one-line errors.
+
+Library code reports progress through ``progress(done, total)`` callbacks and never prints; these
+helpers turn those callbacks into tqdm bars and results into the text the commands echo.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import pathlib
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import click
+from tqdm import tqdm
+
+from converter.errors import FluxGGUFError
+from converter.pipeline import ProgressFn
+from converter.recipes import Plan
+from converter.writer import ArtifactRecord
+from manifests import ManifestError
+from quant_kernels.errors import QuantError
+
+F = TypeVar("F", bound=Callable[..., Any])
+LIBRARY_ERRORS = (FluxGGUFError, QuantError, ManifestError)
+"""What commands raise for bad input; the group (and :func:`errors_as_click`) make them one line."""
+
+
+def one_line(message: object) -> str:
+    """Collapse a (possibly multi-line) message into one line for ``Error: ...``."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def errors_as_click(fn: F) -> F:
+    """Library errors -> ``Error: <one line>``, exit 1, also when a command is invoked on its own."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LIBRARY_ERRORS as e:
+            raise click.ClickException(one_line(e)) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+GB = 1e9
+
+
+@contextlib.contextmanager
+def increment_bar(desc: str, *, leave: bool = False) -> Iterator[ProgressFn]:
+    """A byte bar on stderr fed by ``progress(bytes_just_done, total)`` increments (verify, the Hub)."""
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
+               dynamic_ncols=True, leave=leave)
+
+    def update(n: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, unit: str = "B") -> Iterator[ProgressFn]:
+    """A tqdm bar on stderr (by default bytes of source processed, with rate and ETA) fed by a
+    ``progress(done, total)`` callback."""
+    bar = tqdm(total=0, unit=unit, unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
+               dynamic_ncols=True, leave=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def describe_plans(plans: Sequence[Plan], out_dir: pathlib.Path | None = None) -> str:
+    lines = [f"{'variant':<8} {'file':<40} {'size GB':>9} {'bpw':>6} {'bpw q':>6}  types"]
+    for p in plans:
+        types = " ".join(f"{k}:{v}" for k, v in p.type_counts.items())
+        path = str(out_dir / p.file_name) if out_dir is not None else p.file_name
+        lines.append(f"{p.variant.name:<8} {path:<40} {p.file_size / GB:>9.3f} {p.bits_per_weight:>6.3f} "
+                     f"{p.bits_per_weight_quantized:>6.3f}  {types}")
+    for p in plans:
+        if p.fallbacks:
+            lines.append(f"note: {p.variant.name}: {len(p.fallbacks)} tensors fall back to F16 (rows not a "
+                         f"multiple of the block size): {', '.join(p.fallbacks)}")
+    return "\n".join(lines)
+
+
+def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
+    lines = []
+    for r in records:
+        counts: dict[str, int] = {}
+        for t in r.tensors:
+            counts[t.type] = counts.get(t.type, 0) + 1
+        types = " ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append(f"{r.path}  {r.size / GB:.3f} GB  sha256 {r.sha256}  {types}")
+    return "\n".join(lines)

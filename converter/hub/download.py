@@ -1,0 +1,269 @@
+"""Download a release from the Hub, every file checked against the manifest as it arrives."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Sequence
+
+from converter.errors import (
+    HubError,
+    HubNotFoundError,
+    HubVerificationError,
+    OutputError,
+)
+from manifests import (
+    CHECKSUMS_NAME,
+    MANIFEST_NAME,
+    FileDigest,
+    UnsafePathError,
+    hash_file,
+    load_manifest,
+    parse_sha256sums,
+    resolve_inside,
+)
+from manifests.hashing import open_partial, partial_path, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+
+from .client import (
+    _CHUNK,
+    Progress,
+    _chunks,
+    _fetch_bytes,
+    _hub_errors,
+    _open_remote,
+    hub_api,
+    parse_repo_spec,
+)
+from .remote import MISMATCH, MISSING, _compare, _describe, _model_info
+
+
+@dataclass(frozen=True)
+class DownloadedFile:
+    path: str
+    size: int
+    sha256: str
+    action: str  # "downloaded" or "present" (already there with the right bytes)
+
+
+@dataclass
+class DownloadResult:
+    repo_id: str
+    revision: str | None
+    commit: str
+    output_dir: Path
+    files: list[DownloadedFile]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "output_dir": str(self.output_dir), "files": [f.__dict__ for f in self.files]}
+
+
+def _already_there(path: Path, want: FileDigest, on_bytes: Callable[[int], None]) -> bool:
+    """True if ``path`` already holds exactly the wanted bytes (hashed only when the size matches)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise HubError(f"{path}: exists and is not a regular file; move it away and re-run")
+    return st.st_size == want.size and hash_file(path, on_bytes=on_bytes) == want
+
+
+_RESUME_FLAGS = (os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+
+
+def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
+    """The ``.partial`` file an earlier run left, opened to re-read and append, never through a link.
+
+    Returns None when there is nothing to resume; a partial that is not a regular file of 1 to
+    ``limit`` bytes (a symbolic link, a FIFO, an oversized file) is unlinked first, so the download
+    starts over in a fresh file. A folder is left alone (``open_partial`` then refuses it, naming it).
+    """
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= limit:
+        try:
+            fd = os.open(partial, _RESUME_FLAGS)  # O_NOFOLLOW: a link swapped in since the lstat fails here
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            now = os.fstat(fd)
+            if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return open(fd, "r+b", buffering=0)
+            os.close(fd)
+    partial.unlink(missing_ok=True)  # a link is removed, never followed
+    return None
+
+
+def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
+                  on_bytes: Callable[[int], None]) -> None:
+    """Stream one file into ``dest.partial`` while hashing; rename only if it matches ``want``.
+
+    A regular partial file an earlier run left is re-hashed and resumed with a ``Range`` request;
+    one that already holds all ``want.size`` bytes is renamed without any request if it matches
+    (and discarded if not). A server that ignores the range, or answers 416, gets a fresh start.
+    """
+    partial = partial_path(dest)
+    h, have = hashlib.sha256(), 0
+    out: BinaryIO | None = None
+
+    def start_over() -> None:
+        nonlocal out, h, have
+        if out is not None:
+            out.close()
+            out = None
+        h, have = hashlib.sha256(), 0
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = _open_resumable(partial, want.size)
+        if out is not None:  # resume: re-hash what an earlier run left
+            while chunk := out.read(_CHUNK):
+                h.update(chunk)
+                have += len(chunk)
+                on_bytes(len(chunk))
+            if have == want.size:  # complete already: nothing to ask the Hub for
+                if h.hexdigest() == want.sha256:
+                    out.close()
+                    os.replace(partial, dest)
+                    return
+                start_over()
+        while True:
+            with _hub_errors(api, f"downloading {path}", repo_id, commit), \
+                    _open_remote(api, repo_id, commit, path, have) as r:
+                if have and r.status_code == 416:  # nothing past what we have: ask for the whole file
+                    start_over()
+                    continue
+                if have and r.status_code != 206:  # the server ignored the Range: start over
+                    start_over()
+                if out is None:
+                    out = open_partial(partial)  # a fresh regular file, whatever sat under that name
+                for chunk in _chunks(r):
+                    out.write(chunk)
+                    h.update(chunk)
+                    have += len(chunk)
+                    on_bytes(len(chunk))
+                    if have > want.size:
+                        break
+                out.flush()
+                os.fsync(out.fileno())
+            break
+    except OSError as e:  # the local side: disk full, permissions (Hub errors arrive translated)
+        raise OutputError(f"{partial}: cannot write the download: {e.strerror or e}") from e
+    finally:
+        if out is not None:
+            out.close()
+    got = h.hexdigest()
+    if have != want.size or got != want.sha256:
+        partial.unlink(missing_ok=True)
+        raise HubVerificationError(
+            f"{path}: the Hub sent {have if have <= want.size else 'more than ' + str(want.size)} bytes hashing to "
+            f"{got}, the manifest says {want.size} bytes with sha256 {want.sha256}; nothing was written under its name")
+    os.replace(partial, dest)  # onto a symbolic link this replaces the link; nothing is written through it
+
+
+def _check_own_record(dest: Path, data: bytes, repo_id: str, commit: str) -> None:
+    """Refuse when ``dest`` (manifest.json or SHA256SUMS) exists with content other than ``data``."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise HubError(f"{dest}: exists and is not a regular file; move it away and re-run")
+    if st.st_size == len(data) and hash_file(dest).sha256 == hashlib.sha256(data).hexdigest():
+        return
+    raise HubError(f"{dest}: already there and differs from the {dest.name} of {repo_id} at {commit[:12]}; it is "
+                   "never overwritten: download into another folder (-o) or move it away")
+
+
+def _destination(out: Path, path: str) -> Path:
+    try:
+        return resolve_inside(out, path)
+    except UnsafePathError as e:
+        raise OutputError(f"{out / path}: {e.reason}; downloads are never written through a symbolic link") from None
+
+
+def download_release(
+    repo_id: str,
+    output_dir: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    include: Sequence[str] = (),
+    api: "HfApi | None" = None,
+    progress: Progress | None = None,
+) -> DownloadResult:
+    """Download a release's manifest, then the chosen files, each checked against it as it arrives.
+
+    ``include``: glob patterns of artifact paths (default: all). Everything comes from one commit.
+    Files already present with the right bytes are kept; a file is replaced only by verified bytes;
+    on any mismatch nothing the user had is deleted and the error names the file.
+
+    The release's manifest.json and SHA256SUMS (the whole release's, also with ``include``) are
+    written last, once every chosen file is verified. If ``output_dir`` already holds a
+    manifest.json or SHA256SUMS with other content (another release, or another commit of this
+    one), nothing is downloaded and :class:`HubError` names that file: it is never overwritten,
+    so each release belongs in a folder of its own.
+    """
+    api = api or hub_api()
+    parse_repo_spec(repo_id)
+    info = _model_info(api, repo_id, revision)
+    commit = str(info.sha)
+    names = {s.rfilename for s in info.siblings or []}
+    if MANIFEST_NAME not in names:
+        raise HubNotFoundError(f"{repo_id} at {revision or 'main'} has no {MANIFEST_NAME}: not a flux-gguf release")
+    manifest_bytes = _fetch_bytes(api, repo_id, commit, MANIFEST_NAME)
+    manifest = load_manifest(manifest_bytes, source=f"{repo_id}@{commit[:12]}/{MANIFEST_NAME}")
+    sums_bytes = _fetch_bytes(api, repo_id, commit, CHECKSUMS_NAME) if CHECKSUMS_NAME in names else None
+    if sums_bytes is not None:
+        sums = parse_sha256sums(sums_bytes, source=f"{repo_id}@{commit[:12]}/{CHECKSUMS_NAME}")
+        listed = {a.path: a.sha256 for a in manifest.artifacts} | {MANIFEST_NAME: hashlib.sha256(manifest_bytes).hexdigest()}
+        disagree = sorted(p for p, d in listed.items() if p in sums and sums[p] != d)
+        if disagree:
+            raise HubVerificationError(f"{repo_id}: {CHECKSUMS_NAME} and {MANIFEST_NAME} disagree on " + ", ".join(disagree))
+
+    chosen = [a for a in manifest.artifacts if not include or any(fnmatch.fnmatchcase(a.path, p) for p in include)]
+    if not chosen:
+        raise HubError(f"no file of {repo_id} matches --include {' '.join(include)}; it has: "
+                       + ", ".join(a.path for a in manifest.artifacts))
+    expected = {a.path: FileDigest(a.size, a.sha256) for a in chosen}
+    bad = [c for c in _compare(api, repo_id, info, expected, fetch_regular=False) if c.status in (MISMATCH, MISSING)]
+    if bad:
+        raise HubVerificationError(f"{repo_id} at {commit[:12]} does not match its manifest: {_describe(bad)}; nothing was downloaded")
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {MANIFEST_NAME: manifest_bytes} | ({CHECKSUMS_NAME: sums_bytes} if sums_bytes is not None else {})
+    for name, data in records.items():  # before any transfer: a different one is never overwritten
+        _check_own_record(_destination(out, name), data, repo_id, commit)
+    total = sum(a.size for a in chosen)
+
+    def on_bytes(n: int) -> None:
+        if progress is not None:
+            progress(n, total)
+
+    files = []
+    for artifact in chosen:
+        want = expected[artifact.path]
+        dest = _destination(out, artifact.path)
+        if _already_there(dest, want, on_bytes):
+            files.append(DownloadedFile(artifact.path, want.size, want.sha256, "present"))
+            continue
+        _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes)
+        files.append(DownloadedFile(artifact.path, want.size, want.sha256, "downloaded"))
+    for name, data in reversed(records.items()):  # last, manifest.json last of all: every chosen file is verified
+        dest = _destination(out, name)
+        _check_own_record(dest, data, repo_id, commit)
+        write_bytes_atomic(dest, data)
+    return DownloadResult(repo_id, revision, commit, out, files)
