@@ -20,6 +20,13 @@ from manifests.hashing import hash_file
 from .output import describe_artifacts, describe_plans, progress_bar
 
 
+def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
+    if imatrix is None:
+        return None
+    return {"files": [str(f) for f in files], "entries": len(imatrix.entries), "datasets": list(imatrix.datasets),
+            "chunk_count": imatrix.chunk_count, "chunk_size": imatrix.chunk_size}
+
+
 def describe_imatrix(imatrix, files: Sequence[pathlib.Path]) -> str:
     datasets = ", ".join(imatrix.datasets) or "no dataset recorded"
     return (f"K-quant tensors quantized with the importance matrix {' + '.join(str(f) for f in files)} "
@@ -89,8 +96,11 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
                                 imatrix=imatrix, imatrix_files=imatrix_files)
             layout = source.layout
         if as_json:
-            click.echo(json.dumps({"source": str(src), "layout": layout, "family": plans[0].family,
-                                   "plans": [p.to_dict() for p in plans]}, indent=2))
+            doc = {"source": str(src), "layout": layout, "family": plans[0].family,
+                   "plans": [p.to_dict() for p in plans]}
+            if imatrix is not None:
+                doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
+            click.echo(json.dumps(doc, indent=2))
         else:
             click.echo(f"{src} ({layout} layout, {plans[0].family}): {len(plans[0].entries)} tensors, "
                        f"{plans[0].n_params:,} parameters")
@@ -106,7 +116,10 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
                               progress=progress, tensor_transform=transform, extra_metadata=extra,
                               imatrix=imatrix, imatrix_files=imatrix_files)
     if as_json:
-        click.echo(json.dumps({"artifacts": [r.to_dict() for r in records]}, indent=2))
+        doc = {"artifacts": [r.to_dict() for r in records]}
+        if imatrix is not None:
+            doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
+        click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(describe_artifacts(records))
         if imatrix is not None:

@@ -39,11 +39,16 @@ def test_dry_run_reports_the_imatrix_and_exact_sizes(src, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"K-quant tensors quantized with the importance matrix {imx} (" in r.stdout
     assert "calibrated on: test:seed=0" in r.stdout
-    plan = json.loads(run("convert", src, "-o", tmp_path / "out", "--variant", "Q4_K_M", "--imatrix", imx,
-                          "--dry-run", "--json").stdout)["plans"][0]
+    plan_doc = json.loads(run("convert", src, "-o", tmp_path / "out", "--variant", "Q4_K_M", "--imatrix", imx,
+                          "--dry-run", "--json").stdout)
+    plan = plan_doc["plans"][0]
     done = json.loads(run("convert", src, "-o", tmp_path / "out", "--variant", "Q4_K_M", "--imatrix", imx,
                           "--json").stdout)["artifacts"][0]
     assert plan["size"] == done["size"] == (tmp_path / "out" / "tiny-Q4_K_M.gguf").stat().st_size
+    info = json.loads(run("convert", src, "-o", tmp_path / "out2", "--variant", "Q4_K_M", "--imatrix", imx,
+                          "--dry-run", "--json").stdout)["imatrix"]
+    assert info == {"files": [str(imx)], "entries": len(synthetic_imatrix(src).entries), "datasets": ["test:seed=0"], "chunk_count": 4,
+                    "chunk_size": 1280}
 
 
 def test_sd_cpp_dat_works_like_the_gguf_it_came_from(src, tmp_path):
