@@ -17,6 +17,7 @@ from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
+CALIBRATED = ["Q2_K", "Q3_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def imx(src, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(src, imx, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    records = convert(src, out, ["Q4_K_M", "Q3_K_S", "Q8_0"], name="cal", imatrix_files=[imx])
+    records = convert(src, out, CALIBRATED + ["Q8_0"], name="cal", imatrix_files=[imx])
     static = convert(src, tmp_path_factory.mktemp("static"), ["Q4_K_M", "Q8_0"], name="cal")
     return {r.variant: r for r in records}, {r.variant: r for r in static}
 
@@ -46,10 +47,17 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("variant", ["Q4_K_M", "Q3_K_S"])
-def test_bytes_equal_ggml_quantize_chunk_with_the_same_quant_weights(src, imx, converted, variant):
+def test_bytes_equal_ggml_quantize_chunk_with_the_same_quant_weights(src, imx, converted):
     im = read_imatrix(imx)
-    got = _tensors(converted[0][variant].path)
+    n_weighted, types = 0, set()
+    for variant in CALIBRATED:
+        n_weighted += _check_against_ggml(src, im, converted[0][variant].path, types)
+    assert n_weighted >= 5 * 10
+    assert types == {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+
+def _check_against_ggml(src, im, path, types):
+    got = _tensors(path)
     n_weighted = 0
     with open_source(src) as source:
         for name, (qtype, data) in got.items():
@@ -58,9 +66,10 @@ def test_bytes_equal_ggml_quantize_chunk_with_the_same_quant_weights(src, imx, c
                 continue
             # what llama-quantize hands ggml: in_sum2 / counts, float32
             qw = im.entries[name].in_sum2 / np.float32(im.entries[name].count)
-            assert data == ggml_quantize(x, qtype, imatrix=qw).tobytes(), name
+            assert data == ggml_quantize(x, qtype, imatrix=qw).tobytes(), (path.name, name)
             n_weighted += 1
-    assert n_weighted >= 10
+            types.add(qtype)
+    return n_weighted
 
 
 def test_imatrix_changes_the_k_quant_bytes_only(converted):
