@@ -99,7 +99,7 @@ def _listed(names: Sequence[str]) -> str:
 
 def strip_sd_cpp_prefix(name: str) -> str:
     """stable-diffusion.cpp's ``model.diffusion_model.X`` is our BFL name ``X``."""
-    return name[len(SD_CPP_PREFIX):] if name.startswith(SD_CPP_PREFIX) else name
+    return name.removeprefix(SD_CPP_PREFIX)
 
 
 def _entry_problem(name: str, e: ImatrixEntry) -> str | None:
@@ -206,7 +206,7 @@ def write_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str], *, sd_cpp: b
     for name in sorted(im.entries):
         e = im.entries[name]
         key = (SD_CPP_PREFIX + name if sd_cpp else name).encode()
-        ncall = max(1, int(round(float(e.count))))
+        ncall = max(1, round(float(e.count)))
         vals = (np.asarray(e.in_sum2, dtype=np.float32) / np.float32(e.count)) * np.float32(ncall)
         out += struct.pack("<i", len(key)) + key + struct.pack("<ii", ncall, vals.size)
         out += vals.astype("<f4").tobytes()
