@@ -425,8 +425,12 @@ def quantize_kvs(im: Imatrix, files: Sequence[str | os.PathLike[str]]) -> dict[s
 def uses_imatrix(qtype: str) -> bool:
     """K-quants take the importance vector; Q8_0, F16, BF16 and F32 ignore it (as in ggml)."""
     from quant_kernels import resolve
+    from quant_kernels.errors import UnsupportedTypeError
 
-    return bool(resolve(qtype).is_kquant)
+    try:
+        return bool(resolve(qtype).is_kquant)
+    except UnsupportedTypeError:  # a type name we cannot encode (e.g. from a foreign manifest) uses none
+        return False
 
 
 def plan_widths(plans: Sequence[Plan]) -> dict[str, int]:

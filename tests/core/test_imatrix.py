@@ -304,3 +304,10 @@ def test_no_datasets_round_trip(tmp_path):
     im = _im(datasets=())
     write_imatrix(im, tmp_path / "n.gguf")
     assert read_imatrix(tmp_path / "n.gguf").datasets == []
+
+
+def test_only_k_quants_use_an_imatrix():
+    from converter.imatrix import uses_imatrix
+
+    assert [uses_imatrix(t) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")] == [True] * 5
+    assert [uses_imatrix(t) for t in ("Q8_0", "F16", "BF16", "F32", "NOT_A_TYPE")] == [False] * 5
