@@ -41,6 +41,10 @@ class ValidationError(FluxGGUFError):
     """validate/bench cannot run on the given inputs."""
 
 
+class ImatrixError(FluxGGUFError):
+    """An importance matrix cannot be read, written, merged or used for this model."""
+
+
 # Hub failures, by what the user can do about them (converter/hub.py raises these).
 class HubAuthError(HubError):
     """No token was found, or the Hub rejected it (HTTP 401)."""
