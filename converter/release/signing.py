@@ -215,8 +215,8 @@ def _check_ec(public_key: Any, path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise SigningError(f"{path}: model-signing signs with elliptic-curve keys (P-256, P-384, P-521); this is a "
-                           f"{type(public_key).__name__.lstrip('_')}")
+        raise SigningError(f"{path}: model-signing signs with elliptic-curve keys (P-256, P-384, P-521); this key is "
+                           f"{type(public_key).__name__.lstrip('_').replace('PublicKey', '')}")
     if public_key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
         raise SigningError(f"{path}: curve {public_key.curve.name} is not supported by model-signing "
                            "(P-256, P-384 or P-521)")
@@ -589,3 +589,55 @@ def payload_statement(signature: str | os.PathLike[str]) -> dict[str, Any]:
     """The in-toto statement inside a bundle, unverified (for tests and diagnostics only)."""
     doc = json.loads(Path(signature).read_text(encoding="utf-8"))
     return json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Hub downloads
+
+
+def download_signed(repo_id: str, output_dir: str | os.PathLike[str], trust: Trust, *, revision: str | None = None,
+                    include: Sequence[str] = (), api: Any = None, progress: Any = None) -> tuple[Any, SignatureCheck]:
+    """``download --public-key``: check the repo's model.sig first, then download as usual, then check what came.
+
+    Before any large transfer: model.sig must verify against ``trust`` and the repo's manifest.json
+    (and SHA256SUMS) must equal their signed digests; every file is then checked against that
+    manifest as it arrives, and afterwards each fetched file's sha256 against its signed digest.
+    model.sig is saved beside the files. Everything comes from one commit.
+    """
+    import dataclasses
+
+    from converter.hub.client import _fetch_bytes, hub_api
+    from converter.hub.download import download_release
+    from converter.hub.remote import _model_info
+    from manifests.hashing import write_bytes_atomic
+
+    api = api or hub_api()
+    info = _model_info(api, repo_id, revision)
+    commit = str(info.sha)
+    at = f"{repo_id}@{commit[:12]}"
+    names = {s.rfilename for s in info.siblings or []}
+    if SIGNATURE_NAME not in names:
+        raise SigningError(f"{at} has no {SIGNATURE_NAME}: the release is not signed (download without "
+                           "--public-key/--certificate-chain/--identity to fetch it unverified)")
+    sig_bytes = _fetch_bytes(api, repo_id, commit, SIGNATURE_NAME)
+    with tempfile.TemporaryDirectory(prefix="flux-gguf-sig-") as tmp:
+        (Path(tmp) / SIGNATURE_NAME).write_bytes(sig_bytes)
+        try:
+            signed = read_signed(Path(tmp) / SIGNATURE_NAME, trust)
+        except SigningError as e:
+            raise SigningError(f"{at}/{SIGNATURE_NAME} {e}; nothing was downloaded") from None
+    records = {}
+    for name in (MANIFEST_NAME, CHECKSUMS_NAME):
+        if name in names or name in signed.digests:
+            data = _fetch_bytes(api, repo_id, commit, name)
+            if hashlib.sha256(data).hexdigest() != signed.digests.get(name):
+                raise SigningError(f"{at}/{name} differs from its signed digest (replaced after signing?); "
+                                   "nothing was downloaded")
+            records[name] = hashlib.sha256(data).hexdigest()
+    result = download_release(repo_id, output_dir, revision=commit, include=include, api=api, progress=progress)
+    fetched = {f.path: f.sha256 for f in result.files} | records
+    check = check_subset(output_dir, trust, signed, fetched)
+    if not check.ok:
+        raise SigningError(check.detail)
+    write_bytes_atomic(Path(output_dir) / SIGNATURE_NAME, sig_bytes)
+    return dataclasses.replace(result, revision=revision), check
