@@ -95,7 +95,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         if trust is not None or require_signature:
             raise click.UsageError("--remote checks the Hub's metadata only; check a signature on a local copy")
         return run_remote_verify(directory, remote, as_json)
-    signature = check_signature(directory, trust, require=require_signature) if trust is not None else None
+    signature = check_signature(directory, trust, require=require_signature, ignore=ignore) if trust is not None else None
     try:
         with increment_bar("verifying") as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore + (SIGNATURE_NAME,), progress=progress)

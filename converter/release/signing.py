@@ -25,6 +25,7 @@ PUB.pem`` accepts our releases.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import json
 import os
@@ -525,12 +526,14 @@ def _compare(signed: SignedContent, actual: Mapping[str, str], present: Iterable
 
 
 def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, require: bool = False,
-                    declared: Mapping[str, Any] | None = None) -> SignatureCheck:
+                    declared: Mapping[str, Any] | None = None, ignore: Sequence[str] = ()) -> SignatureCheck:
     """Verify ``folder/model.sig`` against ``trust`` and every file of the folder against what it signs.
 
     Without ``trust`` a present signature is reported ``not-checked`` (never ``verified``); an unsigned
     release is ``unsigned``, which ``require`` (or a ``trust``) turns into ``invalid``. ``declared``: the
     manifest's ``signature`` object; a release whose manifest says signed but has no model.sig is invalid.
+    ``ignore``: glob patterns of unsigned extra files to tolerate (``verify --ignore``); signed files are
+    always checked.
     """
     root = Path(folder)
     sig = root / SIGNATURE_NAME
@@ -544,17 +547,19 @@ def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, requ
         return SignatureCheck(INVALID, f"{SIGNATURE_NAME} is not a regular file")
     if trust is None:
         how = SignatureInfo.from_json(declared)
-        detail = f"signature present, not checked (give --public-key, --certificate-chain or --identity/--issuer)"
+        detail = ("signature present, not checked" + (f" (the manifest says: {how.describe()})" if how else "")
+                  + "; give --public-key, --certificate-chain or --identity/--issuer to check it")
         if require:
-            return SignatureCheck(INVALID, detail.replace("present, not checked", "present but not checked, and "
-                                                                                   "--require-signature needs it checked"))
+            return SignatureCheck(INVALID, "signature present but not checked: --require-signature needs "
+                                           "--public-key, --certificate-chain or --identity/--issuer")
         return SignatureCheck(NOT_CHECKED, detail, signed_by=how.describe() if how else None)
     try:
         signed = read_signed(sig, trust)
     except SigningError as e:
         return SignatureCheck(INVALID, f"{SIGNATURE_NAME} {e}")
-    ignore = list(signed.ignore_paths) + [SIGNATURE_NAME]
-    present = _walk(root, ignore)
+    ignore_paths = list(signed.ignore_paths) + [SIGNATURE_NAME]
+    present = [p for p in _walk(root, ignore_paths)
+               if p in signed.digests or not any(fnmatch.fnmatchcase(p, g) for g in ignore)]
     regular = [p for p in present if p in signed.digests and (root / p).is_file() and not (root / p).is_symlink()]
     try:
         actual = _hash_files(root, regular)

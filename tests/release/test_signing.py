@@ -365,3 +365,25 @@ def test_unsigned_release(signed, keys, tmp_path):
     assert code == 1 and out["signature"]["detail"] == "unsigned: no model.sig, and a signature is required"
     code, out = verify_json(rel, "--public-key", keys["pub"])
     assert code == 1 and out["signature"]["status"] == "invalid"
+
+
+def test_verify_ignore_tolerates_unsigned_extras_but_never_a_signed_file(signed, keys, tmp_path):
+    rel = tmp_path / signed.name
+    shutil.copytree(signed, rel)
+    (rel / ".cache" / "huggingface").mkdir(parents=True)
+    (rel / ".cache" / "huggingface" / "x.lock").write_bytes(b"")
+    code, out = verify_json(rel, "--public-key", keys["pub"], "--ignore", ".cache/huggingface/*")
+    assert code == 0 and out["signature"]["status"] == "verified"
+    code, out = verify_json(rel, "--public-key", keys["pub"])
+    assert code == 1 and ".cache/huggingface/x.lock not covered by the signature" in out["signature"]["detail"]
+    _flip_byte(rel)  # a signed file matching an --ignore pattern is still checked
+    code, out = verify_json(rel, "--public-key", keys["pub"], "--ignore", "*")
+    assert code == 1 and "differs from its signed digest" in out["signature"]["detail"]
+
+
+def test_not_checked_names_how_the_manifest_says_it_was_signed(signed, keys):
+    res = run("verify", signed)
+    key_sha = hashlib.sha256(keys["pub"].read_bytes()).hexdigest()
+    assert res.output.splitlines()[0] == (
+        f"signature   not-checked: signature present, not checked (the manifest says: signed with an EC key "
+        f"(public key sha256 {key_sha})); give --public-key, --certificate-chain or --identity/--issuer to check it")
