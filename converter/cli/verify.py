@@ -83,8 +83,9 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
       flux-gguf verify dist/flux1-kontext-dev --public-key pub.pem --require-signature
 
     A signed release (model.sig) is checked with --public-key, --certificate-chain or
-    --identity/--issuer first: the signature must verify over every file, then the manifest checks
-    run. Without them a signature is reported "present, not checked".
+    --identity/--issuer: the signature must verify against it and cover exactly the folder's files
+    and bytes, besides every manifest check (one read of each file serves both). Without them a
+    signature is reported "present, not checked"; --require-signature fails unless it verifies.
     """
     trust = trust_from(**trust_opts)
     if loras and source is None:
@@ -95,14 +96,15 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         if trust is not None or require_signature:
             raise click.UsageError("--remote checks the Hub's metadata only; check a signature on a local copy")
         return run_remote_verify(directory, remote, as_json)
-    signature = check_signature(directory, trust, require=require_signature, ignore=ignore) if trust is not None else None
     try:
         with increment_bar("verifying") as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore + (SIGNATURE_NAME,), progress=progress)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
-    if signature is None:
-        signature = check_signature(directory, None, require=require_signature, declared=report.manifest.signature)
+    # the signature (model.sig against the trusted key/chain/identity, then every file against what it signs),
+    # reusing the digests just computed, so a signed release is read once
+    signature = check_signature(directory, trust, require=require_signature, declared=report.manifest.signature,
+                                ignore=ignore, known={f.path: f.actual_sha256 for f in report.files if f.actual_sha256})
     rederived = None
     if source is not None:
         transform, given = _lora_transform(report.manifest, source, loras)

@@ -13,9 +13,9 @@ is signed and turns the library's results into our verdicts:
   then is ``model.sig`` written; the signature is checked back before the caller renames the
   folder into place.
 - :func:`check_signature` is what ``verify`` runs: the library checks the bundle against the
-  trusted key, chain or identity, then every signed file is re-hashed by the library and
-  compared, so a changed byte, a file added or removed, an edited ``model.sig`` or the wrong
-  key each get a one-line reason. :func:`check_subset` does the same for the files an
+  trusted key, chain or identity, then every file of the folder is compared with the signed
+  digests (sha256 that ``verify`` just computed, or the library's hashing), so a changed byte, a
+  file added or removed, an edited ``model.sig`` or the wrong key each get a one-line reason. :func:`check_subset` does the same for the files an
   ``--include`` download fetched, naming those it did not.
 
 The signature is written like ``model_signing sign`` writes it (sha256 per file, ``model.sig``
@@ -526,14 +526,16 @@ def _compare(signed: SignedContent, actual: Mapping[str, str], present: Iterable
 
 
 def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, require: bool = False,
-                    declared: Mapping[str, Any] | None = None, ignore: Sequence[str] = ()) -> SignatureCheck:
+                    declared: Mapping[str, Any] | None = None, ignore: Sequence[str] = (),
+                    known: Mapping[str, str] | None = None) -> SignatureCheck:
     """Verify ``folder/model.sig`` against ``trust`` and every file of the folder against what it signs.
 
     Without ``trust`` a present signature is reported ``not-checked`` (never ``verified``); an unsigned
     release is ``unsigned``, which ``require`` (or a ``trust``) turns into ``invalid``. ``declared``: the
     manifest's ``signature`` object; a release whose manifest says signed but has no model.sig is invalid.
     ``ignore``: glob patterns of unsigned extra files to tolerate (``verify --ignore``); signed files are
-    always checked.
+    always checked. ``known``: sha256 digests just computed for files of the folder (``verify`` passes
+    its own per-file digests, so a signed release is read once); the others are hashed by model-signing.
     """
     root = Path(folder)
     sig = root / SIGNATURE_NAME
@@ -561,8 +563,9 @@ def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, requ
     present = [p for p in _walk(root, ignore_paths)
                if p in signed.digests or not any(fnmatch.fnmatchcase(p, g) for g in ignore)]
     regular = [p for p in present if p in signed.digests and (root / p).is_file() and not (root / p).is_symlink()]
+    known = known or {}
     try:
-        actual = _hash_files(root, regular)
+        actual = {p: known[p] for p in regular if p in known} | _hash_files(root, [p for p in regular if p not in known])
     except Exception as e:  # noqa: BLE001  (unreadable file)
         return SignatureCheck(INVALID, f"cannot hash the release for the signature check: {_reason(e)}")
     problems = _compare(signed, actual, present)

@@ -387,3 +387,14 @@ def test_not_checked_names_how_the_manifest_says_it_was_signed(signed, keys):
     assert res.output.splitlines()[0] == (
         f"signature   not-checked: signature present, not checked (the manifest says: signed with an EC key "
         f"(public key sha256 {key_sha})); give --public-key, --certificate-chain or --identity/--issuer to check it")
+
+
+def test_verify_with_a_key_reads_each_file_once(signed, keys, monkeypatch):
+    """The signature check reuses the digests the manifest check computed: nothing is hashed twice."""
+    import converter.release.signing as signing_module
+
+    hashed: list[list[str]] = []
+    real = signing_module._hash_files
+    monkeypatch.setattr(signing_module, "_hash_files", lambda root, files: hashed.append(list(files)) or real(root, files))
+    assert run("verify", signed, "--public-key", keys["pub"]).exit_code == 0
+    assert hashed == [[]]
