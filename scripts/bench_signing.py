@@ -30,7 +30,13 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from converter.release.signing import check_signature, prepare_signer, sign_release, signing_request, trust_from_options
+from converter.release.signing import (
+    check_signature,
+    prepare_signer,
+    sign_release,
+    signing_request,
+    trust_from_options,
+)
 from manifests import SIGNATURE_NAME, hash_file
 
 GB = 1e9

@@ -7,7 +7,8 @@ options into a :class:`~converter.release.signing.SigningRequest` or
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 

@@ -31,12 +31,20 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from converter.errors import ReleaseError
-from manifests import CHECKSUMS_NAME, MANIFEST_NAME, SIGNATURE_NAME, Manifest, format_sha256sums, hash_bytes
+from manifests import (
+    CHECKSUMS_NAME,
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    Manifest,
+    format_sha256sums,
+    hash_bytes,
+)
 
 METHODS = ("key", "certificate", "sigstore")
 HASH_ALGORITHM = "sha256"  # model-signing's default, and what our manifest records: digests compare directly
@@ -72,7 +80,7 @@ class SignatureInfo:
         return out
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any] | None) -> "SignatureInfo | None":
+    def from_json(cls, doc: Mapping[str, Any] | None) -> SignatureInfo | None:
         if doc is None:
             return None
         return cls(doc["method"], doc.get("key_sha256"), doc.get("certificate_subject"),
@@ -96,8 +104,8 @@ def verify_commands(info: SignatureInfo) -> list[str]:
                 f"model_signing verify certificate . --signature {SIGNATURE_NAME} --certificate_chain CA_CHAIN.pem"]
     issuer = info.oidc_issuer or "https://accounts.google.com"
     return [f"flux-gguf verify . --identity SIGNER_IDENTITY --issuer {issuer}",
-            f"model_signing verify sigstore . --signature {SIGNATURE_NAME} --identity SIGNER_IDENTITY "
-            f"--identity_provider {issuer}"]
+            (f"model_signing verify sigstore . --signature {SIGNATURE_NAME} --identity SIGNER_IDENTITY "
+            f"--identity_provider {issuer}")]
 
 
 def card_section(info: SignatureInfo | Mapping[str, Any]) -> list[str]:
@@ -111,9 +119,9 @@ def card_section(info: SignatureInfo | Mapping[str, Any]) -> list[str]:
                            f"(sha256 `{info.certificate_sha256}`); check it against the publisher's CA chain",
             "sigstore": "with Sigstore (keyless: the signer's OIDC identity, Fulcio certificate, Rekor log entry)"}
     return ["## Signature", "",
-            f"`{SIGNATURE_NAME}` is an [OpenSSF model-signing](https://github.com/sigstore/model-transparency) "
+            (f"`{SIGNATURE_NAME}` is an [OpenSSF model-signing](https://github.com/sigstore/model-transparency) "
             f"signature over every file of this release, made {what[info.method]}. `SHA256SUMS` proves the "
-            "files are intact; the signature proves who published them:", "",
+            "files are intact; the signature proves who published them:"), "",
             "```sh", *verify_commands(info), "```", ""]
 
 

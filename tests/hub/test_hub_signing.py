@@ -2,6 +2,7 @@
 
 Runs against the loopback Hub emulator of test_hub.py, with the real huggingface_hub client.
 """
+# ruff: noqa: F811  (the emulator fixture is imported from test_hub and named as a parameter)
 from __future__ import annotations
 
 import base64

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from test_release import SPEC, write_project
 
 from converter.cli import main
 from converter.release import build as build_module
@@ -33,9 +34,13 @@ from converter.release.signing import (
     signing_request,
     trust_from_options,
 )
-from manifests import CHECKSUMS_NAME, MANIFEST_NAME, SIGNATURE_NAME, format_sha256sums, load_manifest
-
-from test_release import SPEC, write_project  # noqa: E402  (tests/release is on sys.path)
+from manifests import (
+    CHECKSUMS_NAME,
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    format_sha256sums,
+    load_manifest,
+)
 
 ONE_VARIANT_SPEC = SPEC.replace('variants = ["Q3_K_S", "Q4_K_M", "BF16"]', 'variants = ["Q8_0"]')
 
@@ -106,7 +111,7 @@ def library_verify(folder: Path, *args: object) -> subprocess.CompletedProcess:
     mode, *rest = args
     return subprocess.run([sys.executable, "-m", "model_signing", "verify", str(mode), str(folder),
                            "--signature", str(folder / SIGNATURE_NAME), *map(str, rest)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def verify_json(folder: Path, *args: object) -> tuple[int, dict]:
@@ -158,7 +163,7 @@ def test_without_a_key_the_signature_is_present_not_checked(signed):
 
 
 def test_sha256sums_still_passes_on_a_signed_release(signed):
-    res = subprocess.run(["sha256sum", "-c", "--strict", CHECKSUMS_NAME], cwd=signed, capture_output=True, text=True)
+    res = subprocess.run(["sha256sum", "-c", "--strict", CHECKSUMS_NAME], cwd=signed, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -309,13 +314,13 @@ def test_encrypted_key_with_its_password_file(keys, tmp_path):
     (["--sign-key", "{key}", "--sign-certificate", "{leaf}"],
      "certificate signing needs both --sign-certificate (the signing certificate) and --sign-chain (the CA certificates above it)"),
     (["--sign-key", "{key}", "--sign-certificate", "{leaf}", "--sign-chain", "{ca}", "--sign-password-file", "{password}"],
-     "--sign-password-file: model-signing's certificate signer takes an unencrypted key only; decrypt it first "
-     "(openssl ec -in KEY.pem -out PLAIN.pem)"),
+     ("--sign-password-file: model-signing's certificate signer takes an unencrypted key only; decrypt it first "
+     "(openssl ec -in KEY.pem -out PLAIN.pem)")),
     (["--sign-key", "{key}", "--sign-certificate", "{ca}", "--sign-chain", "{ca}"],
      "{ca}: its public key is not the one of {key}"),
     (["--sign-sigstore", "--sign-key", "{key}"],
-     "--sign-sigstore signs keyless (an OIDC identity); it cannot be combined with --sign-key, "
-     "--sign-password-file, --sign-certificate or --sign-chain"),
+     ("--sign-sigstore signs keyless (an OIDC identity); it cannot be combined with --sign-key, "
+     "--sign-password-file, --sign-certificate or --sign-chain")),
     (["--sign-password-file", "{password}"],
      "--sign-certificate, --sign-chain and --sign-password-file need --sign-key (the private key that signs)"),
     (["--sign-oidc-issuer", "https://issuer.example"],
