@@ -31,7 +31,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -182,7 +182,6 @@ class PreparedSigner:
     info: SignatureInfo
     password: bytes | None = None
     public_key_pem: bytes | None = None
-    _config_factory: Callable[[], Any] | None = field(default=None, repr=False)
 
     def library_config(self) -> Any:
         """A ``model_signing.signing.Config`` with our signer (built late: Sigstore's touches the network)."""

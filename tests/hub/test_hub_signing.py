@@ -46,6 +46,7 @@ def test_upload_publishes_model_sig_and_download_verifies_it(emulator, keys, tmp
     res = run("upload", rel, "alice/demo", "--public-key", keys["signer_pub"])
     assert res.exit_code == 0, res.output
     assert emulator.file_bytes("alice/demo", SIGNATURE_NAME) == (rel / SIGNATURE_NAME).read_bytes()
+    assert run("verify", rel, "--remote", "alice/demo").exit_code == 0  # model.sig is part of the release there
     out = tmp_path / "out"
     res = run("download", "alice/demo", "-o", out, "--public-key", keys["signer_pub"], "--json")
     assert res.exit_code == 0, res.output
