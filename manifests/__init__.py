@@ -10,6 +10,7 @@ from .errors import ChecksumsFormatError, ManifestError, SchemaError, UnsafePath
 from .hashing import BackgroundHasher, FileDigest, HashingWriter, hash_bytes, hash_file
 from .manifest import (
     CHECKSUMS_NAME,
+    SIGNATURE_NAME,
     MANIFEST_NAME,
     MANIFEST_VERSION,
     ArtifactEntry,
@@ -25,7 +26,7 @@ from .verify import FileCheck, VerifyReport, verify_release
 __all__ = [
     "ArtifactEntry", "BackgroundHasher", "CHECKSUMS_NAME", "ChecksumsFormatError", "FileCheck",
     "FileDigest", "HashingWriter", "MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "ManifestError",
-    "SchemaError", "SourceEntry", "TensorEntry", "UnsafePathError", "VerifyReport",
+    "SchemaError", "SIGNATURE_NAME", "SourceEntry", "TensorEntry", "UnsafePathError", "VerifyReport",
     "check_relative_path", "dump_manifest", "format_sha256sums", "hash_bytes", "hash_file",
     "load_manifest", "parse_sha256sums", "resolve_inside", "verify_release",
 ]

@@ -18,8 +18,10 @@ from .schema import validate
 
 MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "SHA256SUMS"
+SIGNATURE_NAME = "model.sig"
+"""The OpenSSF model-signing bundle of a signed release (covers every file, itself excepted)."""
 MANIFEST_VERSION = 1
-RESERVED_NAMES = (MANIFEST_NAME, CHECKSUMS_NAME)
+RESERVED_NAMES = (MANIFEST_NAME, CHECKSUMS_NAME, SIGNATURE_NAME)
 GGUF_KIND = "gguf"
 
 
@@ -86,6 +88,7 @@ class Manifest:
     artifacts: tuple[ArtifactEntry, ...]
     created: str | None = None
     manifest_version: int = MANIFEST_VERSION
+    signature: dict[str, Any] | None = None  # how the release is signed (SIGNATURE_NAME), or None: unsigned
     _by_path: dict[str, ArtifactEntry] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +112,8 @@ class Manifest:
         out["spec"] = self.spec
         out["sources"] = [s.to_json() for s in self.sources]
         out["artifacts"] = [a.to_json() for a in self.artifacts]
+        if self.signature is not None:
+            out["signature"] = self.signature
         return out
 
 
@@ -196,6 +201,7 @@ def manifest_from_json(doc: Any, source: str = MANIFEST_NAME) -> Manifest:
         tool_name=doc["tool"]["name"], tool_version=doc["tool"]["version"], name=doc["name"],
         spec=doc["spec"], sources=tuple(SourceEntry(s["name"], s["size"], s["sha256"]) for s in doc["sources"]),
         artifacts=artifacts, created=doc.get("created"), manifest_version=doc["manifest_version"],
+        signature=doc.get("signature"),
     )
 
 

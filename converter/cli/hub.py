@@ -15,8 +15,10 @@ import click
 from converter.hub.download import download_release
 from converter.hub.remote import UNEXPECTED, RemoteReport, verify_remote_release
 from converter.hub.upload import plan_upload, upload_release
+from manifests import ManifestError
 
 from .output import GB, errors_as_click, increment_bar
+from .signing_options import trust_from, trust_options
 
 
 def _echo_json(payload: Any) -> None:
@@ -32,9 +34,10 @@ def _echo_json(payload: Any) -> None:
 @click.option("--message", "-m", help="Commit message (default: 'Upload <release name> (flux-gguf <version>)').")
 @click.option("--dry-run", is_flag=True, help="Verify the folder and list what would be sent; contact nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@trust_options
 @errors_as_click
 def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, private: bool, create_pr: bool,
-           message: str | None, dry_run: bool, as_json: bool) -> None:
+           message: str | None, dry_run: bool, as_json: bool, **trust_opts: Any) -> None:
     """Verify a release folder, publish it to a Hub model repo, and check the Hub's copy against its manifest.
 
     The folder must verify (every file re-hashed against manifest.json) or nothing is sent. An
@@ -48,6 +51,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
     if create_pr and revision is not None:
         raise click.UsageError(f"--create-pr and --revision {revision} cannot be used together: a pull request is "
                                "always opened against main (to add to an open one, use --revision refs/pr/N alone)")
+    _check_signature_before_upload(release_dir, trust_from(**trust_opts))  # signed releases: model.sig (#13)
     with increment_bar("verifying") as progress:
         plan = plan_upload(release_dir, repo_id, revision=revision, create_pr=create_pr, private=private,
                                progress=progress)
@@ -85,8 +89,10 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder to download into (created if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@trust_options
 @errors_as_click
-def download(repo_id: str, revision: str | None, include: tuple[str, ...], output: pathlib.Path, as_json: bool) -> None:
+def download(repo_id: str, revision: str | None, include: tuple[str, ...], output: pathlib.Path, as_json: bool,
+             **trust_opts: Any) -> None:
     """Download a release from the Hub, checking every file's size and sha256 against its manifest.
 
     Files arrive as NAME.partial and get their name only once verified; files already present
@@ -102,10 +108,19 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
     Example:
       flux-gguf download me/FLUX.1-Kontext-dev-GGUF --include '*Q4_K_M*' -o models/
     """
+    trust = trust_from(**trust_opts)
+    signature = None
     with increment_bar("downloading") as progress:
-        result = download_release(repo_id, output, revision=revision, include=include, progress=progress)
+        if trust is not None:  # signed releases (#13): model.sig checked before and after the transfer
+            from converter.release.signing import download_signed
+            result, signature = download_signed(repo_id, output, trust, revision=revision, include=include,
+                                                progress=progress)
+        else:
+            result = download_release(repo_id, output, revision=revision, include=include, progress=progress)
     if as_json:
-        return _echo_json(result.to_json())
+        return _echo_json(result.to_json() | ({"signature": signature.to_json()} if signature else {}))
+    if signature is not None:
+        click.echo(f"signature   {signature.detail}")
     for f in result.files:
         click.echo(f"{f.action:<10}  {f.size:>15,}  {f.path}")
     click.echo(f"{len(result.files)} files verified against the manifest of {repo_id} at commit {result.commit} "
@@ -141,3 +156,20 @@ remote_option = click.option(
     help="Instead of re-hashing local files, check the Hub repo's files against DIR's manifest "
          "(sizes and LFS sha256; nothing large is downloaded).")
 """Decorator the ``verify`` command adds; when given, it calls :func:`run_remote_verify`."""
+
+
+def _check_signature_before_upload(release_dir: pathlib.Path, trust: Any) -> None:
+    """With a key (chain, identity): model.sig must verify over the folder, or nothing is sent. Without
+    one, a release whose manifest says it is signed must still have its model.sig."""
+    from converter.release.signing import SigningError, check_signature
+    from manifests import MANIFEST_NAME, load_manifest
+
+    declared = None
+    if trust is None:
+        try:
+            declared = load_manifest(release_dir / MANIFEST_NAME).signature
+        except (OSError, ManifestError):
+            return  # plan_upload reports an unreadable manifest in its own words
+    check = check_signature(release_dir, trust, declared=declared)
+    if not check.ok:
+        raise SigningError(f"{release_dir}: {check.detail}; refusing to upload")

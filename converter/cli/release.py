@@ -10,6 +10,7 @@ from converter.release.build import build_release
 from manifests import ManifestError
 
 from .output import GB, progress_bar
+from .signing_options import request_from, sign_options
 
 
 @click.group("release")
@@ -28,7 +29,8 @@ def release() -> None:
               help="Release folder to create (must not exist, or be empty).")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
               help="Threads for the quantization kernels (default: all cores).")
-def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> None:
+@sign_options
+def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **signing: object) -> None:
     """Convert every variant SPEC lists in one pass and write the release folder.
 
     Paths in SPEC are relative to SPEC. The folder gets the GGUF files, README.md (a Hub model
@@ -39,13 +41,20 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> Non
     Example:
       flux-gguf release build release.toml -o dist/flux1-kontext-dev
       cd dist/flux1-kontext-dev && sha256sum -c --strict SHA256SUMS
+      flux-gguf release build release.toml -o dist/NAME --sign-key key.pem   # + model.sig
+
+    With --sign-key (or --sign-certificate/--sign-chain, or --sign-sigstore) the finished folder is
+    signed with OpenSSF model-signing (model.sig covers every file) before it gets its name.
     """
+    sign = request_from(**signing)  # type: ignore[arg-type]
     try:
         with progress_bar("converting") as progress:
-            result = build_release(spec, out_dir, threads=threads, progress=progress)
+            result = build_release(spec, out_dir, threads=threads, progress=progress, sign=sign)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
     for a in result.manifest.artifacts:
         size = f"{a.size / GB:.3f} GB" if a.size >= GB / 10 else f"{a.size:,} B"
         click.echo(f"{a.path}  {size}  sha256 {a.sha256}")
+    if result.manifest.signature is not None:
+        click.echo(f"model.sig  {result.manifest.signature['method']} signature over every file")
     click.echo(f"release written to {result.out_dir} (manifest.json sha256 {result.manifest_sha256})")

@@ -9,11 +9,13 @@ import click
 import numba
 
 from converter.release.rederive import RederiveReport, rederive_release
-from manifests import ManifestError, verify_release
+from converter.release.signing import check_signature
+from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
 from .output import increment_bar, progress_bar
+from .signing_options import signature_line, trust_from, trust_options
 
 
 def describe_verify(report: VerifyReport) -> str:
@@ -63,9 +65,12 @@ def describe_rederive(r: RederiveReport) -> str:
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
               help="Threads for re-encoding with --source (default: all cores).")
 @remote_option
+@trust_options
+@click.option("--require-signature", is_flag=True, help="Fail unless model.sig is present and verified.")
 def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
            loras: tuple[pathlib.Path, ...], ignore: tuple[str, ...], threads: int | None,
-           remote: str | None = None, imatrix_files: tuple[pathlib.Path, ...] = ()) -> None:
+           remote: str | None = None, imatrix_files: tuple[pathlib.Path, ...] = (),
+           require_signature: bool = False, **trust_opts: Any) -> None:
     """Check every file of a release folder against its manifest.json.
 
     Each file is reported ok, mismatch, missing or unexpected; the exit status is 1 if any is
@@ -80,7 +85,14 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
       flux-gguf verify dist/NAME --source flux1-kontext-dev.safetensors --lora hyper8.safetensors
       flux-gguf verify dist/NAME --source flux1-kontext-dev.safetensors --imatrix kontext.imatrix.gguf
       flux-gguf verify dist/flux1-kontext-dev --remote me/FLUX.1-Kontext-dev-GGUF
+      flux-gguf verify dist/flux1-kontext-dev --public-key pub.pem --require-signature
+
+    A signed release (model.sig) is checked with --public-key, --certificate-chain or
+    --identity/--issuer: the signature must verify against it and cover exactly the folder's files
+    and bytes, besides every manifest check (one read of each file serves both). Without them a
+    signature is reported "present, not checked"; --require-signature fails unless it verifies.
     """
+    trust = trust_from(**trust_opts)
     if loras and source is None:
         raise click.UsageError("--lora only applies with --source (re-deriving a release that merged LoRAs)")
     if imatrix_files and source is None:
@@ -88,12 +100,18 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
     if remote is not None:
         if source is not None or tensors:
             raise click.UsageError("--remote checks the Hub's copy; it cannot be combined with --source or --tensors")
+        if trust is not None or require_signature:
+            raise click.UsageError("--remote checks the Hub's metadata only; check a signature on a local copy")
         return run_remote_verify(directory, remote, as_json)
     try:
         with increment_bar("verifying") as progress:
-            report = verify_release(directory, tensors=tensors, ignore=ignore, progress=progress)
+            report = verify_release(directory, tensors=tensors, ignore=ignore + (SIGNATURE_NAME,), progress=progress)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
+    # the signature (model.sig against the trusted key/chain/identity, then every file against what it signs),
+    # reusing the digests just computed, so a signed release is read once
+    signature = check_signature(directory, trust, require=require_signature, declared=report.manifest.signature,
+                                ignore=ignore, known={f.path: f.actual_sha256 for f in report.files if f.actual_sha256})
     rederived = None
     if source is not None:
         transform, given = _lora_transform(report.manifest, source, loras)
@@ -107,14 +125,17 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         if rederived is not None:
             doc["source"] = rederived.to_json()
             doc["ok"] = report.ok and rederived.ok
+        doc["signature"] = signature.to_json()
+        doc["ok"] = doc["ok"] and signature.ok
         click.echo(json.dumps(doc, indent=2))
     else:
+        click.echo(signature_line(signature))
         click.echo(describe_verify(report))
         if rederived is not None:
             click.echo(describe_rederive(rederived))
-        good = report.ok and (rederived is None or rederived.ok)
+        good = report.ok and (rederived is None or rederived.ok) and signature.ok
         click.echo(f"release {directory}: {'OK' if good else 'PROBLEMS FOUND'}")
-    if not report.ok or (rederived is not None and not rederived.ok):
+    if not report.ok or (rederived is not None and not rederived.ok) or not signature.ok:
         click.get_current_context().exit(1)
 
 

@@ -13,6 +13,7 @@ from converter.errors import (
 from manifests import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
+    SIGNATURE_NAME,
     FileDigest,
     Manifest,
     hash_file,
@@ -164,7 +165,8 @@ def verify_remote_release(release_dir: str | os.PathLike[str], repo_spec: str, *
     repo_id, revision = parse_repo_spec(repo_spec)
     root = Path(release_dir)
     manifest = _local_manifest(root)
-    extra = {name: hash_file(root / name) for name in (MANIFEST_NAME, CHECKSUMS_NAME) if (root / name).is_file()}
+    extra = {name: hash_file(root / name) for name in (MANIFEST_NAME, CHECKSUMS_NAME, SIGNATURE_NAME)
+             if (root / name).is_file()}  # model.sig: a signed release's signature is published with it
     return verify_remote(manifest, repo_id, revision, extra=extra, api=api)
 
 

@@ -17,8 +17,10 @@ from converter.errors import (
     ReleaseError,
 )
 from manifests import (
+    SIGNATURE_NAME,
     FileDigest,
     Manifest,
+    hash_file,
     resolve_inside,
     verify_release,
 )
@@ -137,12 +139,15 @@ def plan_upload(
                 raise HubFileTooLargeError(
                     f"{artifact.path}: {size} bytes ({size / GB:.1f} GB) is over the Hub's {limit // GB} GB per-file "
                     f"limit for {transfer.upper()} uploads; nothing was sent")
-    report = verify_release(root, progress=progress)
+    report = verify_release(root, progress=progress, ignore=[SIGNATURE_NAME])  # model.sig: checked by the caller
     if not report.ok:
         raise ReleaseError(f"{root} does not verify, refusing to upload: "
                            + "; ".join(f"{f.path} {f.status}" + (f" ({f.detail})" if f.detail else "")
                                        for f in report.problems))
     files = [PlannedFile(f.path, int(f.actual_size or 0), str(f.actual_sha256)) for f in report.files]
+    if (root / SIGNATURE_NAME).is_file() and not (root / SIGNATURE_NAME).is_symlink():  # signed: publish model.sig
+        sig = hash_file(root / SIGNATURE_NAME)
+        files.append(PlannedFile(SIGNATURE_NAME, sig.size, sig.sha256))
     return UploadPlan(root, repo_id, revision, create_pr, private, manifest, files, transfer, limit)
 
 

@@ -52,6 +52,7 @@ from manifests.hashing import (
 )
 
 from . import lora  # noqa: F401  (registers the [[lora]] spec hook)
+from .signing import PreparedSigner, SigningRequest, card_section, prepare_signer, release_digests, sign_release
 from .modelcard import CardSource, card_file, read_validation_report, render_model_card
 from .spec import (
     MODEL_CARD_NAME,
@@ -213,19 +214,26 @@ def build_release(
     *,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    sign: SigningRequest | None = None,
 ) -> ReleaseResult:
     """Convert every variant of ``spec`` in one pass and write the release folder ``out_dir``.
 
     ``progress(done, total)`` reports source bytes converted. Raises :class:`ReleaseError` for a
     bad spec or an occupied output folder; conversion errors come from the pipeline.
+    ``sign``: write ``model.sig`` (checked up front; signed after the folder is complete and its digests
+    re-read by model-signing; the folder is renamed into place only once signed).
     """
     if not isinstance(spec, ReleaseSpec):
         spec = parse_release_spec(spec)
     created = created_timestamp()
+    signer: PreparedSigner | None = prepare_signer(sign) if sign is not None else None  # bad key: fail before work
     out = _output_path(out_dir, spec)
     partial = _prepare(out)
     try:
-        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress)
+        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress,
+                                             signer.info.to_json() if signer else None)
+        if signer is not None:
+            sign_release(partial, signer, name=out.name, expected=release_digests(manifest, manifest_sha))
         with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
             (partial / PARTIAL_MARKER).unlink()
         with _writing(out, f"move {partial} into place"):
@@ -239,7 +247,7 @@ def build_release(
 
 
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
-                progress: ProgressFn | None) -> tuple[Manifest, str]:
+                progress: ProgressFn | None, signature: dict | None = None) -> tuple[Manifest, str]:
     with open_source(spec.source_path) as source:
         source_files = [Path(f.path) for f in source.files]
         shapes = {name: tuple(t.shape) for name, t in source.tensors.items()}
@@ -286,13 +294,15 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
         extra.append(_file_entry(name, digest, KIND_EXTRA))
 
     card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,
-                             extension_outputs=ext_outputs, imatrix=imatrix)
+                             extension_outputs=ext_outputs, imatrix=imatrix,
+                             signature_section=card_section(signature) if signature else ())
     with _writing(out, f"write {partial / MODEL_CARD_NAME}"):
         card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
     artifacts += [_file_entry(MODEL_CARD_NAME, card_digest, KIND_CARD)] + extra
 
     manifest = Manifest(tool_name=TOOL_NAME, tool_version=__version__, name=spec.name, spec=spec.to_json(),
-                        sources=sources, artifacts=tuple(artifacts), created=created)
+                        sources=sources, artifacts=tuple(artifacts), created=created,
+                        signature=signature)
     data = dump_manifest(manifest)
     manifest_sha = hash_bytes(data).sha256
     with _writing(out, f"write {partial / MANIFEST_NAME}"):

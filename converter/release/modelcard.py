@@ -168,6 +168,7 @@ def render_model_card(
     *,
     extension_outputs: Mapping[str, Sequence[Any]] | None = None,
     imatrix: Any = None,
+    signature_section: Sequence[str] = (),
 ) -> str:
     """The full README.md text (front matter + body), deterministic for a given input."""
     quality = quality or {}
@@ -213,6 +214,7 @@ def render_model_card(
             "flux-gguf verify . --tensors                # which tensors of a damaged file differ",
             "flux-gguf verify . --source SOURCE          # re-derive every tensor from the source weights",
             "```", ""]
+    out += list(signature_section)  # signed releases: how to check model.sig (release/signing.py)
     if card.license_link or card.license_name:
         name = card.license_name or card.license
         out += ["## License", "", f"License: `{name}`" +
