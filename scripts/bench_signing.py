@@ -11,8 +11,8 @@ release exactly once.
     python scripts/bench_signing.py --release dist/flux1-kontext-dev --work bench-out/signing
 
 ``--gb``: a folder of a few GGUF-sized files of seeded random bytes (content does not matter to
-hashing). ``--release``: measure a release folder you have (it is signed into a copy-free way:
-model.sig is written there and removed afterwards unless it was already present). ``--cold``
+hashing). ``--release``: measure a release folder you have, in place (model.sig is written there
+and removed afterwards; a folder that already has one is refused: move it aside). ``--cold``
 also measures with the files dropped from the page cache (posix_fadvise DONTNEED; no root needed).
 """
 from __future__ import annotations
