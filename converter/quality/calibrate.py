@@ -190,7 +190,7 @@ def build_transformer(geometry: FluxGeometry, read: Callable[[str], np.ndarray],
     for name in bfl_tensor_shapes(geometry):
         state.update(diffusers_state_dict({name: read(name)}, device, dtype))
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
