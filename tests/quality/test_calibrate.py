@@ -292,3 +292,95 @@ def test_validate_and_bench_report_the_imatrix_a_gguf_records(tmp_path):
     assert imatrix_text(meta) == "kontext.imatrix.gguf, dataset prompts.txt, 304 entries, 560 chunks"
     assert imatrix_metadata(open_gguf(static)) is None and imatrix_text(None) == "none (static quantization)"
     assert _imatrix_file(calibrated) == "kontext.imatrix.gguf" and _imatrix_file(static) is None
+
+
+# --------------------------------------------------------------------------- a tiny random Kontext pipeline
+
+
+def _tiny_tokenizer(max_length):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "make it snow add a red hat blue cat dog".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, model_max_length=max_length, pad_token="[PAD]",
+                                   unk_token="[UNK]", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(model, tmp_path_factory):
+    """FluxKontextPipeline with randomly initialised one-layer text encoders (CLIP 768 wide, T5 4096 wide:
+    the widths the transformer takes), a two-level VAE and our hidden-256 transformer; saved without it."""
+    import diffusers
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=768, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=2, pad_token_id=0)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=4096, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                 pad_token_id=0, eos_token_id=2)).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=8, layers_per_block=1, shift_factor=0.1, scaling_factor=0.5).eval()
+    pipe = diffusers.FluxKontextPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                         text_encoder=clip, tokenizer=_tiny_tokenizer(77), text_encoder_2=t5,
+                                         tokenizer_2=_tiny_tokenizer(512), transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("pipeline")
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    (folder / "images").mkdir()
+    image.save(folder / "images" / "a.png")
+    pipe.transformer = None  # the folder holds everything but the transformer, which we pass in
+    pipe.save_pretrained(folder / "pipe")
+    pipe.transformer = model
+    return pipe, image, folder
+
+
+def test_pipeline_collection_covers_every_step_and_equals_its_captured_inputs(tiny_pipeline, model, tmp_path):
+    from converter.quality.calibrate import collect_with_pipeline, file_samples
+
+    pipe, image, _ = tiny_pipeline
+    seen = []
+    with capture_transformer_inputs(model) as calls:
+        im, n_calls, tokens = collect_with_pipeline(pipe, ["make it snow", "add a red hat"], images=[image], steps=3,
+                                                    height=32, width=32, max_sequence_length=16,
+                                                    progress=lambda d, n: seen.append((d, n)))
+    # 2 prompts x 3 steps; a 32x32 edit: 8x8 packed target tokens + as many context tokens, 16 text tokens
+    assert n_calls == 6 and len(calls) == 6 and seen[-1] == (6, 6) and tokens == 6 * (128 + 16)
+    assert im.chunk_count == 6 and im.chunk_size == 144 and im.datasets == ["pipeline"]
+    assert im.entries["double_blocks.0.img_attn.qkv.weight"].count == 6 * 128
+    assert im.entries["double_blocks.0.txt_attn.qkv.weight"].count == 6 * 16
+    assert im.entries["single_blocks.0.linear1.weight"].count == 6 * 144
+    assert im.entries["double_blocks.0.img_mod.lin.weight"].count == 6
+    # the documented capture path: the same calls saved to a file and replayed give the same sums
+    path = write_inputs_file(calls, tmp_path / "captured.safetensors")
+    with ImatrixCollector(model, NAMES) as c, torch.inference_mode():
+        for s in file_samples(read_inputs_file(path, GEO), "cpu", torch.float32):
+            model(**s.kwargs, return_dict=False)
+        replayed = c.imatrix(["file"], 6, 144)
+    for n in NAMES:
+        assert replayed.entries[n].count == im.entries[n].count
+        np.testing.assert_allclose(replayed.entries[n].in_sum2, im.entries[n].in_sum2, rtol=1e-5, err_msg=n)
+
+
+def test_cli_collects_through_a_pipeline_folder(tiny_pipeline, src, tmp_path):
+    import json
+
+    _, _, folder = tiny_pipeline
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("make it snow\n# a comment\nadd a red hat\n")
+    out = tmp_path / "p.imatrix.gguf"
+    res = CliRunner().invoke(main, ["imatrix", str(src), "-o", str(out), "--pipeline", str(folder / "pipe"),
+                                    "--prompts", str(prompts), "--images", str(folder / "images"), "--steps", "2",
+                                    "--height", "32", "--width", "32", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["inputs"] == "pipeline" and summary["smoke_default"] is False
+    assert summary["samples"] == 4 and summary["datasets"] == ["prompts.txt+images"]
+    im = read_imatrix(out)
+    assert sorted(im.entries) == sorted(NAMES) and im.chunk_count == 4
+    assert im.entries["double_blocks.0.img_attn.qkv.weight"].count == 4 * 128
