@@ -84,6 +84,7 @@ def imatrix(source: pathlib.Path, output: pathlib.Path, inputs_file: pathlib.Pat
         click.echo(json.dumps(summary, indent=2, allow_nan=False))
         return
     click.echo(f"wrote {output}: {summary['tensors']} tensors, {report.samples} transformer calls, "
-               f"{report.tokens} tokens, {report.seconds:.1f} s on {report.device}")
+               f"{report.tokens} tokens, {report.seconds:.1f} s on {report.device} "
+               f"(loading {report.load_seconds:.1f} s)")
     for note in report.notes:
         click.echo(f"note: {note}")

@@ -415,6 +415,7 @@ class CollectionReport:
     model: str  # "source" or "gguf"
     smoke: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    load_seconds: float = 0.0  # of ``seconds``: loading the transformer (and pipeline)
 
     def to_dict(self) -> dict[str, Any]:
         counts = [e.count for e in self.imatrix.entries.values()]
@@ -426,7 +427,8 @@ class CollectionReport:
             "datasets": list(self.datasets),
             "smoke_default": self.smoke,
             "seconds": self.seconds,
-            "seconds_per_sample": self.seconds / self.samples if self.samples else None,
+            "load_seconds": self.load_seconds,
+            "seconds_per_sample": (self.seconds - self.load_seconds) / self.samples if self.samples else None,
             "device": self.device,
             "model": self.model,
             "min_count": min(counts) if counts else 0,
@@ -467,10 +469,11 @@ def collect_imatrix(
     dev = resolve_device(device)
     start = time.perf_counter()
     with open_transformer(source, dev) as (model, geometry, kind):
+        loaded = time.perf_counter() - start
         names = quantized_weight_names(bfl_tensor_shapes(geometry))
         dtype = compute_dtype(dev)
         if inputs is None:
-            say(f"collecting on {probes} seeded probes: {SMOKE_NOTE}")
+            say(f"collecting on {probes} seeded random probes (a smoke default, not a calibration set)")
             datasets = (probes_dataset(probes, probe),)
             total, samples = probes, probe_samples(probes, probe, dev, dtype, geometry.guidance)
             chunk = probe.image_tokens + probe.text_tokens
@@ -486,7 +489,8 @@ def collect_imatrix(
             im = collector.imatrix(datasets, done, chunk)
     return CollectionReport(imatrix=im, inputs="probes" if inputs is None else "file", datasets=datasets,
                             samples=done, tokens=tokens, seconds=time.perf_counter() - start, device=dev,
-                            model=kind, smoke=inputs is None, notes=(SMOKE_NOTE,) if inputs is None else ())
+                            model=kind, smoke=inputs is None, notes=(SMOKE_NOTE,) if inputs is None else (),
+                            load_seconds=loaded)
 
 
 def collect_with_pipeline(
@@ -586,6 +590,7 @@ def collect_imatrix_pipeline(
     with open_transformer(source, dev) as (model, _geometry, kind):
         say(f"loading the pipeline from {pipeline_dir}")
         pipe = load_pipeline(pathlib.Path(pipeline_dir), model, dev)
+        loaded = time.perf_counter() - start
         say(f"running {len(prompts)} prompt(s) x {steps} steps")
         im, calls, tokens = collect_with_pipeline(
             pipe, prompts, images=images, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
@@ -593,7 +598,7 @@ def collect_imatrix_pipeline(
         pipe.transformer = None
         del pipe
     return CollectionReport(imatrix=im, inputs="pipeline", datasets=(dataset,), samples=calls, tokens=tokens,
-                            seconds=time.perf_counter() - start, device=dev, model=kind)
+                            seconds=time.perf_counter() - start, device=dev, model=kind, load_seconds=loaded)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -133,6 +133,7 @@ def test_probe_collection_reports_a_smoke_default(src):
     assert r.datasets == ("probes:seed=0..1,32x32,text=8 (smoke default, not a calibration set)",)
     d = r.to_dict()
     assert d["tensors"] == 13 and d["smoke_default"] and d["min_count"] == 2 and d["max_count"] == 32
+    assert 0 < d["load_seconds"] < d["seconds"] and d["seconds_per_sample"] == (r.seconds - r.load_seconds) / 2
     assert r.imatrix.chunk_count == 2 and r.imatrix.chunk_size == 16
 
 
