@@ -42,7 +42,7 @@ def imatrix(source: pathlib.Path, output: pathlib.Path, inputs_file: pathlib.Pat
             pipeline_dir: pathlib.Path | None, prompts_file: pathlib.Path | None, images_dir: pathlib.Path | None,
             steps: int, guidance: float, height: int | None, width: int | None, probes: int, text_tokens: int,
             seed: int, device: str | None, as_json: bool) -> None:
-    """Collect an importance matrix for SOURCE (a checkpoint convert reads; with --pipeline also a GGUF).
+    """Collect an importance matrix for SOURCE (a checkpoint convert reads, or a GGUF file that fits small GPUs).
 
     Hooks every Linear whose weight a recipe quantizes and sums x^2 per input column over every
     token. Without --inputs or --pipeline it runs seeded random probes: a smoke test of the

@@ -283,7 +283,10 @@ def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry) -> di
                                f"[samples, image tokens, {geometry.img_in_channels}]")
     s, t_img = int(hs.shape[0]), int(hs.shape[1])
     enc = tensors["encoder_hidden_states"]
-    t_txt = int(enc.shape[1]) if enc.dim() == 3 else -1
+    if enc.dim() != 3 or enc.shape[1] < 1:
+        raise CalibrationError(f"{path}: encoder_hidden_states has shape {list(enc.shape)}; expected "
+                               f"[{s}, text tokens, {CONTEXT_DIM}]")
+    t_txt = int(enc.shape[1])
     expected = {
         "encoder_hidden_states": [s, t_txt, CONTEXT_DIM],
         "pooled_projections": [s, VEC_DIM],
@@ -293,7 +296,7 @@ def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry) -> di
         "txt_ids": [t_txt, 3],
     }
     for key, want in expected.items():
-        if key in tensors and (list(tensors[key].shape) != want or t_txt < 1):
+        if key in tensors and list(tensors[key].shape) != want:
             raise CalibrationError(f"{path}: {key} has shape {list(tensors[key].shape)}; expected {want} "
                                    f"(hidden_states holds {s} samples of {t_img} image tokens)")
     for key, t in tensors.items():

@@ -174,6 +174,8 @@ def _inputs(**changes):
     ({"hidden_states": torch.zeros(2, 8, 16)}, "hidden_states has shape [2, 8, 16]; expected [samples, image tokens, 64]"),
     ({"encoder_hidden_states": torch.zeros(2, 5, 768)},
      "encoder_hidden_states has shape [2, 5, 768]; expected [2, 5, 4096] (hidden_states holds 2 samples of 8 image tokens)"),
+    ({"encoder_hidden_states": torch.zeros(2, 4096)}, "encoder_hidden_states has shape [2, 4096]; expected "
+                                                      "[2, text tokens, 4096]"),
     ({"timestep": torch.zeros(3)}, "timestep has shape [3]; expected [2] (hidden_states holds 2 samples of 8 image tokens)"),
     ({"img_ids": torch.zeros(9, 3)}, "img_ids has shape [9, 3]; expected [8, 3] (hidden_states holds 2 samples of 8 image tokens)"),
     ({"pooled_projections": torch.full((2, 768), float("nan"))}, "pooled_projections must hold finite floating-point values"),
