@@ -387,3 +387,19 @@ def test_cli_collects_through_a_pipeline_folder(tiny_pipeline, src, tmp_path):
     im = read_imatrix(out)
     assert sorted(im.entries) == sorted(NAMES) and im.chunk_count == 4
     assert im.entries["double_blocks.0.img_attn.qkv.weight"].count == 4 * 128
+
+
+def test_a_gguf_transformer_collects_like_its_source(tmp_path_factory):
+    """diffusers' GGUFLinear layers are hooked like nn.Linear: same entries and counts, sums within Q8_0's error."""
+    from tests.flux_small import small_flux
+
+    small = small_flux(tmp_path_factory)  # hidden 3072 (diffusers' GGUF loader needs it), 1 + 1 blocks
+    names = quantized_weight_names(bfl_tensor_shapes(small.geometry))
+    source = collect_imatrix(small.source, probes=1, probe=PROBE, device="cpu")
+    gguf = collect_imatrix(small.q8_0, probes=1, probe=PROBE, device="cpu")
+    assert source.model == "source" and gguf.model == "gguf" and sorted(gguf.imatrix.entries) == sorted(names)
+    for n in names:
+        a, b = source.imatrix.entries[n], gguf.imatrix.entries[n]
+        assert a.count == b.count, n
+        x, y = a.in_sum2.astype(np.float64), b.in_sum2.astype(np.float64)
+        assert np.linalg.norm(x - y) <= 0.05 * np.linalg.norm(x), n
