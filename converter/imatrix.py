@@ -34,11 +34,14 @@ import os
 import pathlib
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ImatrixError
+
+if TYPE_CHECKING:
+    from .recipes import Plan
 
 SD_CPP_PREFIX = "model.diffusion_model."
 GGUF_MAGIC = b"GGUF"
@@ -96,7 +99,7 @@ def _listed(names: Sequence[str]) -> str:
 
 def strip_sd_cpp_prefix(name: str) -> str:
     """stable-diffusion.cpp's ``model.diffusion_model.X`` is our BFL name ``X``."""
-    return name[len(SD_CPP_PREFIX):] if name.startswith(SD_CPP_PREFIX) else name
+    return name.removeprefix(SD_CPP_PREFIX)
 
 
 def _entry_problem(name: str, e: ImatrixEntry) -> str | None:
@@ -203,7 +206,7 @@ def write_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str], *, sd_cpp: b
     for name in sorted(im.entries):
         e = im.entries[name]
         key = (SD_CPP_PREFIX + name if sd_cpp else name).encode()
-        ncall = max(1, int(round(float(e.count))))
+        ncall = max(1, round(float(e.count)))
         vals = (np.asarray(e.in_sum2, dtype=np.float32) / np.float32(e.count)) * np.float32(ncall)
         out += struct.pack("<i", len(key)) + key + struct.pack("<ii", ncall, vals.size)
         out += vals.astype("<f4").tobytes()
@@ -415,3 +418,51 @@ def quantize_kvs(im: Imatrix, files: Sequence[str | os.PathLike[str]]) -> dict[s
     if im.chunk_count > 0:
         kvs[KV_QUANTIZE_CHUNKS] = int(im.chunk_count)
     return kvs
+
+
+# --- using an imatrix in a conversion ---------------------------------------------------------
+
+def uses_imatrix(qtype: str) -> bool:
+    """K-quants take the importance vector; Q8_0, F16, BF16 and F32 ignore it (as in ggml)."""
+    from quant_kernels import resolve
+    from quant_kernels.errors import UnsupportedTypeError
+
+    try:
+        return bool(resolve(qtype).is_kquant)
+    except UnsupportedTypeError:  # a type name we cannot encode (e.g. from a foreign manifest) uses none
+        return False
+
+
+def plan_widths(plans: Sequence[Plan]) -> dict[str, int]:
+    """Tensors some plan stores in a K-quant type -> their input columns (what needs an entry)."""
+    return {e.name: int(e.shape[-1]) for p in plans for e in p.entries if len(e.shape) > 1 and uses_imatrix(e.qtype)}
+
+
+def describe_files(files: Sequence[str | os.PathLike[str]]) -> str:
+    return " + ".join(str(f) for f in files) if files else "importance matrix"
+
+
+def attach_to_plans(plans: Sequence[Plan], im: Imatrix, files: Sequence[str | os.PathLike[str]] = ()) -> list[Plan]:
+    """Check ``im`` against every K-quant tensor of ``plans`` and add the ``quantize.imatrix.*`` KVs
+    (as llama-quantize records them) to each plan that quantizes some tensor with it.
+
+    A plan with no K-quant tensor (Q8_0, F16, BF16) is returned unchanged: its bytes do not
+    depend on the imatrix, so its file is the static one.
+    """
+    from gguf import GGUFValueType
+
+    from .writer import KV, encode_header
+
+    check_against(im, plan_widths(plans), describe_files(files))
+    extra = []
+    for key, value in quantize_kvs(im, files).items():
+        vtype = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.INT32
+        extra.append(KV(key, value, vtype))
+    out = []
+    for p in plans:
+        if not any(len(e.shape) > 1 and uses_imatrix(e.qtype) for e in p.entries):
+            out.append(p)
+            continue
+        kv = tuple(p.kv) + tuple(extra)
+        out.append(dataclasses.replace(p, kv=kv, header_nbytes=len(encode_header(kv, p.slots))))
+    return out

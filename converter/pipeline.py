@@ -22,6 +22,7 @@ from quant_kernels.errors import QuantError
 
 from .detect import detect_model
 from .errors import FluxGGUFError, OutputError, PlanError
+from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths
 from .recipes import (
     Override,
     Plan,
@@ -73,10 +74,15 @@ def plan_source(
     overrides: Iterable[str | Override] = (),
     source_sha256: Mapping[str, str] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    imatrix: Imatrix | None = None,
+    imatrix_files: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Plan]:
-    """Detect the model and plan every variant for it; reads headers only (``--dry-run``)."""
+    """Detect the model and plan every variant for it; reads headers only (``--dry-run``).
+
+    With ``imatrix``, every K-quant tensor must have an entry of its width, and the plans that use
+    it carry the ``quantize.imatrix.*`` KVs (``imatrix_files`` name it there)."""
     info = detect_model(source)
-    return make_plans(
+    plans = make_plans(
         variants,
         source.tensors,
         name=name or default_name(source.path),
@@ -85,6 +91,7 @@ def plan_source(
         sources=source_refs(source, source_sha256),
         extra_metadata=extra_metadata,
     )
+    return plans if imatrix is None else attach_to_plans(plans, imatrix, imatrix_files)
 
 
 def convert(
@@ -99,21 +106,27 @@ def convert(
     tensor_transform: TensorTransform | None = None,
     source_sha256: Mapping[str, str] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    imatrix: Imatrix | None = None,
+    imatrix_files: Sequence[str | os.PathLike[str]] = (),
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
     ``progress(done, total)`` is called with source bytes processed so far;
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
-    entries (e.g. the LoRAs merged by the transform). Returns one record per file, in variant order.
+    entries (e.g. the LoRAs merged by the transform). ``imatrix_files`` (merged) or ``imatrix``:
+    K-quant tensors are quantized with its importance vectors. Returns one record per file, in
+    variant order.
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
+    if imatrix is None and imatrix_files:
+        imatrix = load_imatrices(imatrix_files)
     with kernel_threads(threads), open_source(src) as source:
         plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
-                            extra_metadata=extra_metadata)
+                            extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
-        return _convert_planned(source, plans, out, progress, tensor_transform)
+        return _convert_planned(source, plans, out, progress, tensor_transform, imatrix)
 
 
 @contextlib.contextmanager
@@ -151,8 +164,10 @@ def _convert_planned(
     out: pathlib.Path,
     progress: ProgressFn | None,
     transform: TensorTransform | None,
+    imatrix: Imatrix | None = None,
 ) -> list[ArtifactRecord]:
     order = [e.name for e in plans[0].entries]
+    weighted = plan_widths(plans) if imatrix is not None else {}
     by_name = [{e.name: e for e in p.entries} for p in plans]
     total = sum(int(source.tensors[n].nbytes) for n in order)
     writers: list[GGUFStreamWriter] = []
@@ -176,7 +191,8 @@ def _convert_planned(
             entries = [b[tname] for b in by_name]
             if tuple(x.shape) != entries[0].shape:
                 raise FluxGGUFError(f"got shape {tuple(x.shape)}, expected {entries[0].shape}")
-            encoded = {qt: _encode(x, qt) for qt in dict.fromkeys(e.qtype for e in entries)}
+            qw = imatrix.importance(tname) if imatrix is not None and tname in weighted else None
+            encoded = {qt: _encode(x, qt, qw) for qt in dict.fromkeys(e.qtype for e in entries)}
             del x
             for sink, e in zip(sinks, entries):
                 sink.put(tname, encoded[e.qtype])
@@ -209,10 +225,11 @@ def _convert_planned(
             reader.close()
 
 
-def _encode(x: np.ndarray, qtype: str) -> np.ndarray:
-    """One tensor's bytes in ``qtype``; 1-D tensors are a single row."""
+def _encode(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """One tensor's bytes in ``qtype``; 1-D tensors are a single row. ``importance``: the imatrix
+    vector (one weight per column), used by K-quants and ignored by the other types."""
     rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
-    return quant_kernels.quantize(rows, qtype)
+    return quant_kernels.quantize(rows, qtype, imatrix=importance)
 
 
 def _apply_transform(transform: TensorTransform, name: str, x: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Sequence
 import click
 import numba
 
+from converter.imatrix import load_imatrices
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
 from converter.pipeline import convert as run_convert
 from converter.pipeline import plan_source
@@ -17,6 +18,20 @@ from converter.sources import open_source
 from manifests.hashing import hash_file
 
 from .output import describe_artifacts, describe_plans, progress_bar
+
+
+def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
+    if imatrix is None:
+        return None
+    return {"files": [str(f) for f in files], "entries": len(imatrix.entries), "datasets": list(imatrix.datasets),
+            "chunk_count": imatrix.chunk_count, "chunk_size": imatrix.chunk_size}
+
+
+def describe_imatrix(imatrix, files: Sequence[pathlib.Path]) -> str:
+    datasets = ", ".join(imatrix.datasets) or "no dataset recorded"
+    return (f"K-quant tensors quantized with the importance matrix {' + '.join(str(f) for f in files)} "
+            f"({len(imatrix.entries)} entries, {imatrix.chunk_count} chunks; calibrated on: {datasets}); "
+            "Q8_0/F16/BF16 files ignore it")
 
 
 def split_variants(values: Sequence[str]) -> list[str]:
@@ -38,13 +53,17 @@ def split_variants(values: Sequence[str]) -> list[str]:
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:STRENGTH]",
               help="Merge this LoRA (any FLUX format) into the weights before quantizing, at STRENGTH "
                    "(default 1); repeatable, LoRAs stack.")
+@click.option("--imatrix", "imatrix_files", multiple=True, metavar="FILE",
+              type=click.Path(path_type=pathlib.Path, dir_okay=False),
+              help="Quantize K-quant tensors with this importance matrix (llama.cpp GGUF imatrix, or a "
+                   "llama.cpp/stable-diffusion.cpp .dat); repeat to merge several, as llama.cpp does.")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
               help="Threads for the quantization kernels (default: all cores).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (types, exact sizes) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
-            overrides: tuple[str, ...], loras: tuple[str, ...], threads: int | None, dry_run: bool,
-            as_json: bool) -> None:
+            overrides: tuple[str, ...], loras: tuple[str, ...], imatrix_files: tuple[pathlib.Path, ...],
+            threads: int | None, dry_run: bool, as_json: bool) -> None:
     """Convert a FLUX.1 safetensors checkpoint (file or diffusers folder) into GGUF files.
 
     \b
@@ -54,6 +73,8 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
           --override 'double_blocks\\.[0-3]\\.=Q5_K' --dry-run
       flux-gguf convert flux1-kontext-dev.safetensors -o out --variant Q4_K_M \\
           --lora Hyper-FLUX.1-dev-8steps-lora.safetensors:0.125
+      flux-gguf convert flux1-kontext-dev.safetensors -o out --variant Q4_K_M \\
+          --imatrix flux1-kontext-dev.imatrix.gguf
     """
     names = split_variants(variants)
     for v in names:  # reject bad arguments before opening the source
@@ -61,6 +82,7 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
     for o in overrides:
         parse_override(o)
     lora_specs = [parse_lora_option(text) for text in loras]
+    imatrix = load_imatrices(imatrix_files) if imatrix_files else None
     transform, extra = None, {}
     if lora_specs:  # validated against the source before any weight is read
         with open_source(src) as source:
@@ -70,24 +92,36 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
                                       for s, (lora, _) in zip(lora_specs, transform.loras)])
     if dry_run:
         with open_source(src) as source:
-            plans = plan_source(source, names, name=name, overrides=overrides, extra_metadata=extra)
+            plans = plan_source(source, names, name=name, overrides=overrides, extra_metadata=extra,
+                                imatrix=imatrix, imatrix_files=imatrix_files)
             layout = source.layout
         if as_json:
-            click.echo(json.dumps({"source": str(src), "layout": layout, "family": plans[0].family,
-                                   "plans": [p.to_dict() for p in plans]}, indent=2))
+            doc = {"source": str(src), "layout": layout, "family": plans[0].family,
+                   "plans": [p.to_dict() for p in plans]}
+            if imatrix is not None:
+                doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
+            click.echo(json.dumps(doc, indent=2))
         else:
             click.echo(f"{src} ({layout} layout, {plans[0].family}): {len(plans[0].entries)} tensors, "
                        f"{plans[0].n_params:,} parameters")
             click.echo(describe_plans(plans, out_dir))
             for spec in lora_specs:
                 click.echo(f"LoRA {spec.label} ({spec.path}) merged at strength {spec.strength:g} before quantizing")
+            if imatrix is not None:
+                click.echo(describe_imatrix(imatrix, imatrix_files))
         return
     start = time.perf_counter()
     with progress_bar("converting") as progress:
         records = run_convert(src, out_dir, names, name=name, overrides=overrides, threads=threads,
-                              progress=progress, tensor_transform=transform, extra_metadata=extra)
+                              progress=progress, tensor_transform=transform, extra_metadata=extra,
+                              imatrix=imatrix, imatrix_files=imatrix_files)
     if as_json:
-        click.echo(json.dumps({"artifacts": [r.to_dict() for r in records]}, indent=2))
+        doc = {"artifacts": [r.to_dict() for r in records]}
+        if imatrix is not None:
+            doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
+        click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(describe_artifacts(records))
+        if imatrix is not None:
+            click.echo(describe_imatrix(imatrix, imatrix_files))
         click.echo(f"done in {time.perf_counter() - start:.1f} s")

@@ -55,6 +55,9 @@ def describe_rederive(r: RederiveReport) -> str:
 @click.option("--lora", "loras", multiple=True, type=click.Path(path_type=pathlib.Path), metavar="FILE",
               help="With --source: a LoRA file the release lists (matched to the manifest by sha256): a merged "
                    "one is applied, a side-car one only counts as a given source file; repeatable.")
+@click.option("--imatrix", "imatrix_files", multiple=True, type=click.Path(path_type=pathlib.Path, dir_okay=False),
+              metavar="FILE", help="With --source: the importance matrix a calibrated release was quantized with "
+                                   "(checked against the manifest by sha256); repeat for each file it lists.")
 @click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
               help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
 @click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
@@ -62,7 +65,7 @@ def describe_rederive(r: RederiveReport) -> str:
 @remote_option
 def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
            loras: tuple[pathlib.Path, ...], ignore: tuple[str, ...], threads: int | None,
-           remote: str | None = None) -> None:
+           remote: str | None = None, imatrix_files: tuple[pathlib.Path, ...] = ()) -> None:
     """Check every file of a release folder against its manifest.json.
 
     Each file is reported ok, mismatch, missing or unexpected; the exit status is 1 if any is
@@ -75,10 +78,13 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
       flux-gguf verify dist/flux1-kontext-dev --tensors --json
       flux-gguf verify dist/flux1-kontext-dev --source flux1-kontext-dev.safetensors
       flux-gguf verify dist/NAME --source flux1-kontext-dev.safetensors --lora hyper8.safetensors
+      flux-gguf verify dist/NAME --source flux1-kontext-dev.safetensors --imatrix kontext.imatrix.gguf
       flux-gguf verify dist/flux1-kontext-dev --remote me/FLUX.1-Kontext-dev-GGUF
     """
     if loras and source is None:
         raise click.UsageError("--lora only applies with --source (re-deriving a release that merged LoRAs)")
+    if imatrix_files and source is None:
+        raise click.UsageError("--imatrix only applies with --source (re-deriving a calibrated release)")
     if remote is not None:
         if source is not None or tensors:
             raise click.UsageError("--remote checks the Hub's copy; it cannot be combined with --source or --tensors")
@@ -91,9 +97,11 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
     rederived = None
     if source is not None:
         transform, given = _lora_transform(report.manifest, source, loras)
+        imatrix, imatrix_digests = _imatrix(imatrix_files)
         with progress_bar("re-deriving") as progress:
             rederived = rederive_release(report.manifest, source, threads=threads, progress=progress,
-                                         tensor_transform=transform, extra_source_files=given)
+                                         tensor_transform=transform, extra_source_files={**given, **imatrix_digests},
+                                         imatrix=imatrix, imatrix_files=imatrix_files)
     if as_json:
         doc: dict[str, Any] = report.to_json()
         if rederived is not None:
@@ -108,6 +116,16 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         click.echo(f"release {directory}: {'OK' if good else 'PROBLEMS FOUND'}")
     if not report.ok or (rederived is not None and not rederived.ok):
         click.get_current_context().exit(1)
+
+
+def _imatrix(files: tuple[pathlib.Path, ...]) -> tuple[Any, dict[pathlib.Path, Any]]:
+    """The merged importance matrix of ``files`` (None without any) and the files' digests."""
+    if not files:
+        return None, {}
+    from converter.imatrix import load_imatrices
+    from manifests.hashing import hash_file
+
+    return load_imatrices(files), {p: hash_file(p) for p in files}
 
 
 def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> tuple[Any, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from converter import __version__
 from converter.errors import OutputError, ReleaseError
+from converter.imatrix import load_imatrices
 from converter.pipeline import convert
 from converter.sources import open_source
 from converter.writer import ArtifactRecord
@@ -245,6 +246,9 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     names = _source_names(spec.source_path, source_files)
     ext_files = [f for ext in spec.extensions.values() for f in ext.files]
     names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in ext_files]
+    imatrix = load_imatrices(spec.imatrix_paths) if spec.imatrix else None  # a source too: hashed, listed
+    ext_files = list(ext_files) + list(spec.imatrix_paths)
+    names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in spec.imatrix_paths]
     transform = _compose([e.make_transform(shapes) for e in spec.extensions.values() if e.make_transform is not None])
 
     inputs = source_files + list(ext_files)
@@ -252,7 +256,8 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
         records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
                           overrides=spec.overrides, threads=threads, progress=progress,
                           tensor_transform=transform,
-                          extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()})
+                          extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()},
+                          imatrix=imatrix, imatrix_files=spec.imatrix_paths)
         try:
             digests = hasher.result()
         except OSError as e:
@@ -281,7 +286,7 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
         extra.append(_file_entry(name, digest, KIND_EXTRA))
 
     card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,
-                             extension_outputs=ext_outputs)
+                             extension_outputs=ext_outputs, imatrix=imatrix)
     with _writing(out, f"write {partial / MODEL_CARD_NAME}"):
         card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
     artifacts += [_file_entry(MODEL_CARD_NAME, card_digest, KIND_CARD)] + extra

@@ -147,6 +147,19 @@ def _files_table(files: Sequence[CardFile], quality: Mapping[str, Mapping[str, f
     return lines
 
 
+def imatrix_card_line(files: Sequence[str], imatrix: Any) -> str:
+    """The card's line for a calibrated release: which importance matrix, collected on what."""
+    names = ", ".join(f"`{_cell(Path(f).name)}`" for f in files)
+    what = ""
+    if imatrix is not None:
+        datasets = "; ".join(imatrix.datasets) or "no dataset recorded in the file"
+        what = (f", collected on: {_cell(datasets)} ({imatrix.chunk_count} chunks, "
+                f"{len(imatrix.entries)} tensors)")
+    return (f"- **Calibrated**: K-quant tensors were quantized with the importance matrix {names}{what}; "
+            "it is listed with its sha256 under the source files and recorded as `quantize.imatrix.*` in each "
+            "GGUF that uses it. Q8_0, F16 and BF16 files do not use it.")
+
+
 def render_model_card(
     spec: ReleaseSpec,
     files: Sequence[CardFile],
@@ -154,6 +167,7 @@ def render_model_card(
     quality: Mapping[str, Mapping[str, float]] | None = None,
     *,
     extension_outputs: Mapping[str, Sequence[Any]] | None = None,
+    imatrix: Any = None,
 ) -> str:
     """The full README.md text (front matter + body), deterministic for a given input."""
     quality = quality or {}
@@ -177,6 +191,8 @@ def render_model_card(
             "the source precision.",
             "- `_M` variants raise the fused attention `double_blocks.N.{img,txt}_attn.qkv.weight` one type.",
             ]
+    if spec.imatrix:
+        out.append(imatrix_card_line(spec.imatrix, imatrix))
     if spec.overrides:
         out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
     sections: list[str] = []

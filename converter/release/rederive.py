@@ -21,13 +21,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 import quant_kernels
 from converter.detect import detect_model
 from converter.errors import PlanError, ReleaseError
+from converter.imatrix import Imatrix, check_against, uses_imatrix
 from converter.pipeline import kernel_threads
 from converter.recipes import make_plan
 from converter.sources import Source, open_source
@@ -98,10 +99,27 @@ class RederiveReport:
                 "source_files": [f.to_json() for f in self.source_files]}
 
 
-def encode_tensor(x: np.ndarray, qtype: str) -> np.ndarray:
-    """A tensor's bytes in ``qtype`` as the converter writes them (a 1-D tensor is one row)."""
+def encode_tensor(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """A tensor's bytes in ``qtype`` as the converter writes them (a 1-D tensor is one row;
+    ``importance``: the imatrix vector, which only K-quants use)."""
     rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
-    return quant_kernels.quantize(rows, qtype)
+    return quant_kernels.quantize(rows, qtype, imatrix=importance)
+
+
+def _check_imatrix(manifest: Manifest, imatrix: Imatrix | None, origin: str) -> None:
+    """A calibrated release re-derives only with its importance matrix; a static one without."""
+    recorded = manifest.spec.get("imatrix")
+    if recorded and imatrix is None:
+        files = ", ".join(map(str, recorded)) if isinstance(recorded, list) else str(recorded)
+        raise ReleaseError(f"manifest.json: this release was quantized with the importance matrix {files}; "
+                           "re-deriving it needs that file too (--imatrix FILE)")
+    if imatrix is not None and not recorded:
+        raise ReleaseError("manifest.json: this release records no importance matrix, so --imatrix would "
+                           "change the bytes it re-derives; leave it out")
+    if imatrix is not None:
+        widths = {t.name: int(t.shape[-1]) for art in manifest.ggufs for t in art.tensors or ()
+                  if len(t.shape) > 1 and uses_imatrix(t.type)}
+        check_against(imatrix, widths, origin)
 
 
 def _recorded_overrides(manifest: Manifest) -> list[str]:
@@ -182,6 +200,8 @@ def rederive_release(
     progress: ProgressFn | None = None,
     tensor_transform: TensorTransform | None = None,
     extra_source_files: Mapping[Path, FileDigest] | None = None,
+    imatrix: Imatrix | None = None,
+    imatrix_files: Sequence[str | os.PathLike[str]] = (),
 ) -> RederiveReport:
     """Re-encode every tensor the manifest lists from ``source_path`` and compare sha256 digests.
 
@@ -189,8 +209,12 @@ def rederive_release(
     extension entries into the weights (``[[lora]]`` with mode "merge") can only be re-derived
     with the same ``tensor_transform``. ``extra_source_files`` (e.g. the ``--lora`` files, already
     hashed) count as given source files when their size and sha256 match a listed source.
+    ``imatrix`` (read from ``imatrix_files``): the importance matrix a calibrated release was
+    quantized with; its K-quant tensors are re-encoded with it (pass the files' digests in
+    ``extra_source_files`` to check them against the listed sources).
     """
     _recorded_overrides(manifest)  # a malformed spec is refused before any work starts
+    _check_imatrix(manifest, imatrix, " + ".join(map(str, imatrix_files)) or "importance matrix")
     used = weight_changing_entries(manifest)
     if used and tensor_transform is None:
         raise ReleaseError(f"manifest.json: this release applied {used[0]!r} entries to the weights; "
@@ -200,14 +224,15 @@ def rederive_release(
         report = RederiveReport(str(src))
         with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
             _check_recipe(manifest, source, report)
-            _rederive_tensors(manifest, source, report, progress, tensor_transform)
+            _rederive_tensors(manifest, source, report, progress, tensor_transform, imatrix)
             digests = hasher.result()
         report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
         return report
 
 
 def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport,
-                      progress: ProgressFn | None, transform: TensorTransform | None) -> None:
+                      progress: ProgressFn | None, transform: TensorTransform | None,
+                      imatrix: Imatrix | None = None) -> None:
     # name -> type -> [(artifact path, recorded entry)]: each tensor read once, each type encoded once.
     work: dict[str, dict[str, list[tuple[str, Any]]]] = {}
     for art in manifest.ggufs:
@@ -236,7 +261,8 @@ def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport
                 uses = [(p, t) for p, t in uses if tuple(t.shape) == tuple(x.shape)]
                 if not uses:
                     continue
-            digest = hashlib.sha256(memoryview(encode_tensor(x, qtype)).cast("B")).hexdigest()
+            qw = imatrix.importance(name) if imatrix is not None and x.ndim > 1 and uses_imatrix(qtype) else None
+            digest = hashlib.sha256(memoryview(encode_tensor(x, qtype, qw)).cast("B")).hexdigest()
             report.encodings += 1
             for path, t in uses:
                 report.tensors_checked += 1

@@ -29,7 +29,7 @@ else:  # pragma: no cover - Python 3.10
 
 MODEL_CARD_NAME = "README.md"
 VALIDATION_NAME = "validation.json"
-TOP_KEYS = ("name", "source", "base_model", "variants", "overrides", "extra_files", "validation", "card")
+TOP_KEYS = ("name", "source", "base_model", "variants", "overrides", "extra_files", "validation", "card", "imatrix")
 EXTENSION_KEYS = ("lora",)
 CARD_KEYS = ("license", "license_name", "license_link", "quantized_by", "pipeline_tag", "tags", "title", "description")
 DEFAULT_TAGS = ("flux", "kontext", "gguf", "image-to-image")
@@ -131,6 +131,7 @@ class ReleaseSpec:
     extra_files: tuple[str, ...] = ()
     validation: str | None = None
     extensions: Mapping[str, SpecExtension] = field(default_factory=dict)
+    imatrix: tuple[str, ...] = ()  # importance matrices (relative paths), merged; K-quants use them
 
     @property
     def base_dir(self) -> Path:
@@ -144,6 +145,10 @@ class ReleaseSpec:
     def extra_file_paths(self) -> dict[str, Path]:
         """Release name (the file name) -> file on disk."""
         return {Path(f).name: self.base_dir / f for f in self.extra_files}
+
+    @property
+    def imatrix_paths(self) -> tuple[Path, ...]:
+        return tuple(self.base_dir / f for f in self.imatrix)
 
     @property
     def validation_path(self) -> Path | None:
@@ -162,6 +167,8 @@ class ReleaseSpec:
             out["extra_files"] = list(self.extra_files)
         if self.validation is not None:
             out["validation"] = self.validation
+        if self.imatrix:
+            out["imatrix"] = list(self.imatrix)
         out["card"] = self.card.to_json()
         for key, ext in self.extensions.items():
             out[key] = ext.record
@@ -231,6 +238,21 @@ def _parse_variants(c: _Checker, raw: tuple[str, ...] | None) -> tuple[str, ...]
     return tuple(names)
 
 
+def _parse_imatrix(c: _Checker, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """``imatrix = "FILE"`` or ``imatrix = ["A", "B"]`` (merged), paths relative to the spec."""
+    value = raw.get("imatrix")
+    if value is None:
+        return ()
+    if not isinstance(value, (str, list)):
+        raise c.error("imatrix", f"must be a file name or a list of file names, got {value!r}")
+    files = (c.string(raw, "imatrix"),) if isinstance(value, str) else c.strings(raw, "imatrix")
+    if not files:
+        raise c.error("imatrix", "must name at least one importance-matrix file")
+    if len(set(files)) != len(files):
+        raise c.error("imatrix", "lists a file twice")
+    return tuple(_check_relative(c, "imatrix", f) for f in files)  # type: ignore[arg-type]
+
+
 def _parse_card(c: _Checker, raw: Any) -> CardSpec:
     if raw is None:
         raise ReleaseError(f"{c.spec_name}: missing required table [card] (at least card.license)")
@@ -268,6 +290,9 @@ def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
         if name in seen:
             raise c.error("extra_files", f"lists two files named {name!r}")
         seen.add(name)
+    for rel in spec.imatrix:
+        if not (spec.base_dir / rel).is_file():
+            raise c.error("imatrix", f"names {rel!r}, which is not an existing file (looked for {spec.base_dir / rel})")
     if spec.validation is not None and not (spec.base_dir / spec.validation).is_file():
         raise c.error("validation", f"names {spec.validation!r}, which is not an existing file")
     link = spec.card.license_link
@@ -299,6 +324,7 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
     base_model = c.string(raw, "base_model", required=True)
     variants = _parse_variants(c, c.strings(raw, "variants"))
     extra_files = tuple(_check_relative(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
+    imatrix = _parse_imatrix(c, raw)
     validation = c.string(raw, "validation")
     if validation is not None:
         _check_relative(c, "validation", validation)
@@ -312,7 +338,7 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
     spec = ReleaseSpec(
         spec_path=spec_path, name=name, source=source, base_model=base_model,  # type: ignore[arg-type]
         variants=variants, card=_parse_card(c, raw.get("card")), overrides=overrides,
-        extra_files=extra_files, validation=validation, extensions=extensions,
+        extra_files=extra_files, validation=validation, extensions=extensions, imatrix=imatrix,
     )
     _check_files(c, spec)
     return spec

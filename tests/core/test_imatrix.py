@@ -199,7 +199,7 @@ def test_bad_values_in_a_file_are_refused_naming_the_entry(tmp_path, bad, messag
     raw = bytearray(good.read_bytes())
     key = name.encode()
     at = raw.index(key) + len(key)
-    ncall = int(round(float(im.entries[name].count))) if im.entries[name].count else 0
+    ncall = round(float(im.entries[name].count)) if im.entries[name].count else 0
     vals = im.entries[name].in_sum2 / np.float32(max(im.entries[name].count, 1)) * np.float32(max(ncall, 1))
     raw[at:at + 8 + 4 * vals.size] = struct.pack("<ii", ncall, vals.size) + vals.astype("<f4").tobytes()
     path = tmp_path / "bad.dat"
@@ -262,3 +262,52 @@ def test_quantize_kvs_are_what_llama_quantize_records():
     assert quantize_kvs(im, ["/some/where/a.imatrix.gguf"]) == {
         "quantize.imatrix.file": "a.imatrix.gguf", "quantize.imatrix.dataset": "probes:seed=0..3",
         "quantize.imatrix.entries_count": 3, "quantize.imatrix.chunks_count": 4}
+
+
+def _llama_cpp_style_gguf(path, entries, *, n_mat=1, with_in_sum=True, datasets=("wiki.train.raw",)):
+    """A GGUF laid out as llama.cpp's current save_imatrix writes it (in_sum included, counts [1, n_mat])."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(path, arch="imatrix")
+    w.kv_data[0].pop("general.architecture", None)
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", 10)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, count) in sorted(entries.items()):
+        w.add_tensor(name + ".in_sum2", np.tile(sums, (n_mat, 1)).astype(np.float32))
+        w.add_tensor(name + ".counts", np.full((n_mat, 1), count, np.float32))
+        if with_in_sum:
+            w.add_tensor(name + ".in_sum", np.tile(np.sqrt(sums), (n_mat, 1)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_reads_a_llama_cpp_gguf_with_in_sum(tmp_path):
+    sums = (np.arange(64, dtype=np.float32) + 1) * 5
+    _llama_cpp_style_gguf(tmp_path / "l.gguf", {"model.diffusion_model.single_blocks.0.linear1.weight": (sums, 5120.0)})
+    im = read_imatrix(tmp_path / "l.gguf")
+    assert list(im.entries) == ["single_blocks.0.linear1.weight"]
+    np.testing.assert_array_equal(im.importance("single_blocks.0.linear1.weight"), sums / np.float32(5120))
+    assert (im.datasets, im.chunk_count, im.chunk_size) == (["wiki.train.raw"], 10, 512)
+
+
+def test_several_matrices_per_weight_are_refused(tmp_path):
+    _llama_cpp_style_gguf(tmp_path / "moe.gguf", {"blk.0.ffn_up_exps.weight": (np.ones(32, np.float32), 9.0)}, n_mat=4)
+    with pytest.raises(ImatrixError, match=r"moe.gguf: blk.0.ffn_up_exps.weight.in_sum2 holds 4 matrices"):
+        read_imatrix(tmp_path / "moe.gguf")
+
+
+def test_no_datasets_round_trip(tmp_path):
+    im = _im(datasets=())
+    write_imatrix(im, tmp_path / "n.gguf")
+    assert read_imatrix(tmp_path / "n.gguf").datasets == []
+
+
+def test_only_k_quants_use_an_imatrix():
+    from converter.imatrix import uses_imatrix
+
+    assert [uses_imatrix(t) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")] == [True] * 5
+    assert [uses_imatrix(t) for t in ("Q8_0", "F16", "BF16", "F32", "NOT_A_TYPE")] == [False] * 5

@@ -118,7 +118,7 @@ CARD = '[card]\nlicense = "other"\n'
 
 @pytest.mark.parametrize(("text", "message"), [
     (BASE + 'flavour = "x"\n' + CARD,
-     "unknown key 'flavour'; expected one of name, source, base_model, variants, overrides, extra_files, validation, card, lora"),
+     "unknown key 'flavour'; expected one of name, source, base_model, variants, overrides, extra_files, validation, card, imatrix, lora"),
     (BASE + CARD + 'color = "red"\n',
      "unknown key 'card.color'; expected one of card.license, card.license_name, card.license_link, card.quantized_by, "
      "card.pipeline_tag, card.tags, card.title, card.description"),
@@ -679,7 +679,7 @@ def test_cli_build_error_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["release", "build", str(tmp_path / "s.toml"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: {tmp_path / 's.toml'}: unknown key 'bogus'; expected one of name, "
-                                                   "source, base_model, variants, overrides, extra_files, validation, card, lora"]
+                                                   "source, base_model, variants, overrides, extra_files, validation, card, imatrix, lora"]
 
 
 def _flip_tensor_byte(release: Path, path: str, tensor: str) -> None:
