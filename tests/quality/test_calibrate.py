@@ -403,3 +403,29 @@ def test_a_gguf_transformer_collects_like_its_source(tmp_path_factory):
         assert a.count == b.count, n
         x, y = a.in_sum2.astype(np.float64), b.in_sum2.astype(np.float64)
         assert np.linalg.norm(x - y) <= 0.05 * np.linalg.norm(x), n
+
+
+def test_collect_convert_validate_end_to_end(src, tmp_path):
+    """flux-gguf imatrix -> convert --imatrix -> validate/bench name the imatrix the file was quantized with."""
+    import json
+
+    from converter.quality.bench import _imatrix_file
+
+    runner = CliRunner()
+    im = tmp_path / "tiny.imatrix.gguf"
+    res = runner.invoke(main, ["imatrix", str(src), "-o", str(im), "--probes", "2", "--height", "32", "--width",
+                               "32", "--text-tokens", "8", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "out"), "--variant", "Q4_K_M,Q8_0",
+                               "--imatrix", str(im), "--name", "tiny"])
+    assert res.exit_code == 0, res.output
+    q4, q8 = tmp_path / "out" / "tiny-Q4_K_M.gguf", tmp_path / "out" / "tiny-Q8_0.gguf"
+    res = runner.invoke(main, ["validate", str(q4), "--source", str(src), "--tensors-only", "--json",
+                               "-o", str(tmp_path / "validation.json")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.stdout)["imatrix"]
+    assert meta == {"file": "tiny.imatrix.gguf",
+                    "dataset": "probes:seed=0..1,32x32,text=8 (smoke default, not a calibration set)",
+                    "entries_count": 13, "chunks_count": 2}
+    assert _imatrix_file(q4) == "tiny.imatrix.gguf"
+    assert _imatrix_file(q8) is None  # Q8_0 ignores an imatrix, so its file does not claim one
