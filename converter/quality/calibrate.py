@@ -32,7 +32,7 @@ from converter.detect import detect_model
 from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
 from converter.errors import CalibrationError, FluxGGUFError
 from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
-from converter.sources import Source, open_source
+from converter.sources import open_source
 
 from .diffusers_model import (
     check_loadable,
