@@ -45,6 +45,10 @@ class ImatrixError(FluxGGUFError):
     """An importance matrix cannot be read, written, merged or used for this model."""
 
 
+class CalibrationError(ImatrixError):
+    """imatrix collection cannot run on the given inputs, or left a quantized weight without an entry."""
+
+
 # Hub failures, by what the user can do about them (converter/hub.py raises these).
 class HubAuthError(HubError):
     """No token was found, or the Hub rejected it (HTTP 401)."""

@@ -13,6 +13,14 @@ a 65,536-entry table of normal quantiles. So
   full 23.8 GB model is limited by the disk, and memory stays at one fixed-size chunk.
 
 Weights are ~N(0, std), biases ~N(0, std/10), RMSNorm scales ~1 + N(0, std).
+
+``structured=True`` (opt-in; the default model's bytes do not change) adds the activation
+structure of trained DiTs that isotropic weights hide and that calibration (imatrix) exploits:
+the bias of every adaLN "scale" chunk (double blocks: chunks 1 and 4 of ``{img,txt}_mod.lin``;
+single blocks: chunk 1 of ``modulation.lin``) becomes ``exp(1.2 z) - 1`` with z ~ N(0, 1) per
+channel, so each modulated Linear input carries a log-normal per-channel gain ``1 + scale``; and
+5 fixed rows of ``txt_in`` (weight and bias) are multiplied by 40, so the text stream carries 5
+outlier channels, as T5-conditioned models do (docs/imatrix.md).
 """
 from __future__ import annotations
 
@@ -55,6 +63,10 @@ CHUNK_ELEMENTS = 1 << 22  # elements generated per kernel call: the writer's who
 DEFAULT_SHARD_BYTES = 10_000_000_000  # diffusers' save_pretrained default ("10GB")
 FULL_SIZE = FluxGeometry()  # FLUX.1 dev / Kontext: 19 + 38 blocks, hidden 3072
 PARTIAL_MARKER = ".flux-gguf-partial"  # put in a NAME.partial folder by this writer: only such a folder is ever removed
+# structured=True (see the module docstring)
+STRUCTURE_SIGMA = 1.2  # log-normal spread of the modulation scales
+TEXT_OUTLIER_CHANNELS = 5
+TEXT_OUTLIER_GAIN = 40.0
 _STORAGE = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
 
 
@@ -125,6 +137,40 @@ def _kind_table(bfl_name: str, dtype: str, std: float) -> np.ndarray:
     if bfl_name.endswith(".bias"):
         return _table(dtype, 0.0, std * BIAS_STD_FACTOR)
     return _table(dtype, 0.0, std)
+
+
+def text_outlier_channels(hidden: int) -> np.ndarray:
+    """The fixed text-stream channels a structured model amplifies (spread over the width)."""
+    return np.array([(hidden * (2 * k + 1)) // (2 * TEXT_OUTLIER_CHANNELS) + 3 for k in range(TEXT_OUTLIER_CHANNELS)])
+
+
+def _scale_chunks(bfl_name: str) -> tuple[int, tuple[int, ...]] | None:
+    """(chunks, indices of the 'scale' chunks) of an adaLN modulation bias; None for other tensors."""
+    if bfl_name.endswith(("_mod.lin.bias",)) and bfl_name.startswith("double_blocks."):
+        return 6, (1, 4)  # shift, scale, gate for attention, then for the MLP
+    if bfl_name.endswith("modulation.lin.bias") and bfl_name.startswith("single_blocks."):
+        return 3, (1,)
+    return None
+
+
+def _is_structured(bfl_name: str) -> bool:
+    return _scale_chunks(bfl_name) is not None or bfl_name in ("txt_in.weight", "txt_in.bias")
+
+
+def _structure(bfl_name: str, shape: tuple[int, ...], first: int, x: np.ndarray, seed: int) -> np.ndarray:
+    """Elements [first, first + len(x)) of a structured tensor, from its plain values ``x`` (float32)."""
+    idx = np.arange(first, first + x.shape[0], dtype=np.int64)
+    chunks = _scale_chunks(bfl_name)
+    if chunks is not None:
+        n_chunks, scale = chunks
+        mask = np.isin(idx // (shape[0] // n_chunks), scale)
+        z = np.empty(x.shape[0], dtype=np.uint32)
+        _fill(z, _table("F32", 0.0, 1.0), _tensor_key(seed, bfl_name + "#scale"), first)
+        lognormal = np.exp(STRUCTURE_SIGMA * z.view(np.float32).astype(np.float64)) - 1.0
+        return np.where(mask, lognormal, x).astype(np.float32)
+    width = shape[1] if len(shape) == 2 else 1
+    gain = np.where(np.isin(idx // width, text_outlier_channels(shape[0])), TEXT_OUTLIER_GAIN, 1.0)
+    return (x * gain).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,18 +251,26 @@ def synthetic_nbytes(geometry: FluxGeometry, dtype: str = "BF16") -> int:
 
 
 def _write_file(path: pathlib.Path, stored: list[_Stored], dtype: str, metadata: dict[str, str],
-                seed: int, std: float, progress: Callable[[int], None] | None) -> None:
+                seed: int, std: float, progress: Callable[[int], None] | None, structured: bool = False) -> None:
     width = DTYPE_SIZES[dtype]
     buf = np.empty(CHUNK_ELEMENTS, dtype=_STORAGE[dtype])
     with open_partial(path) as f:  # a fresh regular file: never written through a planted link
         f.write(encode_header([(s.key, dtype, s.shape) for s in stored], metadata))
         for s in stored:
             table, key = _kind_table(s.bfl, dtype, std), _tensor_key(seed, s.bfl)
+            special = structured and _is_structured(s.bfl)  # one diffusers part each: s.shape is the BFL shape
+            f32 = _kind_table(s.bfl, "F32", std) if special else None
             for start, stop in s.ranges:
                 for first in range(start, stop, CHUNK_ELEMENTS):
                     n = min(CHUNK_ELEMENTS, stop - first)
-                    _fill(buf[:n], table, key, first)
-                    f.write(buf[:n].data)
+                    if special:
+                        plain = np.empty(n, dtype=np.uint32)
+                        _fill(plain, f32, key, first)
+                        values = _structure(s.bfl, s.shape, first, plain.view(np.float32), seed)
+                        f.write(encode_f32(values, dtype).data)
+                    else:
+                        _fill(buf[:n], table, key, first)
+                        f.write(buf[:n].data)
                     if progress is not None:
                         progress(n * width)
 
@@ -246,6 +300,7 @@ def write_synthetic_flux(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[int], None] | None = None,
+    structured: bool = False,
 ) -> pathlib.Path:
     """Write a synthetic FLUX.1 checkpoint to ``path`` and return it.
 
@@ -256,11 +311,13 @@ def write_synthetic_flux(
     folder refused. A ``<path>.partial`` folder is removed only if it carries the marker file this
     writer puts there (``.flux-gguf-partial``: an interrupted run of ours); any other is refused.
     ``progress`` is called with the bytes of tensor data written so far, per chunk.
+    ``structured`` adds trained-model activation structure (module docstring); off, the bytes
+    are exactly those of earlier releases.
     """
     _check_args(geometry, dtype, layout, std, shard_bytes)
     final = pathlib.Path(path)
     partial = final.with_name(final.name + ".partial")
-    metadata = {"format": "pt", "flux_gguf.synthetic": f"seed={seed} std={std}"}
+    metadata = {"format": "pt", "flux_gguf.synthetic": f"seed={seed} std={std}" + (" structured" if structured else "")}
     stored = _plan(geometry, layout)
     created: str | None = None  # "file" or "folder": only what this call created is removed on failure
     try:
@@ -269,7 +326,7 @@ def write_synthetic_flux(
             if mode is not None and stat.S_ISDIR(mode):
                 raise OutputError(f"{partial}: a folder is in the way; move it away and re-run")
             created = "file"  # open_partial replaces whatever file or link sits there with a fresh file
-            _write_file(partial, stored, dtype, metadata, seed, std, progress)
+            _write_file(partial, stored, dtype, metadata, seed, std, progress, structured)
             os.replace(partial, final)
             return final
         if _lstat_mode(final) is not None:
@@ -282,7 +339,7 @@ def write_synthetic_flux(
         names = [DIFFUSERS_WEIGHTS] if len(shards) == 1 else [
             f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards, strict=True):
-            _write_file(partial / name, shard, dtype, metadata, seed, std, progress)
+            _write_file(partial / name, shard, dtype, metadata, seed, std, progress, structured)
         if len(shards) > 1:
             index = {"metadata": {"total_size": synthetic_nbytes(geometry, dtype)},
                      "weight_map": {s.key: name for name, shard in zip(names, shards, strict=True) for s in shard}}

@@ -7,6 +7,7 @@ Examples:
     python scripts/make_synthetic_flux.py -o flux-synthetic.safetensors          # full size, 23.8 GB BF16
     python scripts/make_synthetic_flux.py -o tiny-diffusers --layout diffusers --hidden 256 \\
         --double-blocks 1 --single-blocks 1 --dtype F8_E4M3
+    python scripts/make_synthetic_flux.py -o structured.safetensors --double-blocks 1 --single-blocks 1 --structured
 """
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ FAMILIES = ("dev", "schnell", "fill", "depth", "canny")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--std", default=0.02, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Standard deviation of the weights.")
+@click.option("--structured", is_flag=True,
+              help="Trained-model activation structure: log-normal adaLN scales, 5 outlier text channels "
+                   "(for imatrix experiments; see converter/synthetic.py).")
 @click.option("--shard-gb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest diffusers shard, in GB (10^9 bytes).")
 def main(output: pathlib.Path, double_blocks: int, single_blocks: int, hidden: int, family: str, dtype: str,
-         layout: str, seed: int, std: float, shard_gb: float) -> None:
+         layout: str, seed: int, std: float, structured: bool, shard_gb: float) -> None:
     """Write a synthetic FLUX.1 checkpoint to OUTPUT, streamed one chunk at a time."""
     if hidden % 128:
         raise click.BadParameter(f"{hidden} is not a multiple of 128", param_hint="--hidden")
@@ -58,7 +62,8 @@ def main(output: pathlib.Path, double_blocks: int, single_blocks: int, hidden: i
     with tqdm(total=total, unit="B", unit_scale=True, desc=output.name) as bar:
         try:
             path = write_synthetic_flux(output, geometry, dtype=dtype, layout=layout, seed=seed, std=std,
-                                        shard_bytes=int(shard_gb * 1e9), progress=bar.update)
+                                        shard_bytes=int(shard_gb * 1e9), progress=bar.update,
+                                        structured=structured)
         except FluxGGUFError as e:
             raise click.ClickException(str(e)) from None
     seconds = time.perf_counter() - start

@@ -28,6 +28,7 @@ COMMANDS = (
     "converter.cli.hub:download",
     "converter.cli.validate:validate",
     "converter.cli.validate:bench",
+    "converter.cli.imatrix:imatrix",
 )
 
 

@@ -42,9 +42,24 @@ def _fmt(x: float | None, spec: str) -> str:
     return format(x, spec)
 
 
+def imatrix_text(meta: dict | None) -> str:
+    """One line on how a GGUF was calibrated (its quantize.imatrix.* keys)."""
+    if not meta:
+        return "none (static quantization)"
+    parts = [str(meta.get("file", "?"))]
+    if "dataset" in meta:
+        parts.append(f"dataset {meta['dataset']}")
+    if "entries_count" in meta:
+        parts.append(f"{meta['entries_count']} entries")
+    if "chunks_count" in meta:
+        parts.append(f"{meta['chunks_count']} chunks")
+    return ", ".join(parts)
+
+
 def describe_report(report: ValidationReport) -> str:
     """The human summary: per type, per block, outputs, pipeline."""
     lines = [f"{report.gguf}  {report.gguf_bytes / GB:.3f} GB  vs {report.source}"]
+    lines.append(f"imatrix: {imatrix_text(report.imatrix)}")
     if report.tensors:
         lines.append(f"{'type':<8} {'tensors':>7} {'rel RMSE':>10} {'worst':>10} {'min cosine':>11}  worst tensor")
         for k, s in report.by_type.items():

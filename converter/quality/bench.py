@@ -46,6 +46,7 @@ from .validate import (
     compare_outputs,
     environment,
     gguf_shapes,
+    imatrix_metadata,
     label_for,
     open_gguf,
     source_state_dict_reader,
@@ -69,6 +70,7 @@ class BenchRecord:
     cosine: float | None = None
     rel_l2: float | None = None
     is_baseline: bool = False
+    imatrix: str | None = None  # the GGUF's quantize.imatrix.file; None: static (or the source itself)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -154,7 +156,16 @@ def bench_record(label: str, path: str | os.PathLike[str], m: Measurement, refer
         cosine=cmp.cosine if cmp is not None else None,
         rel_l2=cmp.rel_l2 if cmp is not None else None,
         is_baseline=is_baseline,
+        imatrix=_imatrix_file(path),
     )
+
+
+def _imatrix_file(path: pathlib.Path) -> str | None:
+    """The imatrix file a GGUF was quantized with (``quantize.imatrix.file``), None for static files and sources."""
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    meta = imatrix_metadata(open_gguf(path))
+    return str(meta["file"]) if meta and "file" in meta else None
 
 
 def checkpoint_size(path: pathlib.Path) -> int:
@@ -252,8 +263,8 @@ def markdown_table(report: BenchReport) -> str:
     """The table as docs/benchmarks.md shows it (GB = 10^9 bytes, GiB = 2^30 bytes)."""
     p = report.probe
     head = (
-        f"| file | type | size (GB) | load (s) | peak VRAM (GiB) | s/step at {p.width}x{p.height} "
-        "| cosine vs BF16 | rel. L2 vs BF16 |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+        f"| file | type | imatrix | size (GB) | load (s) | peak VRAM (GiB) | s/step at {p.width}x{p.height} "
+        "| cosine vs BF16 | rel. L2 vs BF16 |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in report.records:
@@ -264,7 +275,7 @@ def markdown_table(report: BenchReport) -> str:
             cos = f"{r.cosine:.6f}" if r.cosine is not None else "n/a"
             rel = f"{r.rel_l2:.4f}" if r.rel_l2 is not None else "n/a"
         rows.append(
-            f"| {r.file} | {r.label} | {r.size_bytes / 1e9:.3f} | {r.load_seconds:.1f} | {mem} "
+            f"| {r.file} | {r.label} | {'n/a' if r.is_baseline else (r.imatrix or 'none')} | {r.size_bytes / 1e9:.3f} | {r.load_seconds:.1f} | {mem} "
             f"| {r.seconds_per_step:.3f} | {cos} | {rel} |"
         )
     return head + "\n".join(rows) + "\n"

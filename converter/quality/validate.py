@@ -130,6 +130,7 @@ class ValidationReport:
     device: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
     pipeline: dict[str, Any] | None = None  # pipeline_check.ImageComparison.to_dict()
+    imatrix: dict[str, Any] | None = None  # the GGUF's quantize.imatrix.* keys; None: static quantization
 
     @property
     def by_type(self) -> dict[str, ErrorSummary]:
@@ -169,6 +170,7 @@ class ValidationReport:
             "device": self.device,
             "environment": self.environment,
             "pipeline": self.pipeline,
+            "imatrix": self.imatrix,
         }
 
 
@@ -196,6 +198,22 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     except (ValueError, OSError, IndexError, KeyError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValidationError(f"{p}: not a readable GGUF file ({why})") from None
+
+
+def imatrix_metadata(reader: Any) -> dict[str, Any] | None:
+    """What a calibrated GGUF records about its imatrix (llama-quantize's ``quantize.imatrix.*`` keys):
+    {"file", "dataset", "entries_count", "chunks_count"} as present; None for a statically quantized file."""
+    from converter.imatrix import KV_QUANTIZE_CHUNKS, KV_QUANTIZE_DATASET, KV_QUANTIZE_ENTRIES, KV_QUANTIZE_FILE
+
+    keys = {"file": KV_QUANTIZE_FILE, "dataset": KV_QUANTIZE_DATASET, "entries_count": KV_QUANTIZE_ENTRIES,
+            "chunks_count": KV_QUANTIZE_CHUNKS}
+    found = {}
+    for label, key in keys.items():
+        f = reader.fields.get(key)
+        if f is not None:
+            value = f.contents()
+            found[label] = int(value) if isinstance(value, (int, np.integer)) else value
+    return found or None
 
 
 def gguf_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
@@ -339,7 +357,10 @@ def validate(
     the per-tensor pass. ``device`` None picks CUDA when available.
     """
     gguf_path = pathlib.Path(gguf_path)
-    types = Counter(t.tensor_type.name for t in open_gguf(gguf_path).tensors)
+    reader = open_gguf(gguf_path)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    calibration = imatrix_metadata(reader)
+    del reader
     dev: str | None = None
     if probe is not None:
         require_diffusers()
@@ -371,6 +392,7 @@ def validate(
         probe=probe,
         device=dev,
         environment=environment(dev),
+        imatrix=calibration,
     )
 
 

@@ -39,14 +39,16 @@ def _report(records):
 def test_markdown_table_formats_every_column():
     base = BenchRecord("BF16", "flux.safetensors", 23_802_816_640, 41.25, 25 * 2**30, 1.2345, (1.2, 1.3),
                        is_baseline=True)
-    q = BenchRecord("Q4_K_M", "flux-Q4_K_M.gguf", 6_932_000_000, 9.0, int(7.5 * 2**30), 2.5, (2.5,), 0.99912345, 0.04321)
+    q = BenchRecord("Q4_K_M", "flux-Q4_K_M.gguf", 6_932_000_000, 9.0, int(7.5 * 2**30), 2.5, (2.5,), 0.99912345, 0.04321,
+                    imatrix="kontext.imatrix.gguf")
     cpu = BenchRecord("Q8_0", "flux-Q8_0.gguf", 1_000, 1.0, None, 0.5, (0.5,))
     lines = markdown_table(_report([base, q, cpu])).splitlines()
-    assert lines[0] == ("| file | type | size (GB) | load (s) | peak VRAM (GiB) | s/step at 1024x1024 "
+    assert lines[0] == ("| file | type | imatrix | size (GB) | load (s) | peak VRAM (GiB) | s/step at 1024x1024 "
                         "| cosine vs BF16 | rel. L2 vs BF16 |")
-    assert lines[2] == "| flux.safetensors | BF16 | 23.803 | 41.2 | 25.00 | 1.234 | reference | reference |"
-    assert lines[3] == "| flux-Q4_K_M.gguf | Q4_K_M | 6.932 | 9.0 | 7.50 | 2.500 | 0.999123 | 0.0432 |"
-    assert lines[4] == "| flux-Q8_0.gguf | Q8_0 | 0.000 | 1.0 | n/a (CPU) | 0.500 | n/a | n/a |"
+    assert lines[2] == "| flux.safetensors | BF16 | n/a | 23.803 | 41.2 | 25.00 | 1.234 | reference | reference |"
+    assert lines[3] == ("| flux-Q4_K_M.gguf | Q4_K_M | kontext.imatrix.gguf | 6.932 | 9.0 | 7.50 | 2.500 "
+                        "| 0.999123 | 0.0432 |")
+    assert lines[4] == "| flux-Q8_0.gguf | Q8_0 | none | 0.000 | 1.0 | n/a (CPU) | 0.500 | n/a | n/a |"
 
 
 def test_bench_refuses_bad_arguments(small, tmp_path_factory):

@@ -1,0 +1,624 @@
+"""Collect an importance matrix (imatrix) by running the FLUX transformer through diffusers.
+
+For every Linear whose weight a recipe quantizes (2-D, not one of the kept ``img_in``/``txt_in``/
+``time_in``/``vector_in``/``guidance_in``/``final_layer`` tensors), a forward pre-hook adds the
+sum of ``x_c**2`` over every token of its input into one float64 vector per BFL weight, on the
+device, and counts the tokens (llama.cpp's ``in_sum2`` and ``counts``). Each call reduces its input
+in float32 (``vector_norm(..., dtype=float32)``: no upcast copy of the activations) and adds that
+partial sum into the float64 vector, so memory is one vector per tensor whatever the run length.
+
+diffusers splits fused BFL weights (``qkv`` into to_q/to_k/to_v, ``single_blocks.N.linear1`` into
+to_q/to_k/to_v + proj_mlp); all parts see the same input, so only the first part is hooked and the
+input is counted once (docs/imatrix.md has the mapping).
+
+Inputs, in increasing realism: seeded Kontext-shaped probes (a smoke default: random inputs say
+little about real activations), a safetensors file of saved transformer inputs (any pipeline's
+real inputs, captured with :func:`capture_transformer_inputs`), or the real Kontext pipeline run
+on the user's prompts and images, collecting at every denoising step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from converter.detect import detect_model
+from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
+from converter.errors import CalibrationError, FluxGGUFError
+from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
+from converter.sources import open_source
+
+from .diffusers_model import (
+    check_loadable,
+    compute_dtype,
+    geometry_from_shapes,
+    load_gguf_transformer,
+    release_memory,
+    require_diffusers,
+    resolve_device,
+    transformer_config,
+    write_transformer_config,
+)
+from .probes import ProbeSpec, make_kontext_probe
+
+if TYPE_CHECKING:
+    import torch
+
+    from converter.imatrix import Imatrix
+
+ProgressFn = Callable[[int, int], None]  # (samples done, samples total)
+LogFn = Callable[[str], None]
+
+DEFAULT_PROBES = 4
+SMOKE_NOTE = ("seeded random probes: a smoke default, not a calibration set; "
+              "use --inputs or --pipeline for real activations")
+# Keys of FluxTransformer2DModel.forward an inputs file holds ("guidance" only for models that embed it).
+INPUT_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+              "img_ids", "txt_ids")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def quantized_weight_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The weights a recipe quantizes (and so the imatrix must cover): 2-D and not kept as they are."""
+    return [n for n, s in shapes.items() if len(s) == 2 and not is_kept_unquantized(n)]
+
+
+# --------------------------------------------------------------------------- the collector
+
+
+class ImatrixCollector:
+    """Forward pre-hooks accumulating sum x^2 per input column for the BFL weights in ``names``.
+
+    Use as a context manager (the hooks are removed on exit); :meth:`imatrix` returns the result
+    and fails naming every weight that saw no input.
+    """
+
+    def __init__(self, model: Any, names: Iterable[str]) -> None:
+        import torch
+
+        self.names = list(names)
+        wanted = set(self.names)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = dict.fromkeys(self.names, 0)
+        self._handles: list[Any] = []
+        hooked: set[str] = set()
+        for module_name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            hit = bfl_name_for(f"{module_name}.weight")
+            if hit is None or hit[0] not in wanted or hit[1] != 0:  # a shared input: the first part counts it
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._hook(hit[0])))
+            hooked.add(hit[0])
+        missing = [n for n in self.names if n not in hooked]
+        if missing:
+            self.close()
+            raise CalibrationError(_listing("the model has no Linear layer for", missing))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        import torch
+
+        def hook(_module: Any, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            dims = tuple(range(x.dim() - 1))
+            part = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square_()
+            acc = self._sums.get(name)
+            if acc is None:
+                self._sums[name] = part.to(torch.float64)
+            else:
+                acc.add_(part)
+            self._counts[name] += x.numel() // x.shape[-1]
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ImatrixCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def imatrix(self, datasets: Sequence[str], chunk_count: int, chunk_size: int) -> Imatrix:
+        """The collected sums as an :class:`converter.imatrix.Imatrix` (float32 in_sum2 per weight)."""
+        from converter.imatrix import Imatrix, ImatrixEntry
+
+        missing = [n for n in self.names if self._counts[n] == 0 or n not in self._sums]
+        if missing:
+            raise CalibrationError(_listing("no input reached", missing))
+        entries = {}
+        for n in self.names:
+            s = self._sums[n].cpu().numpy()
+            if not np.isfinite(s).all():
+                raise CalibrationError(f"the inputs of {n} hold NaN or inf; the transformer's activations overflow")
+            entries[n] = ImatrixEntry(in_sum2=s.astype(np.float32), count=float(self._counts[n]))
+        return Imatrix(entries=entries, datasets=list(datasets), chunk_count=chunk_count, chunk_size=chunk_size)
+
+
+def _listing(what: str, names: Sequence[str]) -> str:
+    shown = ", ".join(names[:5])
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return f"{what} {len(names)} quantized weight(s): {shown}{more}"
+
+
+# --------------------------------------------------------------------------- loading the model
+
+
+def diffusers_state_dict(tensors: Mapping[str, np.ndarray], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """BFL tensors (float32 numpy) -> diffusers keys as torch tensors: the inverse of our naming table."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, x in tensors.items():
+        mapping = diffusers_parts(name)
+        if mapping is None:
+            raise CalibrationError(f"tensor {name} is not part of a FLUX.1 transformer")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if mapping.swap_halves:
+            half = t.shape[0] // 2
+            t = torch.cat([t[half:], t[:half]])
+        rows = part_rows(name, t.shape[0]) if len(mapping.parts) > 1 else (t.shape[0],)
+        for key, piece in zip(mapping.parts, torch.split(t, list(rows)), strict=True):
+            out[key] = piece.to(device=device, dtype=dtype).contiguous()
+    return out
+
+
+def build_transformer(geometry: FluxGeometry, read: Callable[[str], np.ndarray], device: str,
+                      dtype: torch.dtype | None = None) -> Any:
+    """A diffusers FluxTransformer2DModel of any geometry, weights from ``read(BFL name)`` (float32).
+
+    Built on the meta device and filled tensor by tensor on ``device``: host memory holds one
+    tensor at a time. Unlike from_single_file this loads any hidden size (small test models).
+    """
+    import torch
+
+    diffusers = require_diffusers()
+    dtype = dtype or compute_dtype(device)
+    config = {k: v for k, v in transformer_config(geometry).items() if k != "_class_name"}
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(**config)
+    state: dict[str, Any] = {}
+    for name in bfl_tensor_shapes(geometry):
+        state.update(diffusers_state_dict({name: read(name)}, device, dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def open_transformer(path: str | os.PathLike[str], device: str) -> Iterator[tuple[Any, FluxGeometry, str]]:
+    """(model, geometry, kind) for a checkpoint (file or diffusers folder, any dtype convert reads) or a GGUF."""
+    path = pathlib.Path(path)
+    if path.suffix == ".gguf":
+        from .validate import gguf_shapes, open_gguf
+
+        geometry = geometry_from_shapes(gguf_shapes(open_gguf(path)), str(path))
+        check_loadable(geometry)
+        with tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
+            model = load_gguf_transformer(path, write_transformer_config(geometry, tmp), device)
+        try:
+            yield model, geometry, "gguf"
+        finally:
+            del model
+            release_memory(device)
+        return
+    try:
+        with open_source(path) as source:
+            geometry = detect_model(source).geometry
+            model = build_transformer(geometry, source.read, device)
+    except CalibrationError:
+        raise
+    except FluxGGUFError as exc:  # SourceError / ModelDetectionError keep their message
+        raise CalibrationError(str(exc)) from exc
+    try:
+        yield model, geometry, "source"
+    finally:
+        del model
+        release_memory(device)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One transformer call's keyword arguments (torch tensors on the device)."""
+
+    kwargs: dict[str, Any]
+    tokens: int  # image + text tokens, times the batch
+
+
+def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Iterator[Sample]:
+    """``count`` seeded probes: seeds spec.seed, spec.seed + 1, ...; timesteps spread over (0, 1)."""
+    for i in range(count):
+        sigma = (i + 1) / (count + 1)
+        s = ProbeSpec(height=spec.height, width=spec.width, text_tokens=spec.text_tokens, seed=spec.seed + i,
+                      timestep=sigma, guidance=spec.guidance, context_image=spec.context_image)
+        p = make_kontext_probe(s)
+        yield Sample(p.transformer_kwargs(device, dtype, guidance_embeds=guidance_embeds),
+                     s.image_tokens + s.text_tokens)
+
+
+def probes_dataset(count: int, spec: ProbeSpec) -> str:
+    return (f"probes:seed={spec.seed}..{spec.seed + count - 1},{spec.width}x{spec.height},"
+            f"text={spec.text_tokens} (smoke default, not a calibration set)")
+
+
+def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry) -> dict[str, Any]:
+    """Saved transformer inputs, checked against the model; a one-line error for wrong keys or shapes.
+
+    Keys follow ``FluxTransformer2DModel.forward``: hidden_states [S, T_img, C], encoder_hidden_states
+    [S, T_txt, 4096], pooled_projections [S, 768], timestep [S], guidance [S] (models with guidance
+    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3].
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no such inputs file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CalibrationError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    required = [k for k in INPUT_KEYS if k != "guidance" or geometry.guidance]
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise CalibrationError(f"{path}: missing key(s) {', '.join(missing)}; an inputs file holds "
+                               f"{', '.join(required)} (the arguments of FluxTransformer2DModel.forward)")
+    extra = sorted(k for k in tensors if k not in required)
+    if extra:
+        raise CalibrationError(f"{path}: unexpected key(s) {', '.join(extra)}; expected exactly {', '.join(required)}")
+    hs = tensors["hidden_states"]
+    if hs.dim() != 3 or hs.shape[0] < 1 or hs.shape[2] != geometry.img_in_channels:
+        raise CalibrationError(f"{path}: hidden_states has shape {list(hs.shape)}; expected "
+                               f"[samples, image tokens, {geometry.img_in_channels}]")
+    s, t_img = int(hs.shape[0]), int(hs.shape[1])
+    enc = tensors["encoder_hidden_states"]
+    if enc.dim() != 3 or enc.shape[1] < 1:
+        raise CalibrationError(f"{path}: encoder_hidden_states has shape {list(enc.shape)}; expected "
+                               f"[{s}, text tokens, {CONTEXT_DIM}]")
+    t_txt = int(enc.shape[1])
+    expected = {
+        "encoder_hidden_states": [s, t_txt, CONTEXT_DIM],
+        "pooled_projections": [s, VEC_DIM],
+        "timestep": [s],
+        "guidance": [s],
+        "img_ids": [t_img, 3],
+        "txt_ids": [t_txt, 3],
+    }
+    for key, want in expected.items():
+        if key in tensors and list(tensors[key].shape) != want:
+            raise CalibrationError(f"{path}: {key} has shape {list(tensors[key].shape)}; expected {want} "
+                                   f"(hidden_states holds {s} samples of {t_img} image tokens)")
+    for key, t in tensors.items():
+        if not t.is_floating_point() or not bool(t.isfinite().all()):
+            raise CalibrationError(f"{path}: {key} must hold finite floating-point values")
+    return tensors
+
+
+def file_samples(tensors: Mapping[str, Any], device: str, dtype: Any) -> Iterator[Sample]:
+    """One sample per row of an inputs file (ids and guidance stay float32, as the pipeline keeps them)."""
+    import torch
+
+    n = int(tensors["hidden_states"].shape[0])
+    tokens = int(tensors["hidden_states"].shape[1] + tensors["encoder_hidden_states"].shape[1])
+    for i in range(n):
+        kw = {
+            "hidden_states": tensors["hidden_states"][i: i + 1].to(device, dtype),
+            "encoder_hidden_states": tensors["encoder_hidden_states"][i: i + 1].to(device, dtype),
+            "pooled_projections": tensors["pooled_projections"][i: i + 1].to(device, dtype),
+            "timestep": tensors["timestep"][i: i + 1].to(device, dtype),
+            "img_ids": tensors["img_ids"].to(device, torch.float32),
+            "txt_ids": tensors["txt_ids"].to(device, torch.float32),
+        }
+        if "guidance" in tensors:
+            kw["guidance"] = tensors["guidance"][i: i + 1].to(device, torch.float32)
+        yield Sample(kw, tokens)
+
+
+@contextlib.contextmanager
+def capture_transformer_inputs(transformer: Any) -> Iterator[list[dict[str, Any]]]:
+    """Record the keyword arguments of every call of ``transformer`` (e.g. ``pipe.transformer``).
+
+    ::
+
+        with capture_transformer_inputs(pipe.transformer) as calls:
+            pipe(image=image, prompt="make it snow", num_inference_steps=28)
+        write_inputs_file(calls, "inputs.safetensors")   # then: flux-gguf imatrix SRC --inputs inputs.safetensors
+    """
+    calls: list[dict[str, Any]] = []
+
+    def grab(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append({k: v.detach().to("cpu", copy=True) for k, v in kwargs.items()
+                      if k in INPUT_KEYS and v is not None})
+
+    handle = transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def write_inputs_file(calls: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> pathlib.Path:
+    """Stack captured calls (same token counts) into an inputs file; written to .partial and renamed."""
+    import torch
+    from safetensors.torch import save_file
+
+    if not calls:
+        raise CalibrationError(f"{path}: no transformer calls were captured")
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    keys = [k for k in INPUT_KEYS if k in calls[0]]
+    out: dict[str, Any] = {}
+    try:
+        for k in keys:
+            if k in batched:
+                out[k] = torch.cat([c[k].reshape(-1, *c[k].shape[1:]) if c[k].dim() else c[k].reshape(1)
+                                    for c in calls]).contiguous()
+            else:
+                ids = calls[0][k]
+                out[k] = (ids[0] if ids.dim() == 3 else ids).contiguous()
+    except (RuntimeError, KeyError) as exc:
+        raise CalibrationError(f"{path}: captured calls differ in shape and cannot be stacked ({_first_line(exc)}); "
+                               "capture one resolution per file") from None
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(out, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = pathlib.Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such prompts file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read the prompts file ({exc})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise CalibrationError(f"{path}: the prompts file is empty; expected one prompt per line")
+    return prompts
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[pathlib.Path]:
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"{folder}: no such image folder")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise CalibrationError(f"{folder}: holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+@dataclass(frozen=True)
+class CollectionReport:
+    """What a collection run did (the --json summary, with the imatrix itself)."""
+
+    imatrix: Imatrix
+    inputs: str  # "probes", "file" or "pipeline"
+    datasets: tuple[str, ...]
+    samples: int
+    tokens: int
+    seconds: float
+    device: str
+    model: str  # "source" or "gguf"
+    smoke: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    load_seconds: float = 0.0  # of ``seconds``: loading the transformer (and pipeline)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = [e.count for e in self.imatrix.entries.values()]
+        return {
+            "tensors": len(self.imatrix.entries),
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "inputs": self.inputs,
+            "datasets": list(self.datasets),
+            "smoke_default": self.smoke,
+            "seconds": self.seconds,
+            "load_seconds": self.load_seconds,
+            "seconds_per_sample": (self.seconds - self.load_seconds) / self.samples if self.samples else None,
+            "device": self.device,
+            "model": self.model,
+            "min_count": min(counts) if counts else 0,
+            "max_count": max(counts) if counts else 0,
+            "notes": list(self.notes),
+        }
+
+
+def _run_samples(model: Any, samples: Iterable[Sample], total: int, progress: ProgressFn | None) -> tuple[int, int]:
+    import torch
+
+    done = tokens = 0
+    with torch.inference_mode():
+        for s in samples:
+            model(**s.kwargs, return_dict=False)
+            done += 1
+            tokens += s.tokens
+            if progress:
+                progress(done, total)
+    return done, tokens
+
+
+def collect_imatrix(
+    source: str | os.PathLike[str],
+    *,
+    inputs: str | os.PathLike[str] | None = None,
+    probes: int = DEFAULT_PROBES,
+    probe: ProbeSpec = ProbeSpec(height=512, width=512),
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> CollectionReport:
+    """Collect on the seeded probes (default) or on the saved transformer inputs in ``inputs``."""
+    say = log or (lambda _msg: None)
+    if inputs is None and probes < 1:
+        raise CalibrationError(f"need at least one probe, got {probes}")
+    require_diffusers()
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    with open_transformer(source, dev) as (model, geometry, kind):
+        loaded = time.perf_counter() - start
+        names = quantized_weight_names(bfl_tensor_shapes(geometry))
+        dtype = compute_dtype(dev)
+        if inputs is None:
+            say(f"collecting on {probes} seeded random probes (a smoke default, not a calibration set)")
+            datasets = (probes_dataset(probes, probe),)
+            total, samples = probes, probe_samples(probes, probe, dev, dtype, geometry.guidance)
+            chunk = probe.image_tokens + probe.text_tokens
+        else:
+            saved = read_inputs_file(inputs, geometry)
+            total = int(saved["hidden_states"].shape[0])
+            chunk = int(saved["hidden_states"].shape[1] + saved["encoder_hidden_states"].shape[1])
+            datasets = (pathlib.Path(inputs).name,)
+            samples = file_samples(saved, dev, dtype)
+            say(f"collecting on {total} saved inputs from {inputs}")
+        with ImatrixCollector(model, names) as collector:
+            done, tokens = _run_samples(model, samples, total, progress)
+            im = collector.imatrix(datasets, done, chunk)
+    return CollectionReport(imatrix=im, inputs="probes" if inputs is None else "file", datasets=datasets,
+                            samples=done, tokens=tokens, seconds=time.perf_counter() - start, device=dev,
+                            model=kind, smoke=inputs is None, notes=(SMOKE_NOTE,) if inputs is None else (),
+                            load_seconds=loaded)
+
+
+def collect_with_pipeline(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    images: Sequence[Any] = (),
+    steps: int = 28,
+    guidance: float = 2.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    max_sequence_length: int = 512,
+    dataset: str = "pipeline",
+    progress: ProgressFn | None = None,
+) -> tuple[Imatrix, int, int]:
+    """Run ``pipe`` (a FluxKontextPipeline) on every prompt (with image i mod len(images), if any),
+    collecting at every denoising step. Returns (imatrix, transformer calls, tokens)."""
+    import torch
+
+    if not prompts:
+        raise CalibrationError("no prompts to run the pipeline on")
+    if steps < 1:
+        raise CalibrationError(f"--steps must be at least 1, got {steps}")
+    if (height is None) != (width is None):
+        raise CalibrationError("give both --height and --width, or neither")
+    transformer = pipe.transformer
+    geometry = geometry_from_shapes(_bfl_shapes_of(transformer), "the pipeline's transformer")
+    names = quantized_weight_names(bfl_tensor_shapes(geometry))
+    total = len(prompts) * steps
+    calls = [0, 0]  # transformer calls, tokens
+
+    def count(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hs, enc = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        calls[0] += 1
+        calls[1] += int(hs.shape[0] * (hs.shape[1] + enc.shape[1]))
+        if progress:
+            progress(calls[0], total)
+
+    size: dict[str, Any] = {}
+    if height is not None and width is not None:
+        size = {"height": height, "width": width, "max_area": height * width, "_auto_resize": False}
+    handle = transformer.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with ImatrixCollector(transformer, names) as collector:
+            for i, prompt in enumerate(prompts):
+                image = images[i % len(images)] if images else None
+                pipe(image=image, prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                     max_sequence_length=max_sequence_length, output_type="latent", **size)
+            chunk = calls[1] // max(calls[0], 1)
+            im = collector.imatrix([dataset], calls[0], chunk)
+    finally:
+        handle.remove()
+    return im, calls[0], calls[1]
+
+
+def _bfl_shapes_of(transformer: Any) -> dict[str, tuple[int, ...]]:
+    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config)."""
+    c = transformer.config
+    return bfl_tensor_shapes(FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
+                                          hidden=c.num_attention_heads * c.attention_head_dim,
+                                          img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds)))
+
+
+def collect_imatrix_pipeline(
+    source: str | os.PathLike[str],
+    pipeline_dir: str | os.PathLike[str],
+    prompts_file: str | os.PathLike[str],
+    *,
+    images_dir: str | os.PathLike[str] | None = None,
+    steps: int = 28,
+    guidance: float = 2.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    max_sequence_length: int = 512,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> CollectionReport:
+    """The real Kontext pipeline from ``pipeline_dir`` around the transformer ``source`` (checkpoint or GGUF)."""
+    from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline
+
+    say = log or (lambda _msg: None)
+    prompts = read_prompts(prompts_file)
+    images = [_load_image(p) for p in list_images(images_dir)] if images_dir is not None else []
+    if steps < 1:
+        raise CalibrationError(f"--steps must be at least 1, got {steps}")
+    if (height is None) != (width is None):
+        raise CalibrationError("give both --height and --width, or neither")
+    _check_pipeline_dir(pathlib.Path(pipeline_dir))
+    require_diffusers()
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    dataset = pathlib.Path(prompts_file).name + (f"+{pathlib.Path(images_dir).name}" if images_dir else "")
+    with open_transformer(source, dev) as (model, _geometry, kind):
+        say(f"loading the pipeline from {pipeline_dir}")
+        pipe = load_pipeline(pathlib.Path(pipeline_dir), model, dev)
+        loaded = time.perf_counter() - start
+        say(f"running {len(prompts)} prompt(s) x {steps} steps")
+        im, calls, tokens = collect_with_pipeline(
+            pipe, prompts, images=images, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
+            max_sequence_length=max_sequence_length, dataset=dataset, progress=progress)
+        pipe.transformer = None
+        del pipe
+    return CollectionReport(imatrix=im, inputs="pipeline", datasets=(dataset,), samples=calls, tokens=tokens,
+                            seconds=time.perf_counter() - start, device=dev, model=kind, load_seconds=loaded)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "CollectionReport",
+    "ImatrixCollector",
+    "build_transformer",
+    "capture_transformer_inputs",
+    "collect_imatrix",
+    "collect_imatrix_pipeline",
+    "collect_with_pipeline",
+    "quantized_weight_names",
+    "read_inputs_file",
+    "read_prompts",
+    "write_inputs_file",
+]
