@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import click
 from tqdm import tqdm
 
-from converter.errors import FluxGGUFError
+from converter.errors import FluxGGUFError, PlanError
 from converter.pipeline import ProgressFn
 from converter.recipes import Plan
 from converter.writer import ArtifactRecord
@@ -78,6 +78,15 @@ def errors_as_click(fn: F) -> F:
 
 
 GB = 1e9
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` out of range is one ``Error:`` line (click's IntRange printed usage and exit 2)."""
+    import numba
+
+    if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise PlanError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (the cores numba "
+                        f"may use), got {threads}")
 
 
 @contextlib.contextmanager

@@ -4,12 +4,11 @@ from __future__ import annotations
 import pathlib
 
 import click
-import numba
 
 from converter.release.build import build_release
 from manifests import ManifestError
 
-from .output import GB, progress_bar
+from .output import GB, check_threads, progress_bar
 
 
 @click.group("release")
@@ -26,7 +25,7 @@ def release() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=pathlib.Path), required=True,
               help="Release folder to create (must not exist, or be empty).")
-@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+@click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
               help="Threads for the quantization kernels (default: all cores).")
 def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> None:
     """Convert every variant SPEC lists in one pass and write the release folder.
@@ -40,6 +39,7 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> Non
       flux-gguf release build release.toml -o dist/flux1-kontext-dev
       cd dist/flux1-kontext-dev && sha256sum -c --strict SHA256SUMS
     """
+    check_threads(threads)
     try:
         with progress_bar("converting") as progress:
             result = build_release(spec, out_dir, threads=threads, progress=progress)
