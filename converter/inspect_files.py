@@ -104,12 +104,20 @@ MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
 MAX_GGUF_ARRAY_DEPTH = 4
 
 
+class GGUFStructureError(SourceError):
+    """A GGUF header whose counts or lengths do not fit the file (``problem`` says which)."""
+
+    def __init__(self, path: pathlib.Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} is not a readable GGUF file: {problem}")
+
+
 class _Bounded:
     def __init__(self, fh: Any, size: int, path: pathlib.Path, order: str) -> None:
         self.fh, self.size, self.path, self.order, self.pos = fh, size, path, order, 0
 
     def fail(self, what: str) -> SourceError:
-        return SourceError(f"{self.path} is not a readable GGUF file: {what} (at byte {self.pos} of {self.size})")
+        return GGUFStructureError(self.path, f"{what} (at byte {self.pos} of {self.size})")
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
@@ -174,13 +182,15 @@ def check_gguf_structure(path: pathlib.Path) -> None:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) < 8:
-            raise SourceError(f"{path} is not a readable GGUF file: {size} bytes is shorter than its header")
+            raise GGUFStructureError(path, f"{size} bytes is shorter than its header")
+        if head[:4] != GGUF_MAGIC:
+            raise GGUFStructureError(path, f"it does not start with the GGUF magic (starts with {head[:4]!r})")
         order = "little"
         version = int.from_bytes(head[4:8], "little")
         if version & 0xFFFF == 0:  # written on a big-endian machine (gguf-py reads those too)
             order, version = "big", int.from_bytes(head[4:8], "big")
         if version not in (2, 3):
-            raise SourceError(f"{path} is not a readable GGUF file: version {version}; expected 2 or 3")
+            raise GGUFStructureError(path, f"version {version}; expected 2 or 3")
         r = _Bounded(fh, size, path, order)
         r.pos = 8
         n_tensors = r.count("the tensor count", 8 + 4 + 8 + 4 + 8)
