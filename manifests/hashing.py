@@ -172,9 +172,9 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(PARTIAL_MARK)
 
 
-def open_partial(path: str | os.PathLike[str], buffering: int = -1) -> io.BufferedWriter:
+def open_partial(path: str | os.PathLike[str], buffering: int = -1, *, dir_fd: int | None = None) -> io.BufferedWriter:
     """Open ``path`` (a name from ``partial_path``/``resumable_partial_path``) for writing as a
-    fresh regular file.
+    fresh regular file; with ``dir_fd``, ``path`` is a name relative to that open folder.
 
     Whatever already sits under that name (a leftover partial file of ours, or a symbolic link
     someone planted) is unlinked first, and the new file is created with O_EXCL | O_NOFOLLOW, so bytes
@@ -182,15 +182,15 @@ def open_partial(path: str | os.PathLike[str], buffering: int = -1) -> io.Buffer
     """
     p = Path(path)
     try:
-        st = os.lstat(p)
+        st = os.lstat(p, dir_fd=dir_fd)
     except FileNotFoundError:
         st = None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(p))
-        p.unlink()
+        os.unlink(p, dir_fd=dir_fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(p, flags, 0o644)
+    fd = os.open(p, flags, 0o644, dir_fd=dir_fd)
     try:
         return open(fd, "wb", buffering=buffering)  # type: ignore[return-value]
     except BaseException:

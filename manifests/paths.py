@@ -148,3 +148,34 @@ def open_inside(root: str | os.PathLike[str], path: str) -> io.FileIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_dir_inside(root: str | os.PathLike[str], folder: str, *, create: bool = False) -> int:
+    """A descriptor of folder ``folder`` (a manifest path, or "" for ``root`` itself) under ``root``.
+
+    Walked component by component with ``openat`` and O_NOFOLLOW | O_DIRECTORY (creating missing
+    folders with ``mkdirat`` when ``create``), so files then created, renamed or removed relative
+    to the descriptor land inside ``root`` however the folder changes meanwhile. Raises
+    :class:`UnsafePathError` for a symbolic link on the way. The caller closes the descriptor.
+    """
+    parts = check_relative_path(folder).split("/") if folder else []
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for i, part in enumerate(parts):
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dfd)
+                except FileExistsError:
+                    pass
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            except OSError as e:
+                if _is_link_error(e) and stat.S_ISLNK(os.lstat(part, dir_fd=dfd).st_mode):
+                    raise UnsafePathError(folder, f"passes through symbolic link {'/'.join(parts[: i + 1])!r}") from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        return dfd
+    except BaseException:
+        os.close(dfd)
+        raise

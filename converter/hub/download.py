@@ -28,7 +28,7 @@ from manifests import (
 from manifests.hashing import hash_stream, is_partial_name, open_partial, resumable_partial_path, write_bytes_atomic
 from manifests.locking import OutputBusyError
 from manifests.locking import acquire as acquire_lock
-from manifests.paths import open_inside
+from manifests.paths import open_dir_inside, open_inside
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -94,7 +94,7 @@ _RESUME_FLAGS = (os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getatt
                  | getattr(os, "O_CLOEXEC", 0))
 
 
-def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
+def _open_resumable(partial: Path | str, limit: int, dir_fd: int | None = None) -> BinaryIO | None:
     """The ``.partial`` file an earlier run left, opened to re-read and append, never through a link.
 
     Returns None when there is nothing to resume; a partial that is not a regular file of 1 to
@@ -102,14 +102,14 @@ def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
     starts over in a fresh file. A folder is left alone (``open_partial`` then refuses it, naming it).
     """
     try:
-        st = os.lstat(partial)
+        st = os.lstat(partial, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     if stat.S_ISDIR(st.st_mode):
         return None
     if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= limit:
         try:
-            fd = os.open(partial, _RESUME_FLAGS)  # O_NOFOLLOW: a link swapped in since the lstat fails here
+            fd = os.open(partial, _RESUME_FLAGS, dir_fd=dir_fd)  # O_NOFOLLOW: a link swapped in since the lstat fails
         except OSError:
             fd = -1
         if fd >= 0:
@@ -117,20 +117,53 @@ def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
             if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
                 return open(fd, "r+b", buffering=0)
             os.close(fd)
-    partial.unlink(missing_ok=True)  # a link is removed, never followed
+    _unlink(partial, dir_fd)  # a link is removed, never followed
     return None
 
 
+def _unlink(name: Path | str, dir_fd: int | None) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
-                  on_bytes: Callable[[int], None]) -> None:
+                  on_bytes: Callable[[int], None], root: Path | None = None) -> None:
     """Stream one file into its partial name (``.NAME.flux-gguf.partial``) while hashing; rename only
     if it matches ``want``.
 
     A regular partial file an earlier run left is re-hashed and resumed with a ``Range`` request;
     one that already holds all ``want.size`` bytes is renamed without any request if it matches
     (and discarded if not). A server that ignores the range, or answers 416, gets a fresh start.
+
+    With ``root`` (the download folder; ``path`` is relative to it), the file's folder is opened
+    once by an ``openat`` walk that follows no link, and the partial file is created, reopened,
+    renamed and removed relative to that descriptor: a folder swapped for a symbolic link during
+    the download cannot redirect a single byte outside ``root``.
     """
     partial = resumable_partial_path(dest)  # stable, so a re-run resumes; the folder's lock keeps it ours
+    dfd: int | None = None
+    pname: Path | str = partial
+    dname: Path | str = dest
+    if root is not None:
+        try:
+            dfd = open_dir_inside(root, path.rsplit("/", 1)[0] if "/" in path else "", create=True)
+        except UnsafePathError as e:
+            raise OutputError(f"{dest}: {e.reason}; downloads are never written through a symbolic link") from None
+        except OSError as e:
+            raise OutputError(f"{partial}: cannot write the download: {e.strerror or e}") from e
+        pname, dname = partial.name, dest.name
+    try:
+        _download_into(api, repo_id, commit, path, want, dest, on_bytes, partial, pname, dname, dfd)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
+                   on_bytes: Callable[[int], None], partial: Path, pname: Path | str, dname: Path | str,
+                   dfd: int | None) -> None:
     h, have = hashlib.sha256(), 0
     out: BinaryIO | None = None
 
@@ -142,8 +175,9 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
         h, have = hashlib.sha256(), 0
 
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = _open_resumable(partial, want.size)
+        if dfd is None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        out = _open_resumable(pname, want.size, dfd)
         if out is not None:  # resume: re-hash what an earlier run left
             while chunk := out.read(_CHUNK):
                 h.update(chunk)
@@ -152,7 +186,8 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
             if have == want.size:  # complete already: nothing to ask the Hub for
                 if h.hexdigest() == want.sha256:
                     out.close()
-                    os.replace(partial, dest)
+                    out = None
+                    os.replace(pname, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
                     return
                 start_over()
         while True:
@@ -164,7 +199,7 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
                 if have and r.status_code != 206:  # the server ignored the Range: start over
                     start_over()
                 if out is None:
-                    out = open_partial(partial)  # a fresh regular file, whatever sat under that name
+                    out = open_partial(pname, dir_fd=dfd)  # a fresh regular file, whatever sat under that name
                 for chunk in _chunks(r):
                     out.write(chunk)
                     h.update(chunk)
@@ -182,11 +217,14 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
             out.close()
     got = h.hexdigest()
     if have != want.size or got != want.sha256:
-        partial.unlink(missing_ok=True)
+        _unlink(pname, dfd)
         raise HubVerificationError(
             f"{path}: the Hub sent {have if have <= want.size else 'more than ' + str(want.size)} bytes hashing to "
             f"{got}, the manifest says {want.size} bytes with sha256 {want.sha256}; nothing was written under its name")
-    os.replace(partial, dest)  # onto a symbolic link this replaces the link; nothing is written through it
+    try:  # onto a symbolic link this replaces the link; nothing is written through it
+        os.replace(pname, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot move the verified download into place: {e.strerror or e}") from e
 
 
 def _check_own_record(dest: Path, data: bytes, repo_id: str, commit: str) -> None:
@@ -311,7 +349,7 @@ def _download_locked(api: "HfApi", repo_id: str, revision: str | None, commit: s
         if present[artifact.path]:
             files.append(DownloadedFile(artifact.path, want.size, want.sha256, "present"))
             continue
-        _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes)
+        _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes, root=out)
         files.append(DownloadedFile(artifact.path, want.size, want.sha256, "downloaded"))
     for name, data in reversed(records.items()):  # last, manifest.json last of all: every chosen file is verified
         dest = _destination(out, name)

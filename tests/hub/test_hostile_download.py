@@ -26,6 +26,7 @@ def _add_files(root: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
     manifest = load_manifest(root / MANIFEST_NAME)
     extra = []
     for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
         extra.append(ArtifactEntry(name, len(data), hashlib.sha256(data).hexdigest(), "extra"))
     manifest = dataclasses.replace(manifest, artifacts=tuple(extra) + manifest.artifacts)
@@ -111,3 +112,26 @@ def test_a_token_http_cannot_carry_is_one_line_and_never_shown(emulator, tmp_pat
                     "control characters, which an HTTP header cannot carry: set it to the token exactly as the Hub "
                     "shows it")
     assert token not in res.output and "hf_" not in res.output
+
+
+def test_a_folder_swapped_for_a_link_during_the_download_gets_no_byte(emulator, tmp_path, monkeypatch):  # noqa: F811
+    """The race: every path is checked, then ``sub`` becomes a link to a folder outside before the write."""
+    import converter.hub.download as dl
+
+    _publish(_add_files(make_release(tmp_path / "rel"), {"sub/x.bin": b"payload"}))
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    real, calls = dl._destination, []
+
+    def destination_then_swap(root, path):
+        result = real(root, path)
+        calls.append(path)
+        if path == "sub/x.bin" and calls.count(path) == 2:  # the download loop, after the pre-check
+            (pathlib.Path(root) / "sub").symlink_to(outside)
+        return result
+    monkeypatch.setattr(dl, "_destination", destination_then_swap)
+    res = run("download", "alice/demo", "-o", out)
+    assert res.exit_code == 1
+    assert error_line(res) == (f"Error: {out / 'sub' / 'x.bin'}: passes through symbolic link 'sub'; downloads are "
+                               "never written through a symbolic link")
+    assert list(outside.iterdir()) == []
