@@ -120,3 +120,32 @@ def test_threads_zero_is_one_line(tmp_path, weights):
     spec = project(tmp_path / "p", weights, spec_text())
     assert_error(build(spec, "-o", tmp_path / "out", "--threads", "0"),
                  f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (the cores numba may use), got 0")
+
+
+def test_two_concurrent_builds_of_one_folder_exactly_one_succeeds(tmp_path, weights):
+    """Two real processes: the loser fails at once on the lock, or (if it starts after the winner's
+    rename) on the finished folder; either way one line, exit 1, and the winner's folder verifies."""
+    import subprocess
+    import sys
+    import threading
+
+    spec = project(tmp_path / "p", weights, spec_text())
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    procs: list[subprocess.CompletedProcess] = []
+
+    def one() -> None:
+        procs.append(subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", "release",
+                                     "build", str(spec), "-o", str(out)],
+                                    capture_output=True, text=True, timeout=300, env=env))
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.returncode for p in procs) == [0, 1]
+    loser = next(p for p in procs if p.returncode == 1)
+    errors = [ln for ln in loser.stderr.split("\n") if ln.startswith("Error: ")]
+    assert len(errors) == 1 and (
+        "another flux-gguf build (pid " in errors[0] or "already exists and is not an empty folder" in errors[0])
+    assert verify_release(out).ok and ours(tmp_path) == []
