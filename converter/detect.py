@@ -76,7 +76,16 @@ def _geometry(source: Source) -> FluxGeometry:
     for name in source.tensors:
         m = _BLOCK_INDEX.match(name)
         if m is not None:
-            counts[m.group(1)] = max(counts[m.group(1)], int(m.group(2)) + 1)
+            # Checked before anything is sized by it: every block has several tensors, so an index
+            # at or beyond the file's tensor count can only mean missing blocks (a crafted header
+            # naming block 100000000 would otherwise make us build an inventory of billions).
+            digits = m.group(2)
+            if len(digits) > 9 or int(digits) >= len(source.tensors):
+                raise ModelDetectionError(
+                    f"{source.path}: {name} names block {digits if len(digits) <= 20 else digits[:20] + '...'}, "
+                    f"but the file holds only {len(source.tensors)} tensors; blocks are numbered from 0 "
+                    "without gaps")
+            counts[m.group(1)] = max(counts[m.group(1)], int(digits) + 1)
     guidance = any(n.startswith("guidance_in.") for n in source.tensors)
     return FluxGeometry(double_blocks=counts["double_blocks"], single_blocks=counts["single_blocks"],
                         hidden=hidden, img_in_channels=channels, guidance=guidance)

@@ -12,6 +12,8 @@ from typing import Any
 
 from gguf import GGUFReader, GGUFValueType
 
+from manifests.hashing import open_regular
+
 from .detect import detect_model
 from .errors import FluxGGUFError, SourceError
 from .recipes import VARIANTS
@@ -80,11 +82,128 @@ def inspect_path(path: str | os.PathLike[str]) -> FileReport:
     p = pathlib.Path(path)
     if not p.exists():
         raise SourceError(f"{p}: no such file or folder")
-    if p.is_file():
-        with open(p, "rb") as fh:
-            if fh.read(4) == GGUF_MAGIC:
-                return _inspect_gguf(p)
+    if not p.is_dir():
+        try:
+            with open_regular(p) as fh:  # a FIFO or device is refused at once, never waited on
+                magic = fh.read(4)
+        except OSError as e:
+            raise SourceError(f"{p}: cannot read ({e.strerror or e})") from None
+        if magic == GGUF_MAGIC:
+            return _inspect_gguf(p)
     return _inspect_safetensors(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# A bounded walk over a GGUF header before gguf-py sees it: gguf-py sizes its arrays from the
+# counts in the file, so a 113-byte file declaring 2^40 array elements made it allocate
+# terabytes. Every count and length is checked against the bytes the file actually has left.
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
+MAX_GGUF_ARRAY_DEPTH = 4
+
+
+class GGUFStructureError(SourceError):
+    """A GGUF header whose counts or lengths do not fit the file (``problem`` says which)."""
+
+    def __init__(self, path: pathlib.Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} is not a readable GGUF file: {problem}")
+
+
+class _Bounded:
+    def __init__(self, fh: Any, size: int, path: pathlib.Path, order: str) -> None:
+        self.fh, self.size, self.path, self.order, self.pos = fh, size, path, order, 0
+
+    def fail(self, what: str) -> SourceError:
+        return GGUFStructureError(self.path, f"{what} (at byte {self.pos} of {self.size})")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} needs {n} bytes but only {self.size - self.pos} are left")
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise self.fail(f"{what} is cut short")
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} needs {n} bytes but only {self.size - self.pos} are left")
+        self.pos += n
+        self.fh.seek(self.pos)
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), self.order)
+
+    def u64(self, what: str) -> int:
+        return int.from_bytes(self.take(8, what), self.order)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"the length of {what}")
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not UTF-8 text (byte {e.start})") from None
+
+    def count(self, what: str, min_item: int) -> int:
+        n = self.u64(what)
+        if n * min_item > self.size - self.pos:
+            raise self.fail(f"{what} is {n}, but {self.size - self.pos} bytes cannot hold that many")
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _SCALAR_SIZES:
+            self.skip(_SCALAR_SIZES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype == _ARRAY:
+            if depth >= MAX_GGUF_ARRAY_DEPTH:
+                raise self.fail(f"{what} nests arrays more than {MAX_GGUF_ARRAY_DEPTH} deep")
+            etype = self.u32(f"the element type of {what}")
+            if etype in _SCALAR_SIZES:
+                n = self.count(f"the element count of {what}", _SCALAR_SIZES[etype])
+                self.skip(n * _SCALAR_SIZES[etype], what)
+            elif etype in (_STRING, _ARRAY):
+                n = self.count(f"the element count of {what}", 8 if etype == _STRING else 12)
+                for i in range(n):
+                    self.value(etype, f"{what}[{i}]", depth + 1)
+            else:
+                raise self.fail(f"{what} has unknown element type {etype}")
+        else:
+            raise self.fail(f"{what} has unknown value type {vtype}")
+
+
+def check_gguf_structure(path: pathlib.Path) -> None:
+    """Walk the header, KV metadata and tensor infos with every count checked against the file size."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) < 8:
+            raise GGUFStructureError(path, f"{size} bytes is shorter than its header")
+        if head[:4] != GGUF_MAGIC:
+            raise GGUFStructureError(path, f"it does not start with the GGUF magic (starts with {head[:4]!r})")
+        order = "little"
+        version = int.from_bytes(head[4:8], "little")
+        if version & 0xFFFF == 0:  # written on a big-endian machine (gguf-py reads those too)
+            order, version = "big", int.from_bytes(head[4:8], "big")
+        if version not in (2, 3):
+            raise GGUFStructureError(path, f"version {version}; expected 2 or 3")
+        r = _Bounded(fh, size, path, order)
+        r.pos = 8
+        n_tensors = r.count("the tensor count", 8 + 4 + 8 + 4 + 8)
+        n_kv = r.count("the metadata entry count", 8 + 4 + 1)
+        for i in range(n_kv):
+            key = r.string(f"the key of metadata entry {i}")
+            r.value(r.u32(f"the value type of {key!r}"), f"the value of {key!r}")
+        for i in range(n_tensors):
+            name = r.string(f"the name of tensor {i}")
+            n_dims = r.u32(f"the dimension count of tensor {name!r}")
+            if n_dims > MAX_GGUF_DIMS:
+                raise r.fail(f"tensor {name!r} has {n_dims} dimensions; at most {MAX_GGUF_DIMS} are allowed")
+            r.skip(8 * n_dims + 4 + 8, f"the info of tensor {name!r}")
 
 
 def _field_value(reader: GGUFReader, key: str) -> Any:
@@ -95,9 +214,10 @@ def _field_value(reader: GGUFReader, key: str) -> Any:
 
 
 def _inspect_gguf(path: pathlib.Path) -> FileReport:
+    check_gguf_structure(path)  # counts and lengths bounded by the file before gguf-py allocates
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise SourceError(f"{path} is not a readable GGUF file: {e}") from None
     meta = {k: _field_value(reader, k) for k in reader.fields if not k.startswith("GGUF.")}
     tensors = [

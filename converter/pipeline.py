@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 import quant_kernels
+from manifests.locking import OutputBusyError, locked
 from quant_kernels.errors import QuantError
 
 from .detect import detect_model
@@ -126,7 +127,26 @@ def convert(
         plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
                             extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
-        return _convert_planned(source, plans, out, progress, tensor_transform, imatrix)
+        with _output_locks(out, plans):  # held until every file is renamed into place
+            return _convert_planned(source, plans, out, progress, tensor_transform, imatrix)
+
+
+@contextlib.contextmanager
+def _output_locks(out: pathlib.Path, plans: Sequence[Plan]) -> Iterator[None]:
+    """One lock per output file (``OUT/.NAME.gguf.flux-gguf.lock``); a second run fails at once."""
+    try:
+        cm = locked(out / p.file_name for p in plans)
+        cm.__enter__()
+    except OutputBusyError as e:
+        raise OutputError(f"{e.target} was not written: another flux-gguf run ({e.holder}) is writing it; "
+                          "wait for it to finish or choose another output folder") from None
+    except OSError as e:
+        files = ", ".join(str(out / p.file_name) for p in plans)
+        raise OutputError(f"{files} {_was(plans)} not written: cannot lock the output: {e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

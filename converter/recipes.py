@@ -29,10 +29,11 @@ back: a type that does not fit the row is an error naming the tensor.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from gguf import GGUFValueType
 
@@ -103,7 +104,40 @@ class Override:
         return f"{self.pattern}={self.qtype}"
 
     def matches(self, name: str) -> bool:
-        return re.search(self.pattern, name) is not None
+        return compile_override(self.pattern)(name) is not None
+
+
+# Override regexes come from the command line or a release spec: a pattern like '(a+)+$' takes
+# exponential time in Python's backtracking ``re``. RE2 (google-re2) matches in linear time, so
+# no pattern can hang a conversion; its repeat counts are capped at 1000 and patterns at
+# MAX_OVERRIDE_PATTERN characters. Without google-re2 installed, ``re`` is used (length-limited only).
+MAX_OVERRIDE_PATTERN = 1000
+try:
+    import re2 as _re2
+except ImportError:  # pragma: no cover - google-re2 is a dependency
+    _re2 = None
+
+
+@functools.lru_cache(maxsize=256)
+def compile_override(pattern: str) -> Callable[[str], object]:
+    """The ``search`` function of ``pattern`` (RE2 when available); raises ValueError when it does not compile."""
+    if len(pattern) > MAX_OVERRIDE_PATTERN:
+        raise ValueError(f"the regular expression is {len(pattern)} characters long; at most "
+                         f"{MAX_OVERRIDE_PATTERN} are allowed")
+    if _re2 is not None:
+        options = _re2.Options()
+        options.log_errors = False  # RE2 would otherwise log parse errors to stderr itself
+        try:
+            return _re2.compile(pattern, options).search
+        except _re2.error as e:
+            msg = e.args[0] if e.args else e
+            raise ValueError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)) from None
+        except (TypeError, UnicodeError) as e:
+            raise ValueError(str(e)) from None
+    try:
+        return re.compile(pattern).search
+    except (re.error, OverflowError, RecursionError) as e:
+        raise ValueError(str(e)) from None
 
 
 def parse_override(text: str | Override) -> Override:
@@ -114,9 +148,10 @@ def parse_override(text: str | Override) -> Override:
     if not sep or not pattern or not qtype.strip():
         raise PlanError(f"override '{text}' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')")
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise PlanError(f"override '{text}': bad regular expression: {e}") from None
+        compile_override(pattern)
+    except ValueError as e:
+        shown = text if len(text) <= 80 else text[:60] + "..." + text[-15:]
+        raise PlanError(f"override '{shown}': bad regular expression: {e}") from None
     try:
         spec = resolve(qtype)
     except UnsupportedTypeError:

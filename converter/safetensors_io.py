@@ -18,11 +18,14 @@ import math
 import mmap
 import os
 import pathlib
+import stat
 import struct
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from manifests.hashing import open_regular
 
 from .errors import SourceError
 
@@ -129,7 +132,7 @@ class _DuplicateKey(Exception):
 
 
 def _read_header(path: pathlib.Path, size: int) -> tuple[int, dict[str, object]]:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # fstat on the descriptor: a FIFO swapped in is refused, never waited on
         head = f.read(8)
         if len(head) < 8:
             raise _fail(path, f"not a safetensors file (only {size} bytes; a safetensors file starts "
@@ -148,11 +151,32 @@ def _read_header(path: pathlib.Path, size: int) -> tuple[int, dict[str, object]]
     except json.JSONDecodeError as e:
         raise _fail(path, f"not a safetensors file (header is not JSON: {e.msg} at byte {e.pos})") from None
     except _DuplicateKey as e:
-        raise _fail(path, f"header lies: key {e.args[0]} appears twice") from None
+        raise _fail(path, f"header lies: key {_safe(e.args[0])} appears twice") from None
+    except RecursionError:
+        raise _fail(path, "not a safetensors file (header is JSON nested too deeply)") from None
+    except ValueError as e:  # an integer beyond Python's digit limit, and the like
+        raise _fail(path, f"not a safetensors file (header is not usable JSON: {str(e).split(';')[0]})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"not a safetensors file (header is a JSON {type(header).__name__}, "
                           "expected an object)")
+    for key in header:
+        if not _is_text(key):
+            raise _fail(path, f"header has a tensor name that is not valid Unicode text: {_safe(key)}")
     return 8 + n, header
+
+
+def _is_text(s: str) -> bool:
+    """False for strings holding lone surrogates (JSON '\\ud800' escapes decode to them)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe(s: str) -> str:
+    """``s`` for an error message: lone surrogates and control characters escaped."""
+    return ascii(s)[1:-1] if not _is_text(s) or any(ord(c) < 32 or ord(c) == 127 for c in s) else s
 
 
 def _is_int(v: object) -> bool:
@@ -213,14 +237,17 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = pathlib.Path(path)
         try:
-            self.size = self.path.stat().st_size
+            st = self.path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise _fail(self.path, "not a regular file (a FIFO, device or socket cannot be a checkpoint)")
+            self.size = st.st_size
             data_start, header = _read_header(self.path, self.size)
         except FileNotFoundError:
             raise _fail(self.path, "no such file") from None
         except OSError as e:
             raise _fail(self.path, f"cannot read ({e.strerror or e})") from None
         meta = header.pop("__metadata__", {})
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        if not isinstance(meta, dict) or not all(isinstance(v, str) and _is_text(v) for v in meta.values()):
             raise _fail(self.path, "__metadata__ must be an object of strings")
         self.metadata: dict[str, str] = dict(meta)
         self.tensors: dict[str, RawTensor] = {

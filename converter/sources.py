@@ -78,7 +78,7 @@ def _order_key(name: str) -> tuple[int, int, int]:
         kind, index, rest = m.groups()
         pos = _POS.get(f"{kind}.0.{rest}")
         if pos is not None:
-            return (1 if kind == "double_blocks" else 2, int(index), pos)
+            return (1 if kind == "double_blocks" else 2, int(index) if len(index) <= 9 else 10**9, pos)
     elif name in _POS:
         return (0 if _POS[name] < _FIRST_BLOCK else 3, 0, _POS[name])
     return (4, 0, 0)  # not a FLUX.1 tensor: after the known ones, in file order (sort is stable)

@@ -5,7 +5,8 @@ bytes are exactly what every GGUF reader expects); the tensor data is streamed h
 23.8 GB conversion never holds more than one tensor, and so that the sha256 of the whole file and
 of every tensor is computed from the bytes as they are written (the output is never re-read).
 
-A file is written as ``NAME.partial`` and renamed to ``NAME`` only after the last byte has been
+A file is written under a hidden, unique partial name (``.NAME.<pid>-<random>.flux-gguf.partial``)
+and renamed to ``NAME`` only after the last byte has been
 written and fsynced; on any failure the partial file is removed and an :class:`OutputError`
 names the file that was not written and why.
 """
@@ -23,7 +24,7 @@ import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from manifests.hashing import open_partial
+from manifests.hashing import open_partial, partial_path
 
 from .errors import OutputError
 
@@ -142,7 +143,7 @@ class GGUFStreamWriter:
         buffer_size: int = 8 << 20,
     ) -> None:
         self.path = pathlib.Path(path)
-        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.partial_path = partial_path(self.path)  # hidden, unique: see manifests.hashing
         self.variant = variant
         self.file_type = file_type
         self._slots = list(tensors)

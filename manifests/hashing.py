@@ -7,14 +7,18 @@ Why this shape:
   ``copy_file_hashed``) so a release never re-reads what it just wrote.
 - Sources are hashed by ``BackgroundHasher`` in a thread while the conversion runs: hashlib
   releases the GIL on large updates, so the hash overlaps the quantization instead of adding to it.
-- Files are written to ``NAME.partial`` and renamed only when complete.
+- Files are written to a hidden, unique, marked temporary name beside the final one
+  (``.NAME.<pid>-<random>.flux-gguf.partial``, see ``partial_path``) and renamed only when
+  complete: two runs never share one, and a user's own ``x.partial`` is never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import os
+import secrets
 import stat
 import sys
 import threading
@@ -24,6 +28,9 @@ from typing import BinaryIO, Callable, Iterable
 
 DEFAULT_CHUNK_SIZE = 8 << 20
 PARTIAL_SUFFIX = ".partial"
+PARTIAL_MARK = ".flux-gguf" + PARTIAL_SUFFIX
+"""Every temporary name of ours ends with this (and starts with a dot)."""
+_MAX_NAME_BYTES = 255  # NAME_MAX on every file system we write to
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ def hash_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_bytes: Callable[[int], None] | None = None,
 ) -> FileDigest:
-    """Size and SHA-256 of a file, read once in fixed-size chunks."""
-    with open(path, "rb", buffering=0) as f:
+    """Size and SHA-256 of a regular file, read once in fixed-size chunks (a FIFO is refused, not waited on)."""
+    with open_regular(path) as f:
         return hash_stream(f, chunk_size=chunk_size, on_bytes=on_bytes)
 
 
@@ -132,29 +139,58 @@ class HashingWriter:
         return FileDigest(self.size, self._hash.hexdigest())
 
 
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is written until it is complete."""
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+def _bounded(name: str, room: int) -> str:
+    """``name`` cut to at most ``room`` bytes of UTF-8 (uniqueness comes from the token, not the name)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    return name if len(raw) <= room else raw[:max(room, 0)].decode("utf-8", "ignore")
 
 
-def open_partial(path: str | os.PathLike[str], buffering: int = -1) -> io.BufferedWriter:
-    """Open ``path`` (a ``.partial`` name) for writing as a fresh regular file.
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name beside ``path``: hidden, unique to this call, marked as ours.
 
-    Whatever already sits under that name (a leftover partial file, or a symbolic link someone
-    planted) is unlinked first, and the new file is created with O_EXCL | O_NOFOLLOW, so bytes
+    ``.NAME.<pid>-<random>.flux-gguf.partial``: two runs writing the same output never share a
+    partial file, and no name a user gives a file (``README.md.partial``, ``x.bin.partial``)
+    is ever used, overwritten or removed. Very long names are shortened to fit NAME_MAX.
+    """
+    p = Path(path)
+    tail = f".{os.getpid()}-{secrets.token_hex(6)}{PARTIAL_MARK}"
+    return p.with_name("." + _bounded(p.name, _MAX_NAME_BYTES - 1 - len(tail)) + tail)
+
+
+def resumable_partial_path(path: str | os.PathLike[str]) -> Path:
+    """The one temporary name a download of ``path`` resumes from: ``.NAME.flux-gguf.partial``.
+
+    Stable across runs (so an interrupted download resumes), hidden and marked; callers hold the
+    folder's lock (:mod:`manifests.locking`) while they use it, so no two runs share it.
+    """
+    p = Path(path)
+    return p.with_name("." + _bounded(p.name, _MAX_NAME_BYTES - 1 - len(PARTIAL_MARK)) + PARTIAL_MARK)
+
+
+def is_partial_name(name: str) -> bool:
+    """True for a temporary name of ours (what a release may never list as a file)."""
+    return name.startswith(".") and name.endswith(PARTIAL_MARK)
+
+
+def open_partial(path: str | os.PathLike[str], buffering: int = -1, *, dir_fd: int | None = None) -> io.BufferedWriter:
+    """Open ``path`` (a name from ``partial_path``/``resumable_partial_path``) for writing as a
+    fresh regular file; with ``dir_fd``, ``path`` is a name relative to that open folder.
+
+    Whatever already sits under that name (a leftover partial file of ours, or a symbolic link
+    someone planted) is unlinked first, and the new file is created with O_EXCL | O_NOFOLLOW, so bytes
     are never written through a link to a file outside the output folder.
     """
     p = Path(path)
     try:
-        st = os.lstat(p)
+        st = os.lstat(p, dir_fd=dir_fd)
     except FileNotFoundError:
         st = None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(p))
-        p.unlink()
+        os.unlink(p, dir_fd=dir_fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(p, flags, 0o644)
+    fd = os.open(p, flags, 0o644, dir_fd=dir_fd)
     try:
         return open(fd, "wb", buffering=buffering)  # type: ignore[return-value]
     except BaseException:
@@ -163,7 +199,7 @@ def open_partial(path: str | os.PathLike[str], buffering: int = -1) -> io.Buffer
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> FileDigest:
-    """Write ``data`` to ``path`` via ``path.partial`` and a rename; return its digest."""
+    """Write ``data`` to ``path`` via a unique partial name and a rename; return its digest."""
     final = Path(path)
     tmp = partial_path(final)
     try:
@@ -185,14 +221,19 @@ def copy_file_hashed(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> FileDigest:
-    """Copy ``src`` to ``dst`` (via ``dst.partial``), hashing the bytes as they pass through."""
+    """Copy ``src`` to ``dst`` (via a unique partial name), hashing the bytes as they pass through.
+
+    ``src`` may be a path or a binary file object opened by the caller (e.g. by
+    :func:`manifests.paths.open_inside`, which checked what it opened); a path is opened here
+    without blocking on a FIFO and must be a regular file.
+    """
     _check_chunk_size(chunk_size)
     final = Path(dst)
     tmp = partial_path(final)
     buf = bytearray(chunk_size)
     view = memoryview(buf)
     try:
-        with open(src, "rb", buffering=0) as fin, open_partial(tmp) as fout:
+        with _open_source(src) as fin, open_partial(tmp) as fout:
             w = HashingWriter(fout)
             while n := fin.readinto(view):
                 w.write(view[:n])
@@ -203,6 +244,31 @@ def copy_file_hashed(
         tmp.unlink(missing_ok=True)
         raise
     return w.digest()
+
+
+def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
+    """Open ``path`` for reading, refusing (IsADirectoryError / OSError) anything but a regular file.
+
+    Opened with O_NONBLOCK and checked with ``fstat`` on the descriptor, so a FIFO or device
+    swapped in under the name is refused at once instead of blocking or reading forever.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)  # type: ignore[return-value]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_source(src: object) -> "contextlib.AbstractContextManager[BinaryIO]":
+    if hasattr(src, "readinto"):
+        return contextlib.nullcontext(src)  # type: ignore[arg-type]
+    return open_regular(src)  # type: ignore[arg-type]
 
 
 def _lower_thread_priority() -> None:

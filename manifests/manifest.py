@@ -145,6 +145,10 @@ def parse_json(data: bytes, source: str) -> Any:
                           parse_constant=_reject_constant(source))
     except json.JSONDecodeError as e:
         raise SchemaError(source, "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise SchemaError(source, "", "JSON nested too deeply") from None
+    except ValueError as e:  # an integer beyond Python's digit limit
+        raise SchemaError(source, "", f"not usable JSON: {str(e).split(';')[0]}") from None
 
 
 def _check_rules(doc: dict[str, Any], source: str) -> None:

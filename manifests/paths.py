@@ -7,6 +7,8 @@ component on disk may be a symbolic link. These checks run before any listed fil
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import stat
@@ -15,6 +17,11 @@ from pathlib import Path
 from .errors import UnsafePathError
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# Resource limits, checked before any work that grows with the path: PATH_MAX and NAME_MAX of
+# Linux, and a depth no release needs (a 60,000-component path once cost minutes and gigabytes).
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MAX_DEPTH = 32
 _FORBIDDEN_CHARS = {"\\": "a backslash", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL byte"}
 
 
@@ -24,6 +31,15 @@ def check_relative_path(path: object) -> str:
         raise UnsafePathError(repr(path), "expected a string")
     if not path:
         raise UnsafePathError(path, "empty path")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePathError(path.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+                              "is not valid UTF-8 text (lone surrogate)") from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise UnsafePathError(path[:60] + "...", f"is {len(encoded)} bytes long; at most {MAX_PATH_BYTES} are allowed")
+    if path.count("/") >= MAX_DEPTH:
+        raise UnsafePathError(path[:60] + "...", f"has {path.count('/') + 1} components; at most {MAX_DEPTH} are allowed")
     for ch, what in _FORBIDDEN_CHARS.items():
         if ch in path:
             raise UnsafePathError(path, f"contains {what}")
@@ -38,6 +54,9 @@ def check_relative_path(path: object) -> str:
             raise UnsafePathError(path, "'.' components are not allowed")
         if part == "":
             raise UnsafePathError(path, "empty path component ('//' or trailing '/')")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise UnsafePathError(path, f"a component is {len(part.encode('utf-8'))} bytes long; at most "
+                                        f"{MAX_COMPONENT_BYTES} are allowed")
     return path
 
 
@@ -69,3 +88,94 @@ def resolve_inside(root: str | os.PathLike[str], path: str) -> Path:
 def relative_posix(root: Path, path: Path) -> str:
     """``path`` relative to ``root`` with '/' separators (how manifests spell paths)."""
     return path.relative_to(root).as_posix()
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _is_link_error(e: OSError) -> bool:
+    return e.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR)
+
+
+def open_inside(root: str | os.PathLike[str], path: str) -> io.FileIO:
+    """Open manifest path ``path`` under ``root`` for reading: open first, then check what was opened.
+
+    Each folder on the way is opened relative to the previous one's descriptor (``openat``) with
+    O_NOFOLLOW | O_DIRECTORY, and the file itself with O_NOFOLLOW | O_NONBLOCK, then ``fstat``-ed:
+    a symbolic link swapped in at any moment fails the open instead of being followed, and a
+    FIFO or device is refused instead of blocking or reading forever. So whatever is read comes
+    from a regular file inside ``root``, however the folder changes meanwhile.
+
+    Raises :class:`UnsafePathError` for a link on the way or a non-regular file,
+    ``FileNotFoundError`` when the file (or a folder on the way) does not exist, and other
+    ``OSError`` (permissions, I/O) as they come.
+    """
+    check_relative_path(path)
+    if not (hasattr(os, "O_NOFOLLOW") and os.open in os.supports_dir_fd):  # pragma: no cover - not POSIX
+        resolved = resolve_inside(root, path)
+        return open(resolved, "rb", buffering=0)  # type: ignore[return-value]
+    parts = path.split("/")
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                if _is_link_error(e):
+                    if stat.S_ISLNK(os.lstat(part, dir_fd=dfd).st_mode):
+                        raise UnsafePathError(path, f"passes through symbolic link {'/'.join(parts[: i + 1])!r}") from None
+                    raise FileNotFoundError(errno.ENOENT, "not a folder", "/".join(parts[: i + 1])) from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePathError(path, "is a symbolic link") from None
+            raise
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(path, "is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)  # type: ignore[return-value]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_dir_inside(root: str | os.PathLike[str], folder: str, *, create: bool = False) -> int:
+    """A descriptor of folder ``folder`` (a manifest path, or "" for ``root`` itself) under ``root``.
+
+    Walked component by component with ``openat`` and O_NOFOLLOW | O_DIRECTORY (creating missing
+    folders with ``mkdirat`` when ``create``), so files then created, renamed or removed relative
+    to the descriptor land inside ``root`` however the folder changes meanwhile. Raises
+    :class:`UnsafePathError` for a symbolic link on the way. The caller closes the descriptor.
+    """
+    parts = check_relative_path(folder).split("/") if folder else []
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for i, part in enumerate(parts):
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dfd)
+                except FileExistsError:
+                    pass
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            except OSError as e:
+                if _is_link_error(e) and stat.S_ISLNK(os.lstat(part, dir_fd=dfd).st_mode):
+                    raise UnsafePathError(folder, f"passes through symbolic link {'/'.join(parts[: i + 1])!r}") from None
+                raise
+            os.close(dfd)
+            dfd = nfd
+        return dfd
+    except BaseException:
+        os.close(dfd)
+        raise

@@ -11,6 +11,7 @@ Any other keyword in a schema raises ``ValueError`` so the schema cannot silentl
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from functools import lru_cache
@@ -116,7 +117,7 @@ class _Validator:
     def _check_string(self, value: str, schema: dict[str, Any], where: str) -> None:
         if "minLength" in schema and len(value) < schema["minLength"]:
             self.fail(where, f"expected a string of at least {schema['minLength']} character(s), got {_short(value)}")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
+        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
             self.fail(where, f"expected a string matching {schema['pattern']}, got {_short(value)}")
 
     def _check_array(self, value: list[Any], schema: dict[str, Any], where: str) -> None:
@@ -154,3 +155,12 @@ def validate(document: Any, schema: dict[str, Any] | None = None, *, source: str
     """Raise :class:`SchemaError` naming the first offending location if ``document`` does not match."""
     root = manifest_schema() if schema is None else schema
     _Validator(root, source).check(document, root, "")
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(pattern: str) -> "re.Pattern[str]":
+    """A JSON Schema (ECMA-262) pattern as Python ``re``: there ``$`` matches only at the very end,
+    while Python's also matches before a trailing newline (which let ``"<64 hex>\\n"`` pass)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)

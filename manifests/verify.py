@@ -20,9 +20,12 @@ from typing import Any, Callable, Iterable
 
 from .checksums import parse_sha256sums
 from .errors import ManifestError, UnsafePathError
-from .hashing import DEFAULT_CHUNK_SIZE, hash_bytes, hash_file, hash_range
+from .hashing import DEFAULT_CHUNK_SIZE, hash_bytes, hash_range, hash_stream
 from .manifest import CHECKSUMS_NAME, GGUF_KIND, MANIFEST_NAME, ArtifactEntry, Manifest, load_manifest
-from .paths import resolve_inside
+from .paths import open_inside, resolve_inside
+
+# manifest.json and SHA256SUMS are read whole; a release's are kilobytes to a few megabytes.
+MAX_RECORD_BYTES = 256 << 20
 
 OK, MISMATCH, MISSING, UNEXPECTED = "ok", "mismatch", "missing", "unexpected"
 STATUSES = (OK, MISMATCH, MISSING, UNEXPECTED)
@@ -94,28 +97,34 @@ class VerifyReport:
 def _read_manifest(root: Path) -> tuple[Manifest, bytes]:
     path = root / MANIFEST_NAME
     try:
-        st = os.lstat(path)
+        with open_inside(root, MANIFEST_NAME) as f:  # O_NOFOLLOW, then fstat: never through a link
+            data = _read_bounded(f, path)
     except FileNotFoundError:
         raise ManifestError(f"{root}: no {MANIFEST_NAME}; not a flux-gguf release folder") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafePathError(MANIFEST_NAME, "is a symbolic link")
-    if not stat.S_ISREG(st.st_mode):
-        raise ManifestError(f"{path}: not a regular file")
-    try:
-        data = path.read_bytes()
+    except UnsafePathError as e:
+        if e.reason == "is a symbolic link":
+            raise
+        raise ManifestError(f"{path}: not a regular file") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read: {_reason(e)}") from None
     return load_manifest(data, source=str(path)), data
+
+
+def _read_bounded(f: Any, path: Path) -> bytes:
+    size = os.fstat(f.fileno()).st_size
+    if size > MAX_RECORD_BYTES:
+        raise ManifestError(f"{path}: {size} bytes; a release's {path.name} is at most {MAX_RECORD_BYTES} bytes")
+    return f.read(MAX_RECORD_BYTES + 1)
 
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def _damaged_tensors(path: Path, artifact: ArtifactEntry, chunk_size: int) -> list[str]:
+def _damaged_tensors(root: Path, artifact: ArtifactEntry, chunk_size: int) -> list[str]:
     """Names of tensors whose recorded byte range no longer hashes to the recorded digest."""
     damaged = []
-    with open(path, "rb", buffering=0) as f:
+    with open_inside(root, artifact.path) as f:
         for t in artifact.tensors or ():
             if hash_range(f, t.offset, t.nbytes, chunk_size=chunk_size) != t.sha256:
                 damaged.append(t.name)
@@ -125,16 +134,16 @@ def _damaged_tensors(path: Path, artifact: ArtifactEntry, chunk_size: int) -> li
 def _check_artifact(root: Path, artifact: ArtifactEntry, *, tensors: bool, chunk_size: int,
                     on_bytes: Callable[[int], None]) -> FileCheck:
     check = FileCheck(artifact.path, MISSING, expected_size=artifact.size, expected_sha256=artifact.sha256)
-    path = resolve_inside(root, artifact.path)
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    try:  # open, then check what was opened: a link or FIFO swapped in since the pre-check is refused
+        with open_inside(root, artifact.path) as f:
+            digest = hash_stream(f, chunk_size=chunk_size, on_bytes=on_bytes)
+    except FileNotFoundError:
         return check
-    if not stat.S_ISREG(st.st_mode):
+    except UnsafePathError as e:
+        if e.reason != "is not a regular file":
+            raise
         check.status, check.detail = MISMATCH, "not a regular file"
         return check
-    try:
-        digest = hash_file(path, chunk_size=chunk_size, on_bytes=on_bytes)
     except OSError as e:  # unreadable (permissions, I/O error): a verdict for this file, not a crash
         check.status, check.detail = MISMATCH, f"cannot read: {_reason(e)}"
         return check
@@ -149,9 +158,9 @@ def _check_artifact(root: Path, artifact: ArtifactEntry, *, tensors: bool, chunk
         check.detail = "same size, different content"
     if tensors and artifact.kind == GGUF_KIND:
         try:
-            check.damaged_tensors = _damaged_tensors(path, artifact, chunk_size)
-        except OSError as e:
-            check.detail += f"; cannot read its tensors: {_reason(e)}"
+            check.damaged_tensors = _damaged_tensors(root, artifact, chunk_size)
+        except (OSError, UnsafePathError) as e:
+            check.detail += f"; cannot read its tensors: {_reason(e) if isinstance(e, OSError) else e.reason}"
             return check
         if not check.damaged_tensors:
             check.detail += "; every tensor's data is intact (the damage is in the header, metadata or padding)"
@@ -161,19 +170,22 @@ def _check_artifact(root: Path, artifact: ArtifactEntry, *, tensors: bool, chunk
 
 
 def _check_checksums(root: Path, manifest: Manifest) -> tuple[FileCheck, dict[str, str] | None]:
-    path = root / CHECKSUMS_NAME
     check = FileCheck(CHECKSUMS_NAME, MISSING)
     try:
-        st = os.lstat(path)
+        with open_inside(root, CHECKSUMS_NAME) as f:
+            data = _read_bounded(f, root / CHECKSUMS_NAME)
     except FileNotFoundError:
         return check, None
-    if not stat.S_ISREG(st.st_mode):
+    except UnsafePathError as e:
+        if e.reason != "is not a regular file":
+            raise
         check.status, check.detail = MISMATCH, "not a regular file"
         return check, None
-    try:
-        data = path.read_bytes()
     except OSError as e:
         check.status, check.detail = MISMATCH, f"cannot read: {_reason(e)}"
+        return check, None
+    except ManifestError as e:
+        check.status, check.detail = MISMATCH, str(e)
         return check, None
     digest = hash_bytes(data)
     check.actual_size, check.actual_sha256 = digest.size, digest.sha256

@@ -9,8 +9,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import floats
-from ._checks import find_nonfinite
-from .errors import BlockSizeError, NonFiniteError, QuantError, ShapeError
+from ._checks import find_nonfinite, scan
+from .errors import BlockSizeError, NonFiniteError, OverflowValueError, QuantError, ShapeError
 from .types import QuantSpec, resolve
 
 _Q = GGMLQuantizationType
@@ -48,10 +48,64 @@ def _as_f32_2d(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _check_finite(x: np.ndarray) -> None:
-    count, where = find_nonfinite(x)
+def _check_finite(x: np.ndarray) -> float:
+    """Refuse NaN/inf; return the largest magnitude (checked against the output type's range)."""
+    count, where, amax = scan(x)
     if count:
         raise NonFiniteError(count, where, float(x[where]))
+    return amax
+
+
+# Overflow: finite inputs the output type cannot hold. F16 rounds |x| >= 65520 to inf, BF16
+# |x| >= 0x7F7F8000 (both round to nearest even). Every quantized type stores its block scale as
+# float16, so a block can hold at most 65504 x its largest code multiplier; beyond that (or when
+# a kernel's scale search lands on a scale float16 cannot hold) the block scale becomes inf/NaN.
+F16_OVERFLOW = 65520.0
+BF16_OVERFLOW = float(np.array([0x7F7F8000], dtype=np.uint32).view(np.float32)[0])
+_F16_MAX = 65504.0
+_CODE_RANGE = {_Q.Q8_0: 127, _Q.Q2_K: 15 * 3, _Q.Q3_K: 32 * 4, _Q.Q4_K: 63 * 15, _Q.Q5_K: 63 * 31,
+               _Q.Q6_K: 127 * 32}
+# Byte offsets of the float16 scale fields in each type's block (ggml's block_* structs).
+_SCALE_FIELDS = {_Q.Q8_0: (0,), _Q.Q2_K: (80, 82), _Q.Q3_K: (108,), _Q.Q4_K: (0, 2), _Q.Q5_K: (0, 2),
+                 _Q.Q6_K: (208,)}
+
+
+def _first_over(x: np.ndarray, limit: float) -> tuple[int, int]:
+    r, c = np.unravel_index(int(np.argmax(np.abs(x) >= limit)), x.shape)
+    return int(r), int(c)
+
+
+def _check_range(x: np.ndarray, spec: QuantSpec, amax: float) -> None:
+    """Refuse values that would be written as inf (float types) or exceed what a block can hold."""
+    if spec.qtype == _Q.F16 and amax >= F16_OVERFLOW:
+        where = _first_over(x, F16_OVERFLOW)
+        raise OverflowValueError("F16", float(x[where]), where, _F16_MAX, "it would be stored as inf")
+    if spec.qtype == _Q.BF16 and amax >= BF16_OVERFLOW:
+        where = _first_over(x, BF16_OVERFLOW)
+        raise OverflowValueError("BF16", float(x[where]), where, 3.3895313892515355e38, "it would be stored as inf")
+    limit = _CODE_RANGE.get(spec.qtype)
+    if limit is not None and amax > _F16_MAX * limit:
+        where = _first_over(x, np.nextafter(np.float32(_F16_MAX * limit), np.float32(np.inf)))
+        raise OverflowValueError(spec.name, float(x[where]), where, None,
+                                 f"a {spec.name} block holds at most 65504 (its float16 scale) x {limit}")
+
+
+def _check_scales(x: np.ndarray, out: np.ndarray, spec: QuantSpec) -> None:
+    """After encoding: every float16 block scale must be finite (exact, whatever the kernel did)."""
+    fields = _SCALE_FIELDS.get(spec.qtype)
+    if not fields or out.size == 0:
+        return
+    blocks = out.reshape(-1, spec.type_size)
+    for off in fields:
+        bits = blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << np.uint16(8))
+        bad = np.flatnonzero((bits & np.uint16(0x7C00)) == np.uint16(0x7C00))
+        if bad.size:
+            per_row = x.shape[1] // spec.block_size
+            r, b = divmod(int(bad[0]), per_row)
+            block = x[r, b * spec.block_size:(b + 1) * spec.block_size]
+            c = b * spec.block_size + int(np.argmax(np.abs(block)))
+            raise OverflowValueError(spec.name, float(x[r, c]), (r, c), None,
+                                     f"the float16 scale of block {b} of that row would be inf")
 
 
 def quantize(
@@ -70,7 +124,8 @@ def quantize(
     rows, n = x.shape
     if n % spec.block_size:
         raise BlockSizeError(spec.name, spec.block_size, n)
-    _check_finite(x)
+    amax = _check_finite(x)
+    _check_range(x, spec, amax)
     if spec.qtype == _Q.F32:
         return x.view(np.uint8).reshape(rows, n * 4)
     if spec.qtype == _Q.F16:
@@ -95,6 +150,7 @@ def quantize(
     else:
         # ggml ignores importance weights for Q8_0 and the float types.
         kernels.quantize_rows(x, out)
+    _check_scales(x, out, spec)
     return out
 
 

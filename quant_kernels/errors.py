@@ -37,3 +37,18 @@ class NonFiniteError(QuantError):
             f"input holds {count} non-finite value{'s' if count != 1 else ''} (NaN or inf); "
             f"first at row {first_index[0]}, column {first_index[1]} ({value})"
         )
+
+
+class OverflowValueError(QuantError):
+    """A finite input value the output type cannot hold (it would be written as inf)."""
+
+    def __init__(self, qtype: str, value: float, where: tuple[int, int], limit: float | None, what: str):
+        self.qtype = qtype
+        self.value = value
+        self.where = where
+        self.limit = limit
+        bound = f" (largest magnitude {qtype} can hold: {limit:g})" if limit is not None else ""
+        super().__init__(
+            f"value {value:g} at row {where[0]}, column {where[1]} overflows {qtype}: {what}{bound}; "
+            "refused rather than written as inf"
+        )

@@ -15,7 +15,7 @@ import click
 
 from converter import __version__
 
-from .output import LIBRARY_ERRORS, one_line
+from .output import as_click_exception
 
 # "module:attribute" of a click.Command, in the order `flux-gguf --help` lists them.
 COMMANDS = (
@@ -33,13 +33,17 @@ COMMANDS = (
 
 
 class FluxGroup(click.Group):
-    """A click group that maps our exceptions to ClickException (one line, exit 1)."""
+    """A click group that maps every exception to ClickException (one line, exit 1); click's own
+    usage errors and aborts pass through."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except LIBRARY_ERRORS as e:
-            raise click.ClickException(one_line(e)) from e
+        except Exception as e:  # noqa: BLE001 - library errors and the unexpected: one line, exit 1
+            err = as_click_exception(e)
+            if err is None:
+                raise
+            raise err from e
 
 
 @click.group(cls=FluxGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,6 @@ import time
 from typing import Sequence
 
 import click
-import numba
 
 from converter.imatrix import load_imatrices
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
@@ -17,7 +16,7 @@ from converter.recipes import parse_override, resolve_variant
 from converter.sources import open_source
 from manifests.hashing import hash_file
 
-from .output import describe_artifacts, describe_plans, progress_bar
+from .output import check_threads, describe_artifacts, describe_plans, progress_bar
 
 
 def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
@@ -57,7 +56,7 @@ def split_variants(values: Sequence[str]) -> list[str]:
               type=click.Path(path_type=pathlib.Path, dir_okay=False),
               help="Quantize K-quant tensors with this importance matrix (llama.cpp GGUF imatrix, or a "
                    "llama.cpp/stable-diffusion.cpp .dat); repeat to merge several, as llama.cpp does.")
-@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+@click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
               help="Threads for the quantization kernels (default: all cores).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (types, exact sizes) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
@@ -76,6 +75,7 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
       flux-gguf convert flux1-kontext-dev.safetensors -o out --variant Q4_K_M \\
           --imatrix flux1-kontext-dev.imatrix.gguf
     """
+    check_threads(threads)
     names = split_variants(variants)
     for v in names:  # reject bad arguments before opening the source
         resolve_variant(v)

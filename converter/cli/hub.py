@@ -88,16 +88,19 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
               help="Only artifacts matching this glob (repeatable); default: all.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder to download into (created if missing).")
+@click.option("--force", is_flag=True, help="Replace files already in the folder that differ from the release "
+              "(by default the command refuses, naming the file, before downloading anything).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @trust_options
 @errors_as_click
 def download(repo_id: str, revision: str | None, include: tuple[str, ...], output: pathlib.Path, as_json: bool,
-             **trust_opts: Any) -> None:
+             force: bool = False, **trust_opts: Any) -> None:
     """Download a release from the Hub, checking every file's size and sha256 against its manifest.
 
-    Files arrive as NAME.partial and get their name only once verified; files already present
-    with the right bytes are kept. On a mismatch the command fails naming the file, and nothing
-    you already had is deleted.
+    Files arrive under a hidden partial name (.NAME.flux-gguf.partial) and get their name only
+    once verified; files already present with the right bytes are kept. A file already there with
+    other bytes is never replaced unless --force is given. On a mismatch the command fails naming
+    the file, and nothing you already had is deleted.
 
     The release's manifest.json and SHA256SUMS (the whole release's, also with --include) are
     written last. If the folder already holds a different manifest.json or SHA256SUMS (another
@@ -114,9 +117,10 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
         if trust is not None:  # signed releases (#13): model.sig checked before and after the transfer
             from converter.release.signing import download_signed
             result, signature = download_signed(repo_id, output, trust, revision=revision, include=include,
-                                                progress=progress)
+                                                progress=progress, force=force)
         else:
-            result = download_release(repo_id, output, revision=revision, include=include, progress=progress)
+            result = download_release(repo_id, output, revision=revision, include=include, progress=progress,
+                                      force=force)
     if as_json:
         return _echo_json(result.to_json() | ({"signature": signature.to_json()} if signature else {}))
     if signature is not None:

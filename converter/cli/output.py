@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import pathlib
+import re
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
 
-from converter.errors import FluxGGUFError
+from converter.errors import FluxGGUFError, PlanError
 from converter.pipeline import ProgressFn
 from converter.recipes import Plan
 from converter.writer import ArtifactRecord
@@ -26,8 +27,38 @@ LIBRARY_ERRORS = (FluxGGUFError, QuantError, ManifestError)
 
 
 def one_line(message: object) -> str:
-    """Collapse a (possibly multi-line) message into one line for ``Error: ...``."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    """Collapse a (possibly multi-line) message into one line for ``Error: ...``; control characters
+    and lone surrogates (from crafted file names or headers) are shown escaped, never sent raw."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def describe_unexpected(e: BaseException) -> str:
+    """One line for an exception no library code turned into a message of its own (a last resort:
+    a crafted input still gets ``Error:`` and exit 1, never a traceback)."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return f"{where}{e.strerror}"
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to process ({e})"
+    if isinstance(e, MemoryError):
+        return "out of memory (the input asks for more than this machine has)"
+    return f"{type(e).__name__}: {e}"
+
+
+_CLICK_OWN = (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit)
+
+
+def as_click_exception(e: Exception) -> click.ClickException | None:
+    """The ``Error:`` line for ``e``, or None for click's own exceptions (which click presents)."""
+    if isinstance(e, _CLICK_OWN):
+        return None
+    if isinstance(e, LIBRARY_ERRORS):
+        return click.ClickException(one_line(e))
+    return click.ClickException(one_line(describe_unexpected(e)))
 
 
 def errors_as_click(fn: F) -> F:
@@ -37,13 +68,25 @@ def errors_as_click(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except LIBRARY_ERRORS as e:
-            raise click.ClickException(one_line(e)) from e
+        except Exception as e:  # noqa: BLE001 - every exception becomes one line
+            err = as_click_exception(e)
+            if err is None:
+                raise
+            raise err from e
 
     return wrapper  # type: ignore[return-value]
 
 
 GB = 1e9
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` out of range is one ``Error:`` line (click's IntRange printed usage and exit 2)."""
+    import numba
+
+    if threads is not None and not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise PlanError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (the cores numba "
+                        f"may use), got {threads}")
 
 
 @contextlib.contextmanager

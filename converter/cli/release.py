@@ -4,12 +4,11 @@ from __future__ import annotations
 import pathlib
 
 import click
-import numba
 
 from converter.release.build import build_release
 from manifests import ManifestError
 
-from .output import GB, progress_bar
+from .output import GB, check_threads, progress_bar
 from .signing_options import request_from, sign_options
 
 
@@ -27,7 +26,7 @@ def release() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=pathlib.Path), required=True,
               help="Release folder to create (must not exist, or be empty).")
-@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+@click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
               help="Threads for the quantization kernels (default: all cores).")
 @sign_options
 def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **signing: object) -> None:
@@ -46,6 +45,7 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **sign
     With --sign-key (or --sign-certificate/--sign-chain, or --sign-sigstore) the finished folder is
     signed with OpenSSF model-signing (model.sig covers every file) before it gets its name.
     """
+    check_threads(threads)
     sign = request_from(**signing)  # type: ignore[arg-type]
     try:
         with progress_bar("converting") as progress:

@@ -52,10 +52,20 @@ def hub_api(endpoint: str | None = None, token: str | None = None) -> "HfApi":
 
     ``token=None`` leaves the lookup to huggingface_hub (``HF_TOKEN``, then the ``hf auth login`` file).
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants, get_token
 
+    _check_token_text(token if token is not None else get_token())
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     return HfApi(endpoint=endpoint.rstrip("/"), token=token, library_name="flux-gguf", library_version=__version__)
+
+
+def _check_token_text(token: str | None) -> None:
+    """A token HTTP headers cannot carry (non-ASCII, spaces, control characters) is refused up front,
+    in one line that never shows the token (the HTTP client's own error quoted part of it)."""
+    if token and not all(33 <= ord(ch) < 127 for ch in token):
+        raise HubAuthError("the Hugging Face token (HF_TOKEN or the `hf auth login` file) holds non-ASCII, space or "
+                           "control characters, which an HTTP header cannot carry: set it to the token exactly as "
+                           "the Hub shows it")
 
 
 def parse_repo_spec(spec: str) -> tuple[str, str | None]:

@@ -25,7 +25,10 @@ from manifests import (
     parse_sha256sums,
     resolve_inside,
 )
-from manifests.hashing import open_partial, partial_path, write_bytes_atomic
+from manifests.hashing import hash_stream, is_partial_name, open_partial, resumable_partial_path, write_bytes_atomic
+from manifests.locking import OutputBusyError
+from manifests.locking import acquire as acquire_lock
+from manifests.paths import open_dir_inside, open_inside
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -65,22 +68,33 @@ class DownloadResult:
                 "output_dir": str(self.output_dir), "files": [f.__dict__ for f in self.files]}
 
 
-def _already_there(path: Path, want: FileDigest, on_bytes: Callable[[int], None]) -> bool:
-    """True if ``path`` already holds exactly the wanted bytes (hashed only when the size matches)."""
+def _already_there(out: Path, rel: str, want: FileDigest, on_bytes: Callable[[int], None]) -> bool | None:
+    """True if ``out/rel`` already holds exactly the wanted bytes, False if it holds others, None if absent.
+
+    Opened first, then checked (:func:`manifests.paths.open_inside`: no link followed, regular
+    files only), and hashed only when the size matches.
+    """
+    dest = out / rel
     try:
-        st = os.lstat(path)
+        with open_inside(out, rel) as f:
+            if os.fstat(f.fileno()).st_size != want.size:
+                return False
+            return hash_stream(f, on_bytes=on_bytes) == want
     except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode):
-        raise HubError(f"{path}: exists and is not a regular file; move it away and re-run")
-    return st.st_size == want.size and hash_file(path, on_bytes=on_bytes) == want
+        return None
+    except UnsafePathError as e:
+        if e.reason == "is not a regular file":
+            raise HubError(f"{dest}: exists and is not a regular file; move it away and re-run") from None
+        raise OutputError(f"{dest}: {e.reason}; downloads are never written through a symbolic link") from None
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot read the file already there: {e.strerror or e}") from None
 
 
 _RESUME_FLAGS = (os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
                  | getattr(os, "O_CLOEXEC", 0))
 
 
-def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
+def _open_resumable(partial: Path | str, limit: int, dir_fd: int | None = None) -> BinaryIO | None:
     """The ``.partial`` file an earlier run left, opened to re-read and append, never through a link.
 
     Returns None when there is nothing to resume; a partial that is not a regular file of 1 to
@@ -88,14 +102,14 @@ def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
     starts over in a fresh file. A folder is left alone (``open_partial`` then refuses it, naming it).
     """
     try:
-        st = os.lstat(partial)
+        st = os.lstat(partial, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     if stat.S_ISDIR(st.st_mode):
         return None
     if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= limit:
         try:
-            fd = os.open(partial, _RESUME_FLAGS)  # O_NOFOLLOW: a link swapped in since the lstat fails here
+            fd = os.open(partial, _RESUME_FLAGS, dir_fd=dir_fd)  # O_NOFOLLOW: a link swapped in since the lstat fails
         except OSError:
             fd = -1
         if fd >= 0:
@@ -103,19 +117,53 @@ def _open_resumable(partial: Path, limit: int) -> BinaryIO | None:
             if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
                 return open(fd, "r+b", buffering=0)
             os.close(fd)
-    partial.unlink(missing_ok=True)  # a link is removed, never followed
+    _unlink(partial, dir_fd)  # a link is removed, never followed
     return None
 
 
+def _unlink(name: Path | str, dir_fd: int | None) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
-                  on_bytes: Callable[[int], None]) -> None:
-    """Stream one file into ``dest.partial`` while hashing; rename only if it matches ``want``.
+                  on_bytes: Callable[[int], None], root: Path | None = None) -> None:
+    """Stream one file into its partial name (``.NAME.flux-gguf.partial``) while hashing; rename only
+    if it matches ``want``.
 
     A regular partial file an earlier run left is re-hashed and resumed with a ``Range`` request;
     one that already holds all ``want.size`` bytes is renamed without any request if it matches
     (and discarded if not). A server that ignores the range, or answers 416, gets a fresh start.
+
+    With ``root`` (the download folder; ``path`` is relative to it), the file's folder is opened
+    once by an ``openat`` walk that follows no link, and the partial file is created, reopened,
+    renamed and removed relative to that descriptor: a folder swapped for a symbolic link during
+    the download cannot redirect a single byte outside ``root``.
     """
-    partial = partial_path(dest)
+    partial = resumable_partial_path(dest)  # stable, so a re-run resumes; the folder's lock keeps it ours
+    dfd: int | None = None
+    pname: Path | str = partial
+    dname: Path | str = dest
+    if root is not None:
+        try:
+            dfd = open_dir_inside(root, path.rsplit("/", 1)[0] if "/" in path else "", create=True)
+        except UnsafePathError as e:
+            raise OutputError(f"{dest}: {e.reason}; downloads are never written through a symbolic link") from None
+        except OSError as e:
+            raise OutputError(f"{partial}: cannot write the download: {e.strerror or e}") from e
+        pname, dname = partial.name, dest.name
+    try:
+        _download_into(api, repo_id, commit, path, want, dest, on_bytes, partial, pname, dname, dfd)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: FileDigest, dest: Path,
+                   on_bytes: Callable[[int], None], partial: Path, pname: Path | str, dname: Path | str,
+                   dfd: int | None) -> None:
     h, have = hashlib.sha256(), 0
     out: BinaryIO | None = None
 
@@ -127,8 +175,9 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
         h, have = hashlib.sha256(), 0
 
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = _open_resumable(partial, want.size)
+        if dfd is None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        out = _open_resumable(pname, want.size, dfd)
         if out is not None:  # resume: re-hash what an earlier run left
             while chunk := out.read(_CHUNK):
                 h.update(chunk)
@@ -137,7 +186,8 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
             if have == want.size:  # complete already: nothing to ask the Hub for
                 if h.hexdigest() == want.sha256:
                     out.close()
-                    os.replace(partial, dest)
+                    out = None
+                    os.replace(pname, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
                     return
                 start_over()
         while True:
@@ -149,7 +199,7 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
                 if have and r.status_code != 206:  # the server ignored the Range: start over
                     start_over()
                 if out is None:
-                    out = open_partial(partial)  # a fresh regular file, whatever sat under that name
+                    out = open_partial(pname, dir_fd=dfd)  # a fresh regular file, whatever sat under that name
                 for chunk in _chunks(r):
                     out.write(chunk)
                     h.update(chunk)
@@ -167,11 +217,14 @@ def _download_one(api: "HfApi", repo_id: str, commit: str, path: str, want: File
             out.close()
     got = h.hexdigest()
     if have != want.size or got != want.sha256:
-        partial.unlink(missing_ok=True)
+        _unlink(pname, dfd)
         raise HubVerificationError(
             f"{path}: the Hub sent {have if have <= want.size else 'more than ' + str(want.size)} bytes hashing to "
             f"{got}, the manifest says {want.size} bytes with sha256 {want.sha256}; nothing was written under its name")
-    os.replace(partial, dest)  # onto a symbolic link this replaces the link; nothing is written through it
+    try:  # onto a symbolic link this replaces the link; nothing is written through it
+        os.replace(pname, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot move the verified download into place: {e.strerror or e}") from e
 
 
 def _check_own_record(dest: Path, data: bytes, repo_id: str, commit: str) -> None:
@@ -203,6 +256,7 @@ def download_release(
     include: Sequence[str] = (),
     api: "HfApi | None" = None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> DownloadResult:
     """Download a release's manifest, then the chosen files, each checked against it as it arrives.
 
@@ -214,7 +268,12 @@ def download_release(
     written last, once every chosen file is verified. If ``output_dir`` already holds a
     manifest.json or SHA256SUMS with other content (another release, or another commit of this
     one), nothing is downloaded and :class:`HubError` names that file: it is never overwritten,
-    so each release belongs in a folder of its own.
+    so each release belongs in a folder of its own. The same holds for every chosen file: one
+    already there with other bytes (the user's own README.md, say) is refused before any
+    transfer; ``force=True`` replaces such files (still only with verified bytes).
+
+    The folder is locked (``.flux-gguf.lock`` inside it) for the whole download: a second
+    download into the same folder fails at once, naming the holder.
     """
     api = api or hub_api()
     parse_repo_spec(repo_id)
@@ -233,6 +292,10 @@ def download_release(
         if disagree:
             raise HubVerificationError(f"{repo_id}: {CHECKSUMS_NAME} and {MANIFEST_NAME} disagree on " + ", ".join(disagree))
 
+    ours = [a.path for a in manifest.artifacts if is_partial_name(a.path.rsplit("/", 1)[-1])]
+    if ours:
+        raise HubVerificationError(f"{repo_id}: {MANIFEST_NAME} lists {ours[0]}, a name flux-gguf reserves for "
+                                   "partial downloads; refused")
     chosen = [a for a in manifest.artifacts if not include or any(fnmatch.fnmatchcase(a.path, p) for p in include)]
     if not chosen:
         raise HubError(f"no file of {repo_id} matches --include {' '.join(include)}; it has: "
@@ -243,27 +306,54 @@ def download_release(
         raise HubVerificationError(f"{repo_id} at {commit[:12]} does not match its manifest: {_describe(bad)}; nothing was downloaded")
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(out, out / ".flux-gguf.lock")
+    except OutputBusyError as e:
+        raise OutputError(f"{out}: another flux-gguf download ({e.holder}) is writing into it; wait for it to "
+                          "finish or choose another folder") from None
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create or lock the download folder: {e.strerror or e}") from None
+    with lock:
+        return _download_locked(api, repo_id, revision, commit, out, manifest_bytes, sums_bytes, chosen,
+                                expected, progress, force)
+
+
+def _download_locked(api: "HfApi", repo_id: str, revision: str | None, commit: str, out: Path,
+                     manifest_bytes: bytes, sums_bytes: bytes | None, chosen: list[Any],
+                     expected: dict[str, FileDigest], progress: Progress | None, force: bool) -> DownloadResult:
     records = {MANIFEST_NAME: manifest_bytes} | ({CHECKSUMS_NAME: sums_bytes} if sums_bytes is not None else {})
-    for name, data in records.items():  # before any transfer: a different one is never overwritten
-        _check_own_record(_destination(out, name), data, repo_id, commit)
+    if not force:
+        for name, data in records.items():  # before any transfer: a different one is never overwritten
+            _check_own_record(_destination(out, name), data, repo_id, commit)
     total = sum(a.size for a in chosen)
 
     def on_bytes(n: int) -> None:
         if progress is not None:
             progress(n, total)
 
+    present: dict[str, bool] = {}
+    for artifact in chosen:  # before any transfer: a file the user has with other bytes is never replaced
+        _destination(out, artifact.path)
+        state = _already_there(out, artifact.path, expected[artifact.path], on_bytes)
+        if state is False and not force:
+            raise HubError(f"{out / artifact.path}: already there with other content than {artifact.path} of "
+                           f"{repo_id} at {commit[:12]}; download never overwrites a file it did not write: "
+                           "move it away, or pass --force to replace it")
+        present[artifact.path] = bool(state)
+
     files = []
     for artifact in chosen:
         want = expected[artifact.path]
         dest = _destination(out, artifact.path)
-        if _already_there(dest, want, on_bytes):
+        if present[artifact.path]:
             files.append(DownloadedFile(artifact.path, want.size, want.sha256, "present"))
             continue
-        _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes)
+        _download_one(api, repo_id, commit, artifact.path, want, dest, on_bytes, root=out)
         files.append(DownloadedFile(artifact.path, want.size, want.sha256, "downloaded"))
     for name, data in reversed(records.items()):  # last, manifest.json last of all: every chosen file is verified
         dest = _destination(out, name)
-        _check_own_record(dest, data, repo_id, commit)
+        if not force:
+            _check_own_record(dest, data, repo_id, commit)
         write_bytes_atomic(dest, data)
     return DownloadResult(repo_id, revision, commit, out, files)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from converter.errors import LoraError, OutputError
-from manifests.hashing import open_partial
+from manifests.hashing import open_partial, partial_path
 from quant_kernels import to_bfloat16_bits, to_float16
 
 from .formats import CanonicalLora, LoraPart, fused_row_count, key_list
@@ -109,7 +109,7 @@ def _encode(name: str, x: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
 
 
 def _write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> ExportRecord:
-    """Stream header and tensors to PATH.partial, hashing every byte written, then rename."""
+    """Stream header and tensors to a hidden partial name, hashing every byte written, then rename."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, (dtype, arr) in tensors.items():
@@ -117,7 +117,7 @@ def _write_safetensors(path: pathlib.Path, tensors: dict[str, tuple[str, np.ndar
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_path(path)  # hidden and unique: a user's NAME.partial is never touched
     digest = hashlib.sha256()
     size = 0
     created = False

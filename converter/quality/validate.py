@@ -190,9 +190,17 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     """A GGUFReader over ``path`` (memory-mapped), or a one-line error naming the file."""
     from gguf import GGUFReader
 
+    from converter.inspect_files import GGUFStructureError, check_gguf_structure
+
     p = pathlib.Path(path)
     if not p.is_file():
         raise ValidationError(f"{p}: no such GGUF file")
+    try:  # every count and length bounded by the file's size before gguf-py allocates from them
+        check_gguf_structure(p)
+    except GGUFStructureError as exc:
+        raise ValidationError(f"{p}: not a readable GGUF file ({exc.problem})") from None
+    except OSError as exc:
+        raise ValidationError(f"{p}: cannot read ({exc.strerror or exc})") from None
     try:
         return GGUFReader(p)
     except (ValueError, OSError, IndexError, KeyError) as exc:

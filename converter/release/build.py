@@ -1,10 +1,12 @@
 """``release build``: one spec in, a complete verifiable release folder out.
 
-Everything is built in ``DIR.partial`` and renamed to ``DIR`` only when the last file is in
-place, so a folder under its final name is always a complete release. ``DIR.partial`` carries a
-marker file (``.flux-gguf-partial``, removed before the rename) while a build owns it: the next
-build removes a leftover partial folder only if it has the marker, and refuses any other folder
-of that name. Any OSError while writing becomes one OutputError naming the file, with the
+Everything is built in a hidden, unique partial folder beside ``DIR``
+(``.DIR.<pid>-<random>.flux-gguf.partial``) and renamed to ``DIR`` only when the last file is in
+place, so a folder under its final name is always a complete release. A build holds an exclusive
+lock on ``DIR`` (``.DIR.flux-gguf.lock`` beside it) from its first check to the rename: a second
+build of the same folder fails at once, naming the holder. The partial folder carries a marker
+file (``.flux-gguf-partial``, removed before the rename); under the lock, partial folders of
+``DIR`` that an interrupted build left (marker inside) are removed, and nothing else is touched. Any OSError while writing becomes one OutputError naming the file, with the
 partial folder removed.
 
 Every digest is computed while the bytes are produced: GGUFs by the streaming writer, extra files
@@ -35,6 +37,7 @@ from converter.sources import open_source
 from converter.writer import ArtifactRecord
 from manifests import (
     CHECKSUMS_NAME,
+    UnsafePathError,
     MANIFEST_NAME,
     ArtifactEntry,
     BackgroundHasher,
@@ -45,11 +48,16 @@ from manifests import (
     format_sha256sums,
 )
 from manifests.hashing import (
+    PARTIAL_MARK,
     FileDigest,
     copy_file_hashed,
     hash_bytes,
+    partial_path,
     write_bytes_atomic,
 )
+from manifests.locking import OutputBusyError
+from manifests.locking import acquire as acquire_lock
+from manifests.paths import open_inside
 
 from . import lora  # noqa: F401  (registers the [[lora]] spec hook)
 from .signing import PreparedSigner, SigningRequest, card_section, prepare_signer, release_digests, sign_release
@@ -168,23 +176,42 @@ def _output_path(out_dir: str | os.PathLike[str], spec: ReleaseSpec) -> Path:
     return out
 
 
-def _prepare(out: Path) -> Path:
-    """Create ``out.partial`` (with our marker), first removing a stale one only if it is ours."""
-    partial = out.with_name(out.name + ".partial")
+def _lock(out: Path) -> "contextlib.AbstractContextManager[object]":
+    """The exclusive lock on ``out`` (``.NAME.flux-gguf.lock`` beside it), taken before any check."""
+    with _writing(out, f"create {out.parent}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        st = os.lstat(partial)
-    except FileNotFoundError:
-        st = None
+        return acquire_lock(out)
+    except OutputBusyError as e:
+        raise OutputError(f"{out} was not written: another flux-gguf build ({e.holder}) is writing it; "
+                          "wait for it to finish or choose another output folder") from None
     except OSError as e:
-        raise OutputError(f"{out} was not written: cannot inspect {partial}: {_reason(e)}") from None
-    if st is not None:
-        if not stat.S_ISDIR(st.st_mode) or not os.path.lexists(partial / PARTIAL_MARKER):
-            raise OutputError(f"{partial}: already exists and was not left by a flux-gguf build (no "
-                              f"{PARTIAL_MARKER} marker in it); move it away or choose another output folder")
-        with _writing(out, f"remove the leftover {partial} of an interrupted build"):
-            shutil.rmtree(partial)
+        raise OutputError(f"{out} was not written: cannot lock it: {_reason(e)}") from None
+
+
+def _stale_partials(out: Path) -> list[Path]:
+    """Partial folders of ``out`` that interrupted builds of ours left (our name and our marker)."""
+    prefix = f".{out.name}."
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        p = out.parent / name
+        if name.startswith(prefix) and name.endswith(PARTIAL_MARK) and os.path.isdir(p) \
+                and not os.path.islink(p) and os.path.lexists(p / PARTIAL_MARKER):
+            found.append(p)
+    return found
+
+
+def _prepare(out: Path) -> Path:
+    """Create a fresh unique partial folder (with our marker); called with ``out``'s lock held."""
+    for stale in _stale_partials(out):  # the lock is ours, so no build is using them
+        with _writing(out, f"remove the leftover {stale} of an interrupted build"):
+            shutil.rmtree(stale)
+    partial = partial_path(out)
     with _writing(out, f"create {partial}"):
-        partial.parent.mkdir(parents=True, exist_ok=True)
         partial.mkdir()  # never exist_ok: the folder must be one this build created
     try:
         with _writing(out, f"create {partial / PARTIAL_MARKER}"):
@@ -228,22 +255,36 @@ def build_release(
     created = created_timestamp()
     signer: PreparedSigner | None = prepare_signer(sign) if sign is not None else None  # bad key: fail before work
     out = _output_path(out_dir, spec)
-    partial = _prepare(out)
-    try:
-        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress,
-                                             signer.info.to_json() if signer else None)
-        if signer is not None:
-            sign_release(partial, signer, name=out.name, expected=release_digests(manifest, manifest_sha))
-        with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
-            (partial / PARTIAL_MARKER).unlink()
-        with _writing(out, f"move {partial} into place"):
-            if os.path.lexists(out):
-                out.rmdir()  # empty when checked; fails (ENOTEMPTY) if something appeared since
-            os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with _lock(out):  # held from the checks to the rename
+        out = _output_path(out_dir, spec)  # again, now that no other build can change it
+        partial = _prepare(out)
+        try:
+            manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress,
+                                                 signer.info.to_json() if signer else None)
+            if signer is not None:
+                sign_release(partial, signer, name=out.name, expected=release_digests(manifest, manifest_sha))
+            with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
+                (partial / PARTIAL_MARKER).unlink()
+            with _writing(out, f"move {partial} into place"):
+                if os.path.lexists(out):
+                    out.rmdir()  # empty when checked; fails (ENOTEMPTY) if something appeared since
+                os.replace(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return ReleaseResult(out, manifest, manifest_sha)
+
+
+@contextlib.contextmanager
+def _extra_file(spec: ReleaseSpec, path: Path) -> Iterator[object]:
+    """An extra file opened inside the spec's folder: no link followed, regular files only (openat)."""
+    try:
+        rel = Path(os.path.relpath(path, spec.base_dir)).as_posix()
+        with open_inside(spec.base_dir, rel) as f:
+            yield f
+    except UnsafePathError as e:
+        raise ReleaseError(f"{spec.base_dir}: extra_files entry {e.path!r} {e.reason}; a release copies only "
+                           "regular files inside the spec's folder") from None
 
 
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
@@ -289,8 +330,8 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
             digest = copy_file_hashed(spec.validation_path, partial / VALIDATION_NAME)
         extra.append(_file_entry(VALIDATION_NAME, digest, KIND_VALIDATION))
     for name, path in spec.extra_file_paths.items():
-        with _writing(out, f"copy {path} to {partial / name}"):
-            digest = copy_file_hashed(path, partial / name)
+        with _writing(out, f"copy {path} to {partial / name}"), _extra_file(spec, path) as src:
+            digest = copy_file_hashed(src, partial / name)
         extra.append(_file_entry(name, digest, KIND_EXTRA))
 
     card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,

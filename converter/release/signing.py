@@ -611,7 +611,8 @@ def payload_statement(signature: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def download_signed(repo_id: str, output_dir: str | os.PathLike[str], trust: Trust, *, revision: str | None = None,
-                    include: Sequence[str] = (), api: Any = None, progress: Any = None) -> tuple[Any, SignatureCheck]:
+                    include: Sequence[str] = (), api: Any = None, progress: Any = None,
+                    force: bool = False) -> tuple[Any, SignatureCheck]:
     """``download --public-key``: check the repo's model.sig first, then download as usual, then check what came.
 
     Before any large transfer: model.sig must verify against ``trust`` and the repo's manifest.json
@@ -649,7 +650,8 @@ def download_signed(repo_id: str, output_dir: str | os.PathLike[str], trust: Tru
                 raise SigningError(f"{at}/{name} differs from its signed digest (replaced after signing?); "
                                    "nothing was downloaded")
             records[name] = hashlib.sha256(data).hexdigest()
-    result = download_release(repo_id, output_dir, revision=commit, include=include, api=api, progress=progress)
+    result = download_release(repo_id, output_dir, revision=commit, include=include, api=api, progress=progress,
+                             force=force)
     fetched = {f.path: f.sha256 for f in result.files} | records
     check = check_subset(output_dir, trust, signed, fetched)
     if not check.ok:

@@ -214,12 +214,18 @@ class _Checker:
 def _check_name(c: _Checker, name: str) -> str:
     if name.strip() != name or any(ch in name for ch in "/\\\0\n\r") or name in (".", ".."):
         raise c.error("name", "must be a plain file-name stem (no slashes or surrounding spaces)")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or 0xD800 <= ord(ch) < 0xE000 for ch in name):
+        raise c.error("name", "must be a plain file-name stem (no control characters)")
+    if len(name.encode("utf-8")) > 200:
+        raise c.error("name", f"is {len(name.encode('utf-8'))} bytes long; at most 200 (file names hold 255)")
     return name
 
 
 def _check_relative(c: _Checker, key: str, value: str) -> str:
     if Path(value).is_absolute():
         raise c.error(key, f"must be a path relative to the spec file, got the absolute path {value!r}")
+    if key == "extra_files" and ".." in Path(value).parts:
+        raise c.error(key, f"must be a path inside the spec's folder, got {value!r} ('..' leaves it)")
     return value
 
 
@@ -280,16 +286,24 @@ def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
         raise c.error("source", f"names {spec.source!r}, which does not exist (looked for {src})")
     reserved = {MANIFEST_NAME, CHECKSUMS_NAME, MODEL_CARD_NAME, VALIDATION_NAME} | {spec.gguf_name(v) for v in spec.variants}
     seen: set[str] = set()
+    # Compared case-insensitively: on macOS/Windows file systems README.md and readme.md are one file.
+    reserved_folded = {r.casefold(): r for r in reserved}
+    seen_folded: dict[str, str] = {}
     for rel in spec.extra_files:
         path = spec.base_dir / rel
         if not path.is_file():
             raise c.error("extra_files", f"names {rel!r}, which is not an existing file (looked for {path})")
         name = path.name
-        if name in reserved:
-            raise c.error("extra_files", f"names {rel!r}, whose file name {name!r} the release itself writes")
-        if name in seen:
-            raise c.error("extra_files", f"lists two files named {name!r}")
+        if name.casefold() in reserved_folded:
+            mine = reserved_folded[name.casefold()]
+            same = f"{name!r}" if mine == name else f"{name!r} (the same as {mine!r} where case does not count)"
+            raise c.error("extra_files", f"names {rel!r}, whose file name {same} the release itself writes")
+        if name.casefold() in seen_folded:
+            other = seen_folded[name.casefold()]
+            raise c.error("extra_files", f"lists two files named {name!r}" if other == name else
+                          f"lists {other!r} and {name!r}, which are one file where case does not count")
         seen.add(name)
+        seen_folded[name.casefold()] = name
     for rel in spec.imatrix:
         if not (spec.base_dir / rel).is_file():
             raise c.error("imatrix", f"names {rel!r}, which is not an existing file (looked for {spec.base_dir / rel})")

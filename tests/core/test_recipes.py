@@ -182,7 +182,7 @@ def test_img_in_weight_stays_f32_whatever_the_overrides():
     ("txt_in", "override 'txt_in' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')"),
     ("=Q8_0", "override '=Q8_0' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')"),
     ("txt_in=", "override 'txt_in=' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')"),
-    ("qkv[=Q8_0", "override 'qkv[=Q8_0': bad regular expression: unterminated character set at position 3"),
+    ("qkv[=Q8_0", "override 'qkv[=Q8_0': bad regular expression: missing ]: ["),
     ("qkv=Q4_0", "override 'qkv=Q4_0': unknown type 'Q4_0'; valid types: F32, F16, BF16, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"),
 ])
 def test_bad_overrides(text, message):

@@ -46,7 +46,7 @@ def test_written_file_reads_back_in_gguf_py(tmp_path, variant):
     rec = write(plan, tmp_path, payloads)
     path = tmp_path / f"tiny-{variant}.gguf"
     assert rec.path == path and path.exists()
-    assert not (tmp_path / f"tiny-{variant}.gguf.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"tiny-{variant}.gguf"]  # no partial left
     raw = path.read_bytes()
     assert rec.size == len(raw) == plan.file_size
     assert rec.sha256 == hashlib.sha256(raw).hexdigest()
@@ -92,7 +92,9 @@ def test_failure_mid_write_leaves_no_file(tmp_path, exc):
         with GGUFStreamWriter(tmp_path / plan.file_name, plan.kv, plan.slots, variant="Q4_K_M", file_type=15) as w:
             for i, e in enumerate(plan.entries):
                 if i == len(plan.entries) // 2:
-                    assert (tmp_path / (plan.file_name + ".partial")).exists()
+                    assert w.partial_path.exists() and w.partial_path.parent == tmp_path
+                    assert w.partial_path.name.startswith(f".{plan.file_name}.")  # hidden, marked, unique
+                    assert w.partial_path.name.endswith(".flux-gguf.partial")
                     raise exc
                 w.write_tensor(e.name, payloads[e.name])
     assert list(tmp_path.iterdir()) == []
@@ -150,9 +152,10 @@ def test_a_planted_partial_symlink_is_not_written_through(tmp_path):
     victim.write_text("precious")
     out = tmp_path / "out"
     out.mkdir()
-    (out / (plan.file_name + ".partial")).symlink_to(victim)
+    (out / (plan.file_name + ".partial")).symlink_to(victim)  # the old partial name: now just someone's link
     record = write(plan, out, fake_payloads(plan))
     assert victim.read_text() == "precious"
+    assert (out / (plan.file_name + ".partial")).is_symlink()  # never touched
     final = out / plan.file_name
     assert final.is_file() and not final.is_symlink()
     assert final.stat().st_size == record.size

@@ -326,7 +326,7 @@ def test_corrupt_lfs_file_fails_download_and_keeps_what_the_user_had(emulator, t
     out.mkdir()
     (out / "demo-Q8_0.gguf").write_bytes(b"the user's older copy")
     (out / "notes.txt").write_text("mine")
-    res = run("download", "alice/demo", "--include", "*Q8_0*", "-o", out)
+    res = run("download", "alice/demo", "--include", "*Q8_0*", "-o", out, "--force")
     assert res.exit_code == 1
     want = emulator.files("alice/demo")["demo-Q8_0.gguf"]
     assert error_line(res).startswith(f"Error: demo-Q8_0.gguf: the Hub sent {want.size} bytes hashing to ")
@@ -381,7 +381,7 @@ def test_download_verifies_everything_and_a_rerun_keeps_present_files(emulator, 
     for name in ("demo-Q4_K_M.gguf", "demo-Q8_0.gguf", "README.md", MANIFEST_NAME, CHECKSUMS_NAME):
         assert (out / name).read_bytes() == (rel / name).read_bytes()
     assert verify_release(out).ok
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*"))
     assert "3 files verified against the manifest of alice/demo at commit" in res.output
 
     before = len(emulator.requests("GET", "/resolve/"))
@@ -407,12 +407,15 @@ def test_download_include_and_revision(emulator, tmp_path):
                                 "demo-Q4_K_M.gguf, demo-Q8_0.gguf, README.md")
 
 
+PARTIAL_Q8 = ".demo-Q8_0.gguf.flux-gguf.partial"  # where a download of demo-Q8_0.gguf resumes from
+
+
 def test_download_resumes_a_partial_file_with_a_range_request(emulator, tmp_path):
     rel = _published(emulator, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
-    (out / "demo-Q8_0.gguf.partial").write_bytes(data[:2000])
+    (out / PARTIAL_Q8).write_bytes(data[:2000])
     result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
@@ -443,14 +446,14 @@ def test_download_finishes_a_complete_partial_without_any_request(emulator, tmp_
     out = tmp_path / "out"
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
-    (out / "demo-Q8_0.gguf.partial").write_bytes(data)  # an earlier run got every byte, then stopped
+    (out / PARTIAL_Q8).write_bytes(data)  # an earlier run got every byte, then stopped
     before = len(_file_gets(emulator, "demo-Q8_0.gguf"))
     for _ in range(2):  # and a re-run is not stuck either
         res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
         assert res.exit_code == 0, res.output
     assert len(_file_gets(emulator, "demo-Q8_0.gguf")) == before
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*"))
 
 
 def test_download_discards_a_complete_partial_with_wrong_bytes_and_starts_over(emulator, tmp_path):
@@ -458,7 +461,7 @@ def test_download_discards_a_complete_partial_with_wrong_bytes_and_starts_over(e
     out = tmp_path / "out"
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
-    (out / "demo-Q8_0.gguf.partial").write_bytes(bytes(len(data)))
+    (out / PARTIAL_Q8).write_bytes(bytes(len(data)))
     result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
     assert (out / "demo-Q8_0.gguf").read_bytes() == data
@@ -471,7 +474,7 @@ def test_download_starts_over_when_the_server_answers_416_to_the_resume(emulator
     out = tmp_path / "out"
     out.mkdir()
     data = (rel / "demo-Q8_0.gguf").read_bytes()
-    (out / "demo-Q8_0.gguf.partial").write_bytes(data[:2000])
+    (out / PARTIAL_Q8).write_bytes(data[:2000])
     emulator.fail(416, method="GET", path=r"demo-Q8_0\.gguf$", times=1, message="Range Not Satisfiable")
     result = download_release("alice/demo", out, include=["demo-Q8_0.gguf"])
     assert [f.action for f in result.files] == ["downloaded"]
@@ -488,7 +491,7 @@ def test_download_never_writes_through_a_symlinked_partial(emulator, tmp_path, t
     target = tmp_path / "elsewhere.bin"
     if target_exists:
         target.write_bytes(b"not yours to overwrite")
-    (out / "demo-Q8_0.gguf.partial").symlink_to(target)
+    (out / PARTIAL_Q8).symlink_to(target)
     res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
     assert res.exit_code == 0, res.output
     if target_exists:
@@ -497,7 +500,7 @@ def test_download_never_writes_through_a_symlinked_partial(emulator, tmp_path, t
         assert not os.path.lexists(target)
     dest = out / "demo-Q8_0.gguf"
     assert not dest.is_symlink() and dest.read_bytes() == (rel / "demo-Q8_0.gguf").read_bytes()
-    assert not os.path.lexists(out / "demo-Q8_0.gguf.partial")
+    assert not os.path.lexists(out / PARTIAL_Q8)
     last = _file_gets(emulator, "demo-Q8_0.gguf")[-1]
     assert (last.status, last.range) == (200, None)
 

@@ -245,11 +245,20 @@ def _never_open(monkeypatch):
     import builtins
     real_open = builtins.open
 
+    real_os_open = os.open
+
     def guarded(file, *args, **kwargs):
-        if not str(file).endswith(MANIFEST_NAME):
+        if not isinstance(file, int) and not str(file).endswith(MANIFEST_NAME):  # an int: vetted by os.open below
             raise AssertionError(f"opened {file} before rejecting the manifest")
         return real_open(file, *args, **kwargs)
+
+    def guarded_os_open(file, flags, *args, **kwargs):
+        folder = kwargs.get("dir_fd") is None and os.path.isdir(file)  # the release folder itself
+        if not folder and not str(file).endswith(MANIFEST_NAME):
+            raise AssertionError(f"opened {file} before rejecting the manifest")
+        return real_os_open(file, flags, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(os, "open", guarded_os_open)
 
 
 @pytest.mark.parametrize(("path", "reason"), [
@@ -321,20 +330,13 @@ def test_recorded_tensor_ranges_match_gguf_reader(release):
 def _unreadable(monkeypatch, name: str, error: OSError) -> None:
     """Make reading one listed file fail (tests run as root, so chmod would not stop the read)."""
     import manifests.verify as mv
-    real_hash = mv.hash_file
+    real_open_inside = mv.open_inside
 
-    def hash_file_failing(path, **kwargs):
+    def open_inside_failing(root, path):
         if Path(path).name == name:
             raise error
-        return real_hash(path, **kwargs)
-    monkeypatch.setattr(mv, "hash_file", hash_file_failing)
-    real_read = Path.read_bytes
-
-    def read_bytes_failing(self):
-        if self.name == name:
-            raise error
-        return real_read(self)
-    monkeypatch.setattr(Path, "read_bytes", read_bytes_failing)
+        return real_open_inside(root, path)
+    monkeypatch.setattr(mv, "open_inside", open_inside_failing)
 
 
 @pytest.mark.parametrize(("name", "error", "reason"), [

@@ -242,7 +242,7 @@ def test_bad_validation_report_is_refused(tmp_path, content, message):
     with pytest.raises(ReleaseError) as e:
         build_release(spec, tmp_path / "out")
     assert str(e.value).startswith(f"{root / 'reports' / 'validation.json'}: {message}")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("report", [
@@ -348,7 +348,7 @@ def test_created_timestamp_validation():
 def test_outputs_are_never_read_back(project, tmp_path, monkeypatch):
     """Digests come from the bytes as they are written: no file under the output is opened for reading."""
     out = tmp_path / "out"
-    partial = tmp_path / "out.partial"
+    partial = tmp_path / ".out."  # the prefix of every partial name of this build
     reads = []
     real_open, real_io_open = builtins.open, io.open
 
@@ -415,7 +415,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         build_release(spec, out)
     assert str(e.value) == (f"{tmp_path / 'p' / 'weights' / 'tiny.safetensors'} is not a FLUX.1 transformer: expected "
                             "img_in.weight, double_blocks.N.* and single_blocks.N.*; found 0 tensors: none")
-    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert not out.exists() and _leftovers(tmp_path) == []
 
 
 # --- output folders: where the release goes, and what may already be there ---------------------------
@@ -442,7 +442,7 @@ def test_relative_output_is_resolved(project, tmp_path, monkeypatch):
     result = build_release(project, "rel")
     assert result.out_dir == tmp_path / "rel" and result.out_dir.is_absolute()
     assert verify_release(tmp_path / "rel").ok
-    assert not (tmp_path / "rel.partial").exists()
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("target", ["empty", "absent"])
@@ -456,7 +456,7 @@ def test_symlinked_output_is_refused_before_converting(project, tmp_path, monkey
     assert code == 1
     assert lines == [f"Error: {link}: is a symbolic link (to {tmp_path / target}); give the folder itself "
                      f"(-o {tmp_path / target}) or a new folder"]
-    assert link.is_symlink() and not (tmp_path / "link.partial").exists()
+    assert link.is_symlink() and _leftovers(tmp_path) == []
     if target == "empty":
         assert list((tmp_path / target).iterdir()) == []
 
@@ -470,7 +470,7 @@ def test_mount_point_output_is_refused(project, tmp_path, monkeypatch):
     assert code == 1
     assert lines == [f"Error: {out}: is a mount point, which the finished release cannot be renamed onto; "
                      f"name a new folder inside it, e.g. -o {out / NAME}"]
-    assert list(out.iterdir()) == [] and not (tmp_path / "mnt.partial").exists()
+    assert list(out.iterdir()) == [] and _leftovers(tmp_path) == []
 
 
 def _fail_on(monkeypatch, step: str, partial: Path) -> str:
@@ -506,46 +506,58 @@ def _fail_on(monkeypatch, step: str, partial: Path) -> str:
     return f"move {partial} into place"
 
 
+def _fixed_partial(monkeypatch, tmp_path, name="out"):
+    """Make the build's unique partial folder name predictable, so a test can watch it."""
+    from converter.release import build as rel
+    partial = tmp_path / f".{name}.1-test.flux-gguf.partial"
+    monkeypatch.setattr(rel, "partial_path", lambda out: partial)
+    return partial
+
+
+def _leftovers(folder):
+    """Partial folders and lock files of ours left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".flux-gguf.partial", ".flux-gguf.lock")))
+
+
 @pytest.mark.parametrize("step", ["README.md", "manifest.json", "SHA256SUMS", "LICENSE.md", "validation.json", "rename"])
 def test_write_failure_after_the_ggufs_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, step):
     spec = write_project(tmp_path / "p")
     out = tmp_path / "out"
-    partial = tmp_path / "out.partial"
+    partial = _fixed_partial(monkeypatch, tmp_path)
     what = _fail_on(monkeypatch, step, partial)
     reason = "Invalid cross-device link" if step == "rename" else "No space left on device"
     code, lines = cli_error("release", "build", str(spec), "-o", str(out))
     assert code == 1
     assert lines == [f"Error: {out} was not written: cannot {what}: {reason}"]
-    assert not out.exists() and not partial.exists()
+    assert not out.exists() and not partial.exists() and _leftovers(tmp_path) == []
 
 
 def test_rename_onto_a_folder_filled_during_the_build_is_one_line(project, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
+    partial = _fixed_partial(monkeypatch, tmp_path)
 
     def progress(done, total):
         if not (out / "late.txt").exists():
             (out / "late.txt").write_text("appeared mid-build")
     with pytest.raises(OutputError) as e:
         build_release(project, out, progress=progress)
-    assert str(e.value) == f"{out} was not written: cannot move {tmp_path / 'out.partial'} into place: Directory not empty"
-    assert [p.name for p in out.iterdir()] == ["late.txt"] and not (tmp_path / "out.partial").exists()
+    assert str(e.value) == f"{out} was not written: cannot move {partial} into place: Directory not empty"
+    assert [p.name for p in out.iterdir()] == ["late.txt"] and _leftovers(tmp_path) == []
 
 
-def test_a_users_partial_folder_is_never_deleted(project, tmp_path):
+def test_a_users_partial_folder_is_never_touched(project, tmp_path):
     out = tmp_path / "out"
-    theirs = tmp_path / "out.partial"
+    theirs = tmp_path / "out.partial"  # the old partial name: now simply someone's folder
     theirs.mkdir()
+    (theirs / ".flux-gguf-partial").write_text("")
     (theirs / "notes.txt").write_text("my work")
-    code, lines = cli_error("release", "build", str(project), "-o", str(out))
-    assert code == 1
-    assert lines == [f"Error: {theirs}: already exists and was not left by a flux-gguf build (no .flux-gguf-partial "
-                     "marker in it); move it away or choose another output folder"]
-    assert (theirs / "notes.txt").read_text() == "my work" and not out.exists()
+    build_release(project, out)
+    assert (theirs / "notes.txt").read_text() == "my work" and verify_release(out).ok
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_a_partial_name_that_is_not_a_folder_is_refused(project, tmp_path, kind):
+def test_a_users_file_or_link_named_like_a_partial_is_left_alone(project, tmp_path, kind):
     out = tmp_path / "out"
     theirs = tmp_path / "out.partial"
     elsewhere = tmp_path / "elsewhere"
@@ -556,21 +568,24 @@ def test_a_partial_name_that_is_not_a_folder_is_refused(project, tmp_path, kind)
         theirs.write_text("a file")
     else:
         theirs.symlink_to(elsewhere)
-    with pytest.raises(OutputError, match=r"out\.partial: already exists and was not left by a flux-gguf build"):
-        build_release(project, out)
-    assert os.path.lexists(theirs) and (elsewhere / "keep.txt").exists() and not out.exists()
+    build_release(project, out)
+    assert os.path.lexists(theirs) and (elsewhere / "keep.txt").exists() and verify_release(out).ok
 
 
-def test_our_stale_partial_folder_is_replaced_and_the_marker_never_shipped(project, tmp_path):
+def test_our_stale_partial_folder_is_removed_under_the_lock_and_the_marker_never_shipped(project, tmp_path,
+                                                                                           monkeypatch):
     out = tmp_path / "out"
-    stale = tmp_path / "out.partial"
+    stale = tmp_path / ".out.999-0123456789ab.flux-gguf.partial"  # what a killed build of ours leaves
     stale.mkdir()
     (stale / ".flux-gguf-partial").write_text("")
-    (stale / f"{NAME}-Q4_K_M.gguf.partial").write_bytes(b"half a file")
+    (stale / f"{NAME}-Q4_K_M.gguf").write_bytes(b"half a file")
+    unmarked = tmp_path / ".out.998-0123456789ab.flux-gguf.partial"  # no marker: not ours, kept
+    unmarked.mkdir()
+    partial = _fixed_partial(monkeypatch, tmp_path)
     seen = []
-    build_release(project, out, progress=lambda done, total: seen.append((stale / ".flux-gguf-partial").is_file()))
+    build_release(project, out, progress=lambda done, total: seen.append((partial / ".flux-gguf-partial").is_file()))
     assert seen and all(seen)  # the marker is there while the build runs
-    assert not stale.exists()
+    assert not stale.exists() and unmarked.is_dir()
     assert ".flux-gguf-partial" not in {p.name for p in out.iterdir()}
     assert ".flux-gguf-partial" not in (out / "SHA256SUMS").read_text()
     assert ".flux-gguf-partial" not in {a.path for a in load_manifest(out / "manifest.json").artifacts}
