@@ -108,11 +108,18 @@ def upcast_into(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
         np.take(_TABLES[dtype], raw, out=out)
 
 
+_SERIAL_BELOW = 1 << 16
+
+
 def upcast_rows(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
     """Like :func:`upcast_into` for ``out`` a C-contiguous float32 (rows, n) array, on every kernel
-    thread (``quant_kernels.set_threads``). Launch it from the thread that runs the quantizers."""
+    thread (``quant_kernels.set_threads``). Launch it from the thread that runs the quantizers.
+    Arrays under 64K elements (biases, norms) are converted on this thread: a parallel region
+    costs more than they do."""
     rows, n = out.shape
-    if dtype == "BF16":
+    if rows * n < _SERIAL_BELOW:
+        upcast_into(raw.reshape(-1), dtype, out.reshape(-1))
+    elif dtype == "BF16":
         upcast.bf16_rows(raw.view("<u2").reshape(rows, n), out)
     elif dtype == "F32":
         upcast.f32_rows(raw.view("<u4").reshape(rows, n), out)

@@ -38,8 +38,8 @@ def _codes(dtype: str, rng: np.random.Generator) -> np.ndarray:
     if dtype in ("BF16", "F16"):
         return np.arange(65536, dtype=np.uint32).astype("<u2").view(np.uint8)
     if dtype in ("F8_E4M3", "F8_E5M2"):
-        return np.tile(np.arange(256, dtype=np.uint8), 4)
-    words = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype("<u4")
+        return np.tile(np.arange(256, dtype=np.uint8), 256)  # 64K codes
+    words = rng.integers(0, 2**32, 65536, dtype=np.uint64).astype("<u4")
     words[:4] = [0x7F800001, 0xFFC12345, 0x7F800000, 0x80000000]
     return words.view(np.uint8)
 
@@ -52,10 +52,12 @@ def test_parallel_upcast_equals_the_exact_upcast_bit_for_bit(dtype, threads):
     count = raw.size // width
     expect = np.empty(count, np.float32)
     upcast_into(raw, dtype, expect)
-    got = np.full((count // 64, 64), -1.0, np.float32)
-    with pipeline.kernel_threads(threads):
-        upcast_rows(raw, dtype, got)
-    np.testing.assert_array_equal(got.reshape(-1).view(np.uint32), expect.view(np.uint32))
+    # half the codes: under the size below which the upcast is serial; twice: parallel
+    for part, want in ((raw[:raw.size // 2], expect[:count // 2]), (np.tile(raw, 2), np.tile(expect, 2))):
+        got = np.full((want.size // 64, 64), -1.0, np.float32)
+        with pipeline.kernel_threads(threads):
+            upcast_rows(part, dtype, got)
+        np.testing.assert_array_equal(got.reshape(-1).view(np.uint32), want.view(np.uint32))
 
 
 def test_output_is_independent_of_threads_and_chunking(src, tmp_path, monkeypatch):
