@@ -38,6 +38,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numba
 import numpy as np
 
 import quant_kernels
@@ -63,6 +64,7 @@ TensorTransform = Callable[[str, np.ndarray], np.ndarray]
 
 _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
 _CHUNK_PER_THREAD = 1 << 19  # float32 elements upcast and encoded per kernel thread at a time (2 MB)
+_PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -190,6 +192,10 @@ def _convert_planned(
     records: list[ArtifactRecord] = []
     current = None
     started = time.perf_counter()
+    # Parallel loops hand out iterations in small chunks as threads come free, instead of one
+    # equal share per thread fixed at launch: a kernel thread delayed by the reader, hashing or
+    # writer threads (or another process) no longer holds up the whole region. Same bytes.
+    previous_chunksize = numba.set_parallel_chunksize(_PARALLEL_CHUNKSIZE)
     try:
         for p in plans:
             file_hashes.append(_FileHasher(p.file_name, stats))
@@ -269,6 +275,7 @@ def _convert_planned(
         cause = e.cause if isinstance(e, _TensorError) else e
         raise _not_written(pending, out, e, current, written=[r.path for r in records]) from cause
     finally:
+        numba.set_parallel_chunksize(previous_chunksize)
         if reader is not None:
             reader.close()
         for h in file_hashes:

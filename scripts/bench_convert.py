@@ -56,8 +56,11 @@ STAGES = ["read", "upcast", "quantize", "hash", "write"]
 
 
 def _child_convert(args: dict) -> dict:
+    import converter.pipeline as pipeline
     from converter.pipeline import collect_stage_stats, convert
 
+    if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
+        pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
     with collect_stage_stats() as stats:
         records = convert(args["src"], args["out"], args["variants"], threads=args["threads"])
     return {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
