@@ -49,6 +49,7 @@ SCENARIOS = {
 }
 DEFAULT_SCENARIOS = ["Q4_K_M", "Q8_0", "Q4_K_M+Q8_0+Q3_K_S"]
 STAGES = ["read", "upcast", "quantize", "hash", "write"]
+CHUNK_PER_THREAD: int | None = None  # --chunk-per-thread: the pipeline's default unless given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ def _child_convert(args: dict) -> dict:
 
     if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
         pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
+    if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
+        pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
     with collect_stage_stats() as stats:
         records = convert(args["src"], args["out"], args["variants"], threads=args["threads"])
     return {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
@@ -184,11 +187,13 @@ def run_child(kind: str, args: dict) -> tuple[dict, float, float, float]:
     return json.loads(stdout), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / GB
 
 
-def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int) -> dict:
+def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
+            chunksize: int | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
-                                              "threads": threads})
+                                              "threads": threads, "chunksize": chunksize,
+                                              "chunk_per_thread": CHUNK_PER_THREAD})
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
@@ -239,6 +244,9 @@ def main() -> None:
     ap.add_argument("--sweep-threads", default="1,2,4,8,16",
                     help="thread counts for the sweep; those above the machine's cores are skipped (default 1,2,4,8,16)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep")
+    ap.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    ap.add_argument("--ab-static", action="store_true",
+                    help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for scenarios and stages (default: all)")
     ap.add_argument("--double-blocks", type=int, default=None)
     ap.add_argument("--single-blocks", type=int, default=None)
@@ -246,7 +254,12 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="2 + 2 blocks of hidden 512 (checks the script, not speed)")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here (after every run)")
     ap.add_argument("--remove-source", action="store_true", help="delete the generated source afterwards")
+    ap.add_argument("--chunk-per-thread", type=int, default=None,
+                    help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
+                         "(default: the pipeline's, 2^19 = 2 MB)")
     args = ap.parse_args()
+    global CHUNK_PER_THREAD
+    CHUNK_PER_THREAD = args.chunk_per_thread
 
     from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry
 
@@ -276,7 +289,7 @@ def main() -> None:
 
     out = args.work / "out"
     alone_by_scenario = {}
-    for name in args.stages or scenarios[:1]:
+    for name in [] if args.no_stages else args.stages or scenarios[:1]:
         r = measure("stages", src, out, SCENARIOS[name], args.threads)
         alone_by_scenario[name] = r
         results["stages"].append(r)
@@ -287,9 +300,17 @@ def main() -> None:
         results["runs"].append(r)
         save()
         print_convert(r, alone_by_scenario.get(name))
+    if args.ab_static:
+        name = scenarios[0]
+        r = measure("convert", src, out, SCENARIOS[name], args.threads, chunksize=0)
+        results["ab_static"] = r
+        save()
+        print(f"\nA/B: {name} at {args.threads} threads with numba's static loop split: {r['wall_s']} s wall "
+              f"(pipeline {r['stages']['wall_s']} s)")
     if not args.no_sweep:
         name = args.sweep or scenarios[0]
-        counts = [t for t in (int(c) for c in args.sweep_threads.split(",")) if 1 <= t <= cores]
+        # most threads first: the quick runs land before the slow single-thread one
+        counts = sorted((t for t in (int(c) for c in args.sweep_threads.split(",")) if 1 <= t <= cores), reverse=True)
         for t in counts:
             same = next((r for r in results["runs"] if r["scenario"] == "+".join(SCENARIOS[name]) and r["threads"] == t),
                         None)
@@ -297,12 +318,13 @@ def main() -> None:
             results["sweep"].append(r)
             save()
             print(f"sweep {name}: {t} threads {r['wall_s']} s")
-        base = results["sweep"][0]["wall_s"] if results["sweep"] else None
+        one = [r for r in results["sweep"] if r["threads"] == 1]
+        base = one[0]["wall_s"] if one else None
         print(f"\nthread sweep, {name} ({cores} cores, source {src.stat().st_size / GB:.2f} GB in {args.work}):")
         print(f"  {'threads':>7} {'wall s':>8} {'cpu s':>8} {'peak RSS GB':>12} {'speedup':>8}")
         for r in results["sweep"]:
             print(f"  {r['threads']:>7} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {r['peak_rss_gb']:>12.3f} "
-                  f"{base / r['wall_s']:>8.2f}")
+                  + (f"{base / r['wall_s']:>8.2f}" if base else f"{'-':>8}"))
     save()
     print(f"\n{'scenario':<22} {'threads':>7} {'wall s':>8} {'cpu s':>8} {'peak RSS GB':>12} {'read GB/s':>10}")
     for r in results["runs"]:
