@@ -218,14 +218,14 @@ def _convert_planned(
             qtypes = list(dict.fromkeys(e.qtype for e in entries))
             users = {qt: sum(e.qtype == qt for e in entries) for qt in qtypes}
             n = entries[0].shape[-1] if entries[0].shape else 1
-            rows = info.nbytes // max(1, _width(info.dtype) * n)
+            rows = raw.data.nbytes // max(1, _width(raw.dtype) * n)
             encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0)
                        for qt in qtypes}
             try:
                 if transform is not None:
                     x = np.empty(info.shape, np.float32)
                     with _timed(stats, "upcast"):
-                        upcast_rows(raw.data, info.dtype, x.reshape(rows, n))
+                        upcast_rows(raw.data, raw.dtype, x.reshape(rows, n))
                     reader.release(raw)
                     x = _apply_transform(transform, tname, x)
                     if tuple(x.shape) != entries[0].shape:
@@ -235,7 +235,7 @@ def _convert_planned(
                             _encode(x, qt, out=encoded[qt].array)
                     del x
                 else:
-                    _encode_chunks(raw, info.dtype, rows, n, encoded, chunk, stats)
+                    _encode_chunks(raw, raw.dtype, rows, n, encoded, chunk, stats)
                     reader.release(raw)
             except BaseException:
                 for shared in encoded.values():
@@ -474,11 +474,11 @@ class _Shared:
 
 
 class _RawTensor:
-    """A tensor's raw source bytes in a pooled buffer."""
+    """A tensor's raw source bytes (``dtype``, little-endian) in a pooled buffer (or, from a
+    source that can only give float32, that array's bytes with ``buf`` None)."""
 
-    def __init__(self, buf: np.ndarray, nbytes: int) -> None:
-        self.buf = buf
-        self.data = buf[:nbytes]
+    def __init__(self, buf: np.ndarray | None, data: np.ndarray, dtype: str) -> None:
+        self.buf, self.data, self.dtype = buf, data, dtype
 
 
 class _Reader:
@@ -503,6 +503,10 @@ class _Reader:
     def _read(self, name: str) -> _RawTensor:
         if self._stop.is_set():
             raise _TensorError(name, KeyboardInterrupt())
+        if not hasattr(self._source, "read_raw_into"):  # a source that only upcasts itself
+            with _timed(self._stats, "read", cpu=True):
+                x = np.ascontiguousarray(self._source.read(name), dtype=np.float32)
+            return _RawTensor(None, x.reshape(-1).view(np.uint8), "F32")
         buf = self._pool.get()
         nbytes = int(self._source.tensors[name].nbytes)
         try:
@@ -511,7 +515,7 @@ class _Reader:
         except BaseException:
             self._pool.put(buf)
             raise
-        return _RawTensor(buf, nbytes)
+        return _RawTensor(buf, buf[:nbytes], self._source.tensors[name].dtype)
 
     def _fill(self) -> None:
         while len(self._pending) < self._ahead and self._next < len(self._names):
@@ -536,7 +540,8 @@ class _Reader:
             yield name, raw
 
     def release(self, raw: _RawTensor) -> None:
-        self._pool.put(raw.buf)
+        if raw.buf is not None:
+            self._pool.put(raw.buf)
 
     def close(self) -> None:
         if self._closed:
