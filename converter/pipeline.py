@@ -8,21 +8,21 @@ the pace:
 * reader threads ``pread`` the raw source bytes of the next tensors into reusable buffers
   (several tensors in flight; the reads release the GIL);
 * the calling thread, the only one that launches numba's parallel regions, upcasts a chunk of
-  rows at a time (about 2 MB of float32 per kernel thread, so it stays in cache) on every kernel
-  thread and encodes that chunk into each output type: no float32 copy of a whole tensor is made
-  unless a ``tensor_transform`` needs one;
+  rows at a time (8 MB of float32 per kernel thread) on every kernel thread and encodes that chunk
+  into each output type: no float32 copy of a large tensor is made unless a ``tensor_transform``
+  needs one;
 * hashing threads compute each encoded tensor's sha256 (once per distinct type);
 * one writer thread per output file writes, and one more per file feeds the whole-file sha256.
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
 R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
-largest encoded tensor E: (R + 2) * S of raw buffers + T * 2 MB of float32 chunk + at most
+largest encoded tensor E: (R + 2) * S of raw buffers + T * 8 MB of float32 chunk + at most
 (_QUEUE_DEPTH + 5) * Q * E of encoded tensors (Q: distinct types per tensor, at most the variant
 count; each file has one tensor being encoded, _QUEUE_DEPTH queued, one being written, and up to
 three at its hash thread). For the full FLUX.1 model (S = 132 MB BF16, E = 70 MB Q8_0) at 16
-threads and three variants: 0.8 GB + 32 MB + 1.5 GB, about 2.3 GB; Q4_K_M alone at 2 threads
-(E = 54 MB Q6_K): 0.4 GB + 4 MB + 0.4 GB. A ``tensor_transform`` adds the float32 tensor it is
+threads and three variants: 0.8 GB + 128 MB + 1.5 GB, about 2.4 GB; Q4_K_M alone at 2 threads
+(E = 54 MB Q6_K): 0.4 GB + 16 MB + 0.4 GB. A ``tensor_transform`` adds the float32 tensor it is
 given (2 S for a BF16 source) and whatever it allocates.
 """
 from __future__ import annotations
@@ -63,7 +63,10 @@ ProgressFn = Callable[[int, int], None]
 TensorTransform = Callable[[str, np.ndarray], np.ndarray]
 
 _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
-_CHUNK_PER_THREAD = 1 << 19  # float32 elements upcast and encoded per kernel thread at a time (2 MB)
+# float32 elements upcast and encoded per kernel thread at a time (8 MB). 2 MB chunks stayed in
+# cache but cost about 1.6x the CPU on a loaded 2-core machine (more, shorter parallel regions,
+# whose spinning workers burn CPU); 8 MB and whole tensors cost the same there.
+_CHUNK_PER_THREAD = 1 << 21
 _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
 
 

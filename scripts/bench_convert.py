@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--remove-source", action="store_true", help="delete the generated source afterwards")
     ap.add_argument("--chunk-per-thread", type=int, default=None,
                     help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
-                         "(default: the pipeline's, 2^19 = 2 MB)")
+                         "(default: the pipeline's, 2^21 = 8 MB)")
     args = ap.parse_args()
     global CHUNK_PER_THREAD
     CHUNK_PER_THREAD = args.chunk_per_thread
