@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+
 from quant_kernels import upcast
 
 from .errors import SourceError

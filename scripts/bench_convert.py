@@ -57,7 +57,7 @@ CHUNK_PER_THREAD: int | None = None  # --chunk-per-thread: the pipeline's defaul
 
 
 def _child_convert(args: dict) -> dict:
-    import converter.pipeline as pipeline
+    from converter import pipeline
     from converter.pipeline import collect_stage_stats, convert
 
     if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
@@ -100,7 +100,7 @@ def _child_stages(args: dict) -> dict:
         file_hashes = [hashlib.sha256() for _ in plans]
         quant_kernels.quantize(np.zeros((1, 256), np.float32), "Q4_K")  # compile/load outside the timing
 
-        def stage(name: str, fn, size: int):  # noqa: ANN001, ANN202
+        def stage(name: str, fn, size: int):
             w0, c0 = time.perf_counter(), cpu()
             result = fn()
             wall[name] += time.perf_counter() - w0
@@ -152,7 +152,7 @@ def free_bytes(path: pathlib.Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def ensure_source(work: pathlib.Path, geo) -> tuple[pathlib.Path, float | None]:  # noqa: ANN001
+def ensure_source(work: pathlib.Path, geo) -> tuple[pathlib.Path, float | None]:
     from converter.layout import FluxGeometry
     from converter.synthetic import synthetic_nbytes, write_synthetic_flux
 

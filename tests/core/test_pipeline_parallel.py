@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import numba
+import numpy as np
 import pytest
 
-import converter.pipeline as pipeline
 import quant_kernels
+from converter import pipeline
 from converter.errors import OutputError, SourceError
 from converter.layout import FluxGeometry
 from converter.pipeline import collect_stage_stats, convert
