@@ -2,19 +2,43 @@
 
 Each source tensor is read once, upcast to float32, optionally transformed (the LoRA merge hook),
 encoded once per distinct output type (variants that agree on a tensor share the bytes) and
-appended to every output file. Memory stays bounded by a few tensors at a time: a reader thread
-prefetches the next tensor while the numba kernels (which release the GIL) encode the current
-one, and one writer thread per output file writes and hashes while the next tensor is encoded.
+appended to every output file. Every stage runs on its own threads so that no single core sets
+the pace:
+
+* reader threads ``pread`` the raw source bytes of the next tensors into reusable buffers
+  (several tensors in flight; the reads release the GIL);
+* the calling thread, the only one that launches numba's parallel regions, upcasts a chunk of
+  rows at a time (8 MB of float32 per kernel thread) on every kernel thread and encodes that chunk
+  into each output type: no float32 copy of a large tensor is made unless a ``tensor_transform``
+  needs one;
+* hashing threads compute each encoded tensor's sha256 (once per distinct type);
+* one writer thread per output file writes, and one more per file feeds the whole-file sha256.
+
+Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
+are whole rows, and everything is written in plan order. Memory, with T kernel threads,
+R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
+largest encoded tensor E: (R + 2) * S of raw buffers + T * 8 MB of float32 chunk + at most
+(_QUEUE_DEPTH + 5) * Q * E of encoded tensors (Q: distinct types per tensor, at most the variant
+count; each file has one tensor being encoded, _QUEUE_DEPTH queued, one being written, and up to
+three at its hash thread). For the full FLUX.1 model (S = 132 MB BF16, E = 70 MB Q8_0) at 16
+threads and three variants: 0.8 GB + 128 MB + 1.5 GB, about 2.4 GB; Q4_K_M alone at 2 threads
+(E = 54 MB Q6_K): 0.4 GB + 16 MB + 0.4 GB. A ``tensor_transform`` adds the float32 tensor it is
+given (2 S for a BF16 source) and whatever it allocates.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import hashlib
 import os
 import pathlib
 import queue
 import threading
+import time
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numba
 import numpy as np
 
 import quant_kernels
@@ -33,6 +57,7 @@ from .recipes import (
     parse_override,
     resolve_variant,
 )
+from .safetensors_io import DTYPE_SIZES, upcast_rows
 from .sources import Source, open_source
 from .writer import ArtifactRecord, GGUFStreamWriter
 
@@ -40,6 +65,11 @@ ProgressFn = Callable[[int, int], None]
 TensorTransform = Callable[[str, np.ndarray], np.ndarray]
 
 _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
+# float32 elements upcast and encoded per kernel thread at a time (8 MB). 2 MB chunks stayed in
+# cache but cost about 1.6x the CPU on a loaded 2-core machine (more, shorter parallel regions,
+# whose spinning workers burn CPU); 8 MB and whole tensors cost the same there.
+_CHUNK_PER_THREAD = 1 << 21
+_PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -190,49 +220,92 @@ def _convert_planned(
     weighted = plan_widths(plans) if imatrix is not None else {}
     by_name = [{e.name: e for e in p.entries} for p in plans]
     total = sum(int(source.tensors[n].nbytes) for n in order)
+    threads = quant_kernels.get_threads()
+    stats = _STATS.get()
     writers: list[GGUFStreamWriter] = []
+    file_hashes: list[_FileHasher] = []
     sinks: list[_WriterThread] = []
-    reader: _Prefetcher | None = None
+    reader: _Reader | None = None
+    hashers: concurrent.futures.ThreadPoolExecutor | None = None
     records: list[ArtifactRecord] = []
     current = None
+    started = time.perf_counter()
+    # Parallel loops hand out iterations in small chunks as threads come free, instead of one
+    # equal share per thread fixed at launch: a kernel thread delayed by the reader, hashing or
+    # writer threads (or another process) no longer holds up the whole region. Same bytes.
+    previous_chunksize = numba.set_parallel_chunksize(_PARALLEL_CHUNKSIZE)
     try:
         for p in plans:
+            file_hashes.append(_FileHasher(p.file_name, stats))
             writers.append(GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name,
-                                            file_type=p.file_type))
-        sinks = [_WriterThread(w) for w in writers]
-        reader = _Prefetcher(source, order)
+                                            file_type=p.file_type, file_hash=file_hashes[-1]))
+        sinks = [_WriterThread(w, h, stats) for w, h in zip(writers, file_hashes)]
+        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
+                                                        thread_name_prefix="flux-gguf-hash")
+        encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
+        reader = _Reader(source, order, max(1, min(4, threads // 4)), stats)
+        chunk = np.empty(max(threads * _CHUNK_PER_THREAD,
+                             max((e.shape[-1] for e in plans[0].entries if e.shape), default=1)), np.float32)
         done = 0
         if progress is not None:
             progress(0, total)
-        for tname, x in reader:
+        for tname, raw in reader:
             current = tname
-            if transform is not None:
-                x = _apply_transform(transform, tname, x)
+            info = source.tensors[tname]
             entries = [b[tname] for b in by_name]
-            if tuple(x.shape) != entries[0].shape:
-                raise FluxGGUFError(f"got shape {tuple(x.shape)}, expected {entries[0].shape}")
+            qtypes = list(dict.fromkeys(e.qtype for e in entries))
             qw = imatrix.importance(tname) if imatrix is not None and tname in weighted else None
-            encoded = {qt: _encode(x, qt, qw) for qt in dict.fromkeys(e.qtype for e in entries)}
-            del x
+            users = {qt: sum(e.qtype == qt for e in entries) for qt in qtypes}
+            n = entries[0].shape[-1] if entries[0].shape else 1
+            rows = raw.data.nbytes // max(1, _width(raw.dtype) * n)
+            encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0)
+                       for qt in qtypes}
+            try:
+                if transform is not None:
+                    x = np.empty(info.shape, np.float32)
+                    with _timed(stats, "upcast"):
+                        upcast_rows(raw.data, raw.dtype, x.reshape(rows, n))
+                    reader.release(raw)
+                    x = _apply_transform(transform, tname, x)
+                    if tuple(x.shape) != entries[0].shape:
+                        raise FluxGGUFError(f"got shape {tuple(x.shape)}, expected {entries[0].shape}")
+                    with _timed(stats, "quantize"):
+                        for qt in qtypes:
+                            _encode(x, qt, qw, out=encoded[qt].array)
+                    del x
+                else:
+                    _encode_chunks(raw, raw.dtype, rows, n, encoded, chunk, stats, qw)
+                    reader.release(raw)
+            except BaseException:
+                for shared in encoded.values():
+                    shared.discard()
+                raise
+            digests = {qt: hashers.submit(_tensor_sha256, shared, stats) for qt, shared in encoded.items()}
             for sink, e in zip(sinks, entries):
-                sink.put(tname, encoded[e.qtype])
-            del encoded
-            done += int(source.tensors[tname].nbytes)
+                sink.put(tname, encoded[e.qtype], digests[e.qtype])
+            del encoded, digests
+            done += int(info.nbytes)
             current = None
             if progress is not None:
                 progress(done, total)
         for s in sinks:  # every file fully written before any is renamed into place
             s.drain()
         for w in writers:  # every file flushed and on disk before the first rename
-            w.sync()
+            with _timed(stats, "sync"):
+                w.sync()
         for w in writers:
             records.append(w.commit())
+        if stats is not None:
+            stats.wall = time.perf_counter() - started
+            stats.threads = threads
         return records
     except BaseException as e:
         for s in sinks:
             s.cancel()
         if reader is not None:
             reader.close()
+        for h in file_hashes:
+            h.close()
         for w in writers:
             w.abort()
         pending = plans[len(records):]  # files renamed into place before the failure stay: they are complete
@@ -241,15 +314,58 @@ def _convert_planned(
         cause = e.cause if isinstance(e, _TensorError) else e
         raise _not_written(pending, out, e, current, written=[r.path for r in records]) from cause
     finally:
+        numba.set_parallel_chunksize(previous_chunksize)
         if reader is not None:
             reader.close()
+        for h in file_hashes:
+            h.close()
+        if hashers is not None:
+            hashers.shutdown(wait=True, cancel_futures=True)
 
 
-def _encode(x: np.ndarray, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
+def _width(dtype: str) -> int:
+    return DTYPE_SIZES[dtype]
+
+
+def _encode_chunks(raw: _RawTensor, dtype: str, rows: int, n: int, encoded: Mapping[str, _Shared],
+                   chunk: np.ndarray, stats: StageStats | None, importance: np.ndarray | None = None) -> None:
+    """Upcast and encode whole-row chunks of one tensor: the float32 chunk stays in cache and the
+    bytes equal those of encoding the whole tensor at once (rows are encoded independently)."""
+    if rows == 0 or n == 0:
+        return
+    width = _width(dtype)
+    step = max(1, chunk.size // n)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = chunk[:(r1 - r0) * n].reshape(r1 - r0, n)
+        with _timed(stats, "upcast"):
+            upcast_rows(raw.data[r0 * n * width:r1 * n * width], dtype, x)
+        for qt, shared in encoded.items():
+            try:
+                with _timed(stats, "quantize"):
+                    _encode(x, qt, importance, out=shared.array[r0:r1])
+            except QuantError:
+                # Report as the whole tensor would (counts and positions over every row).
+                whole = np.empty((rows, n), np.float32)
+                upcast_rows(raw.data, dtype, whole)
+                _encode(whole, qt, importance)
+                raise
+
+
+def _tensor_sha256(shared: _Shared, stats: StageStats | None) -> str:
+    try:
+        with _timed(stats, "hash", cpu=True):
+            return hashlib.sha256(memoryview(shared.array).cast("B")).hexdigest()
+    finally:
+        shared.release()
+
+
+def _encode(x: np.ndarray, qtype: str, importance: np.ndarray | None = None,
+            out: np.ndarray | None = None) -> np.ndarray:
     """One tensor's bytes in ``qtype``; 1-D tensors are a single row. ``importance``: the imatrix
     vector (one weight per column), used by K-quants and ignored by the other types."""
     rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
-    return quant_kernels.quantize(rows, qtype, imatrix=importance)
+    return quant_kernels.quantize(rows, qtype, imatrix=importance, out=out)
 
 
 def _apply_transform(transform: TensorTransform, name: str, x: np.ndarray) -> np.ndarray:
@@ -285,71 +401,263 @@ class _TensorError(Exception):
         self.cause = cause
 
 
-_DONE = object()
+# ---------------------------------------------------------------------------------------------
+# Stage timing (for scripts/bench_convert.py; off unless a caller collects).
 
 
-class _Prefetcher:
-    """Reads tensors in a background thread, one ahead of the consumer.
+class StageStats:
+    """Busy time per stage of one conversion, summed over the threads that ran it.
 
-    Only I/O and upcasting happen here: numba's parallel kernels (quantizers, the LoRA product)
-    run in the calling thread alone, since two threads launching parallel regions at once abort
-    the process under numba's workqueue threading layer, and ``set_num_threads`` is per thread.
+    ``wall[stage]``: seconds spent in the stage; ``cpu[stage]``: the CPU seconds of the Python
+    threads that ran it (read, hash, file hash, write; the upcast and quantize stages run on
+    numba's threads, whose CPU the calling thread cannot see, so theirs is left out).
     """
 
-    def __init__(self, source: Source, names: Sequence[str]) -> None:
-        self._source, self._names = source, names
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+    def __init__(self) -> None:
+        self.busy: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.wall = 0.0
+        self.threads = 0
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float, cpu: float | None) -> None:
+        with self._lock:
+            self.busy[stage] = self.busy.get(stage, 0.0) + seconds
+            if cpu is not None:
+                self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall, 3), "threads": self.threads,
+                "busy_s": {k: round(v, 3) for k, v in self.busy.items()},
+                "cpu_s": {k: round(v, 3) for k, v in self.cpu.items()}}
+
+
+class _StatsSlot:
+    def __init__(self) -> None:
+        self.value: StageStats | None = None
+
+    def get(self) -> StageStats | None:
+        return self.value
+
+
+_STATS = _StatsSlot()
+
+
+@contextlib.contextmanager
+def collect_stage_stats() -> Iterator[StageStats]:
+    """Record the stage timings of the conversions run inside the block (one at a time)."""
+    stats, previous = StageStats(), _STATS.value
+    _STATS.value = stats
+    try:
+        yield stats
+    finally:
+        _STATS.value = previous
+
+
+@contextlib.contextmanager
+def _timed(stats: StageStats | None, stage: str, cpu: bool = False) -> Iterator[None]:
+    if stats is None:
+        yield
+        return
+    w0 = time.perf_counter()
+    c0 = time.thread_time() if cpu else 0.0
+    try:
+        yield
+    finally:
+        stats.add(stage, time.perf_counter() - w0, time.thread_time() - c0 if cpu else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers and threads.
+
+
+class _Buffers:
+    """Reusable byte buffers of one capacity: steady-state conversion allocates (and page-faults)
+    nothing. The free list never holds more buffers than were in use at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> np.ndarray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return np.empty(self.capacity, np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+class _Shared:
+    """One encoded tensor in a pooled buffer, returned to the pool when every user released it
+    (each writer whose file holds this type, and the tensor's hash)."""
+
+    def __init__(self, pool: _Buffers, users: int, rows: int, row_bytes: int) -> None:
+        self._pool, self._users = pool, users
+        self._buf = pool.get()
+        self.array = self._buf[:rows * row_bytes].reshape(rows, row_bytes)
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self._pool.put(self._buf)
+
+    def discard(self) -> None:
+        with self._lock:
+            self._users = 0
+        self._pool.put(self._buf)
+
+
+class _RawTensor:
+    """A tensor's raw source bytes (``dtype``, little-endian) in a pooled buffer (or, from a
+    source that can only give float32, that array's bytes with ``buf`` None)."""
+
+    def __init__(self, buf: np.ndarray | None, data: np.ndarray, dtype: str) -> None:
+        self.buf, self.data, self.dtype = buf, data, dtype
+
+
+class _Reader:
+    """Reads the raw bytes of the next tensors on ``workers`` threads, ``workers + 1`` ahead of
+    the consumer, in order, into reusable buffers (``release`` gives one back).
+
+    Only I/O happens here: numba's parallel kernels (upcast, quantizers, the LoRA product) run in
+    the calling thread alone, since two threads launching parallel regions at once abort the
+    process under numba's workqueue threading layer, and ``set_num_threads`` is per thread.
+    """
+
+    def __init__(self, source: Source, names: Sequence[str], workers: int, stats: StageStats | None) -> None:
+        self._source, self._names, self._stats = source, list(names), stats
+        self._pool = _Buffers(max((int(source.tensors[n].nbytes) for n in names), default=0))
+        self._ahead = workers + 1
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="flux-gguf-reader", daemon=True)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="flux-gguf-reader")
+        self._pending: deque[tuple[str, concurrent.futures.Future[_RawTensor]]] = deque()
+        self._next = 0
+        self._closed = False
+
+    def _read(self, name: str) -> _RawTensor:
+        if self._stop.is_set():
+            raise _TensorError(name, KeyboardInterrupt())
+        if not hasattr(self._source, "read_raw_into"):  # a source that only upcasts itself
+            with _timed(self._stats, "read", cpu=True):
+                x = np.ascontiguousarray(self._source.read(name), dtype=np.float32)
+            return _RawTensor(None, x.reshape(-1).view(np.uint8), "F32")
+        buf = self._pool.get()
+        nbytes = int(self._source.tensors[name].nbytes)
+        try:
+            with _timed(self._stats, "read", cpu=True):
+                self._source.read_raw_into(name, buf[:nbytes])
+        except BaseException:
+            self._pool.put(buf)
+            raise
+        return _RawTensor(buf, buf[:nbytes], self._source.tensors[name].dtype)
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead and self._next < len(self._names):
+            name = self._names[self._next]
+            self._next += 1
+            self._pending.append((name, self._executor.submit(self._read, name)))
+
+    def __iter__(self) -> Iterator[tuple[str, _RawTensor]]:
+        while True:
+            self._fill()
+            if not self._pending:
+                return
+            name, future = self._pending.popleft()
+            try:
+                with _timed(self._stats, "wait_read"):
+                    raw = future.result()
+            except _TensorError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - named after its tensor
+                raise _TensorError(name, e) from None
+            self._fill()
+            yield name, raw
+
+    def release(self, raw: _RawTensor) -> None:
+        if raw.buf is not None:
+            self._pool.put(raw.buf)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+
+class _FileHasher:
+    """A file's sha256, computed on its own thread in the order the bytes were written.
+
+    ``update`` queues a buffer (the caller keeps it alive until a later ``call`` runs), ``call``
+    queues a function to run once everything queued before it is hashed, ``hexdigest`` waits."""
+
+    def __init__(self, label: str, stats: StageStats | None) -> None:
+        self._hash = hashlib.sha256()
+        self._stats = stats
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2 * _QUEUE_DEPTH)
+        self._digest: str | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"flux-gguf-filehash-{label}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        name = ""
-        try:
-            for name in self._names:
-                if self._stop.is_set():
-                    return
-                x = self._source.read(name)
-                if not self._put((name, x)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-            self._put(_TensorError(name, e))
-            return
-        self._put(_DONE)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         while True:
-            item = self._queue.get()
-            if item is _DONE:
+            kind, item = self._queue.get()
+            if kind == "data":
+                with _timed(self._stats, "file_hash", cpu=True):
+                    self._hash.update(item)
+            elif kind == "call":
+                item()
+            else:
                 return
-            if isinstance(item, _TensorError):
-                raise item
-            yield item
+
+    def update(self, data: bytes | memoryview) -> None:
+        if len(data) < 1 << 16:  # headers and padding: small, copied now
+            self._queue.put(("data", bytes(data)))
+        else:
+            self._queue.put(("data", data))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self._queue.put(("call", fn))
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._queue.put(("stop", None))
+            self._thread.join()
+            self._closed = True
+            self._digest = self._hash.hexdigest()
+        return self._digest
 
     def close(self) -> None:
-        self._stop.set()
-        while True:  # unblock a put in progress
+        if self._closed:
+            return
+        self._closed = True
+        while True:  # drop what is queued (the conversion failed), then stop the thread
             try:
-                self._queue.get_nowait()
+                kind, item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if kind == "call":
+                item()
+        self._queue.put(("stop", None))
         self._thread.join()
 
 
 class _WriterThread:
-    """Feeds one GGUFStreamWriter from a bounded queue so writing/hashing overlaps encoding."""
+    """Feeds one GGUFStreamWriter from a bounded queue so writing overlaps encoding and hashing."""
 
-    def __init__(self, writer: GGUFStreamWriter) -> None:
+    def __init__(self, writer: GGUFStreamWriter, file_hash: _FileHasher, stats: StageStats | None) -> None:
         self.writer = writer
+        self._file_hash = file_hash
+        self._stats = stats
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._error: BaseException | None = None
         self._cancelled = threading.Event()
@@ -361,17 +669,25 @@ class _WriterThread:
             item = self._queue.get()
             if item is None:
                 return
+            name, shared, digest = item
             if self._error is not None or self._cancelled.is_set():
+                shared.release()
                 continue  # keep draining so the producer never blocks
             try:
-                self.writer.write_tensor(*item)
+                sha = digest.result()
+                with _timed(self._stats, "write", cpu=True):
+                    self.writer.write_tensor(name, shared.array, sha256=sha)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
                 self._error = e
+                shared.release()
+            else:
+                self._file_hash.call(shared.release)  # once the file hash has read the bytes
 
-    def put(self, name: str, data: np.ndarray) -> None:
+    def put(self, name: str, shared: _Shared, digest: concurrent.futures.Future[str]) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((name, data))
+        with _timed(self._stats, "wait_write"):
+            self._queue.put((name, shared, digest))
 
     def drain(self) -> None:
         """Wait until every queued tensor is written; re-raise the writer's error if any."""

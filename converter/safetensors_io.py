@@ -1,12 +1,15 @@
-"""Safetensors files read by hand: the header parsed and checked, tensor bytes through mmap.
+"""Safetensors files read by hand: the header parsed and checked, tensor bytes through pread.
 
 We parse the header ourselves (8-byte little-endian length, then JSON) rather than calling the
 safetensors package because every malformed file must fail with one line that names the file,
 the tensor and what was expected; and we upcast to float32 ourselves so that BF16, F16 and both
 FP8 flavours convert exactly (bit for bit what PyTorch's ``.float()`` gives, NaNs included).
 
-Bytes are read through a read-only mmap, one tensor (or one row range) at a time, and the pages
-are dropped after each read, so a 24 GB checkpoint never occupies more than one tensor of RAM.
+Bytes are read with ``os.preadv`` into buffers the caller owns (and reuses), one tensor or one
+element range at a time: a 24 GB checkpoint never occupies more than the buffers in flight, the
+reads release the GIL so several can run at once, and a file that shrinks while it is being read
+(another process truncating or rewriting it) gives a short read and a one-line SourceError naming
+the file and tensor, where a mapping would kill the process with SIGBUS.
 
 The same module encodes headers, so the synthetic-checkpoint writer produces files this reader
 and the safetensors package both accept.
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import pathlib
 import stat
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from manifests.hashing import open_regular
+from quant_kernels import upcast
 
 from .errors import SourceError
 
@@ -34,8 +37,6 @@ DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_
 # The safetensors package refuses headers above 100 MB; so do we (a random file's first 8 bytes
 # would otherwise ask for an absurd allocation).
 MAX_HEADER_BYTES = 100_000_000
-_PAGE = mmap.PAGESIZE
-_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -108,6 +109,27 @@ def upcast_into(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
         np.take(F16_TO_F32, raw.view("<u2"), out=out)
     else:
         np.take(_TABLES[dtype], raw, out=out)
+
+
+_SERIAL_BELOW = 1 << 16
+
+
+def upcast_rows(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Like :func:`upcast_into` for ``out`` a C-contiguous float32 (rows, n) array, on every kernel
+    thread (``quant_kernels.set_threads``). Launch it from the thread that runs the quantizers.
+    Arrays under 64K elements (biases, norms) are converted on this thread: a parallel region
+    costs more than they do."""
+    rows, n = out.shape
+    if rows * n < _SERIAL_BELOW:
+        upcast_into(raw.reshape(-1), dtype, out.reshape(-1))
+    elif dtype == "BF16":
+        upcast.bf16_rows(raw.view("<u2").reshape(rows, n), out)
+    elif dtype == "F32":
+        upcast.f32_rows(raw.view("<u4").reshape(rows, n), out)
+    elif dtype == "F16":
+        upcast.table_rows(raw.view("<u2").reshape(rows, n), F16_TO_F32, out)
+    else:
+        upcast.table_rows(raw.reshape(rows, n), _TABLES[dtype], out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,10 +250,11 @@ def _check_layout(path: pathlib.Path, tensors: list[RawTensor], data_start: int,
 
 
 class SafetensorsFile:
-    """One safetensors file: a checked header now, bytes through mmap on demand.
+    """One safetensors file: a checked header now, bytes through ``os.preadv`` on demand.
 
-    Opening reads and validates only the header. ``close()`` releases the mapping; reading
-    afterwards raises.
+    Opening reads and validates only the header; the file is opened for reading on the first
+    tensor read. ``close()`` closes it; reading afterwards raises. Reads may come from several
+    threads at once (pread has no shared file position).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -254,27 +277,55 @@ class SafetensorsFile:
             name: _parse_entry(self.path, name, entry, data_start) for name, entry in header.items()
         }
         _check_layout(self.path, list(self.tensors.values()), data_start, self.size)
-        self._file: object | None = None
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
         self._closed = False
-        self._lock = threading.Lock()  # the mapping is made lazily; readers may be threads
+        self._lock = threading.Lock()  # the descriptor is opened lazily; readers may be threads
 
-    def _mapping(self) -> mmap.mmap:
+    def _descriptor(self) -> int:
         with self._lock:
             if self._closed:
                 raise _fail(self.path, "read after close()")
-            if self._map is None:
+            if self._fd is None:
                 try:
-                    f = open(self.path, "rb")
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError as e:
                     raise _fail(self.path, f"cannot read ({e.strerror or e})") from None
+                if hasattr(os, "posix_fadvise"):
+                    try:
+                        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except OSError:
+                        pass  # a hint only
+            return self._fd
+
+    def read_raw_into(self, name: str, first: int, out: np.ndarray) -> None:
+        """Copy the raw little-endian bytes of ``out.nbytes // width`` elements of tensor ``name``,
+        starting at element ``first``, into ``out`` (any writable C-contiguous array).
+
+        A file that ends before those bytes (truncated since it was opened) raises SourceError.
+        """
+        t = self.tensors[name]
+        width = DTYPE_SIZES[t.dtype]
+        start, count = t.begin + first * width, out.nbytes
+        if count % width or start + count > t.end:
+            raise ValueError(f"{self.path}: {count} bytes from element {first} do not fit tensor {name}")
+        fd = self._descriptor()
+        if count == 0:
+            return
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < count:
+            try:
+                got = os.preadv(fd, [view[done:]], start + done)
+            except OSError as e:
+                raise _fail(self.path, f"cannot read tensor {name} ({e.strerror or e})") from None
+            if got == 0:
                 try:
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except (ValueError, OSError) as e:
-                    f.close()
-                    raise _fail(self.path, f"cannot map the file: {e}") from None
-                self._file = f
-            return self._map
+                    now = os.fstat(fd).st_size
+                except OSError:
+                    now = start + done
+                raise _fail(self.path, f"truncated while reading tensor {name}: it needs bytes up to "
+                                       f"{t.end} but the file now has {now} (it had {self.size} when opened)")
+            done += got
 
     def read_elements_into(self, name: str, first: int, out: np.ndarray) -> None:
         """Upcast ``out.size`` elements of tensor ``name`` starting at element ``first`` into ``out``.
@@ -283,19 +334,10 @@ class SafetensorsFile:
         a tensor are contiguous element ranges, which is how fused diffusers parts are assembled.
         """
         t = self.tensors[name]
-        width = DTYPE_SIZES[t.dtype]
-        start, count = t.begin + first * width, out.size * width
-        mm = self._mapping()
-        if count == 0:
-            return
-        raw = np.frombuffer(mm, dtype=np.uint8, count=count, offset=start)
-        try:
+        raw = np.empty(out.size * DTYPE_SIZES[t.dtype], dtype=np.uint8)
+        self.read_raw_into(name, first, raw)
+        if raw.size:
             upcast_into(raw, t.dtype, out)
-        finally:
-            del raw
-        if _DONTNEED is not None:  # drop the pages now: RSS stays at one tensor, not the file
-            lo = start - start % _PAGE
-            mm.madvise(_DONTNEED, lo, start + count - lo)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a C-contiguous float32 array of its header shape."""
@@ -307,12 +349,9 @@ class SafetensorsFile:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._map is not None:
-                self._map.close()
-                self._map = None
-            if self._file is not None:
-                self._file.close()  # type: ignore[attr-defined]
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from .diffusers_names import bfl_name_for, diffusers_parts
 from .errors import SourceError
 from .layout import FluxGeometry, bfl_tensor_shapes
-from .safetensors_io import RawTensor, SafetensorsFile
+from .safetensors_io import DTYPE_SIZES, RawTensor, SafetensorsFile
 
 COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -92,7 +92,7 @@ def _in_bfl_order(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
 
 
 class Source:
-    """A checkpoint opened for reading: BFL names up front, tensors on demand. Close to release mmaps."""
+    """A checkpoint opened for reading: BFL names up front, tensors on demand. Close to release the files."""
 
     def __init__(self, path: pathlib.Path, layout: str, shards: list[SafetensorsFile],
                  tensors: dict[str, TensorInfo], pieces: dict[str, list[_Piece]],
@@ -119,6 +119,20 @@ class Source:
         for p in self._pieces[name]:
             p.file.read_elements_into(p.key, p.first, flat[p.dest:p.dest + p.count])
         return out
+
+    def read_raw_into(self, name: str, out: np.ndarray) -> None:
+        """Tensor ``name``'s source bytes (its TensorInfo dtype, little-endian, BFL element order:
+        diffusers parts stacked and halves swapped) into ``out``, a C-contiguous uint8 array of
+        exactly ``nbytes``; no upcast. Several threads may read different tensors at once."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise SourceError(f"{self.path}: no tensor {name}")
+        if out.nbytes != info.nbytes:
+            raise ValueError(f"tensor {name} has {info.nbytes} source bytes, the buffer {out.nbytes}")
+        flat = out.reshape(-1).view(np.uint8)
+        width = DTYPE_SIZES[info.dtype]
+        for p in self._pieces[name]:
+            p.file.read_raw_into(p.key, p.first, flat[p.dest * width:(p.dest + p.count) * width])
 
     def close(self) -> None:
         for shard in self._shards:

@@ -141,7 +141,10 @@ class GGUFStreamWriter:
         variant: str,
         file_type: int,
         buffer_size: int = 8 << 20,
+        file_hash: Any = None,
     ) -> None:
+        """``file_hash``: an object with hashlib's ``update``/``hexdigest`` for the whole file's
+        sha256 (the pipeline passes one that hashes on its own thread); default hashlib.sha256()."""
         self.path = pathlib.Path(path)
         self.partial_path = partial_path(self.path)  # hidden, unique: see manifests.hashing
         self.variant = variant
@@ -150,7 +153,7 @@ class GGUFStreamWriter:
         self._header = encode_header(kv, self._slots)
         self._next = 0
         self._offset = 0
-        self._file_hash = hashlib.sha256()
+        self._file_hash = hashlib.sha256() if file_hash is None else file_hash
         self._records: list[TensorRecord] = []
         self._done = False
         self._synced = False
@@ -184,8 +187,11 @@ class GGUFStreamWriter:
         self._file_hash.update(data)
         self._offset += len(data)
 
-    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
-        """Append the next tensor's encoded bytes (any C-contiguous buffer) plus alignment padding."""
+    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview, *,
+                     sha256: str | None = None) -> TensorRecord:
+        """Append the next tensor's encoded bytes (any C-contiguous buffer) plus alignment padding.
+
+        ``sha256``: the bytes' digest when the caller has already computed it (hex)."""
         if self._fh is None or self._done:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next >= len(self._slots):
@@ -199,7 +205,7 @@ class GGUFStreamWriter:
         offset = self._offset
         self._write(buf)
         self._write(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))
-        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, hashlib.sha256(buf).hexdigest())
+        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, sha256 or hashlib.sha256(buf).hexdigest())
         self._records.append(record)
         self._next += 1
         return record

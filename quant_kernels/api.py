@@ -108,16 +108,24 @@ def _check_scales(x: np.ndarray, out: np.ndarray, spec: QuantSpec) -> None:
                                      f"the float16 scale of block {b} of that row would be inf")
 
 
+def _check_out(out: np.ndarray, shape: tuple[int, int]) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != shape or not out.flags.c_contiguous:
+        got = f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}"
+        raise ShapeError(f"out must be a C-contiguous uint8 array of shape {shape}, got {got}")
+
+
 def quantize(
     x: np.ndarray,
     qtype: GGMLQuantizationType | str,
     *,
     imatrix: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Encode a 2-D (rows, n) float array; returns uint8 (rows, n // block * type_size).
 
     The bytes are identical to ggml's ``ggml_quantize_chunk`` for the same float32 input
-    (importance-weighted when ``imatrix`` is given, a float per column).
+    (importance-weighted when ``imatrix`` is given, a float per column). ``out``, if given, is a
+    C-contiguous uint8 array of that shape to write into (and return) instead of a new one.
     """
     spec = resolve(qtype)
     x = _as_f32_2d(x)
@@ -126,13 +134,21 @@ def quantize(
         raise BlockSizeError(spec.name, spec.block_size, n)
     amax = _check_finite(x)
     _check_range(x, spec, amax)
-    if spec.qtype == _Q.F32:
-        return x.view(np.uint8).reshape(rows, n * 4)
-    if spec.qtype == _Q.F16:
-        return floats.to_float16(x).view(np.uint8).reshape(rows, n * 2)
-    if spec.qtype == _Q.BF16:
-        return floats.to_bfloat16_bits(x).view(np.uint8).reshape(rows, n * 2)
-    out = np.empty((rows, spec.row_nbytes(n)), dtype=np.uint8)
+    if out is not None:
+        _check_out(out, (rows, spec.row_nbytes(n)))
+    if spec.qtype in (_Q.F32, _Q.F16, _Q.BF16):
+        if spec.qtype == _Q.F32:
+            encoded = x.view(np.uint8).reshape(rows, n * 4)
+        elif spec.qtype == _Q.F16:
+            encoded = floats.to_float16(x).view(np.uint8).reshape(rows, n * 2)
+        else:
+            encoded = floats.to_bfloat16_bits(x).view(np.uint8).reshape(rows, n * 2)
+        if out is None:
+            return encoded
+        out[...] = encoded
+        return out
+    if out is None:
+        out = np.empty((rows, spec.row_nbytes(n)), dtype=np.uint8)
     if rows == 0 or n == 0:
         return out
     kernels = _kernels(spec)

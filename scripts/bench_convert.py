@@ -1,15 +1,29 @@
 #!/usr/bin/env python
-"""Benchmark the converter on the full-size FLUX.1 layout (synthetic weights, 23.8 GB BF16).
+"""Benchmark the converter on the FLUX.1 layout (synthetic weights; full size: 23.8 GB BF16).
 
-Generates the checkpoint with converter.synthetic (or reuses it), then runs ``flux-gguf convert``
-in a child process for each scenario and measures that child alone (``os.wait4``): wall time,
-CPU time, peak RSS, and source-read / output-write throughput. Outputs are deleted after each
-scenario so the disk only ever holds the source plus one scenario's files.
+Generates the checkpoint with converter.synthetic (or reuses it), then measures, each in a child
+process of its own (``os.wait4`` gives that child's CPU time and peak RSS):
 
-    python scripts/bench_convert.py --work bench-out/convert              # both scenarios
-    python scripts/bench_convert.py --work bench-out/convert --json bench.json --scenario Q4_K_M
+* **stages**: every stage of a conversion alone, one tensor at a time on the calling thread
+  (read = pread of the source bytes, upcast = the parallel BF16/F16/FP8 -> float32 kernels,
+  quantize = the kernels for every type the variants need, hash = each tensor's and each file's
+  sha256, write = the bytes to the output folder and fsync): wall time, CPU time and GB/s per
+  stage. Their sum is what a conversion would take with nothing overlapped; ``quantize`` alone
+  is "the kernels alone for the same tensors at the same thread count".
+* **scenarios**: ``flux-gguf convert`` itself (the pipeline), with the busy time of each stage
+  inside it (from ``converter.pipeline.collect_stage_stats``): the slowest stage is the bottleneck.
+* **sweep**: one scenario at 1, 2, 4, 8, 16 threads (those the machine has), with the speedup.
 
-Targets (2 cores): peak RSS <= 3 GB, Q4_K_M <= 3 minutes.
+Outputs are deleted after each run, so the disk holds the source plus one run's files.
+
+    python scripts/bench_convert.py --work /dev/shm/bench                          # full size, everything
+    python scripts/bench_convert.py --work bench-out --hidden 3072 --double-blocks 2 --single-blocks 4 \\
+        --scenario Q4_K_M --sweep Q4_K_M --json bench.json                          # a 2.6 GB profile
+    python scripts/bench_convert.py --work bench-out --smoke                       # checks the script only
+
+Targets (issue 15; full model, BF16): 16 cores with source and outputs in RAM: Q4_K_M <= 15 s,
+Q8_0 <= 10 s, Q4_K_M + Q8_0 + Q3_K_S <= 25 s, 16 threads <= 1/8 of 1 thread; 2 cores: Q4_K_M
+within 1.2x the kernels alone, peak RSS <= 1.5 GB.
 """
 from __future__ import annotations
 
@@ -24,27 +38,127 @@ import sys
 import tempfile
 import time
 
-from converter.layout import FluxGeometry
-from converter.recipes import layout_tensors, make_plans
-from converter.synthetic import synthetic_nbytes, write_synthetic_flux
-
+GB = 1e9
 SCENARIOS = {
     "Q4_K_M": ["Q4_K_M"],
+    "Q8_0": ["Q8_0"],
     "Q3_K_S": ["Q3_K_S"],
     "Q5_K_M": ["Q5_K_M"],
-    # one pass for all three, to compare with the sum of the three single runs above
+    "Q4_K_M+Q8_0+Q3_K_S": ["Q4_K_M", "Q8_0", "Q3_K_S"],
     "Q3_K_S+Q4_K_M+Q5_K_M": ["Q3_K_S", "Q4_K_M", "Q5_K_M"],
 }
-SOURCE_NAME = "flux1-synthetic-full.safetensors"
-GB = 1e9
+DEFAULT_SCENARIOS = ["Q4_K_M", "Q8_0", "Q4_K_M+Q8_0+Q3_K_S"]
+STAGES = ["read", "upcast", "quantize", "hash", "write"]
+CHUNK_PER_THREAD: int | None = None  # --chunk-per-thread: the pipeline's default unless given
+
+
+# ---------------------------------------------------------------------------------------------
+# Children (run as ``bench_convert.py _child KIND JSON``): the measured work itself.
+
+
+def _child_convert(args: dict) -> dict:
+    from converter import pipeline
+    from converter.pipeline import collect_stage_stats, convert
+
+    if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
+        pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
+    if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
+        pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
+    with collect_stage_stats() as stats:
+        records = convert(args["src"], args["out"], args["variants"], threads=args["threads"])
+    return {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
+            "stages": stats.to_dict()}
+
+
+def _child_stages(args: dict) -> dict:
+    """Each stage alone, in sequence, per tensor (nothing overlaps, so each stage's time is its own)."""
+    import hashlib
+    import resource
+
+    import numpy as np
+
+    import quant_kernels
+    from converter.pipeline import kernel_threads, plan_source
+    from converter.safetensors_io import DTYPE_SIZES, upcast_rows
+    from converter.sources import open_source
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    wall = dict.fromkeys(STAGES, 0.0)
+    cpus = dict.fromkeys(STAGES, 0.0)
+    nbytes = dict.fromkeys(STAGES, 0)
+    out = pathlib.Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with kernel_threads(args["threads"]), open_source(args["src"]) as source:
+        plans = plan_source(source, args["variants"])
+        order = [e.name for e in plans[0].entries]
+        raw_buf = np.empty(max(source.tensors[n].nbytes for n in order), np.uint8)
+        f32 = np.empty(max(source.tensors[n].nbytes // DTYPE_SIZES[source.tensors[n].dtype] for n in order), np.float32)
+        files = [open(out / p.file_name, "wb") for p in plans]
+        file_hashes = [hashlib.sha256() for _ in plans]
+        quant_kernels.quantize(np.zeros((1, 256), np.float32), "Q4_K")  # compile/load outside the timing
+
+        def stage(name: str, fn, size: int):
+            w0, c0 = time.perf_counter(), cpu()
+            result = fn()
+            wall[name] += time.perf_counter() - w0
+            cpus[name] += cpu() - c0
+            nbytes[name] += size
+            return result
+
+        for tname in order:
+            info = source.tensors[tname]
+            raw = raw_buf[:info.nbytes]
+            stage("read", lambda: source.read_raw_into(tname, raw), info.nbytes)
+            n = info.shape[-1] if info.shape else 1
+            rows = info.nbytes // DTYPE_SIZES[info.dtype] // n
+            x = f32[:rows * n].reshape(rows, n)
+            stage("upcast", lambda: upcast_rows(raw, info.dtype, x), x.nbytes)
+            entries = [{e.name: e for e in p.entries}[tname] for p in plans]
+            encoded = {}
+            for qt in dict.fromkeys(e.qtype for e in entries):
+                encoded[qt] = stage("quantize", lambda: quant_kernels.quantize(x, qt), x.nbytes)
+            for qt, data in encoded.items():  # once per distinct type, as the pipeline does
+                stage("hash", lambda: hashlib.sha256(data).hexdigest(), data.nbytes)
+            for e, fh, h in zip(entries, files, file_hashes):
+                data = encoded[e.qtype]
+                stage("hash", lambda: h.update(data), data.nbytes)
+                stage("write", lambda: fh.write(memoryview(data).cast("B")), data.nbytes)
+
+        def sync() -> None:
+            for fh in files:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+
+        stage("write", sync, 0)
+    return {"stages": {s: {"wall_s": round(wall[s], 3), "cpu_s": round(cpus[s], 3), "gb": round(nbytes[s] / GB, 3),
+                           "gb_s": round(nbytes[s] / GB / wall[s], 3) if wall[s] else None} for s in STAGES}}
+
+
+def _child_main(kind: str, payload: str) -> None:
+    args = json.loads(payload)
+    result = {"convert": _child_convert, "stages": _child_stages}[kind](args)
+    sys.stdout.write(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: generate, run children, report.
 
 
 def free_bytes(path: pathlib.Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def ensure_source(work: pathlib.Path, geo: FluxGeometry) -> tuple[pathlib.Path, float | None]:
-    src = work / (SOURCE_NAME if geo == FluxGeometry() else "flux1-synthetic-smoke.safetensors")
+def ensure_source(work: pathlib.Path, geo) -> tuple[pathlib.Path, float | None]:
+    from converter.layout import FluxGeometry
+    from converter.synthetic import synthetic_nbytes, write_synthetic_flux
+
+    stem = ("flux1-synthetic-full" if geo == FluxGeometry()
+            else f"flux1-synthetic-{geo.double_blocks}d{geo.single_blocks}s{geo.hidden}")
+    src = work / f"{stem}.safetensors"
     need = synthetic_nbytes(geo, "BF16")
     if src.exists() and src.stat().st_size >= need:
         return src, None
@@ -55,93 +169,179 @@ def ensure_source(work: pathlib.Path, geo: FluxGeometry) -> tuple[pathlib.Path, 
     return src, time.perf_counter() - start
 
 
-def run_scenario(src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int | None,
-                 geo: FluxGeometry) -> dict:
-    planned = make_plans(variants, layout_tensors(geo), name=src.stem, family="flux-dev")
-    need = sum(p.file_size for p in planned)
-    if free_bytes(out.parent) < need * 1.05:
-        sys.exit(f"bench: need {need / GB:.1f} GB free for {'+'.join(variants)}, have {free_bytes(out.parent) / GB:.1f} GB")
-    if out.exists():
-        shutil.rmtree(out)
-    cmd = [sys.executable, "-c", "from converter.cli import main; main()", "convert", str(src), "-o", str(out),
-           "--json"] + [a for v in variants for a in ("--variant", v)]
-    if threads:
-        cmd += ["--threads", str(threads)]
+def run_child(kind: str, args: dict) -> tuple[dict, float, float, float]:
+    """(result, wall s, cpu s, peak RSS GB) of one child."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "_child", kind, json.dumps(args)]
     # The child's output goes to files, not pipes: a full pipe would block it while we sit in wait4.
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         start = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
-        # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in earlier children).
-        _, status, usage = os.wait4(child.pid, 0)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
         out_f.seek(0)
         err_f.seek(0)
         stdout, stderr = out_f.read(), err_f.read()
-    code = child.returncode
-    if code != 0:
-        sys.exit(f"bench: convert failed ({code}): {stderr.decode(errors='replace').strip()[-2000:]}")
-    artifacts = json.loads(stdout)["artifacts"]
-    written = sum(a["size"] for a in artifacts)
-    source_bytes = src.stat().st_size
-    shutil.rmtree(out)
-    return {
-        "scenario": "+".join(variants),
-        "variants": variants,
-        "wall_s": round(wall, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),  # ru_maxrss is KiB on Linux
-        "read_gb_s": round(source_bytes / wall / GB, 3),
-        "write_gb_s": round(written / wall / GB, 3),
-        "output_gb": round(written / GB, 3),
-        "files": {pathlib.Path(a["path"]).name: a["size"] for a in artifacts},
-    }
+    if child.returncode != 0:
+        sys.exit(f"bench: {kind} failed ({child.returncode}): {stderr.decode(errors='replace').strip()[-2000:]}")
+    return json.loads(stdout), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / GB
+
+
+def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
+            chunksize: int | None = None) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
+                                              "threads": threads, "chunksize": chunksize,
+                                              "chunk_per_thread": CHUNK_PER_THREAD})
+    written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
+    shutil.rmtree(out, ignore_errors=True)
+    return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "peak_rss_gb": round(rss, 3), "output_gb": round(written / GB, 3),
+            "read_gb_s": round(src.stat().st_size / wall / GB, 3), **result}
+
+
+def print_stages(r: dict) -> None:
+    print(f"\nstages alone: {r['scenario']} at {r['threads']} threads (child: {r['wall_s']} s wall incl. start-up, "
+          f"{r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB)")
+    print(f"  {'stage':<10} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'GB':>8} {'GB/s':>8}")
+    total = 0.0
+    for s in STAGES:
+        st = r["stages"][s]
+        total += st["wall_s"]
+        ratio = st["cpu_s"] / st["wall_s"] if st["wall_s"] else 0
+        print(f"  {s:<10} {st['wall_s']:>8.2f} {st['cpu_s']:>8.2f} {ratio:>9.2f} {st['gb']:>8.2f} "
+              f"{st['gb_s'] if st['gb_s'] is not None else 0:>8.2f}")
+    print(f"  {'sum':<10} {total:>8.2f}   (nothing overlapped)")
+
+
+def print_convert(r: dict, alone: dict | None) -> None:
+    st = r["stages"]
+    line = (f"\nconvert {r['scenario']} at {r['threads']} threads: {r['wall_s']} s wall (pipeline {st['wall_s']} s), "
+            f"{r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB, {r['output_gb']} GB written")
+    if alone is not None:
+        q = alone["stages"]["quantize"]["wall_s"]
+        line += f"; {st['wall_s'] / q:.2f}x the kernels alone ({q} s)" if q else ""
+    print(line)
+    busy, cpu = st["busy_s"], st["cpu_s"]
+    print("  busy s per stage inside the pipeline (summed over its threads; cpu where Python threads ran it):")
+    print("  " + ", ".join(f"{k} {v:.2f}" + (f" (cpu {cpu[k]:.2f})" if k in cpu else "") for k, v in busy.items()))
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "_child":
+        _child_main(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("bench-out/convert"),
-                    help="folder for the 23.8 GB source and the outputs (default: bench-out/convert)")
+                    help="folder for the source and the outputs (default: bench-out/convert; /dev/shm/... for RAM)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), action="append",
-                    help="run only this scenario (repeatable; default: all)")
-    ap.add_argument("--threads", type=int, default=None, help="--threads for convert (default: all cores)")
-    ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
+                    help=f"convert this at --threads (repeatable; default: {', '.join(DEFAULT_SCENARIOS)})")
+    ap.add_argument("--stages", choices=list(SCENARIOS), action="append",
+                    help="stage breakdown of this scenario at --threads (repeatable; default: the first scenario)")
+    ap.add_argument("--sweep", choices=list(SCENARIOS), default=None,
+                    help="this scenario at every --sweep-threads count (default: the first scenario)")
+    ap.add_argument("--sweep-threads", default="1,2,4,8,16",
+                    help="thread counts for the sweep; those above the machine's cores are skipped (default 1,2,4,8,16)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the sweep")
+    ap.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    ap.add_argument("--ab-static", action="store_true",
+                    help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for scenarios and stages (default: all)")
+    ap.add_argument("--double-blocks", type=int, default=None)
+    ap.add_argument("--single-blocks", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None, help="a multiple of 128 (default: FLUX.1's 3072)")
+    ap.add_argument("--smoke", action="store_true", help="2 + 2 blocks of hidden 512 (checks the script, not speed)")
+    ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here (after every run)")
     ap.add_argument("--remove-source", action="store_true", help="delete the generated source afterwards")
-    ap.add_argument("--smoke", action="store_true",
-                    help="a 2 + 2 block, hidden 512 model instead of the full size (checks the script, not speed)")
+    ap.add_argument("--chunk-per-thread", type=int, default=None,
+                    help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
+                         "(default: the pipeline's, 2^21 = 8 MB)")
     args = ap.parse_args()
+    global CHUNK_PER_THREAD
+    CHUNK_PER_THREAD = args.chunk_per_thread
 
-    geo = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512) if args.smoke else FluxGeometry()
+    from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry
+
+    if args.smoke:
+        geo = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512)
+    else:
+        geo = FluxGeometry(double_blocks=DOUBLE_BLOCKS if args.double_blocks is None else args.double_blocks,
+                           single_blocks=SINGLE_BLOCKS if args.single_blocks is None else args.single_blocks,
+                           hidden=HIDDEN if args.hidden is None else args.hidden)
     args.work.mkdir(parents=True, exist_ok=True)
     src, gen_s = ensure_source(args.work, geo)
-    results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    scenarios = args.scenario or DEFAULT_SCENARIOS
+    cores = os.cpu_count() or 1
+    results: dict = {
+        "machine": {"cpus": cores, "python": platform.python_version(), "platform": platform.platform(),
+                    "processor": _cpu_model(), "work": str(args.work),
                     "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "geometry": {"double_blocks": geo.double_blocks, "single_blocks": geo.single_blocks, "hidden": geo.hidden},
         "source": {"path": src.name, "bytes": src.stat().st_size, "generate_s": None if gen_s is None else round(gen_s, 1)},
-        "runs": [],
+        "stages": [], "runs": [], "sweep": [],
     }
-    for name in args.scenario or list(SCENARIOS):
-        results["runs"].append(run_scenario(src, args.work / "out", SCENARIOS[name], args.threads, geo))
-    results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    text = json.dumps(results, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    print()
-    print(f"{'scenario':<24} {'wall s':>8} {'cpu s':>8} {'peak RSS GB':>12} {'read GB/s':>10} {'write GB/s':>11}")
+    def save() -> None:
+        results["machine"]["load_avg_now"] = [round(x, 2) for x in os.getloadavg()]
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    out = args.work / "out"
+    alone_by_scenario = {}
+    for name in [] if args.no_stages else args.stages or scenarios[:1]:
+        r = measure("stages", src, out, SCENARIOS[name], args.threads)
+        alone_by_scenario[name] = r
+        results["stages"].append(r)
+        save()
+        print_stages(r)
+    for name in scenarios:
+        r = measure("convert", src, out, SCENARIOS[name], args.threads)
+        results["runs"].append(r)
+        save()
+        print_convert(r, alone_by_scenario.get(name))
+    if args.ab_static:
+        name = scenarios[0]
+        r = measure("convert", src, out, SCENARIOS[name], args.threads, chunksize=0)
+        results["ab_static"] = r
+        save()
+        print(f"\nA/B: {name} at {args.threads} threads with numba's static loop split: {r['wall_s']} s wall "
+              f"(pipeline {r['stages']['wall_s']} s)")
+    if not args.no_sweep:
+        name = args.sweep or scenarios[0]
+        # most threads first: the quick runs land before the slow single-thread one
+        counts = sorted((t for t in (int(c) for c in args.sweep_threads.split(",")) if 1 <= t <= cores), reverse=True)
+        for t in counts:
+            same = next((r for r in results["runs"] if r["scenario"] == "+".join(SCENARIOS[name]) and r["threads"] == t),
+                        None)
+            r = same or measure("convert", src, out, SCENARIOS[name], t)
+            results["sweep"].append(r)
+            save()
+            print(f"sweep {name}: {t} threads {r['wall_s']} s")
+        one = [r for r in results["sweep"] if r["threads"] == 1]
+        base = one[0]["wall_s"] if one else None
+        print(f"\nthread sweep, {name} ({cores} cores, source {src.stat().st_size / GB:.2f} GB in {args.work}):")
+        print(f"  {'threads':>7} {'wall s':>8} {'cpu s':>8} {'peak RSS GB':>12} {'speedup':>8}")
+        for r in results["sweep"]:
+            print(f"  {r['threads']:>7} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {r['peak_rss_gb']:>12.3f} "
+                  + (f"{base / r['wall_s']:>8.2f}" if base else f"{'-':>8}"))
+    save()
+    print(f"\n{'scenario':<22} {'threads':>7} {'wall s':>8} {'cpu s':>8} {'peak RSS GB':>12} {'read GB/s':>10}")
     for r in results["runs"]:
-        print(f"{r['scenario']:<24} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['peak_rss_gb']:>12.3f} "
-              f"{r['read_gb_s']:>10.3f} {r['write_gb_s']:>11.3f}")
-    walls = {r["scenario"]: r["wall_s"] for r in results["runs"]}
-    singles = ["Q3_K_S", "Q4_K_M", "Q5_K_M"]
-    if all(s in walls for s in singles) and "Q3_K_S+Q4_K_M+Q5_K_M" in walls:
-        total = sum(walls[s] for s in singles)
-        print(f"one pass for three variants: {walls['Q3_K_S+Q4_K_M+Q5_K_M']:.1f} s vs {total:.1f} s for three "
-              f"separate runs ({walls['Q3_K_S+Q4_K_M+Q5_K_M'] / total:.2f}x)")
+        print(f"{r['scenario']:<22} {r['threads']:>7} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {r['peak_rss_gb']:>12.3f} "
+              f"{r['read_gb_s']:>10.3f}")
     if args.remove_source:
         src.unlink()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -98,12 +98,13 @@ def test_fp8_source_keeps_kept_tensors_as_exact_bf16(tmp_path):
 def test_each_tensor_is_read_once_and_transformed_before_quantizing(src, tmp_path, monkeypatch):
     reads: list[str] = []
     original = Source.read
+    original_raw = Source.read_raw_into
 
-    def counting_read(self, name):
+    def counting_read(self, name, out):
         reads.append(name)
-        return original(self, name)
+        return original_raw(self, name, out)
 
-    monkeypatch.setattr(Source, "read", counting_read)
+    monkeypatch.setattr(Source, "read_raw_into", counting_read)
     seen: list[tuple[str, tuple, np.dtype]] = []
 
     def transform(name, x):
