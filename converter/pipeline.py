@@ -88,7 +88,7 @@ def plan_source(
 
 
 def convert(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | Source,
     out_dir: str | os.PathLike[str],
     variants: Sequence[str | Variant],
     *,
@@ -102,6 +102,9 @@ def convert(
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
+    ``src`` is a path, or a Source already opened (e.g. a Hub source: ``converter.hub.source``),
+    which the caller closes.
+
     ``progress(done, total)`` is called with source bytes processed so far;
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
@@ -109,7 +112,7 @@ def convert(
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
-    with kernel_threads(threads), open_source(src) as source:
+    with kernel_threads(threads), (contextlib.nullcontext(src) if isinstance(src, Source) else open_source(src)) as source:
         plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
                             extra_metadata=extra_metadata)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
@@ -189,6 +192,7 @@ def _convert_planned(
             s.drain()
         for w in writers:  # every file flushed and on disk before the first rename
             w.sync()
+        source.check_complete()  # a streamed source's sha256 against what its origin reports
         for w in writers:
             records.append(w.commit())
         return records

@@ -120,6 +120,10 @@ class Source:
             p.file.read_elements_into(p.key, p.first, flat[p.dest:p.dest + p.count])
         return out
 
+    def check_complete(self) -> None:
+        """Called once every tensor has been read, before any output is renamed into place: a source
+        that verifies its bytes as they stream (``converter.hub.source``) raises here. Local: nothing."""
+
     def close(self) -> None:
         for shard in self._shards:
             shard.close()
