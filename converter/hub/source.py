@@ -412,6 +412,7 @@ class _Client:
         self.api, self.spec, self.repo_id, self.commit = api, spec, spec.repo_id, commit
         self.has_token = has_token
         self.stats = FetchStats()
+        self.index: tuple[str, int, str] | None = None  # a diffusers index: (repo path, size, sha256)
         self._stats_lock = threading.Lock()
 
     def url(self, path: str) -> str:
@@ -504,6 +505,25 @@ class RemoteSource(Source):
     def sha256_by_name(self) -> dict[str, str]:
         """The Hub's sha256 of each file, keyed by the name ``flux_gguf.source`` records (the file name)."""
         return {f.path.name: f.expected_sha256 for f in self.remote_files}
+
+    def file_digests(self) -> dict[str, tuple[int, str]]:
+        """name -> (size, sha256) of every file read, as a manifest lists sources: names relative to
+        the folder the spec names (``transformer/...`` for a repo), the file name for a single file.
+        Shards carry the Hub's sha256, which :meth:`check_complete` has checked the bytes against."""
+        base = "" if self.spec.path.endswith(".safetensors") else self.spec.path.strip("/")
+
+        def name(repo_path: str) -> str:
+            if not base:
+                return repo_path if not self.spec.path else pathlib.PurePosixPath(repo_path).name
+            return repo_path[len(base) + 1:] if repo_path.startswith(base + "/") else repo_path
+
+        out: dict[str, tuple[int, str]] = {}
+        if self.client.index is not None:
+            path, size, sha = self.client.index
+            out[name(path)] = (size, sha)
+        for f in self.remote_files:
+            out[name(f.repo_path)] = (f.size, f.expected_sha256)
+        return out
 
     def provenance(self) -> dict[str, Any]:
         return {"repo_id": self.repo_id, "revision": self.spec.revision or "main", "commit": self.commit,
@@ -697,7 +717,9 @@ def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None
                                    "file is given as hf://OWNER/REPO/PATH.safetensors)")
         weight_map = None
         if _join(folder, DIFFUSERS_INDEX) in siblings:
-            weight_map = _read_remote_index(api, client, spec, _join(folder, DIFFUSERS_INDEX), has_token)
+            weight_map, index_size, index_sha = _read_remote_index(api, client, spec, _join(folder, DIFFUSERS_INDEX),
+                                                                  has_token)
+            client.index = (_join(folder, DIFFUSERS_INDEX), index_size, index_sha)
             names = [_join(folder, n) for n in dict.fromkeys(weight_map.values())]
             for n in names:
                 if n not in siblings:
@@ -732,7 +754,9 @@ def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
-def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, has_token: bool) -> dict[str, str]:
+def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, has_token: bool
+                       ) -> tuple[dict[str, str], int, str]:
+    """The index's weight map, and its size and sha256 (a small regular file: fetched whole and hashed)."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
@@ -751,7 +775,7 @@ def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, 
     for key, shard in weight_map.items():
         if pathlib.PurePosixPath(shard).name != shard or shard in (".", ".."):
             raise SourceError(f"{label}: shard {shard!r} named for {key} is not a file name in the folder")
-    return weight_map
+    return weight_map, len(r.content), hashlib.sha256(r.content).hexdigest()
 
 
 def _single(spec: HubSpec, client: _Client, f: RemoteFile, files: list[SourceFile], connections: int,

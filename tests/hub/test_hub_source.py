@@ -337,3 +337,64 @@ def test_parse_hub_spec():
     for bad in ("hf://o", "hf://o/r@/x.safetensors", "hf://o/r/../x.safetensors", "hf:///r"):
         with pytest.raises(HubError):
             parse_hub_spec(bad)
+
+
+# ---- releases: build from the Hub, re-derive from the Hub --------------------------------------
+SPEC = """\
+name = "hubflux"
+source = "{source}"
+base_model = "black-forest-labs/FLUX.1-Kontext-dev"
+variants = ["Q8_0", "Q4_K_M"]
+
+[card]
+license = "other"
+license_name = "flux-1-dev-non-commercial-license"
+quantized_by = "flux-gguf tests"
+"""
+
+
+def _spec(root: pathlib.Path, source: str) -> pathlib.Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "release.toml").write_text(SPEC.format(source=source))
+    return root / "release.toml"
+
+
+def test_release_build_from_the_hub_and_verify_source_from_the_hub(emulator, checkpoints, tmp_path):
+    from converter.release.build import build_release
+    from manifests import load_manifest, verify_release
+
+    _publish_folder(emulator, "alice/fluxd", checkpoints["folder"])
+    # A release built from a local copy of the repo (the model folder: names transformer/...)...
+    local_root = tmp_path / "local"
+    (local_root / "weights").mkdir(parents=True)
+    import shutil
+    shutil.copytree(checkpoints["folder"], local_root / "weights" / "transformer")
+    local = build_release(_spec(local_root, "weights"), tmp_path / "dist-local")
+    # ... and one built straight from the Hub list the same source files, sizes and sha256.
+    remote = build_release(_spec(tmp_path / "remote", "hf://alice/fluxd"), tmp_path / "dist-remote")
+    assert verify_release(tmp_path / "dist-remote").ok
+    manifest = load_manifest(tmp_path / "dist-remote" / "manifest.json")
+    assert [(s.name, s.size, s.sha256) for s in manifest.sources] == \
+        [(s.name, s.size, s.sha256) for s in local.manifest.sources]
+    assert manifest.spec["source"] == "hf://alice/fluxd"
+    tensors = {a.path: [(t.name, t.sha256) for t in a.tensors or ()] for a in manifest.artifacts if a.kind == "gguf"}
+    assert tensors == {a.path: [(t.name, t.sha256) for t in a.tensors or ()]
+                       for a in local.manifest.artifacts if a.kind == "gguf"}
+    assert remote.manifest.sources == manifest.sources
+    # verify --source hf://: every tensor re-derived from the streamed weights; the files are the listed ones.
+    result = run("verify", tmp_path / "dist-local", "--source", "hf://alice/fluxd", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["ok"] and doc["source"]["source_files_match"] and doc["source"]["tensors_checked"] > 0
+    # A Hub whose sha256 disagrees with the bytes fails the re-derivation in one line.
+    shard = next(p for p in sorted(emulator.files("alice/fluxd")) if p.endswith(".safetensors"))
+    emulator.misreport_sha256("alice/fluxd", shard)
+    line = error_line(run("verify", tmp_path / "dist-local", "--source", "hf://alice/fluxd"))
+    assert shard in line and "Hub reports" in line
+
+
+def test_release_spec_keeps_hub_sources_as_written(tmp_path):
+    from converter.release.spec import parse_release_spec
+
+    spec = parse_release_spec(_spec(tmp_path, "hf://alice/fluxd@v1/transformer"))
+    assert spec.source == "hf://alice/fluxd@v1/transformer"
