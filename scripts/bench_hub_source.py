@@ -27,6 +27,7 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,12 @@ def serve(path: pathlib.Path, bandwidth: float, port_file: pathlib.Path) -> None
     hub = HubEmulator(tokens={TOKEN: "bench"}).start()
     hub.put_files(REPO, {FILE: path.read_bytes()})
     hub.throttle(bandwidth)
+
+    def report(*_: object) -> None:  # bytes of file bodies sent, for the parent to read
+        port_file.with_suffix(".bytes").write_text(str(sum(r.nbytes for r in hub.requests("GET", "/resolve/"))))
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, report)
     port_file.write_text(hub.url)
     while True:
         time.sleep(3600)
@@ -160,21 +167,23 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+        served = int(port_file.with_suffix(".bytes").read_text()) - size  # minus the plain download
         bound = max(dl_wall, local_wall)
         rows.append({"bandwidth_MBps": bw, "download_s": round(dl_wall, 2), "local_convert_s": round(local_wall, 2),
                      "hub_convert_s": round(remote_wall, 2), "ratio_to_max": round(remote_wall / bound, 3),
-                     "identical_tensors": same})
+                     "identical_tensors": same, "hub_bytes_over_file_size": round(served / size, 3)})
     shutil.rmtree(home, ignore_errors=True)
     doc = {"machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
            "source": {"bytes": size, "order": args.order, "geometry": [args.hidden, args.double, args.single],
                       "weights": "synthetic"},
            "variant": args.variant, "rows": rows}
     print(f"source {size / 1e9:.2f} GB ({args.order} order, synthetic), {args.variant}; local convert {local_wall:.1f} s")
-    print("| link MB/s | download | local convert | convert hf:// | hf:// / max(download, local) | same tensors |")
-    print("|--:|--:|--:|--:|--:|:-:|")
+    print("| link MB/s | download | local convert | convert hf:// | hf:// / max(download, local) | same tensors "
+          "| bytes fetched / file size |")
+    print("|--:|--:|--:|--:|--:|:-:|--:|")
     for r in rows:
         print(f"| {r['bandwidth_MBps']:g} | {r['download_s']} s | {r['local_convert_s']} s | {r['hub_convert_s']} s "
-              f"| {r['ratio_to_max']}x | {'yes' if r['identical_tensors'] else 'NO'} |")
+              f"| {r['ratio_to_max']}x | {'yes' if r['identical_tensors'] else 'NO'} | {r['hub_bytes_over_file_size']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -671,9 +671,9 @@ class RemoteSource(Source):
             for r in self._ranges:
                 r.data = None
             self._cond.notify_all()
-        for w in self._workers:
-            if w.is_alive():
-                w.join()
+        for w in self._workers:  # a worker inside a request finishes it first; do not wait long on
+            if w.is_alive():     # a slow link (Ctrl-C): the threads are daemons, their result unused
+                w.join(timeout=2.0)
         for f in self.remote_files:
             f.close()
 
