@@ -481,8 +481,10 @@ class _Slice:
 class RemoteSource(Source):
     """A Source whose shards are files of a Hub repo at one commit; tensors arrive by ranged GETs.
 
-    ``repo_id``, ``commit``, ``hub_files`` (path -> (size, sha256 the Hub reports)) describe the
-    provenance; :meth:`check_complete` verifies every file's streamed sha256 against the Hub's.
+    ``repo_id``, ``commit`` (resolved) and ``remote_files`` (each with the size and sha256 the Hub
+    reports) describe the provenance; :meth:`check_complete` verifies every file's streamed sha256
+    against the Hub's. Tensors are fetched ahead in ``tensors`` order (the order the pipeline reads
+    them); a tensor read out of that order, or twice, is fetched on its own.
     """
 
     def __init__(self, spec: HubSpec, client: _Client, layout: str, shards: list[RemoteFile],
@@ -490,7 +492,8 @@ class RemoteSource(Source):
                  ignored: tuple[str, ...] = (), *, connections: int, window: int) -> None:
         # The path names the file (or the repo) without the hf:// prefix or revision: default output
         # names and the names flux_gguf.source records come out as for a local copy.
-        super().__init__(pathlib.Path(spec.repo_id.split("/")[1], spec.path), layout, shards, tensors, pieces, files, ignored)  # type: ignore[arg-type]
+        path = pathlib.Path(spec.repo_id.split("/")[1], spec.path)
+        super().__init__(path, layout, shards, tensors, pieces, files, ignored)  # type: ignore[arg-type]
         self.spec, self.client = spec, client
         self.repo_id, self.commit = spec.repo_id, client.commit
         self.remote_files = shards
@@ -539,7 +542,6 @@ class RemoteSource(Source):
         self._ranges: list[_Range] = []
         self._slices: dict[str, list[_Slice]] = {}
         self._position = {name: i for i, name in enumerate(self.tensors)}
-        self._owners: list[list[int]] = []  # per range: positions of the tensors that use it
         for name in self.tensors:
             out: list[_Slice] = []
             for p in self._pieces[name]:
@@ -557,12 +559,10 @@ class RemoteSource(Source):
                     else:
                         take = min(hi, lo + RANGE_BYTES // width * width)
                         self._ranges.append(_Range(f, lo, take))
-                        self._owners.append([])
                     idx = len(self._ranges) - 1
                     count = (take - lo) // width
                     out.append(_Slice(idx, lo - self._ranges[idx].start, count, t.dtype, dest))
                     self._ranges[idx].users += 1
-                    self._owners[idx].append(self._position[name])
                     dest += count
                     lo = take
             self._slices[name] = out

@@ -398,3 +398,15 @@ def test_release_spec_keeps_hub_sources_as_written(tmp_path):
 
     spec = parse_release_spec(_spec(tmp_path, "hf://alice/fluxd@v1/transformer"))
     assert spec.source == "hf://alice/fluxd@v1/transformer"
+
+
+def test_transient_statuses_on_ranges_are_retried(emulator, checkpoints, tmp_path):
+    _publish_file(emulator, "alice/flux", "flux.safetensors", checkpoints["single"])
+    spec = "hf://alice/flux/flux.safetensors"
+    expected = _local_twin(checkpoints["single"], tmp_path / "local", spec, "flux")
+    emulator.fail(503, method="GET", path="/resolve/", times=2)
+    emulator.fail(429, method="GET", path="/resolve/", times=1)
+    result = run("convert", spec, "-o", tmp_path / "remote", "--variant", ",".join(VARIANTS))
+    assert result.exit_code == 0, result.output
+    assert _outputs(tmp_path / "remote") == expected
+    assert [r.status for r in emulator.requests("GET", "/resolve/")].count(503) >= 2
