@@ -156,6 +156,7 @@ def _convert_planned(
     transform: TensorTransform | None,
 ) -> list[ArtifactRecord]:
     order = [e.name for e in plans[0].entries]
+    read_order = source.read_order(order)  # a streamed source reads in its file order; writers place each tensor
     by_name = [{e.name: e for e in p.entries} for p in plans]
     total = sum(int(source.tensors[n].nbytes) for n in order)
     writers: list[GGUFStreamWriter] = []
@@ -166,9 +167,9 @@ def _convert_planned(
     try:
         for p in plans:
             writers.append(GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name,
-                                            file_type=p.file_type))
+                                            file_type=p.file_type, any_order=read_order != order))
         sinks = [_WriterThread(w) for w in writers]
-        reader = _Prefetcher(source, order)
+        reader = _Prefetcher(source, read_order)
         done = 0
         if progress is not None:
             progress(0, total)

@@ -120,6 +120,10 @@ class Source:
             p.file.read_elements_into(p.key, p.first, flat[p.dest:p.dest + p.count])
         return out
 
+    def read_order(self, names: list[str]) -> list[str]:
+        """The order in which to read ``names`` (a remote source prefers its file order). Local: as given."""
+        return list(names)
+
     def check_complete(self) -> None:
         """Called once every tensor has been read, before any output is renamed into place: a source
         that verifies its bytes as they stream (``converter.hub.source``) raises here. Local: nothing."""

@@ -483,8 +483,9 @@ class RemoteSource(Source):
 
     ``repo_id``, ``commit`` (resolved) and ``remote_files`` (each with the size and sha256 the Hub
     reports) describe the provenance; :meth:`check_complete` verifies every file's streamed sha256
-    against the Hub's. Tensors are fetched ahead in ``tensors`` order (the order the pipeline reads
-    them); a tensor read out of that order, or twice, is fetched on its own.
+    against the Hub's. Tensors are fetched ahead in file order (:meth:`read_order`, which the
+    pipeline follows, placing each tensor in the GGUF files by offset); a tensor read out of that
+    order is still served, ranges it passed over are dropped, and one read twice is fetched alone.
     """
 
     def __init__(self, spec: HubSpec, client: _Client, layout: str, shards: list[RemoteFile],
@@ -497,7 +498,17 @@ class RemoteSource(Source):
         self.spec, self.client = spec, client
         self.repo_id, self.commit = spec.repo_id, client.commit
         self.remote_files = shards
+        index = {id(f): i for i, f in enumerate(shards)}
+        width = {n: DTYPE_SIZES[t.dtype] for n, t in tensors.items()}
+        # Where each tensor starts in the files (its first piece): reading in this order streams
+        # every file front to back, so the sha256 keeps up with the bytes and nothing is fetched twice.
+        self._file_key = {n: min((index[id(p.file)], p.file.tensors[p.key].begin + p.first * width[n])
+                                 for p in pieces[n]) if pieces[n] else (0, 0) for n in tensors}
         self._plan(connections, window)
+
+    def read_order(self, names: list[str]) -> list[str]:
+        """``names`` in file order (stable for ties): what the fetch-ahead schedule follows."""
+        return sorted(names, key=lambda n: self._file_key[n])
 
     # -- provenance
     @property
@@ -541,8 +552,9 @@ class RemoteSource(Source):
     def _plan(self, connections: int, window: int) -> None:
         self._ranges: list[_Range] = []
         self._slices: dict[str, list[_Slice]] = {}
-        self._position = {name: i for i, name in enumerate(self.tensors)}
-        for name in self.tensors:
+        schedule = self.read_order(list(self.tensors))
+        self._position = {name: i for i, name in enumerate(schedule)}
+        for name in schedule:
             out: list[_Slice] = []
             for p in self._pieces[name]:
                 f: RemoteFile = p.file
@@ -727,7 +739,9 @@ def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None
         else:
             names = [_join(folder, DIFFUSERS_WEIGHTS)]
     keep = pathlib.Path(keep_source) if keep_source is not None else None
-    hold = _Budget(HASH_HOLD_BYTES)
+    # Ranges in flight finish in any order: the hold must fit all but one of them, or the hash
+    # would fall behind for good at the first range it could not hold.
+    hold = _Budget(max(HASH_HOLD_BYTES, connections * RANGE_BYTES))
     shards: list[RemoteFile] = []
     try:
         for name in names:

@@ -232,7 +232,7 @@ def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport
                 for path, t in uses:
                     report.problems.append(TensorProblem(path, name, qtype, MISSING, "the source has no tensor of that name"))
     report.unused_source_tensors = [n for n in source.tensors if n not in work]
-    names = [n for n in source.tensors if n in work]
+    names = source.read_order([n for n in source.tensors if n in work])  # a Hub source: its file order
     total = sum(int(source.tensors[n].nbytes) for n in names)
     done = 0
     for name in names:

@@ -182,20 +182,36 @@ def test_a_diffusers_repo_with_shards_converts_like_the_local_folder(emulator, c
         assert len(source.remote_files) > 2  # really sharded
 
 
-def test_a_file_sorted_by_name_streams_out_of_order_and_still_verifies(emulator, checkpoints, tmp_path, monkeypatch):
-    """Real checkpoints are sorted by name, not in the order tensors are written: ranges arrive ahead
-    of the hash; a tiny hold budget forces the catch-up fetch at the end."""
-    monkeypatch.setattr(hub_source, "HASH_HOLD_BYTES", 128 << 10)
+def test_a_file_sorted_by_name_is_read_in_file_order_and_fetched_once(emulator, checkpoints, tmp_path, monkeypatch):
+    """Real checkpoints are sorted by name, not in the order the GGUF holds tensors: the pipeline
+    reads them in file order (each lands at its offset in the outputs), so the sha256 keeps up
+    and nothing is fetched twice, with the smallest hold budget (the ranges in flight)."""
+    monkeypatch.setattr(hub_source, "HASH_HOLD_BYTES", 0)
     _publish_file(emulator, "alice/sorted", "flux.safetensors", checkpoints["sorted"])
     spec = "hf://alice/sorted/flux.safetensors"
     with open_any_source(spec) as source:
+        assert source.read_order(list(source.tensors)) != list(source.tensors)  # really another order
         records = convert(source, tmp_path / "remote", VARIANTS, source_sha256=source.sha256_by_name,
                           extra_metadata=source.provenance_metadata())
         stats = source.stats
-    assert stats.refetched_for_hash > 0
+    assert stats.refetched_for_hash == 0
+    assert stats.bytes == checkpoints["sorted"].stat().st_size + _overlap(emulator.requests("GET", "/resolve/"))
     assert stats.peak_window <= (256 << 10) + (64 << 10)
     remote = {r.path.name: r.path.read_bytes() for r in records}
     assert remote == _local_twin(checkpoints["sorted"], tmp_path / "local", spec, "flux")
+
+
+def test_reads_out_of_file_order_are_served_and_the_hash_catches_up(emulator, checkpoints, monkeypatch):
+    """A reader that ignores read_order (BFL order on a name-sorted file) still gets every tensor
+    exactly; ranges that arrive ahead of the hash beyond the hold budget are fetched again at the end."""
+    monkeypatch.setattr(hub_source, "HASH_HOLD_BYTES", 0)
+    _publish_file(emulator, "alice/sorted", "flux.safetensors", checkpoints["sorted"])
+    with open_any_source("hf://alice/sorted/flux.safetensors") as source, open_source(checkpoints["sorted"]) as local:
+        names = list(source.tensors)
+        for name in names[::2] + names[1::2]:  # out of order, and back again: those are fetched alone
+            np.testing.assert_array_equal(source.read(name).view(np.uint32), local.read(name).view(np.uint32))
+        source.check_complete()
+        assert source.stats.refetched_for_hash > 0
 
 
 def test_connections_dropped_mid_tensor_resume_and_give_identical_bytes(emulator, checkpoints, tmp_path):
