@@ -3,16 +3,17 @@
 Why this shape:
 - Safetensors says in its header where every tensor lives, and the Hub serves byte ranges of
   LFS/Xet files, so a conversion needs no copy of the 23.8 GB file: the header comes by one range
-  request, then the tensors in the order the pipeline consumes them, merged into large ranges
-  (up to :data:`RANGE_BYTES`) and fetched ahead by a few connections while the kernels work,
-  within a byte window (:data:`WINDOW_BYTES`), so memory stays bounded as for local files.
+  request, then the tensors in file order (:meth:`RemoteSource.read_order`, which the pipeline
+  follows: its writers place each tensor at its offset), merged into large ranges (up to
+  :data:`RANGE_BYTES`) and fetched ahead by a few connections while the kernels work, within a
+  byte window (:data:`WINDOW_BYTES`), so memory stays bounded as for local files.
 - The revision is resolved to a commit first and every range is read at that commit, so a
   branch moving mid-conversion cannot mix two versions of a file.
 - A dropped connection is resumed from the last byte received (a new ``Range`` request), with
   backoff; only after :data:`MAX_STALLS` attempts in a row that bring no byte does it fail.
 - The sha256 of every file is computed from the bytes as they arrive, in file order: a range
-  that arrives ahead of the hash is held (within :data:`HASH_HOLD_BYTES`) or, past that, fetched
-  again at the end. :meth:`RemoteSource.check_complete` (which the pipeline calls before any
+  that arrives ahead of the hash (connections finish in any order; a reader may ignore the file
+  order) is held (within :data:`HASH_HOLD_BYTES`) or, past that, fetched again at the end. :meth:`RemoteSource.check_complete` (which the pipeline calls before any
   output is renamed into place) finishes the hash and compares it with the Hub's LFS sha256.
 - ``--keep-source DIR`` writes the streamed bytes to ``DIR/PATH`` (``.partial`` until verified).
 
