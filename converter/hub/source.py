@@ -532,12 +532,21 @@ class RemoteSource(Source):
                 return repo_path if not self.spec.path else pathlib.PurePosixPath(repo_path).name
             return repo_path[len(base) + 1:] if repo_path.startswith(base + "/") else repo_path
 
+        return {name(path): (size, sha) for path, (size, sha) in self._repo_files().items()}
+
+    def hub_records(self) -> dict[str, dict[str, str]]:
+        """Keyed like :meth:`file_digests`: where each file came from (repo_id, revision, commit, path)."""
+        names = list(self.file_digests())
+        return {n: {"repo_id": self.repo_id, "revision": self.spec.revision or "main", "commit": self.commit,
+                    "path": path} for n, path in zip(names, self._repo_files())}
+
+    def _repo_files(self) -> dict[str, tuple[int, str]]:
         out: dict[str, tuple[int, str]] = {}
         if self.client.index is not None:
             path, size, sha = self.client.index
-            out[name(path)] = (size, sha)
+            out[path] = (size, sha)
         for f in self.remote_files:
-            out[name(f.repo_path)] = (f.size, f.expected_sha256)
+            out[f.repo_path] = (f.size, f.expected_sha256)
         return out
 
     def provenance(self) -> dict[str, Any]:

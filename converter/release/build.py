@@ -247,7 +247,8 @@ def _convert_remote(spec: ReleaseSpec, partial: Path, threads: int | None, progr
                           source_sha256=source.sha256_by_name,  # type: ignore[attr-defined]
                           extra_metadata={**extra_metadata, **source.provenance_metadata()})  # type: ignore[attr-defined]
         digests = source.file_digests()  # type: ignore[attr-defined]
-    return records, tuple(SourceEntry(n, size, sha) for n, (size, sha) in digests.items())
+        hub = source.hub_records()  # type: ignore[attr-defined]
+    return records, tuple(SourceEntry(n, size, sha, hub[n]) for n, (size, sha) in digests.items())
 
 
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,

@@ -392,6 +392,9 @@ def test_release_build_from_the_hub_and_verify_source_from_the_hub(emulator, che
     manifest = load_manifest(tmp_path / "dist-remote" / "manifest.json")
     assert [(s.name, s.size, s.sha256) for s in manifest.sources] == \
         [(s.name, s.size, s.sha256) for s in local.manifest.sources]
+    commit = emulator.repos["alice/fluxd"].refs["main"]
+    assert [s.hub for s in manifest.sources] == [
+        {"repo_id": "alice/fluxd", "revision": "main", "commit": commit, "path": s.name} for s in manifest.sources]
     assert manifest.spec["source"] == "hf://alice/fluxd"
     tensors = {a.path: [(t.name, t.sha256) for t in a.tensors or ()] for a in manifest.artifacts if a.kind == "gguf"}
     assert tensors == {a.path: [(t.name, t.sha256) for t in a.tensors or ()]
