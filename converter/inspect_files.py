@@ -17,7 +17,7 @@ from manifests.hashing import open_regular
 from .detect import detect_model
 from .errors import FluxGGUFError, SourceError
 from .recipes import VARIANTS
-from .sources import open_source
+from .sources import Source, open_source
 
 GGUF_MAGIC = b"GGUF"
 _FTYPE_TO_VARIANT = {v.file_type: v.name for v in VARIANTS.values()}
@@ -234,12 +234,17 @@ def _inspect_gguf(path: pathlib.Path) -> FileReport:
 
 def _inspect_safetensors(path: pathlib.Path) -> FileReport:
     with open_source(path) as source:
-        tensors = [TensorRow(t.name, t.dtype, tuple(t.shape), int(t.nbytes)) for t in source.tensors.values()]
-        size = sum(int(f.size) for f in source.files)
-        family, problem = None, None
-        try:
-            family = detect_model(source).family
-        except FluxGGUFError as e:
-            problem = str(e)
-        return FileReport(path, "safetensors", size, source.layout, "flux" if family else None, family, None,
-                          None, tensors, dict(source.metadata), problem)
+        return inspect_source(source, path)
+
+
+def inspect_source(source: Source, path: str | os.PathLike[str]) -> FileReport:
+    """Report on an opened checkpoint (e.g. one on the Hub), named ``path``; headers only."""
+    tensors = [TensorRow(t.name, t.dtype, tuple(t.shape), int(t.nbytes)) for t in source.tensors.values()]
+    size = sum(int(f.size) for f in source.files)
+    family, problem = None, None
+    try:
+        family = detect_model(source).family
+    except FluxGGUFError as e:
+        problem = str(e)
+    return FileReport(path, "safetensors", size, source.layout, "flux" if family else None, family, None,
+                      None, tensors, dict(source.metadata), problem)

@@ -126,7 +126,7 @@ def plan_source(
 
 
 def convert(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | Source,
     out_dir: str | os.PathLike[str],
     variants: Sequence[str | Variant],
     *,
@@ -142,6 +142,9 @@ def convert(
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
+    ``src`` is a path, or a Source already opened (e.g. a Hub source: ``converter.hub.source``),
+    which the caller closes.
+
     ``progress(done, total)`` is called with source bytes processed so far;
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
@@ -153,7 +156,7 @@ def convert(
     parsed = [parse_override(o) for o in overrides]
     if imatrix is None and imatrix_files:
         imatrix = load_imatrices(imatrix_files)
-    with kernel_threads(threads), open_source(src) as source:
+    with kernel_threads(threads), (contextlib.nullcontext(src) if isinstance(src, Source) else open_source(src)) as source:
         plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
                             extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
@@ -218,6 +221,7 @@ def _convert_planned(
 ) -> list[ArtifactRecord]:
     order = [e.name for e in plans[0].entries]
     weighted = plan_widths(plans) if imatrix is not None else {}
+    read_order = source.read_order(order)  # a streamed source reads in its file order; writers place each tensor
     by_name = [{e.name: e for e in p.entries} for p in plans]
     total = sum(int(source.tensors[n].nbytes) for n in order)
     threads = quant_kernels.get_threads()
@@ -238,12 +242,13 @@ def _convert_planned(
         for p in plans:
             file_hashes.append(_FileHasher(p.file_name, stats))
             writers.append(GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name,
-                                            file_type=p.file_type, file_hash=file_hashes[-1]))
+                                            file_type=p.file_type, file_hash=file_hashes[-1],
+                                            any_order=read_order != order))
         sinks = [_WriterThread(w, h, stats) for w, h in zip(writers, file_hashes)]
         hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
                                                         thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
-        reader = _Reader(source, order, max(1, min(4, threads // 4)), stats)
+        reader = _Reader(source, read_order, max(1, min(4, threads // 4)), stats)
         chunk = np.empty(max(threads * _CHUNK_PER_THREAD,
                              max((e.shape[-1] for e in plans[0].entries if e.shape), default=1)), np.float32)
         done = 0
@@ -293,6 +298,7 @@ def _convert_planned(
         for w in writers:  # every file flushed and on disk before the first rename
             with _timed(stats, "sync"):
                 w.sync()
+        source.check_complete()  # a streamed source's sha256 against what its origin reports
         for w in writers:
             records.append(w.commit())
         if stats is not None:

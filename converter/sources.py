@@ -134,6 +134,14 @@ class Source:
         for p in self._pieces[name]:
             p.file.read_raw_into(p.key, p.first, flat[p.dest * width:(p.dest + p.count) * width])
 
+    def read_order(self, names: list[str]) -> list[str]:
+        """The order in which to read ``names`` (a remote source prefers its file order). Local: as given."""
+        return list(names)
+
+    def check_complete(self) -> None:
+        """Called once every tensor has been read, before any output is renamed into place: a source
+        that verifies its bytes as they stream (``converter.hub.source``) raises here. Local: nothing."""
+
     def close(self) -> None:
         for shard in self._shards:
             shard.close()

@@ -142,6 +142,7 @@ class GGUFStreamWriter:
         file_type: int,
         buffer_size: int = 8 << 20,
         file_hash: Any = None,
+        any_order: bool = False,
     ) -> None:
         """``file_hash``: an object with hashlib's ``update``/``hexdigest`` for the whole file's
         sha256 (the pipeline passes one that hashes on its own thread); default hashlib.sha256()."""
@@ -157,12 +158,29 @@ class GGUFStreamWriter:
         self._records: list[TensorRecord] = []
         self._done = False
         self._synced = False
+        # any_order: tensors may come in any order (a source read in its file order, e.g. streamed
+        # from the Hub); each lands at its slot's offset, and the file's sha256 is computed by
+        # reading the finished file back in sync().
+        self._any_order = any_order
+        self._slot_offsets: dict[str, tuple[int, TensorSlot]] = {}
+        self._unordered: dict[str, TensorRecord] = {}
+        if any_order:
+            off = len(self._header)
+            for slot in self._slots:
+                self._slot_offsets[slot.name] = (off, slot)
+                off += pad_to_alignment(slot.nbytes)
         try:
             self._fh: io.BufferedWriter | None = open_partial(self.partial_path, buffering=buffer_size)
         except OSError as e:
             self._fh = None
             raise self._os_error(e) from e
         self._write(self._header)
+        if any_order:
+            try:
+                self._fh.flush()
+                os.ftruncate(self._fh.fileno(), self.expected_size)  # padding and gaps read as zeros
+            except OSError as e:
+                raise self._os_error(e) from e
 
     @property
     def expected_size(self) -> int:
@@ -196,6 +214,8 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next >= len(self._slots):
             raise ValueError(f"{self.path}: all {len(self._slots)} tensors are already written, got {name!r}")
+        if self._any_order:
+            return self._write_at(name, data)
         slot = self._slots[self._next]
         if name != slot.name:
             raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
@@ -209,6 +229,39 @@ class GGUFStreamWriter:
         self._records.append(record)
         self._next += 1
         return record
+
+    def _write_at(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
+        if name not in self._slot_offsets or name in self._unordered:
+            what = "already written" if name in self._unordered else "not in this file"
+            raise ValueError(f"{self.path}: tensor {name!r} is {what}")
+        offset, slot = self._slot_offsets[name]
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if buf.nbytes != slot.nbytes:
+            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        assert self._fh is not None
+        try:
+            done = 0
+            while done < buf.nbytes:
+                done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+        except OSError as e:
+            raise self._os_error(e) from e
+        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, hashlib.sha256(buf).hexdigest())
+        self._unordered[name] = record
+        self._next += 1
+        return record
+
+    def _hash_back(self) -> None:
+        """The sha256 of the finished file, read back (tensors were written out of order)."""
+        self._file_hash.hexdigest()  # a threaded hasher (the pipeline's) saw only the header: let it stop
+        h = hashlib.sha256()
+        with open(self.partial_path, "rb") as f:
+            chunk = bytearray(8 << 20)
+            view = memoryview(chunk)
+            while n := f.readinto(chunk):
+                h.update(view[:n])
+        self._file_hash = h
+        self._offset = self.expected_size
+        self._records = [self._unordered[slot.name] for slot in self._slots]
 
     def finish(self) -> ArtifactRecord:
         """fsync, rename NAME.partial -> NAME, fsync the directory; returns the record."""
@@ -226,6 +279,8 @@ class GGUFStreamWriter:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
+            if self._any_order:
+                self._hash_back()
         except OSError as e:
             try:
                 fh.close()

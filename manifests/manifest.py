@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import SchemaError
 from .paths import check_relative_path
@@ -48,9 +48,13 @@ class SourceEntry:
     name: str
     size: int
     sha256: str
+    hub: Mapping[str, str] | None = None  # streamed from the Hub: repo_id, revision, commit, path
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+        out: dict[str, Any] = {"name": self.name, "size": self.size, "sha256": self.sha256}
+        if self.hub is not None:
+            out["hub"] = dict(self.hub)
+        return out
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,8 @@ def manifest_from_json(doc: Any, source: str = MANIFEST_NAME) -> Manifest:
     )
     return Manifest(
         tool_name=doc["tool"]["name"], tool_version=doc["tool"]["version"], name=doc["name"],
-        spec=doc["spec"], sources=tuple(SourceEntry(s["name"], s["size"], s["sha256"]) for s in doc["sources"]),
+        spec=doc["spec"], sources=tuple(SourceEntry(s["name"], s["size"], s["sha256"], s.get("hub"))
+                                         for s in doc["sources"]),
         artifacts=artifacts, created=doc.get("created"), manifest_version=doc["manifest_version"],
         signature=doc.get("signature"),
     )

@@ -24,6 +24,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -140,6 +141,13 @@ class HubEmulator:
         self._commit_counter = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Download knobs (resolve GETs): see throttle(), drop_downloads(), gate().
+        self.bandwidth: float | None = None
+        self._link_free_at = 0.0
+        self._link_lock = threading.Lock()
+        self._download_count = 0
+        self._download_drops: tuple[int, int | None, int] | None = None
+        self.gated: dict[str, set[str]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "HubEmulator":
@@ -222,6 +230,42 @@ class HubEmulator:
         with self._lock:
             rx = re.compile(path) if path is not None else None
             self._fail_rules.append(_FailRule(status, method, rx, times, message, error_code))
+
+    def put_files(self, repo_id: str, files: dict[str, bytes], revision: str = "main", *,
+                  lfs: bool = True) -> str:
+        """Commit ``files`` (path -> bytes) to a repo directly (created if missing); returns the commit id."""
+        with self._lock:
+            repo = self.repos.get(repo_id) or self.add_repo(repo_id)
+            base = self._resolve(repo, revision) if revision in repo.refs else self._resolve(repo, "main")
+            tree = dict(base.tree)
+            for path, data in files.items():
+                if lfs:
+                    sha = hashlib.sha256(data).hexdigest()
+                    self.lfs_store[sha] = data
+                    tree[path] = Entry(len(data), sha, True)
+                else:
+                    tree[path] = self._regular(data)
+            return self._new_commit(repo, base.oid, f"add {len(files)} files", tree, revision).oid
+
+    # ---- download knobs (file bodies of resolve GETs) ------------------------------------------
+    def throttle(self, bytes_per_second: float | None) -> None:
+        """Share one link of this bandwidth among all file bodies sent (None: as fast as loopback)."""
+        with self._lock:
+            self.bandwidth = bytes_per_second
+            self._link_free_at = 0.0
+
+    def drop_downloads(self, nth: int, count: int | None = 1, after_bytes: int = 0) -> None:
+        """Cut the connection after ``after_bytes`` of the body of resolve GETs number ``nth`` ..
+        ``nth+count-1`` (1-based, counted from now on; ``count=None``: every one from ``nth`` on)."""
+        with self._lock:
+            self._download_count = 0
+            self._download_drops = (nth, count, after_bytes)
+
+    def gate(self, repo_id: str, allowed: set[str] | frozenset[str] = frozenset()) -> None:
+        """Make a repo gated: its files answer 401 without a token, 403 to users not in ``allowed``
+        (with the Hub's ``X-Error-Code: GatedRepo``); metadata stays readable, as on the Hub."""
+        with self._lock:
+            self.gated[repo_id] = set(allowed)
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -320,12 +364,15 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub._lock:
             self.hub.log.append(self._record)
         self._cached_body: bytes | None = None
+        self._deferred: tuple[int, bytes, dict[str, str], int | None] | None = None
         if not (method == "PUT" and self._record.path.startswith("/_lfs/")):
             self._body()  # read now, so an early error answer never leaves bytes on a kept-alive socket
         try:
             self._user = self._authenticate()
             self._apply_fail_rules(method, self._record.path)
             self._route(method, url.path)
+            if self._deferred is not None:  # a file body: sent outside the lock, throttled/dropped as set
+                self._send_body(*self._deferred)
         except _Dropped:
             self.close_connection = True
         except _HTTPFail as e:
@@ -669,6 +716,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve_file(self, repo_id: str, revision: str, path: str) -> None:
         repo = self._repo(repo_id)
+        if repo_id in self.hub.gated and self._user not in self.hub.gated[repo_id]:
+            status = 401 if self._user is None else 403
+            raise _HTTPFail(status, f"Access to model {repo_id} is restricted. Visit {self.hub.url}/{repo_id} "
+                                    "to ask for access.", "GatedRepo")
         commit = self.hub._resolve(repo, revision)
         entry = commit.tree.get(path)
         if entry is None:
@@ -692,4 +743,51 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
         headers["Accept-Ranges"] = "bytes"
+        drop_after = None
+        self._record.nbytes = len(data) if self.command == "GET" else 0
+        if self.command == "GET":
+            hub = self.hub
+            hub._download_count += 1
+            if hub._download_drops is not None:
+                nth, count, after = hub._download_drops
+                if hub._download_count >= nth and (count is None or hub._download_count < nth + count):
+                    drop_after = min(after, len(data))
+        if self.command == "GET" and (drop_after is not None or self.hub.bandwidth):
+            self._deferred = (status, data, headers, drop_after)
+            return
         self._send(status, data, "application/octet-stream", headers)
+
+    def _send_body(self, status: int, data: bytes, headers: dict[str, str], drop_after: int | None) -> None:
+        """Headers, then the body in 64 KiB pieces at the emulated link's pace; cut after ``drop_after`` bytes."""
+        self._record.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        view = memoryview(data)
+        limit = len(data) if drop_after is None else drop_after
+        pos = 0
+        while pos < limit:
+            piece = view[pos:min(limit, pos + (1 << 16))]
+            bw = self.hub.bandwidth
+            if bw:
+                with self.hub._link_lock:
+                    now = time.monotonic()
+                    start = max(now, self.hub._link_free_at)
+                    self.hub._link_free_at = start + len(piece) / bw
+                wait = start + len(piece) / bw - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            self.wfile.write(piece)
+            pos += len(piece)
+        self._record.nbytes = pos
+        if drop_after is not None:
+            self.wfile.flush()
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.close_connection = True
+            self._record.status = None

@@ -9,11 +9,11 @@ from typing import Sequence
 import click
 
 from converter.imatrix import load_imatrices
+from converter.hub.source import RemoteSource, open_any_source
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
 from converter.pipeline import convert as run_convert
 from converter.pipeline import plan_source
 from converter.recipes import parse_override, resolve_variant
-from converter.sources import open_source
 from manifests.hashing import hash_file
 
 from .output import check_threads, describe_artifacts, describe_plans, progress_bar
@@ -37,10 +37,14 @@ def split_variants(values: Sequence[str]) -> list[str]:
     """``--variant Q4_K_M --variant Q8_0`` and ``--variant Q4_K_M,Q8_0`` both work."""
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
-
+def _provenance(source: object, extra: dict[str, str]) -> dict[str, object]:
+    """A Hub source records its repo, resolved commit and the Hub's sha256 of each file."""
+    if isinstance(source, RemoteSource):
+        return {"source_sha256": source.sha256_by_name, "extra_metadata": {**extra, **source.provenance_metadata()}}
+    return {"extra_metadata": extra}
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=pathlib.Path))
+@click.argument("src")
 @click.option("-o", "--out-dir", type=click.Path(path_type=pathlib.Path), required=True,
               help="Folder for the GGUF files (created if missing).")
 @click.option("--variant", "variants", multiple=True, required=True, metavar="VARIANT",
@@ -60,10 +64,16 @@ def split_variants(values: Sequence[str]) -> list[str]:
               help="Threads for the quantization kernels (default: all cores).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (types, exact sizes) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
+@click.option("--keep-source", type=click.Path(path_type=pathlib.Path), default=None, metavar="DIR",
+              help="With an hf:// SRC: also keep the streamed source files under DIR (verified before kept).")
+def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
             overrides: tuple[str, ...], loras: tuple[str, ...], imatrix_files: tuple[pathlib.Path, ...],
-            threads: int | None, dry_run: bool, as_json: bool) -> None:
+            threads: int | None, dry_run: bool, as_json: bool, keep_source: pathlib.Path | None) -> None:
     """Convert a FLUX.1 safetensors checkpoint (file or diffusers folder) into GGUF files.
+
+    SRC may be on the Hub: hf://OWNER/REPO[@REVISION]/PATH.safetensors, or hf://OWNER/REPO[@REVISION]
+    for a diffusers transformer/ folder; it is streamed, never copied to disk, and its sha256 is
+    checked against the Hub's before any output is renamed into place.
 
     \b
     Example:
@@ -85,15 +95,15 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
     imatrix = load_imatrices(imatrix_files) if imatrix_files else None
     transform, extra = None, {}
     if lora_specs:  # validated against the source before any weight is read
-        with open_source(src) as source:
+        with open_any_source(src) as source:
             shapes = {n: tuple(t.shape) for n, t in source.tensors.items()}
         transform = build_merger(lora_specs, shapes)
         extra = merged_lora_metadata([(s.label, hash_file(s.path).sha256, s.strength, lora.format)
                                       for s, (lora, _) in zip(lora_specs, transform.loras)])
     if dry_run:
-        with open_source(src) as source:
-            plans = plan_source(source, names, name=name, overrides=overrides, extra_metadata=extra,
-                                imatrix=imatrix, imatrix_files=imatrix_files)
+        with open_any_source(src) as source:
+            plans = plan_source(source, names, name=name, overrides=overrides, imatrix=imatrix,
+                                imatrix_files=imatrix_files, **_provenance(source, extra))
             layout = source.layout
         if as_json:
             doc = {"source": str(src), "layout": layout, "family": plans[0].family,
@@ -111,10 +121,10 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
                 click.echo(describe_imatrix(imatrix, imatrix_files))
         return
     start = time.perf_counter()
-    with progress_bar("converting") as progress:
-        records = run_convert(src, out_dir, names, name=name, overrides=overrides, threads=threads,
-                              progress=progress, tensor_transform=transform, extra_metadata=extra,
-                              imatrix=imatrix, imatrix_files=imatrix_files)
+    with progress_bar("converting") as progress, open_any_source(src, keep_source=keep_source) as source:
+        records = run_convert(source, out_dir, names, name=name, overrides=overrides, threads=threads,
+                              progress=progress, tensor_transform=transform, imatrix=imatrix,
+                              imatrix_files=imatrix_files, **_provenance(source, extra))
     if as_json:
         doc = {"artifacts": [r.to_dict() for r in records]}
         if imatrix is not None:

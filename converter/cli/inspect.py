@@ -2,26 +2,32 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import click
 
-from converter.inspect_files import inspect_path
+from converter.hub.source import is_hub_spec, open_any_source
+from converter.inspect_files import inspect_path, inspect_source
 
 from .output import GB
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(path_type=pathlib.Path))
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def inspect(path: pathlib.Path, as_json: bool) -> None:
+def inspect(path: str, as_json: bool) -> None:
     """Show a safetensors file/folder or GGUF file: model, variant, tensor table, type histogram, size.
+
+    PATH may be on the Hub: hf://OWNER/REPO[@REVISION][/PATH.safetensors] (headers by range requests).
 
     \b
     Example:
       flux-gguf inspect out/flux1-kontext-dev-Q4_K_M.gguf
     """
-    report = inspect_path(path)
+    if is_hub_spec(path):  # hf://OWNER/REPO[@REV][/PATH]: the headers by range requests
+        with open_any_source(path) as source:
+            report = inspect_source(source, path)
+    else:
+        report = inspect_path(path)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

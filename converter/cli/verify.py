@@ -52,8 +52,9 @@ def describe_rederive(r: RederiveReport) -> str:
 @click.argument("directory", type=click.Path(path_type=pathlib.Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.option("--tensors", is_flag=True, help="For each damaged GGUF, list the tensors whose bytes differ.")
-@click.option("--source", "source", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Re-derive every tensor from these source weights (file or diffusers folder) and check its digest.")
+@click.option("--source", "source", default=None,
+              help="Re-derive every tensor from these source weights (file or diffusers folder, or "
+                   "hf://OWNER/REPO[@REV][/PATH] streamed from the Hub) and check its digest.")
 @click.option("--lora", "loras", multiple=True, type=click.Path(path_type=pathlib.Path), metavar="FILE",
               help="With --source: a LoRA file the release lists (matched to the manifest by sha256): a merged "
                    "one is applied, a side-car one only counts as a given source file; repeatable.")
@@ -67,7 +68,7 @@ def describe_rederive(r: RederiveReport) -> str:
 @remote_option
 @trust_options
 @click.option("--require-signature", is_flag=True, help="Fail unless model.sig is present and verified.")
-def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathlib.Path | None,
+def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | None,
            loras: tuple[pathlib.Path, ...], ignore: tuple[str, ...], threads: int | None,
            remote: str | None = None, imatrix_files: tuple[pathlib.Path, ...] = (),
            require_signature: bool = False, **trust_opts: Any) -> None:
@@ -149,7 +150,7 @@ def _imatrix(files: tuple[pathlib.Path, ...]) -> tuple[Any, dict[pathlib.Path, A
     return load_imatrices(files), {p: hash_file(p) for p in files}
 
 
-def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Path, ...]) -> tuple[Any, Any]:
+def _lora_transform(manifest: Any, source: str, loras: tuple[pathlib.Path, ...]) -> tuple[Any, Any]:
     """The merge transform the release applied (None when it merged none), rebuilt from its record
     and the user's LoRA files, and those files' digests (they count as given source files)."""
     from converter.release.lora import (
@@ -159,7 +160,7 @@ def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Pa
         manifest_lora_records,
         merger_for_manifest,
     )
-    from converter.sources import open_source
+    from converter.hub.source import open_any_source
 
     records = manifest_lora_records(manifest.spec)  # a malformed record is refused here, naming its key
     given = hash_lora_files(list(loras))
@@ -167,6 +168,6 @@ def _lora_transform(manifest: Any, source: pathlib.Path, loras: tuple[pathlib.Pa
         # Nothing to apply (rederive refuses a merged release without its transform).
         check_lora_files(records, {p: d.sha256 for p, d in given.items()})
         return None, given
-    with open_source(source) as src:
+    with open_any_source(source) as src:
         shapes = {name: tuple(t.shape) for name, t in src.tensors.items()}
     return merger_for_manifest(records, {p: d.sha256 for p, d in given.items()}, shapes), given

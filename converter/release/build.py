@@ -31,9 +31,9 @@ import numpy as np
 
 from converter import __version__
 from converter.errors import OutputError, ReleaseError
-from converter.imatrix import load_imatrices
+from converter.imatrix import Imatrix, load_imatrices
 from converter.pipeline import convert
-from converter.sources import open_source
+from converter.hub.source import is_hub_spec, open_any_source
 from converter.writer import ArtifactRecord
 from manifests import (
     CHECKSUMS_NAME,
@@ -287,10 +287,26 @@ def _extra_file(spec: ReleaseSpec, path: Path) -> Iterator[object]:
                            "regular files inside the spec's folder") from None
 
 
+def _convert_remote(spec: ReleaseSpec, partial: Path, threads: int | None, progress: ProgressFn | None,
+                    transform: Callable[..., np.ndarray] | None, extra_metadata: Mapping[str, str],
+                    imatrix: Imatrix | None = None) -> tuple[list[ArtifactRecord], tuple[SourceEntry, ...]]:
+    """Convert an hf:// source; its files' sizes and sha256 are the Hub's, checked against the streamed bytes."""
+    with open_any_source(spec.source) as source:
+        records = convert(source, partial, list(spec.variants), name=spec.name, overrides=spec.overrides,
+                          threads=threads, progress=progress, tensor_transform=transform,
+                          source_sha256=source.sha256_by_name,  # type: ignore[attr-defined]
+                          imatrix=imatrix, imatrix_files=spec.imatrix_paths,
+                          extra_metadata={**extra_metadata, **source.provenance_metadata()})  # type: ignore[attr-defined]
+        digests = source.file_digests()  # type: ignore[attr-defined]
+        hub = source.hub_records()  # type: ignore[attr-defined]
+    return records, tuple(SourceEntry(n, size, sha, hub[n]) for n, (size, sha) in digests.items())
+
+
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
                 progress: ProgressFn | None, signature: dict | None = None) -> tuple[Manifest, str]:
-    with open_source(spec.source_path) as source:
-        source_files = [Path(f.path) for f in source.files]
+    remote = is_hub_spec(spec.source)  # hf://: streamed from the Hub, its digests from the Hub's sha256
+    with open_any_source(spec.source if remote else spec.source_path) as source:
+        source_files = [] if remote else [Path(f.path) for f in source.files]
         shapes = {name: tuple(t.shape) for name, t in source.tensors.items()}
     names = _source_names(spec.source_path, source_files)
     ext_files = [f for ext in spec.extensions.values() for f in ext.files]
@@ -301,18 +317,23 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     transform = _compose([e.make_transform(shapes) for e in spec.extensions.values() if e.make_transform is not None])
 
     inputs = source_files + list(ext_files)
+    extra_metadata = {k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()}
+    remote_sources: tuple[SourceEntry, ...] = ()
     with BackgroundHasher(inputs) as hasher:
-        records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
-                          overrides=spec.overrides, threads=threads, progress=progress,
-                          tensor_transform=transform,
-                          extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()},
-                          imatrix=imatrix, imatrix_files=spec.imatrix_paths)
+        if remote:
+            records, remote_sources = _convert_remote(spec, partial, threads, progress, transform, extra_metadata,
+                                                       imatrix)
+        else:
+            records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
+                              overrides=spec.overrides, threads=threads, progress=progress,
+                              tensor_transform=transform, extra_metadata=extra_metadata,
+                              imatrix=imatrix, imatrix_files=spec.imatrix_paths)
         try:
             digests = hasher.result()
         except OSError as e:
             what = f" {e.filename}" if e.filename else "s"
             raise OutputError(f"{out} was not written: cannot read the source file{what}: {_reason(e)}") from None
-    sources = tuple(SourceEntry(n, digests[p].size, digests[p].sha256) for n, p in zip(names, inputs))
+    sources = remote_sources + tuple(SourceEntry(n, digests[p].size, digests[p].sha256) for n, p in zip(names, inputs))
 
     artifacts = [_gguf_entry(r) for r in records]
     ext_outputs: dict[str, list[ExtensionOutput]] = {}

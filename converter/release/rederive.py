@@ -31,6 +31,7 @@ from converter.errors import PlanError, ReleaseError
 from converter.imatrix import Imatrix, check_against, uses_imatrix
 from converter.pipeline import kernel_threads
 from converter.recipes import make_plan
+from converter.hub.source import is_hub_spec, open_any_source
 from converter.sources import Source, open_source
 from manifests import BackgroundHasher, Manifest
 from manifests.hashing import FileDigest
@@ -169,10 +170,13 @@ def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) ->
 
 
 def _source_file_checks(manifest: Manifest, source_path: Path, digests: dict[Path, Any],
-                        extra: Mapping[Path, FileDigest] | None = None) -> list[SourceFileCheck]:
-    """Source files by name; then ``extra`` files (``--lora``, named anything) by size and sha256."""
-    root = source_path if source_path.is_dir() else None
-    given = {(p.relative_to(root).as_posix() if root else p.name): d for p, d in digests.items()}
+                        extra: Mapping[Path, FileDigest] | None = None,
+                        named: Mapping[str, FileDigest] | None = None) -> list[SourceFileCheck]:
+    """Source files by name (``named``: already keyed so, e.g. a Hub source's); then ``extra`` files
+    (``--lora``, named anything) by size and sha256."""
+    root = source_path if named is None and source_path.is_dir() else None
+    given = dict(named) if named is not None else {
+        (p.relative_to(root).as_posix() if root else p.name): d for p, d in digests.items()}
     by_content = {(d.size, d.sha256): p for p, d in (extra or {}).items()}
     checks = []
     for s in manifest.sources:
@@ -219,6 +223,15 @@ def rederive_release(
     if used and tensor_transform is None:
         raise ReleaseError(f"manifest.json: this release applied {used[0]!r} entries to the weights; "
                            "re-deriving it needs the same transform, which --source alone cannot rebuild")
+    if is_hub_spec(os.fspath(source_path)):  # hf://...: streamed, its sha256 checked against the Hub's
+        with kernel_threads(threads), open_any_source(os.fspath(source_path)) as remote:
+            report = RederiveReport(os.fspath(source_path))
+            _check_recipe(manifest, remote, report)
+            _rederive_tensors(manifest, remote, report, progress, tensor_transform)
+            remote.check_complete()
+            named = {n: FileDigest(size, sha) for n, (size, sha) in remote.file_digests().items()}  # type: ignore[attr-defined]
+            report.source_files = _source_file_checks(manifest, Path(), {}, extra_source_files, named=named)
+            return report
     src = Path(source_path)
     with kernel_threads(threads), open_source(src) as source:
         report = RederiveReport(str(src))
@@ -244,7 +257,7 @@ def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport
                 for path, t in uses:
                     report.problems.append(TensorProblem(path, name, qtype, MISSING, "the source has no tensor of that name"))
     report.unused_source_tensors = [n for n in source.tensors if n not in work]
-    names = [n for n in source.tensors if n in work]
+    names = source.read_order([n for n in source.tensors if n in work])  # a Hub source: its file order
     total = sum(int(source.tensors[n].nbytes) for n in names)
     done = 0
     for name in names:

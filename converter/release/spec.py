@@ -282,7 +282,7 @@ def _parse_card(c: _Checker, raw: Any) -> CardSpec:
 def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
     """Every named input exists, extra files do not collide with generated files."""
     src = spec.source_path
-    if not src.exists():
+    if not spec.source.startswith("hf://") and not src.exists():  # an hf:// source is checked when opened
         raise c.error("source", f"names {spec.source!r}, which does not exist (looked for {src})")
     reserved = {MANIFEST_NAME, CHECKSUMS_NAME, MODEL_CARD_NAME, VALIDATION_NAME} | {spec.gguf_name(v) for v in spec.variants}
     seen: set[str] = set()
@@ -334,7 +334,9 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
         except PlanError as e:
             raise c.error("overrides", str(e)) from None
     name = _check_name(c, c.string(raw, "name", required=True))  # type: ignore[arg-type]
-    source = _check_relative(c, "source", c.string(raw, "source", required=True))  # type: ignore[arg-type]
+    source = c.string(raw, "source", required=True)
+    if not source.startswith("hf://"):  # type: ignore[union-attr]  (hf://OWNER/REPO[@REV][/PATH]: on the Hub)
+        source = _check_relative(c, "source", source)  # type: ignore[arg-type]
     base_model = c.string(raw, "base_model", required=True)
     variants = _parse_variants(c, c.strings(raw, "variants"))
     extra_files = tuple(_check_relative(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())

@@ -159,3 +159,32 @@ def test_a_planted_partial_symlink_is_not_written_through(tmp_path):
     final = out / plan.file_name
     assert final.is_file() and not final.is_symlink()
     assert final.stat().st_size == record.size
+
+
+def test_any_order_writer_gives_the_bytes_of_the_ordered_one(tmp_path):
+    """Tensors written in any order (a source read in its file order) land at their slots: the
+    file, its sha256 and every tensor record equal those of writing them in order."""
+    import hashlib as _hashlib
+
+    from gguf import GGUFValueType as _VT
+
+    from converter.writer import KV, GGUFStreamWriter, TensorSlot
+
+    rng = np.random.default_rng(7)
+    slots = [TensorSlot(f"t{i}", (2, 16 * (i + 1)), "F32", 2 * 16 * (i + 1) * 4) for i in range(5)]
+    data = {s.name: rng.standard_normal(s.nbytes // 4).astype(np.float32) for s in slots}
+    kv = [KV("general.architecture", "flux", _VT.STRING)]
+    with GGUFStreamWriter(tmp_path / "a.gguf", kv, slots, variant="F32", file_type=0) as w:
+        for s in slots:
+            w.write_tensor(s.name, data[s.name])
+        ordered = w.finish()
+    with GGUFStreamWriter(tmp_path / "b.gguf", kv, slots, variant="F32", file_type=0, any_order=True) as w:
+        for s in [slots[3], slots[0], slots[4], slots[2]]:
+            w.write_tensor(s.name, data[s.name])
+        with pytest.raises(ValueError, match="'t0' is already written"):
+            w.write_tensor("t0", data["t0"])
+        w.write_tensor("t1", data["t1"])
+        unordered = w.finish()
+    a, b = (tmp_path / "a.gguf").read_bytes(), (tmp_path / "b.gguf").read_bytes()
+    assert a == b and unordered.sha256 == ordered.sha256 == _hashlib.sha256(a).hexdigest()
+    assert unordered.tensors == ordered.tensors and unordered.size == ordered.size

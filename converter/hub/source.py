@@ -1,0 +1,857 @@
+"""Read a checkpoint straight from the Hub: ``hf://OWNER/REPO[@REVISION][/PATH]``, no local copy.
+
+Why this shape:
+- Safetensors says in its header where every tensor lives, and the Hub serves byte ranges of
+  LFS/Xet files, so a conversion needs no copy of the 23.8 GB file: the header comes by one range
+  request, then the tensors in file order (:meth:`RemoteSource.read_order`, which the pipeline
+  follows: its writers place each tensor at its offset), merged into large ranges (up to
+  :data:`RANGE_BYTES`) and fetched ahead by a few connections while the kernels work, within a
+  byte window (:data:`WINDOW_BYTES`), so memory stays bounded as for local files.
+- The revision is resolved to a commit first and every range is read at that commit, so a
+  branch moving mid-conversion cannot mix two versions of a file.
+- A dropped connection is resumed from the last byte received (a new ``Range`` request), with
+  backoff; only after :data:`MAX_STALLS` attempts in a row that bring no byte does it fail.
+- The sha256 of every file is computed from the bytes as they arrive, in file order: a range
+  that arrives ahead of the hash (connections finish in any order; a reader may ignore the file
+  order) is held (within :data:`HASH_HOLD_BYTES`) or, past that, fetched again at the end. :meth:`RemoteSource.check_complete` (which the pipeline calls before any
+  output is renamed into place) finishes the hash and compares it with the Hub's LFS sha256.
+- ``--keep-source DIR`` writes the streamed bytes to ``DIR/PATH`` (``.partial`` until verified).
+
+The core (``converter.sources``) never imports this module: callers turn a SRC string into a
+Source with :func:`open_any_source` and hand the opened Source to the pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from urllib.parse import quote
+
+import numpy as np
+
+from converter import __version__
+from converter.errors import (
+    FluxGGUFError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubNotFoundError,
+    HubPermissionError,
+    HubVerificationError,
+    SourceError,
+)
+from converter.safetensors_io import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    RawTensor,
+    _check_layout,
+    _DuplicateKey,
+    _parse_entry,
+    _unique_pairs,
+    upcast_into,
+)
+from converter.sources import (
+    COMFYUI_PREFIXES,
+    DIFFUSERS_INDEX,
+    DIFFUSERS_WEIGHTS,
+    Source,
+    SourceFile,
+    TensorInfo,
+    _assemble_diffusers,
+    _looks_diffusers,
+    _whole,
+    open_source,
+)
+
+from .client import _translate, hub_api
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+HF_PREFIX = "hf://"
+HEADER_PROBE_BYTES = 1 << 20  # one request holds the header of any FLUX checkpoint (~100 kB)
+RANGE_BYTES = 64 << 20  # tensors contiguous in the file are merged into requests up to this size
+WINDOW_BYTES = 512 << 20  # fetched-but-unconsumed bytes, at most (one range always may be fetched)
+HASH_HOLD_BYTES = 256 << 20  # bytes held for the hash when they arrive ahead of it; beyond: re-fetched
+CONNECTIONS = 4
+MAX_STALLS = 6  # attempts in a row that bring no byte before a range fails
+
+
+# ---- SRC strings ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HubSpec:
+    """``hf://OWNER/REPO[@REVISION][/PATH]``: PATH a ``.safetensors`` file or a folder (default: the repo)."""
+
+    repo_id: str
+    revision: str | None
+    path: str
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{HF_PREFIX}{self.repo_id}{rev}" + (f"/{self.path}" if self.path else "")
+
+
+def is_hub_spec(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
+def parse_hub_spec(text: str) -> HubSpec:
+    """Split ``hf://OWNER/REPO[@REVISION][/PATH]``; a revision such as ``refs/pr/3`` keeps its slashes."""
+    if not is_hub_spec(text):
+        raise HubError(f"{text!r} is not a Hub source (expected hf://OWNER/REPO[@REVISION][/PATH])")
+    rest = text[len(HF_PREFIX):]
+    parts = rest.split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise HubError(f"{text!r}: expected hf://OWNER/REPO[@REVISION][/PATH]")
+    owner, name_rev, tail = parts[0], parts[1], parts[2:]
+    name, at, revision = name_rev.partition("@")
+    if at and revision == "refs" and len(tail) >= 2:  # refs/pr/N, refs/convert/...
+        revision, tail = "/".join(["refs", *tail[:2]]), tail[2:]
+    if at and not revision:
+        raise HubError(f"{text!r}: the revision after '@' is empty")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(f"{owner}/{name}")
+    except HFValidationError:
+        raise HubError(f"{text!r}: {owner}/{name} is not a Hub repo id") from None
+    path = "/".join(p for p in tail if p)
+    if any(p in (".", "..") for p in tail):
+        raise HubError(f"{text!r}: the path may not contain '.' or '..'")
+    return HubSpec(f"{owner}/{name}", revision or None, path)
+
+
+def open_any_source(spec: str | os.PathLike[str], *, keep_source: str | os.PathLike[str] | None = None,
+                    api: "HfApi | None" = None) -> Source:
+    """A local path (file or diffusers folder) or an ``hf://`` spec, opened (headers only so far)."""
+    text = os.fspath(spec)
+    if is_hub_spec(text):
+        return open_hub_source(parse_hub_spec(text), keep_source=keep_source, api=api)
+    if keep_source is not None:
+        raise HubError("--keep-source only applies to an hf:// source")
+    return open_source(text)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def _status(exc: BaseException) -> tuple[int | None, str | None]:
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if response is not None and getattr(response, "status_code", None):
+            return int(response.status_code), response.headers.get("X-Error-Code")
+    return None, None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+@contextlib.contextmanager
+def _reading(api: "HfApi", spec: HubSpec, what: str, has_token: bool, *, resumable: bool = False) -> Iterator[None]:
+    """Turn what the client raised into one line saying what to do; with ``resumable``, a dropped
+    connection or a transient status is left to the caller, who resumes."""
+    try:
+        yield
+    except FluxGGUFError:
+        raise
+    except Exception as exc:  # translated below, or re-raised
+        if resumable and _transient(exc):
+            raise
+        status, code = _status(exc)
+        page = f"{api.endpoint}/{spec.repo_id}"
+        rev = spec.revision or "main"
+        if status == 401:
+            if has_token:
+                raise HubAuthError(f"{spec}: the Hub rejected the token (HTTP 401) while {what}: log in again with "
+                                   "`hf auth login` or set HF_TOKEN to a valid token") from exc
+            raise HubAuthError(f"{spec}: the Hub wants a token (HTTP 401) while {what}: set HF_TOKEN or run "
+                               f"`hf auth login`, and accept the licence on {page} if the repo is gated") from exc
+        if status == 403:
+            if code == "GatedRepo":
+                raise HubPermissionError(f"{spec}: {spec.repo_id} is gated and this token has no access (HTTP 403) "
+                                         f"while {what}: accept the licence on {page} with this account") from exc
+            raise HubPermissionError(f"{spec}: the token may not read {spec.repo_id} (HTTP 403) while {what}: "
+                                     f"ask for access on {page} or use a token with read access") from exc
+        if status == 404:
+            if code == "RevisionNotFound":
+                raise HubNotFoundError(f"{spec}: revision {rev!r} does not exist in {spec.repo_id}") from exc
+            if code == "EntryNotFound":
+                raise HubNotFoundError(f"{spec}: {spec.repo_id} at {rev} has no file {spec.path or '(root)'}") from exc
+            raise HubNotFoundError(f"{spec}: repository {spec.repo_id} was not found on {api.endpoint} (or it is "
+                                   "private and the token cannot see it)") from exc
+        translated = _translate(exc, what, spec.repo_id, spec.revision, api.endpoint)
+        if translated is not None:
+            raise HubError(f"{spec}: {translated}") from exc
+        raise
+
+
+# ---- one remote file --------------------------------------------------------------------------
+class _ShortBody(Exception):
+    pass
+
+
+class _OrderedHasher:
+    """sha256 of a file from ranges that may arrive out of order; holds early ones within a budget."""
+
+    def __init__(self, hold: "_Budget") -> None:
+        self.sha = hashlib.sha256()
+        self.cursor = 0
+        self._held: dict[int, memoryview] = {}
+        self._hold = hold
+        self._lock = threading.Lock()
+
+    def offer(self, start: int, data: memoryview) -> None:
+        with self._lock:
+            end = start + len(data)
+            if end <= self.cursor:
+                return
+            if start <= self.cursor:
+                self.sha.update(data[self.cursor - start:])
+                self.cursor = end
+                self._drain()
+            elif start not in self._held and self._hold.take(len(data)):
+                self._held[start] = data
+
+    def _drain(self) -> None:
+        progressed = True
+        while progressed:
+            progressed = False
+            for start in sorted(self._held):
+                if start > self.cursor:
+                    break
+                data = self._held.pop(start)
+                self._hold.give(len(data))
+                end = start + len(data)
+                if end > self.cursor:
+                    self.sha.update(data[self.cursor - start:])
+                    self.cursor = end
+                progressed = True
+                break
+
+    def next_gap(self, size: int) -> tuple[int, int] | None:
+        """The next byte range the hash still lacks (from the cursor to the next held range)."""
+        with self._lock:
+            if self.cursor >= size:
+                return None
+            later = [s for s in self._held if s > self.cursor]
+            return self.cursor, min([size, *later])
+
+    def release(self) -> None:
+        with self._lock:
+            for data in self._held.values():
+                self._hold.give(len(data))
+            self._held.clear()
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+@dataclass
+class FetchStats:
+    """What the remote reader sent over the wire: tensor ranges, hash catch-up ranges, resumes."""
+
+    requests: int = 0
+    bytes: int = 0
+    refetched_for_hash: int = 0
+    resumes: int = 0
+    peak_window: int = 0  # most bytes fetched (or being fetched) and not yet consumed, at any time
+
+
+class RemoteFile:
+    """One LFS/Xet safetensors file of a repo at one commit: header parsed, ranges fetched on request."""
+
+    def __init__(self, client: "_Client", path: str, size: int, sha256: str, hold: _Budget,
+                 keep: pathlib.Path | None) -> None:
+        self.client, self.repo_path, self.size, self.expected_sha256 = client, path, size, sha256
+        self.path = pathlib.PurePosixPath(path)
+        self.label = f"{HF_PREFIX}{client.repo_id}@{client.commit[:12]}/{path}"
+        self.hasher = _OrderedHasher(hold)
+        self._keep_final = keep
+        self._keep: Any = None
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            self._keep_partial = keep.with_name(keep.name + ".partial")
+            self._keep = open(self._keep_partial, "wb")
+            self._keep.truncate(size)
+        self._keep_lock = threading.Lock()
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, RawTensor] = {}
+        self._read_header()
+
+    def _fail(self, message: str) -> SourceError:
+        return SourceError(f"{self.label}: {message}")
+
+    def _read_header(self) -> None:
+        if self.size < 8:
+            raise self._fail(f"not a safetensors file (only {self.size} bytes)")
+        probe = self.fetch(0, min(self.size, HEADER_PROBE_BYTES))
+        (n,) = struct.unpack("<Q", bytes(probe[:8]))
+        if probe[:4] == b"GGUF":
+            raise self._fail("not a safetensors file (it is a GGUF file)")
+        if n > self.size - 8 or n > MAX_HEADER_BYTES:
+            raise self._fail(f"not a safetensors file (header length {n} does not fit in the {self.size}-byte file)")
+        if 8 + n > len(probe):  # a header larger than the probe: one more request for the rest
+            probe = memoryview(bytes(probe) + bytes(self.fetch(len(probe), 8 + n)))
+        try:
+            header = json.loads(bytes(probe[8:8 + n]).decode("utf-8"), object_pairs_hook=_unique_pairs)
+        except UnicodeDecodeError as e:
+            raise self._fail(f"not a safetensors file (header is not UTF-8 text: byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise self._fail(f"not a safetensors file (header is not JSON: {e.msg} at byte {e.pos})") from None
+        except _DuplicateKey as e:
+            raise self._fail(f"header lies: key {e.args[0]} appears twice") from None
+        if not isinstance(header, dict):
+            raise self._fail("not a safetensors file (header is not a JSON object)")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._fail("__metadata__ must be an object of strings")
+        self.metadata = dict(meta)
+        where = pathlib.Path(self.label)
+        self.tensors = {name: _parse_entry(where, name, entry, 8 + n) for name, entry in header.items()}
+        _check_layout(where, list(self.tensors.values()), 8 + n, self.size)
+
+    def fetch(self, start: int, end: int) -> memoryview:
+        """Bytes [start, end) at the resolved commit, resuming a dropped body from the last byte."""
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        received, stalls = [0], 0  # read_range counts the bytes it lands, also when the body breaks off
+        while received[0] < len(buf):
+            before = received[0]
+            try:
+                self.client.read_range(self.repo_path, start + before, end, view[before:], received)
+                if received[0] < len(buf):
+                    raise _ShortBody()
+            except FluxGGUFError:
+                raise
+            except Exception as e:  # a dropped connection: resume from the last byte
+                if not _transient(e):
+                    raise
+                got = received[0]
+                stalls = 0 if got > before else stalls + 1
+                self.client.count(resumes=1)
+                if stalls >= MAX_STALLS:
+                    raise HubConnectionError(
+                        f"{self.label}: lost the connection at byte {start + got} and {MAX_STALLS} attempts to "
+                        f"resume brought nothing ({type(e).__name__}); nothing was written: re-run") from None
+                time.sleep(min(0.25 * 2 ** stalls, 8.0))
+        self.client.count(bytes=len(buf))
+        self.hasher.offer(start, view)
+        if self._keep is not None:
+            with self._keep_lock:
+                os.pwrite(self._keep.fileno(), view, start)
+        return view
+
+    def finish_hash(self) -> str:
+        """Fetch whatever the hash still lacks, in order; the file's sha256."""
+        while True:
+            gap = self.hasher.next_gap(self.size)
+            if gap is None:
+                break
+            lo, hi = gap
+            hi = min(hi, lo + RANGE_BYTES)
+            self.client.count(refetched_for_hash=hi - lo)
+            self.fetch(lo, hi)
+        return self.hasher.sha.hexdigest()
+
+    def keep(self) -> None:
+        if self._keep is not None:
+            self._keep.flush()
+            os.fsync(self._keep.fileno())
+            self._keep.close()
+            self._keep = None
+            os.replace(self._keep_partial, self._keep_final)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.hasher.release()
+        if self._keep is not None:
+            self._keep.close()
+            self._keep = None
+            with contextlib.suppress(FileNotFoundError):
+                self._keep_partial.unlink()
+
+
+def _transient(e: BaseException) -> bool:
+    from huggingface_hub.utils import httpx
+
+    if isinstance(e, (_ShortBody, ConnectionError, TimeoutError, httpx.TransportError)):
+        return True
+    status, _ = _status(e)
+    return status in (408, 429, 500, 502, 503, 504)
+
+
+class _Client:
+    """Ranged GETs of one repo at one commit, through huggingface_hub's HTTP session and headers."""
+
+    def __init__(self, api: "HfApi", spec: HubSpec, commit: str, has_token: bool) -> None:
+        self.api, self.spec, self.repo_id, self.commit = api, spec, spec.repo_id, commit
+        self.has_token = has_token
+        self.stats = FetchStats()
+        self.index: tuple[str, int, str] | None = None  # a diffusers index: (repo path, size, sha256)
+        self._stats_lock = threading.Lock()
+
+    def url(self, path: str) -> str:
+        return f"{self.api.endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
+
+    def read_range(self, path: str, start: int, end: int, into: memoryview, received: list[int]) -> None:
+        """GET bytes [start, end) into ``into``, adding each chunk's length to ``received[0]`` as it lands
+        (a body that breaks off raises, with what arrived counted)."""
+        from huggingface_hub.utils import (
+            build_hf_headers,
+            get_session,
+            hf_raise_for_status,
+        )
+
+        headers = build_hf_headers(token=self.api.token, library_name="flux-gguf", library_version=__version__)
+        headers["Accept-Encoding"] = "identity"
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        self.count(requests=1)
+        with _reading(self.api, dataclasses.replace(self.spec, path=path), f"reading bytes {start}-{end - 1} of {path}",
+                      self.has_token, resumable=True), get_session().stream("GET", self.url(path), headers=headers,
+                                                            follow_redirects=True) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
+                raise HubError(f"{HF_PREFIX}{self.repo_id}/{path}: the server ignored the byte range "
+                               f"(HTTP {r.status_code}, Content-Range {r.headers.get('Content-Range')!r})")
+            pos = 0
+            for chunk in r.iter_raw():
+                n = min(len(chunk), len(into) - pos)
+                into[pos:pos + n] = chunk[:n]
+                pos += n
+                received[0] += n
+                if pos >= len(into):
+                    break
+
+    def count(self, **amounts: int) -> None:
+        with self._stats_lock:
+            for key, n in amounts.items():
+                setattr(self.stats, key, getattr(self.stats, key) + n)
+
+
+# ---- the Source -------------------------------------------------------------------------------
+@dataclass
+class _Range:
+    file: RemoteFile
+    start: int
+    end: int
+    users: int = 0
+    data: memoryview | None = None
+    error: BaseException | None = None
+    state: str = "waiting"  # waiting, fetching, done, released
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Elements of a piece: ``count`` elements of ``dtype`` at ``lo`` in range ``rng``, to element ``dest``."""
+
+    rng: int
+    lo: int
+    count: int
+    dtype: str
+    dest: int
+
+
+class RemoteSource(Source):
+    """A Source whose shards are files of a Hub repo at one commit; tensors arrive by ranged GETs.
+
+    ``repo_id``, ``commit`` (resolved) and ``remote_files`` (each with the size and sha256 the Hub
+    reports) describe the provenance; :meth:`check_complete` verifies every file's streamed sha256
+    against the Hub's. Tensors are fetched ahead in file order (:meth:`read_order`, which the
+    pipeline follows, placing each tensor in the GGUF files by offset); a tensor read out of that
+    order is still served, ranges it passed over are dropped, and one read twice is fetched alone.
+    """
+
+    def __init__(self, spec: HubSpec, client: _Client, layout: str, shards: list[RemoteFile],
+                 tensors: dict[str, TensorInfo], pieces: dict[str, list[Any]], files: list[SourceFile],
+                 ignored: tuple[str, ...] = (), *, connections: int, window: int) -> None:
+        # The path names the file (or the repo) without the hf:// prefix or revision: default output
+        # names and the names flux_gguf.source records come out as for a local copy.
+        path = pathlib.Path(spec.repo_id.split("/")[1], spec.path)
+        super().__init__(path, layout, shards, tensors, pieces, files, ignored)  # type: ignore[arg-type]
+        self.spec, self.client = spec, client
+        self.repo_id, self.commit = spec.repo_id, client.commit
+        self.remote_files = shards
+        index = {id(f): i for i, f in enumerate(shards)}
+        width = {n: DTYPE_SIZES[t.dtype] for n, t in tensors.items()}
+        # Where each tensor starts in the files (its first piece): reading in this order streams
+        # every file front to back, so the sha256 keeps up with the bytes and nothing is fetched twice.
+        self._file_key = {n: min((index[id(p.file)], p.file.tensors[p.key].begin + p.first * width[n])
+                                 for p in pieces[n]) if pieces[n] else (0, 0) for n in tensors}
+        self._plan(connections, window)
+
+    def read_order(self, names: list[str]) -> list[str]:
+        """``names`` in file order (stable for ties): what the fetch-ahead schedule follows."""
+        return sorted(names, key=lambda n: self._file_key[n])
+
+    # -- provenance
+    @property
+    def stats(self) -> FetchStats:
+        return self.client.stats
+
+    @property
+    def sha256_by_name(self) -> dict[str, str]:
+        """The Hub's sha256 of each file, keyed by the name ``flux_gguf.source`` records (the file name)."""
+        return {f.path.name: f.expected_sha256 for f in self.remote_files}
+
+    def file_digests(self) -> dict[str, tuple[int, str]]:
+        """name -> (size, sha256) of every file read, as a manifest lists sources: names relative to
+        the folder the spec names (``transformer/...`` for a repo), the file name for a single file.
+        Shards carry the Hub's sha256, which :meth:`check_complete` has checked the bytes against."""
+        base = "" if self.spec.path.endswith(".safetensors") else self.spec.path.strip("/")
+
+        def name(repo_path: str) -> str:
+            if not base:
+                return repo_path if not self.spec.path else pathlib.PurePosixPath(repo_path).name
+            return repo_path[len(base) + 1:] if repo_path.startswith(base + "/") else repo_path
+
+        return {name(path): (size, sha) for path, (size, sha) in self._repo_files().items()}
+
+    def hub_records(self) -> dict[str, dict[str, str]]:
+        """Keyed like :meth:`file_digests`: where each file came from (repo_id, revision, commit, path)."""
+        names = list(self.file_digests())
+        return {n: {"repo_id": self.repo_id, "revision": self.spec.revision or "main", "commit": self.commit,
+                    "path": path} for n, path in zip(names, self._repo_files())}
+
+    def _repo_files(self) -> dict[str, tuple[int, str]]:
+        out: dict[str, tuple[int, str]] = {}
+        if self.client.index is not None:
+            path, size, sha = self.client.index
+            out[path] = (size, sha)
+        for f in self.remote_files:
+            out[f.repo_path] = (f.size, f.expected_sha256)
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "revision": self.spec.revision or "main", "commit": self.commit,
+                "files": [{"path": f.repo_path, "size": f.size, "sha256": f.expected_sha256}
+                          for f in self.remote_files]}
+
+    def provenance_metadata(self) -> dict[str, str]:
+        """GGUF KV entries recording where the weights came from (repo, resolved commit, sha256)."""
+        return {"flux_gguf.hub_source": json.dumps(self.provenance(), separators=(",", ":"))}
+
+    # -- scheduling
+    def _plan(self, connections: int, window: int) -> None:
+        self._ranges: list[_Range] = []
+        self._slices: dict[str, list[_Slice]] = {}
+        schedule = self.read_order(list(self.tensors))
+        self._position = {name: i for i, name in enumerate(schedule)}
+        for name in schedule:
+            out: list[_Slice] = []
+            for p in self._pieces[name]:
+                f: RemoteFile = p.file
+                t = f.tensors[p.key]
+                width = DTYPE_SIZES[t.dtype]
+                lo, hi = t.begin + p.first * width, t.begin + (p.first + p.count) * width
+                dest = p.dest
+                while lo < hi:
+                    last = self._ranges[-1] if self._ranges else None
+                    room = last.start + RANGE_BYTES - last.end if last is not None else 0
+                    if last is not None and last.file is f and last.end == lo and room >= width:
+                        take = min(hi, lo + room // width * width)  # whole elements only
+                        last.end = take
+                    else:
+                        take = min(hi, lo + RANGE_BYTES // width * width)
+                        self._ranges.append(_Range(f, lo, take))
+                    idx = len(self._ranges) - 1
+                    count = (take - lo) // width
+                    out.append(_Slice(idx, lo - self._ranges[idx].start, count, t.dtype, dest))
+                    self._ranges[idx].users += 1
+                    dest += count
+                    lo = take
+            self._slices[name] = out
+        self._cond = threading.Condition()
+        self._next_range = 0
+        self._live = 0
+        self._window = window
+        self._consumed: set[str] = set()
+        self._stop = False
+        self._workers = [threading.Thread(target=self._work, name=f"flux-gguf-hub-{i}", daemon=True)
+                         for i in range(max(1, connections))]
+        self._started = False
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            for w in self._workers:
+                w.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop or self._next_range >= len(self._ranges):
+                        return
+                    r = self._ranges[self._next_range]
+                    size = r.end - r.start
+                    if r.state == "released":  # every tensor using it was skipped before it was fetched
+                        self._next_range += 1
+                        continue
+                    if self._live == 0 or self._live + size <= self._window:
+                        break
+                    self._cond.wait()
+                self._next_range += 1
+                self._live += size
+                self.client.stats.peak_window = max(self.client.stats.peak_window, self._live)
+                r.state = "fetching"
+            try:
+                data, error = r.file.fetch(r.start, r.end), None
+            except BaseException as e:  # handed to the reader of this range
+                data, error = None, e
+            with self._cond:
+                if r.state == "released":  # skipped while in flight
+                    self._live -= size
+                else:
+                    r.data, r.error, r.state = data, error, "done"
+                self._cond.notify_all()
+
+    def _release(self, idx: int) -> None:
+        r = self._ranges[idx]
+        r.users -= 1
+        if r.users <= 0 and r.state != "released":
+            if r.state == "done":  # one still fetching is taken off the window by its worker
+                self._live -= r.end - r.start
+            r.state, r.data = "released", None
+            self._cond.notify_all()
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors.get(name)
+        if info is None:
+            raise SourceError(f"{self.spec}: no tensor {name}")
+        out = np.empty(info.shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        for s, raw in self._stream(name):
+            upcast_into(np.frombuffer(raw, dtype=np.uint8), s.dtype, flat[s.dest:s.dest + s.count])
+        return out
+
+    def read_raw_into(self, name: str, out: np.ndarray) -> None:
+        """Tensor ``name``'s source bytes, no upcast (as :meth:`Source.read_raw_into`), from the stream."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise SourceError(f"{self.spec}: no tensor {name}")
+        if out.nbytes != info.nbytes:
+            raise ValueError(f"tensor {name} has {info.nbytes} source bytes, the buffer {out.nbytes}")
+        flat = out.reshape(-1).view(np.uint8)
+        for s, raw in self._stream(name):
+            width = DTYPE_SIZES[s.dtype]
+            flat[s.dest * width:(s.dest + s.count) * width] = np.frombuffer(raw, dtype=np.uint8)
+
+    def _stream(self, name: str) -> Iterator[tuple[Any, Any]]:
+        """Each slice of tensor ``name`` with its raw bytes, in order; a slice's range is released
+        once the caller has consumed its bytes (before the next one is yielded)."""
+        self._start()
+        with self._cond:
+            again = name in self._consumed
+            self._consumed.add(name)
+            pos = self._position[name]
+            for other, q in self._position.items():  # tensors passed over are not coming back
+                if q < pos and other not in self._consumed:
+                    self._consumed.add(other)
+                    for s in self._slices[other]:
+                        self._release(s.rng)
+        for s in self._slices[name]:
+            r = self._ranges[s.rng]
+            width = DTYPE_SIZES[s.dtype]
+            if again:  # read twice: its bytes are gone, fetch them directly
+                raw = r.file.fetch(r.start + s.lo, r.start + s.lo + s.count * width)
+            else:
+                with self._cond:
+                    while r.state in ("waiting", "fetching"):
+                        self._cond.wait()
+                    if r.error is not None:
+                        raise r.error
+                    raw = r.data[s.lo:s.lo + s.count * width]  # type: ignore[index]
+            yield s, raw
+            if not again:
+                with self._cond:
+                    self._release(s.rng)
+
+    def check_complete(self) -> None:
+        """Finish each file's sha256 (fetching what the hash still lacks) and compare with the Hub's."""
+        for f in self.remote_files:
+            got = f.finish_hash()
+            if got != f.expected_sha256:
+                raise HubVerificationError(f"{f.label}: the bytes streamed from the Hub hash to sha256 {got}, but the "
+                                           f"Hub reports {f.expected_sha256}: the download is corrupt or the Hub's "
+                                           "metadata is wrong; nothing was written")
+        for f in self.remote_files:
+            f.keep()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            for r in self._ranges:
+                r.data = None
+            self._cond.notify_all()
+        for w in self._workers:  # a worker inside a request finishes it first; do not wait long on
+            if w.is_alive():     # a slow link (Ctrl-C): the threads are daemons, their result unused
+                w.join(timeout=2.0)
+        for f in self.remote_files:
+            f.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteSource({str(self.spec)!r}@{self.commit[:12]}, layout={self.layout!r}, {len(self.tensors)} tensors)"
+
+
+# ---- opening ----------------------------------------------------------------------------------
+def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None = None,
+                    api: "HfApi | None" = None, connections: int | None = None,
+                    window: int | None = None) -> RemoteSource:
+    """Resolve the revision to a commit, find the weights, and read their headers (one range request each)."""
+    from huggingface_hub import get_token
+
+    api = api or hub_api()
+    connections = CONNECTIONS if connections is None else connections
+    window = WINDOW_BYTES if window is None else window
+    has_token = bool(api.token or get_token())
+    with _reading(api, spec, f"reading the file list of {spec.repo_id}", has_token):
+        info = api.model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
+    commit = str(info.sha)
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    client = _Client(api, spec, commit, has_token)
+    rev = spec.revision or "main"
+    at = f"{spec.repo_id} at {rev} (commit {commit[:12]})"
+
+    if spec.path.endswith(".safetensors"):
+        if spec.path not in siblings:
+            raise HubNotFoundError(f"{spec}: {at} has no file {spec.path}")
+        names, weight_map = [spec.path], None
+        folder = None
+    else:
+        base = spec.path.rstrip("/")
+        candidates = [f"{base}/transformer" if base else "transformer", base]
+        folder = next((c for c in candidates
+                       if _join(c, DIFFUSERS_INDEX) in siblings or _join(c, DIFFUSERS_WEIGHTS) in siblings), None)
+        if folder is None:
+            where = spec.path or "the repo root"
+            raise HubNotFoundError(f"{spec}: {at} has no diffusers transformer weights under {where} (expected "
+                                   f"transformer/{DIFFUSERS_WEIGHTS} or transformer/{DIFFUSERS_INDEX}; a single "
+                                   "file is given as hf://OWNER/REPO/PATH.safetensors)")
+        weight_map = None
+        if _join(folder, DIFFUSERS_INDEX) in siblings:
+            weight_map, index_size, index_sha = _read_remote_index(api, client, spec, _join(folder, DIFFUSERS_INDEX),
+                                                                  has_token)
+            client.index = (_join(folder, DIFFUSERS_INDEX), index_size, index_sha)
+            names = [_join(folder, n) for n in dict.fromkeys(weight_map.values())]
+            for n in names:
+                if n not in siblings:
+                    raise HubNotFoundError(f"{spec}: the index names shard {n}, which {at} does not have")
+        else:
+            names = [_join(folder, DIFFUSERS_WEIGHTS)]
+    keep = pathlib.Path(keep_source) if keep_source is not None else None
+    # Ranges in flight finish in any order: the hold must fit all but one of them, or the hash
+    # would fall behind for good at the first range it could not hold.
+    hold = _Budget(max(HASH_HOLD_BYTES, connections * RANGE_BYTES))
+    shards: list[RemoteFile] = []
+    try:
+        for name in names:
+            s = siblings[name]
+            if s.lfs is None or not getattr(s.lfs, "sha256", None):
+                raise HubVerificationError(f"{spec}: the Hub reports no LFS sha256 for {name}, so its bytes "
+                                           "cannot be verified")
+            shards.append(RemoteFile(client, name, int(s.size), str(s.lfs.sha256), hold,
+                                     keep / name if keep is not None else None))
+        files = [SourceFile(f.path, f.size) for f in shards]  # type: ignore[arg-type]
+        if weight_map is not None:  # listed first, as for a local folder
+            index = _join(folder or "", DIFFUSERS_INDEX)
+            files.insert(0, SourceFile(pathlib.PurePosixPath(index), int(siblings[index].size or 0)))  # type: ignore[arg-type]
+        if folder is None:
+            return _single(spec, client, shards[0], files, connections, window)
+        return _diffusers(spec, client, shards, files, weight_map, connections, window)
+    except BaseException:
+        for f in shards:
+            f.close()
+        raise
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, has_token: bool
+                       ) -> tuple[dict[str, str], int, str]:
+    """The index's weight map, and its size and sha256 (a small regular file: fetched whole and hashed)."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
+    with _reading(api, spec, f"reading {path}", has_token):
+        r = get_session().get(client.url(path), headers=headers, follow_redirects=True)
+        hf_raise_for_status(r)
+    label = f"{HF_PREFIX}{spec.repo_id}@{client.commit[:12]}/{path}"
+    try:
+        data = json.loads(r.content.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{label}: not a diffusers index (not JSON: {e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SourceError(f"{label}: not a diffusers index (expected a weight_map object of key -> shard file)")
+    for key, shard in weight_map.items():
+        if pathlib.PurePosixPath(shard).name != shard or shard in (".", ".."):
+            raise SourceError(f"{label}: shard {shard!r} named for {key} is not a file name in the folder")
+    return weight_map, len(r.content), hashlib.sha256(r.content).hexdigest()
+
+
+def _single(spec: HubSpec, client: _Client, f: RemoteFile, files: list[SourceFile], connections: int,
+            window: int) -> RemoteSource:
+    keys = list(f.tensors)
+    prefix = next((p for p in COMFYUI_PREFIXES if any(k.startswith(p) for k in keys)), None)
+    if prefix is not None:
+        kept = {k[len(prefix):]: f.tensors[k] for k in keys if k.startswith(prefix)}
+        ignored = tuple(k for k in keys if not k.startswith(prefix))
+        tensors = {n: TensorInfo(n, r.shape, r.dtype, r.nbytes) for n, r in kept.items()}
+        pieces = {n: _whole(f, r) for n, r in kept.items()}  # type: ignore[arg-type]
+        return RemoteSource(spec, client, "comfyui", [f], tensors, pieces, files, ignored,
+                            connections=connections, window=window)
+    if _looks_diffusers(keys):
+        tensors, pieces = _assemble_diffusers({k: (f, r) for k, r in f.tensors.items()})  # type: ignore[misc]
+        return RemoteSource(spec, client, "diffusers", [f], tensors, pieces, files,
+                            connections=connections, window=window)
+    tensors = {k: TensorInfo(k, r.shape, r.dtype, r.nbytes) for k, r in f.tensors.items()}
+    pieces = {k: _whole(f, r) for k, r in f.tensors.items()}  # type: ignore[arg-type]
+    return RemoteSource(spec, client, "bfl", [f], tensors, pieces, files, connections=connections, window=window)
+
+
+def _diffusers(spec: HubSpec, client: _Client, shards: list[RemoteFile], files: list[SourceFile],
+               weight_map: Mapping[str, str] | None, connections: int, window: int) -> RemoteSource:
+    raw: dict[str, tuple[Any, RawTensor]] = {}
+    for shard in shards:
+        for key, t in shard.tensors.items():
+            if key in raw:
+                raise SourceError(f"{shard.label}: key {key} is also in {raw[key][0].path.name}")
+            raw[key] = (shard, t)
+    if weight_map is not None:
+        for key, shard_name in weight_map.items():
+            if key not in raw or raw[key][0].path.name != shard_name:
+                raise SourceError(f"{spec}: the index names {key} in {shard_name} but that shard does not hold it")
+    tensors, pieces = _assemble_diffusers(raw)
+    return RemoteSource(spec, client, "diffusers", shards, tensors, pieces, files,
+                        connections=connections, window=window)
