@@ -521,10 +521,9 @@ class _Shared:
 
 
 class _RawTensor:
-    """A tensor's raw source bytes (``dtype``, little-endian) in a pooled buffer (or, from a
-    source that can only give float32, that array's bytes with ``buf`` None)."""
+    """A tensor's raw source bytes (``dtype``, little-endian) in a pooled buffer."""
 
-    def __init__(self, buf: np.ndarray | None, data: np.ndarray, dtype: str) -> None:
+    def __init__(self, buf: np.ndarray, data: np.ndarray, dtype: str) -> None:
         self.buf, self.data, self.dtype = buf, data, dtype
 
 
@@ -550,10 +549,6 @@ class _Reader:
     def _read(self, name: str) -> _RawTensor:
         if self._stop.is_set():
             raise _TensorError(name, KeyboardInterrupt())
-        if not hasattr(self._source, "read_raw_into"):  # a source that only upcasts itself
-            with _timed(self._stats, "read", cpu=True):
-                x = np.ascontiguousarray(self._source.read(name), dtype=np.float32)
-            return _RawTensor(None, x.reshape(-1).view(np.uint8), "F32")
         buf = self._pool.get()
         nbytes = int(self._source.tensors[name].nbytes)
         try:
@@ -587,8 +582,7 @@ class _Reader:
             yield name, raw
 
     def release(self, raw: _RawTensor) -> None:
-        if raw.buf is not None:
-            self._pool.put(raw.buf)
+        self._pool.put(raw.buf)
 
     def close(self) -> None:
         if self._closed:

@@ -173,22 +173,3 @@ def test_plain_conversion_under_the_workqueue_threading_layer(src, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["par-Q4_K_M.gguf", "par-Q8_0.gguf"]
-
-
-def test_a_source_without_raw_reads_converts_to_the_same_bytes(src, tmp_path):
-    """Sources that can only hand out float32 (``read``) still convert, to the same bytes."""
-    from converter.sources import open_source
-
-    class FloatOnly:
-        def __init__(self, inner):
-            self._inner = inner
-            self.path, self.tensors, self.files = inner.path, inner.tensors, inner.files
-
-        def read(self, name):
-            return self._inner.read(name)
-
-    with open_source(src) as inner:
-        source = FloatOnly(inner)
-        plans = pipeline.plan_source(source, VARIANTS)
-        got = pipeline._convert_planned(source, plans, pipeline._prepare_out_dir(tmp_path / "f", plans), None, None)
-    assert digests(got) == digests(convert(src, tmp_path / "raw", VARIANTS))
