@@ -2,7 +2,10 @@
 
 A release is declared in a small reviewable TOML file; everything it names is checked up front
 (unknown keys, wrong types, unknown variants, bad overrides, files that do not exist), each error
-one line naming the spec file and the key. Paths in the spec are relative to the spec file.
+one line naming the spec file and the key. Paths in the spec are relative to the spec file;
+``source``, ``extra_files`` (and ``[[lora]]`` paths) may also be absolute (checkpoints often live on
+another disk): the manifest then records only the file name (sizes and sha256 are recorded anyway),
+so no absolute path ever lands in a manifest, model card or GGUF header.
 
 Extension point: keys other engineers own (``[[lora]]`` today) are parsed by a hook registered
 with :func:`register_spec_hook`; the hook returns a :class:`SpecExtension` saying what the key
@@ -153,13 +156,14 @@ class ReleaseSpec:
         return f"{self.name}-{variant}.gguf"
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as recorded in the manifest: normalized, paths as written (relative), no absolutes."""
-        out: dict[str, Any] = {"name": self.name, "source": self.source, "base_model": self.base_model,
+        """The spec as recorded in the manifest: normalized, relative paths as written, absolute
+        paths reduced to their file name (never an absolute path)."""
+        out: dict[str, Any] = {"name": self.name, "source": recorded_path(self.source), "base_model": self.base_model,
                                "variants": list(self.variants)}
         if self.overrides:
             out["overrides"] = list(self.overrides)
         if self.extra_files:
-            out["extra_files"] = list(self.extra_files)
+            out["extra_files"] = [recorded_path(f) for f in self.extra_files]
         if self.validation is not None:
             out["validation"] = self.validation
         out["card"] = self.card.to_json()
@@ -208,6 +212,12 @@ def _check_name(c: _Checker, name: str) -> str:
     if name.strip() != name or any(ch in name for ch in "/\\\0\n\r") or name in (".", ".."):
         raise c.error("name", "must be a plain file-name stem (no slashes or surrounding spaces)")
     return name
+
+
+def recorded_path(value: str) -> str:
+    """What a manifest records for a spec path: as written when relative, the bare file name when
+    absolute (the local disk layout is nobody else's business; size and sha256 identify the file)."""
+    return Path(value).name if Path(value).is_absolute() else value
 
 
 def _check_relative(c: _Checker, key: str, value: str) -> str:
@@ -295,10 +305,10 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
         except PlanError as e:
             raise c.error("overrides", str(e)) from None
     name = _check_name(c, c.string(raw, "name", required=True))  # type: ignore[arg-type]
-    source = _check_relative(c, "source", c.string(raw, "source", required=True))  # type: ignore[arg-type]
+    source = c.string(raw, "source", required=True)  # relative to the spec file, or absolute
     base_model = c.string(raw, "base_model", required=True)
     variants = _parse_variants(c, c.strings(raw, "variants"))
-    extra_files = tuple(_check_relative(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
+    extra_files = c.strings(raw, "extra_files") or ()  # relative to the spec file, or absolute
     validation = c.string(raw, "validation")
     if validation is not None:
         _check_relative(c, "validation", validation)
