@@ -99,13 +99,16 @@ def convert(
     tensor_transform: TensorTransform | None = None,
     source_sha256: Mapping[str, str] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    before_quantize: Callable[[Sequence[str]], None] | None = None,
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
     ``progress(done, total)`` is called with source bytes processed so far;
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
-    entries (e.g. the LoRAs merged by the transform). Returns one record per file, in variant order.
+    entries (e.g. the LoRAs merged by the transform). ``before_quantize(types)`` is called once with
+    the storage types the plans use, after every check passed and before the first tensor is read
+    (the CLI compiles missing numba kernels there, visibly). Returns one record per file, in variant order.
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
@@ -113,6 +116,8 @@ def convert(
         plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
                             extra_metadata=extra_metadata)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
+        if before_quantize is not None:
+            before_quantize(sorted({e.qtype for p in plans for e in p.entries}))
         return _convert_planned(source, plans, out, progress, tensor_transform)
 
 

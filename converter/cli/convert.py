@@ -16,7 +16,7 @@ from converter.recipes import parse_override, resolve_variant
 from converter.sources import open_source
 from manifests.hashing import hash_file
 
-from .output import describe_artifacts, describe_plans, progress_bar
+from .output import describe_artifacts, describe_plans, prepare_kernels, progress_bar
 
 
 def split_variants(values: Sequence[str]) -> list[str]:
@@ -85,7 +85,7 @@ def convert(src: pathlib.Path, out_dir: pathlib.Path, variants: tuple[str, ...],
     start = time.perf_counter()
     with progress_bar("converting") as progress:
         records = run_convert(src, out_dir, names, name=name, overrides=overrides, threads=threads,
-                              progress=progress, tensor_transform=transform, extra_metadata=extra)
+                              progress=progress, before_quantize=prepare_kernels, tensor_transform=transform, extra_metadata=extra)
     if as_json:
         click.echo(json.dumps({"artifacts": [r.to_dict() for r in records]}, indent=2))
     else:

@@ -9,7 +9,7 @@ import numba
 from converter.release.build import build_release
 from manifests import ManifestError
 
-from .output import GB, progress_bar
+from .output import GB, prepare_kernels, progress_bar
 
 
 @click.group("release")
@@ -31,7 +31,7 @@ def release() -> None:
 def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> None:
     """Convert every variant SPEC lists in one pass and write the release folder.
 
-    Paths in SPEC are relative to SPEC. The folder gets the GGUF files, README.md (a Hub model
+    Paths in SPEC are relative to SPEC, or absolute (recorded by file name only). The folder gets the GGUF files, README.md (a Hub model
     card), manifest.json, SHA256SUMS and the extra files SPEC lists; it appears under its name
     only when complete. Set SOURCE_DATE_EPOCH to record a build time (builds stay reproducible).
 
@@ -42,7 +42,8 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None) -> Non
     """
     try:
         with progress_bar("converting") as progress:
-            result = build_release(spec, out_dir, threads=threads, progress=progress)
+            result = build_release(spec, out_dir, threads=threads, progress=progress,
+                                   before_quantize=prepare_kernels)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
     for a in result.manifest.artifacts:

@@ -13,7 +13,7 @@ from manifests import ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, progress_bar
+from .output import increment_bar, prepare_kernels, progress_bar
 
 
 def describe_verify(report: VerifyReport) -> str:
@@ -93,7 +93,8 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: pathli
         transform, given = _lora_transform(report.manifest, source, loras)
         with progress_bar("re-deriving") as progress:
             rederived = rederive_release(report.manifest, source, threads=threads, progress=progress,
-                                         tensor_transform=transform, extra_source_files=given)
+                                         tensor_transform=transform, extra_source_files=given,
+                                         before_quantize=prepare_kernels)
     if as_json:
         doc: dict[str, Any] = report.to_json()
         if rederived is not None:

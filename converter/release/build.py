@@ -212,10 +212,12 @@ def build_release(
     *,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    before_quantize: Callable[[Sequence[str]], None] | None = None,
 ) -> ReleaseResult:
     """Convert every variant of ``spec`` in one pass and write the release folder ``out_dir``.
 
-    ``progress(done, total)`` reports source bytes converted. Raises :class:`ReleaseError` for a
+    ``progress(done, total)`` reports source bytes converted; ``before_quantize`` is the
+    pipeline's hook (the storage types, once, before the first tensor). Raises :class:`ReleaseError` for a
     bad spec or an occupied output folder; conversion errors come from the pipeline.
     """
     if not isinstance(spec, ReleaseSpec):
@@ -224,7 +226,7 @@ def build_release(
     out = _output_path(out_dir, spec)
     partial = _prepare(out)
     try:
-        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress)
+        manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress, before_quantize)
         with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
             (partial / PARTIAL_MARKER).unlink()
         with _writing(out, f"move {partial} into place"):
@@ -238,7 +240,8 @@ def build_release(
 
 
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
-                progress: ProgressFn | None) -> tuple[Manifest, str]:
+                progress: ProgressFn | None,
+                before_quantize: Callable[[Sequence[str]], None] | None = None) -> tuple[Manifest, str]:
     with open_source(spec.source_path) as source:
         source_files = [Path(f.path) for f in source.files]
         shapes = {name: tuple(t.shape) for name, t in source.tensors.items()}
@@ -251,7 +254,7 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     with BackgroundHasher(inputs) as hasher:
         records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
                           overrides=spec.overrides, threads=threads, progress=progress,
-                          tensor_transform=transform,
+                          tensor_transform=transform, before_quantize=before_quantize,
                           extra_metadata={k: v for e in spec.extensions.values() for k, v in e.gguf_metadata.items()})
         try:
             digests = hasher.result()

@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -182,6 +182,7 @@ def rederive_release(
     progress: ProgressFn | None = None,
     tensor_transform: TensorTransform | None = None,
     extra_source_files: Mapping[Path, FileDigest] | None = None,
+    before_quantize: Callable[[Sequence[str]], None] | None = None,
 ) -> RederiveReport:
     """Re-encode every tensor the manifest lists from ``source_path`` and compare sha256 digests.
 
@@ -189,6 +190,7 @@ def rederive_release(
     extension entries into the weights (``[[lora]]`` with mode "merge") can only be re-derived
     with the same ``tensor_transform``. ``extra_source_files`` (e.g. the ``--lora`` files, already
     hashed) count as given source files when their size and sha256 match a listed source.
+    ``before_quantize(types)``: called once with the storage types to encode, before the first tensor.
     """
     _recorded_overrides(manifest)  # a malformed spec is refused before any work starts
     used = weight_changing_entries(manifest)
@@ -200,6 +202,8 @@ def rederive_release(
         report = RederiveReport(str(src))
         with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
             _check_recipe(manifest, source, report)
+            if before_quantize is not None:
+                before_quantize(sorted({t.type for art in manifest.ggufs for t in art.tensors or ()}))
             _rederive_tensors(manifest, source, report, progress, tensor_transform)
             digests = hasher.result()
         report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
