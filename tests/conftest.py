@@ -21,3 +21,15 @@ def _remove_shared_checkpoints(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     for name in SHARED_FOLDERS:
         shutil.rmtree(base / name, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_compiled():
+    """Compile (or load) every kernel once, up front: a fresh clone's first conversions would
+    otherwise print the first-run compile notice on stderr in whichever test ran first, and the
+    CLI tests compare stderr exactly. tests/cli/test_first_run.py checks the notice with a cache
+    of its own."""
+    import quant_kernels
+
+    for name in quant_kernels.uncompiled_kernels(quant_kernels.supported_type_names()):
+        quant_kernels.compile_kernel(name)

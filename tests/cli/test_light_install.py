@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,8 +56,10 @@ def flux_gguf(cwd: Path, *args: object) -> tuple[subprocess.CompletedProcess, li
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("light")
+def work(tmp_path_factory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("light")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # ~190 MB of example, release and outputs
 
 
 def test_the_readme_path_needs_no_torch(work):
