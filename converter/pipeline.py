@@ -139,6 +139,7 @@ def convert(
     extra_metadata: Mapping[str, str] | None = None,
     imatrix: Imatrix | None = None,
     imatrix_files: Sequence[str | os.PathLike[str]] = (),
+    before_quantize: Callable[..., None] | None = None,
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
@@ -149,8 +150,10 @@ def convert(
     ``tensor_transform(name, x)`` gets each tensor as float32 after reading and returns the
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
     entries (e.g. the LoRAs merged by the transform). ``imatrix_files`` (merged) or ``imatrix``:
-    K-quant tensors are quantized with its importance vectors. Returns one record per file, in
-    variant order.
+    K-quant tensors are quantized with its importance vectors.
+    ``before_quantize(types, imatrix=bool)`` is called once with the storage types the plans use, after every
+    check passed and before the first tensor is read (the CLI compiles missing numba kernels there,
+    visibly). Returns one record per file, in variant order.
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
@@ -161,6 +164,8 @@ def convert(
                             extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
         with _output_locks(out, plans):  # held until every file is renamed into place
+            if before_quantize is not None:
+                before_quantize(sorted({e.qtype for p in plans for e in p.entries}), imatrix=imatrix is not None)
             return _convert_planned(source, plans, out, progress, tensor_transform, imatrix)
 
 

@@ -58,3 +58,20 @@ def invalidate_stale_kernels() -> bool:
         except OSError:
             continue
     return deleted
+
+
+def is_cached(dispatcher: object, *args: object) -> bool:
+    """Whether numba's on-disk cache holds machine code of ``dispatcher`` (an ``@njit(cache=True)``
+    function) for these example arguments on this CPU, i.e. whether calling it loads instead of
+    compiling. Asks numba's own cache index (private API, hence the broad fallback: when numba
+    changes it, we answer True and simply stay silent as before)."""
+    try:
+        index = dispatcher._cache._cache_file._load_index()  # type: ignore[attr-defined]
+        if not index:
+            return False
+        sig = tuple(numba.typeof(a) for a in args)
+        magic = dispatcher.targetctx.codegen().magic_tuple()  # type: ignore[attr-defined]
+        # keys are (signature, target magic tuple, code hashes); a stale source gives no index at all
+        return any(key[0] == sig and key[1] == magic for key in index)
+    except Exception:  # pragma: no cover - depends on numba internals
+        return True

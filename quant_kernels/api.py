@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import floats
+from . import _checks, floats, upcast
+from ._cache import is_cached
 from ._checks import find_nonfinite, scan
 from .errors import BlockSizeError, NonFiniteError, OverflowValueError, QuantError, ShapeError
 from .types import QuantSpec, resolve
@@ -196,3 +198,69 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType | str, shape: tuple
         if rows and n:
             _kernels(spec).dequantize_rows(raw, out)
     return out.reshape(shape)
+
+
+# --- first use: numba compiles each kernel once per install (about 5-20 s each), then loads it from
+# its on-disk cache in milliseconds. Callers that face a user ask which kernels are missing, say so,
+# and compile them one by one with visible progress; the library itself never prints.
+
+CHECKS_KERNEL = "input checks"
+UPCAST_KERNELS = "source upcasts"
+
+
+def _upcast_samples() -> list[tuple[Any, tuple[np.ndarray, ...]]]:
+    """Each source-upcast kernel (quant_kernels.upcast) with arguments of the types the pipeline
+    passes: BF16 and F32 words, F16 (uint16) and FP8 (uint8) codes through a float32 table."""
+    out = np.zeros((1, 1), np.float32)
+    return [(upcast.bf16_rows, (np.zeros((1, 1), np.uint16), out)),
+            (upcast.f32_rows, (np.zeros((1, 1), np.uint32), out)),
+            (upcast.table_rows, (np.zeros((1, 1), np.uint16), np.zeros(1 << 16, np.float32), out)),
+            (upcast.table_rows, (np.zeros((1, 1), np.uint8), np.zeros(256, np.float32), out))]
+_IMATRIX_SUFFIX = "+imatrix"
+
+
+def _sample(spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    x = np.zeros((1, spec.block_size), dtype=np.float32)
+    return x, np.empty((1, spec.row_nbytes(spec.block_size)), dtype=np.uint8)
+
+
+def uncompiled_kernels(qtypes, *, imatrix: bool = False) -> list[str]:
+    """The kernels ``quantize`` needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk
+    cache does not hold yet: ``"input checks"``, type names, and ``"Q4_K+imatrix"`` with imatrix.
+    Float types (F32/F16/BF16) need no compiled kernel. Imports the kernel modules, compiles nothing."""
+    missing: list[str] = []
+    probe = np.zeros((1, 1), dtype=np.float32)
+    if not is_cached(_checks._scan_per_row, probe, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                     np.zeros(1, np.float32)):
+        missing.append(CHECKS_KERNEL)
+    if any(not is_cached(kernel, *args) for kernel, args in _upcast_samples()):
+        missing.append(UPCAST_KERNELS)
+    seen: set[str] = set()
+    for q in qtypes:
+        spec = resolve(q)
+        if spec.is_float or spec.name in seen:
+            continue
+        seen.add(spec.name)
+        kernels = _kernels(spec)
+        x, out = _sample(spec)
+        if not is_cached(kernels.quantize_rows, x, out):
+            missing.append(spec.name)
+        if imatrix and spec.is_kquant and not is_cached(kernels.quantize_rows_imatrix, x, x[0], out):
+            missing.append(spec.name + _IMATRIX_SUFFIX)
+    return missing
+
+
+def compile_kernel(name: str) -> None:
+    """Compile (or load from numba's cache) one kernel ``uncompiled_kernels`` named, by running it
+    on one block of zeros with exactly the argument types ``quantize`` passes."""
+    if name == CHECKS_KERNEL:
+        find_nonfinite(np.zeros((1, 1), dtype=np.float32))
+        return
+    if name == UPCAST_KERNELS:
+        for kernel, args in _upcast_samples():
+            kernel(*args)
+        return
+    imatrix = name.endswith(_IMATRIX_SUFFIX)
+    spec = resolve(name.removesuffix(_IMATRIX_SUFFIX))
+    x, _ = _sample(spec)
+    quantize(x, spec.qtype, imatrix=np.ones(spec.block_size, dtype=np.float32) if imatrix else None)

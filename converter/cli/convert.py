@@ -16,7 +16,7 @@ from converter.pipeline import plan_source
 from converter.recipes import parse_override, resolve_variant
 from manifests.hashing import hash_file
 
-from .output import check_threads, describe_artifacts, describe_plans, progress_bar
+from .output import check_threads, describe_artifacts, describe_plans, prepare_kernels, progress_bar
 
 
 def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
@@ -123,7 +123,8 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
     start = time.perf_counter()
     with progress_bar("converting") as progress, open_any_source(src, keep_source=keep_source) as source:
         records = run_convert(source, out_dir, names, name=name, overrides=overrides, threads=threads,
-                              progress=progress, tensor_transform=transform, imatrix=imatrix,
+                              progress=progress, before_quantize=prepare_kernels, tensor_transform=transform,
+                              imatrix=imatrix,
                               imatrix_files=imatrix_files, **_provenance(source, extra))
     if as_json:
         doc = {"artifacts": [r.to_dict() for r in records]}

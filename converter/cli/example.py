@@ -1,10 +1,13 @@
 """``flux-gguf example``: the main job end to end on a small generated checkpoint, no download.
 
 Writes a FLUX-layout checkpoint (real key names and dtypes, 2 + 2 blocks of hidden size 512,
-made-up weights) with converter.synthetic, then converts it to Q8_0 and Q4_K_M in one pass.
+made-up weights) with converter.synthetic, then converts it to Q8_0 and Q4_K_M in one pass, and
+leaves a ready ``release.toml`` beside the checkpoint so ``flux-gguf release build`` and
+``flux-gguf verify`` run as the README writes them.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 
@@ -16,11 +19,41 @@ from converter.pipeline import plan_source
 from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
 
-from .output import describe_artifacts, describe_plans, progress_bar
+from .output import describe_artifacts, describe_plans, prepare_kernels, progress_bar
 
 EXAMPLE_GEOMETRY = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512)
 EXAMPLE_VARIANTS = ("Q8_0", "Q4_K_M")
 EXAMPLE_NAME = "flux1-example"
+EXAMPLE_SPEC_NAME = "release.toml"
+
+
+def example_spec(checkpoint: str) -> str:
+    """The release spec ``flux-gguf example`` writes beside its checkpoint (paths relative to it)."""
+    variants = ", ".join(f'"{v}"' for v in EXAMPLE_VARIANTS)
+    return f"""\
+# Written by `flux-gguf example`: a release of the synthetic example checkpoint.
+#   flux-gguf release build {EXAMPLE_SPEC_NAME} -o dist/example   (paths here are relative to this file)
+name = "{EXAMPLE_NAME}"
+source = "{checkpoint}"
+base_model = "black-forest-labs/FLUX.1-dev"
+variants = [{variants}]
+
+[card]
+license = "apache-2.0"
+title = "{EXAMPLE_NAME} GGUF (synthetic example)"
+description = "Made-up weights in the FLUX.1 [dev] layout, written by `flux-gguf example`; not a usable model."
+"""
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write under a temporary name, then rename: never a half-written file under the final name."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @click.command("example")
@@ -47,7 +80,14 @@ def example(out_dir: pathlib.Path) -> None:
     click.echo(f"2. planned {', '.join(EXAMPLE_VARIANTS)} ({len(plans[0].entries)} tensors each):")
     click.echo(describe_plans(plans, out_dir))
     with progress_bar("converting") as progress:
-        records = run_convert(src, out_dir, EXAMPLE_VARIANTS, name=EXAMPLE_NAME, progress=progress)
+        records = run_convert(src, out_dir, EXAMPLE_VARIANTS, name=EXAMPLE_NAME, progress=progress,
+                              before_quantize=prepare_kernels)
     click.echo("3. read each tensor once, quantized it once per type, wrote both files in one pass:")
     click.echo(describe_artifacts(records))
-    click.echo(f"done in {time.perf_counter() - start:.1f} s; try: flux-gguf inspect {records[-1].path}")
+    spec = out_dir / EXAMPLE_SPEC_NAME
+    write_text_atomic(spec, example_spec(src.name))
+    click.echo(f"4. wrote {spec}: a release spec for this checkpoint")
+    click.echo(f"done in {time.perf_counter() - start:.1f} s; try:")
+    click.echo(f"  flux-gguf inspect {records[-1].path}")
+    click.echo(f"  flux-gguf release build {spec} -o dist/example")
+    click.echo("  flux-gguf verify dist/example")

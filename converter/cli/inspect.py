@@ -38,10 +38,10 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"family:       {report.family or 'unknown'}")
     if report.kind == "gguf":
         click.echo(f"variant:      {report.variant or 'unknown'} (general.file_type {report.file_type})")
-        shown = ("general.name", "flux_gguf.tool_version", "flux_gguf.overrides", "flux_gguf.source")
-        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in shown
-                       and k not in ("flux_gguf.recipe", "flux_gguf.model_family"))
-        for key in (*shown, *extra):  # extra: e.g. flux_gguf.loras, the LoRAs merged into the weights
+        shown = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
+                 "flux_gguf.overrides", "flux_gguf.source")
+        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in shown)
+        for key in (*shown, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
             if key in report.metadata:
                 click.echo(f"{key}: {report.metadata[key]}")
     if report.problem:

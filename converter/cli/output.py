@@ -9,7 +9,9 @@ import contextlib
 import functools
 import pathlib
 import re
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
@@ -19,6 +21,7 @@ from converter.pipeline import ProgressFn
 from converter.recipes import Plan
 from converter.writer import ArtifactRecord
 from manifests import ManifestError
+import quant_kernels
 from quant_kernels.errors import QuantError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -147,3 +150,39 @@ def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
         types = " ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"{r.path}  {r.size / GB:.3f} GB  sha256 {r.sha256}  {types}")
     return "\n".join(lines)
+
+
+# Seconds numba takes to compile one kernel on the 2-core development machine (quiet, cold cache;
+# measured with `flux-gguf example` after deleting quant_kernels/__pycache__, see README Figures).
+COMPILE_SECONDS_PER_KERNEL = 5
+
+
+def prepare_kernels(types: Iterable[str], *, imatrix: bool = False) -> None:
+    """The library's ``before_quantize`` hook: if numba's cache lacks kernels for these storage types,
+    say so once on stderr and compile them with a progress bar (refreshed while a kernel compiles),
+    so the first run after an install never sits silent for 20 s. Silent when all are cached (ms)."""
+    missing = quant_kernels.uncompiled_kernels(list(types), imatrix=imatrix)
+    if not missing:
+        return
+    seconds = COMPILE_SECONDS_PER_KERNEL * len(missing)
+    # tqdm.write: above any bar already on screen (the command's own progress bar is open)
+    tqdm.write(f"compiling quantization kernels (once per install, about {seconds} s): {', '.join(missing)}",
+               file=sys.stderr)
+    bar = tqdm(total=len(missing), desc="compiling", unit="kernel", disable=None, dynamic_ncols=True, leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:  # numba holds the main thread while it compiles; keep the elapsed time moving
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="flux-gguf-compile-ticker", daemon=True)
+    ticker.start()
+    try:
+        for name in missing:
+            bar.set_postfix_str(name, refresh=True)
+            quant_kernels.compile_kernel(name)
+            bar.update(1)
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()

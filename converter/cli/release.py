@@ -8,7 +8,7 @@ import click
 from converter.release.build import build_release
 from manifests import ManifestError
 
-from .output import GB, check_threads, progress_bar
+from .output import GB, check_threads, prepare_kernels, progress_bar
 from .signing_options import request_from, sign_options
 
 
@@ -32,7 +32,7 @@ def release() -> None:
 def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **signing: object) -> None:
     """Convert every variant SPEC lists in one pass and write the release folder.
 
-    Paths in SPEC are relative to SPEC. The folder gets the GGUF files, README.md (a Hub model
+    Paths in SPEC are relative to SPEC, or absolute (recorded by file name only). The folder gets the GGUF files, README.md (a Hub model
     card), manifest.json, SHA256SUMS and the extra files SPEC lists; it appears under its name
     only when complete. Set SOURCE_DATE_EPOCH to record a build time (builds stay reproducible).
 
@@ -49,7 +49,8 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **sign
     sign = request_from(**signing)  # type: ignore[arg-type]
     try:
         with progress_bar("converting") as progress:
-            result = build_release(spec, out_dir, threads=threads, progress=progress, sign=sign)
+            result = build_release(spec, out_dir, threads=threads, progress=progress, sign=sign,
+                                   before_quantize=prepare_kernels)
     except ManifestError as e:  # manifests/ has its own exception family
         raise click.ClickException(str(e)) from e
     for a in result.manifest.artifacts:

@@ -14,7 +14,7 @@ from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, progress_bar
+from .output import increment_bar, prepare_kernels, progress_bar
 from .signing_options import signature_line, trust_from, trust_options
 
 
@@ -120,7 +120,8 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
         with progress_bar("re-deriving") as progress:
             rederived = rederive_release(report.manifest, source, threads=threads, progress=progress,
                                          tensor_transform=transform, extra_source_files={**given, **imatrix_digests},
-                                         imatrix=imatrix, imatrix_files=imatrix_files)
+                                         imatrix=imatrix, imatrix_files=imatrix_files,
+                                         before_quantize=prepare_kernels)
     if as_json:
         doc: dict[str, Any] = report.to_json()
         if rederived is not None:

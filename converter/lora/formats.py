@@ -30,12 +30,16 @@ import json
 import math
 import pathlib
 import re
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from converter.errors import LoraError
 from converter.layout import MLP_RATIO
+from converter.safetensors_io import DTYPE_SIZES, upcast_into
+
+_FLOAT_DTYPES = frozenset(DTYPE_SIZES) | {"F64"}
 
 FORMATS = ("kohya", "comfyui", "diffusers", "onetrainer", "bfl", "bfl_control", "fal_kontext", "xlabs")
 
@@ -252,29 +256,75 @@ def _split_key(key: str, suffixes) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _open(path: pathlib.Path):
-    """A safetensors handle (context manager), or a LoraError naming the file."""
-    try:
+# safetensors dtype names -> the names PyTorch prints (what our messages have always said).
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+                "BOOL": "bool"}
+
+
+class _LoraFile:
+    """A LoRA safetensors file: the safetensors package checks it and lists keys and metadata
+    (numpy framework: no torch needed); tensor bytes are read from the header's offsets and
+    upcast by :func:`converter.safetensors_io.upcast_into` (exactly PyTorch's ``.float()``)."""
+
+    def __init__(self, path: pathlib.Path) -> None:
         from safetensors import safe_open
 
-        return safe_open(str(path), framework="pt")
+        self.path = path
+        self._handle = safe_open(str(path), framework="numpy")
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            self._entries = json.loads(f.read(length))
+        self._data_start = 8 + length
+
+    def __enter__(self) -> _LoraFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._handle.metadata()
+
+    def dtype(self, key: str) -> str:
+        return str(self._entries[key]["dtype"])
+
+    def read_f32(self, key: str) -> np.ndarray:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        shape = tuple(int(d) for d in entry["shape"])
+        raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
+        out = np.empty(shape, dtype=np.float32)
+        if entry["dtype"] == "F64":
+            out.reshape(-1)[...] = raw.view("<f8")
+        else:
+            upcast_into(raw, entry["dtype"], out.reshape(-1))
+        return out
+
+
+def _open(path: pathlib.Path) -> _LoraFile:
+    """A LoRA file handle (context manager), or a LoraError naming the file."""
+    try:
+        return _LoraFile(path)
     except FileNotFoundError:
         raise LoraError(f"LoRA file not found: {path}") from None
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _tensor(handle, path, key: str) -> np.ndarray:
+def _tensor(handle: _LoraFile, path, key: str) -> np.ndarray:
     """One tensor as float32, refusing non-float dtypes, unreadable data and NaN/inf."""
-    import torch
-
+    dtype = handle.dtype(key)
+    if dtype not in _FLOAT_DTYPES:
+        raise LoraError(f"{path}: tensor {key} has dtype {_DTYPE_NAMES.get(dtype, dtype)}; expected a float type")
     try:
-        t = handle.get_tensor(key)
+        arr = handle.read_f32(key)  # own memory, never a view of the file
     except Exception as exc:
         raise LoraError(f"{path}: cannot read tensor {key} ({exc})") from None
-    if not torch.is_floating_point(t):
-        raise LoraError(f"{path}: tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; expected a float type")
-    arr = t.to(torch.float32, copy=True).numpy()  # own memory, never a view of the mapped file
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
         raise LoraError(f"{path}: tensor {key} holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf)")

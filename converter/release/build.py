@@ -242,10 +242,12 @@ def build_release(
     threads: int | None = None,
     progress: ProgressFn | None = None,
     sign: SigningRequest | None = None,
+    before_quantize: Callable[..., None] | None = None,
 ) -> ReleaseResult:
     """Convert every variant of ``spec`` in one pass and write the release folder ``out_dir``.
 
-    ``progress(done, total)`` reports source bytes converted. Raises :class:`ReleaseError` for a
+    ``progress(done, total)`` reports source bytes converted; ``before_quantize`` is the
+    pipeline's hook (the storage types, once, before the first tensor). Raises :class:`ReleaseError` for a
     bad spec or an occupied output folder; conversion errors come from the pipeline.
     ``sign``: write ``model.sig`` (checked up front; signed after the folder is complete and its digests
     re-read by model-signing; the folder is renamed into place only once signed).
@@ -260,7 +262,7 @@ def build_release(
         partial = _prepare(out)
         try:
             manifest, manifest_sha = _build_into(spec, out, partial, created, threads, progress,
-                                                 signer.info.to_json() if signer else None)
+                                                 signer.info.to_json() if signer else None, before_quantize)
             if signer is not None:
                 sign_release(partial, signer, name=out.name, expected=release_digests(manifest, manifest_sha))
             with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
@@ -277,25 +279,29 @@ def build_release(
 
 @contextlib.contextmanager
 def _extra_file(spec: ReleaseSpec, path: Path) -> Iterator[object]:
-    """An extra file opened inside the spec's folder: no link followed, regular files only (openat)."""
+    """An extra file opened without following a link, regular files only (openat): inside the spec's
+    folder for a relative entry, in its own folder for an absolute one (the spec names it outright)."""
+    root = spec.base_dir if path.is_relative_to(spec.base_dir) else path.parent
     try:
-        rel = Path(os.path.relpath(path, spec.base_dir)).as_posix()
-        with open_inside(spec.base_dir, rel) as f:
+        rel = Path(os.path.relpath(path, root)).as_posix()
+        with open_inside(root, rel) as f:
             yield f
     except UnsafePathError as e:
-        raise ReleaseError(f"{spec.base_dir}: extra_files entry {e.path!r} {e.reason}; a release copies only "
-                           "regular files inside the spec's folder") from None
+        raise ReleaseError(f"{root}: extra_files entry {e.path!r} {e.reason}; a release copies only "
+                           "regular files, never through a symbolic link") from None
 
 
 def _convert_remote(spec: ReleaseSpec, partial: Path, threads: int | None, progress: ProgressFn | None,
                     transform: Callable[..., np.ndarray] | None, extra_metadata: Mapping[str, str],
-                    imatrix: Imatrix | None = None) -> tuple[list[ArtifactRecord], tuple[SourceEntry, ...]]:
+                    imatrix: Imatrix | None = None,
+                    before_quantize: Callable[..., None] | None = None,
+                    ) -> tuple[list[ArtifactRecord], tuple[SourceEntry, ...]]:
     """Convert an hf:// source; its files' sizes and sha256 are the Hub's, checked against the streamed bytes."""
     with open_any_source(spec.source) as source:
         records = convert(source, partial, list(spec.variants), name=spec.name, overrides=spec.overrides,
                           threads=threads, progress=progress, tensor_transform=transform,
                           source_sha256=source.sha256_by_name,  # type: ignore[attr-defined]
-                          imatrix=imatrix, imatrix_files=spec.imatrix_paths,
+                          imatrix=imatrix, imatrix_files=spec.imatrix_paths, before_quantize=before_quantize,
                           extra_metadata={**extra_metadata, **source.provenance_metadata()})  # type: ignore[attr-defined]
         digests = source.file_digests()  # type: ignore[attr-defined]
         hub = source.hub_records()  # type: ignore[attr-defined]
@@ -303,7 +309,8 @@ def _convert_remote(spec: ReleaseSpec, partial: Path, threads: int | None, progr
 
 
 def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None, threads: int | None,
-                progress: ProgressFn | None, signature: dict | None = None) -> tuple[Manifest, str]:
+                progress: ProgressFn | None, signature: dict | None = None,
+                before_quantize: Callable[..., None] | None = None) -> tuple[Manifest, str]:
     remote = is_hub_spec(spec.source)  # hf://: streamed from the Hub, its digests from the Hub's sha256
     with open_any_source(spec.source if remote else spec.source_path) as source:
         source_files = [] if remote else [Path(f.path) for f in source.files]
@@ -322,11 +329,12 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     with BackgroundHasher(inputs) as hasher:
         if remote:
             records, remote_sources = _convert_remote(spec, partial, threads, progress, transform, extra_metadata,
-                                                       imatrix)
+                                                       imatrix, before_quantize)
         else:
             records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
                               overrides=spec.overrides, threads=threads, progress=progress,
                               tensor_transform=transform, extra_metadata=extra_metadata,
+                              before_quantize=before_quantize,
                               imatrix=imatrix, imatrix_files=spec.imatrix_paths)
         try:
             digests = hasher.result()

@@ -29,7 +29,7 @@ from converter.lora.formats import CanonicalLora, load_lora
 from converter.lora.merge import LoraMerger, merged_lora_metadata, validate_loras
 from manifests.hashing import FileDigest, hash_file
 
-from .spec import ExtensionOutput, ReleaseSpec, SpecExtension, register_spec_hook
+from .spec import ExtensionOutput, ReleaseSpec, SpecExtension, recorded_path, register_spec_hook
 
 MODES = ("merge", "sidecar")
 ENTRY_KEYS = ("path", "name", "strength", "mode", "dtype")
@@ -68,8 +68,9 @@ def _entry(raw: Any, i: int, spec_dir: Path, where: str) -> LoraEntry:
     if unknown:
         raise ReleaseError(f"{prefix}: unknown key {unknown[0]!r}; expected one of {', '.join(ENTRY_KEYS)}")
     path = raw.get("path")
-    if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
-        raise ReleaseError(f"{prefix}: path must be a relative path inside the spec's folder, got {path!r}")
+    if not isinstance(path, str) or not path or (not Path(path).is_absolute() and ".." in Path(path).parts):
+        raise ReleaseError(f"{prefix}: path must be an absolute path or a relative path inside the spec's folder, "
+                           f"got {path!r}")
     strength = raw.get("strength", 1.0)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise ReleaseError(f"{prefix}: strength must be a finite number, got {strength!r}")
@@ -88,7 +89,8 @@ def _entry(raw: Any, i: int, spec_dir: Path, where: str) -> LoraEntry:
     if not isinstance(name, str) or not name or any(c in name for c in "/\\\0 "):
         raise ReleaseError(f"{prefix}: name must be a plain word (no spaces or slashes), got {name!r}")
     lora = load_lora(full)
-    return LoraEntry(full, path, name, float(strength), mode, dtype, hash_file(full).sha256, lora)
+    # An absolute path is recorded by its file name only (with its sha256): no local paths in manifests.
+    return LoraEntry(full, recorded_path(path), name, float(strength), mode, dtype, hash_file(full).sha256, lora)
 
 
 def parse_lora_section(raw: Any, spec_dir: Path, where: str) -> list[LoraEntry]:

@@ -206,6 +206,7 @@ def rederive_release(
     extra_source_files: Mapping[Path, FileDigest] | None = None,
     imatrix: Imatrix | None = None,
     imatrix_files: Sequence[str | os.PathLike[str]] = (),
+    before_quantize: Callable[..., None] | None = None,
 ) -> RederiveReport:
     """Re-encode every tensor the manifest lists from ``source_path`` and compare sha256 digests.
 
@@ -216,6 +217,7 @@ def rederive_release(
     ``imatrix`` (read from ``imatrix_files``): the importance matrix a calibrated release was
     quantized with; its K-quant tensors are re-encoded with it (pass the files' digests in
     ``extra_source_files`` to check them against the listed sources).
+    ``before_quantize(types, imatrix=bool)``: called once with the storage types to encode, before the first tensor.
     """
     _recorded_overrides(manifest)  # a malformed spec is refused before any work starts
     _check_imatrix(manifest, imatrix, " + ".join(map(str, imatrix_files)) or "importance matrix")
@@ -237,6 +239,9 @@ def rederive_release(
         report = RederiveReport(str(src))
         with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
             _check_recipe(manifest, source, report)
+            if before_quantize is not None:
+                before_quantize(sorted({t.type for art in manifest.ggufs for t in art.tensors or ()}),
+                                imatrix=imatrix is not None)
             _rederive_tensors(manifest, source, report, progress, tensor_transform, imatrix)
             digests = hasher.result()
         report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)

@@ -2,7 +2,10 @@
 
 A release is declared in a small reviewable TOML file; everything it names is checked up front
 (unknown keys, wrong types, unknown variants, bad overrides, files that do not exist), each error
-one line naming the spec file and the key. Paths in the spec are relative to the spec file.
+one line naming the spec file and the key. Paths in the spec are relative to the spec file;
+``source``, ``extra_files`` (and ``[[lora]]`` paths) may also be absolute (checkpoints often live on
+another disk): the manifest then records only the file name (sizes and sha256 are recorded anyway),
+so no absolute path ever lands in a manifest, model card or GGUF header.
 
 Extension point: keys other engineers own (``[[lora]]`` today) are parsed by a hook registered
 with :func:`register_spec_hook`; the hook returns a :class:`SpecExtension` saying what the key
@@ -158,17 +161,18 @@ class ReleaseSpec:
         return f"{self.name}-{variant}.gguf"
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as recorded in the manifest: normalized, paths as written (relative), no absolutes."""
-        out: dict[str, Any] = {"name": self.name, "source": self.source, "base_model": self.base_model,
+        """The spec as recorded in the manifest: normalized, relative paths as written, absolute
+        paths reduced to their file name (never an absolute path)."""
+        out: dict[str, Any] = {"name": self.name, "source": recorded_path(self.source), "base_model": self.base_model,
                                "variants": list(self.variants)}
         if self.overrides:
             out["overrides"] = list(self.overrides)
         if self.extra_files:
-            out["extra_files"] = list(self.extra_files)
+            out["extra_files"] = [recorded_path(f) for f in self.extra_files]
         if self.validation is not None:
             out["validation"] = self.validation
         if self.imatrix:
-            out["imatrix"] = list(self.imatrix)
+            out["imatrix"] = [recorded_path(f) for f in self.imatrix]
         out["card"] = self.card.to_json()
         for key, ext in self.extensions.items():
             out[key] = ext.record
@@ -221,11 +225,24 @@ def _check_name(c: _Checker, name: str) -> str:
     return name
 
 
+def recorded_path(value: str) -> str:
+    """What a manifest records for a spec path: as written when relative, the bare file name when
+    absolute (the local disk layout is nobody else's business; size and sha256 identify the file)."""
+    return Path(value).name if Path(value).is_absolute() else value
+
+
 def _check_relative(c: _Checker, key: str, value: str) -> str:
     if Path(value).is_absolute():
         raise c.error(key, f"must be a path relative to the spec file, got the absolute path {value!r}")
-    if key == "extra_files" and ".." in Path(value).parts:
-        raise c.error(key, f"must be a path inside the spec's folder, got {value!r} ('..' leaves it)")
+    return value
+
+
+def _check_path(c: _Checker, key: str, value: str) -> str:
+    """A file copied into the release: absolute (recorded by name only), or relative to the spec file
+    and inside its folder: a relative '..' would quietly pull in files from elsewhere."""
+    if not Path(value).is_absolute() and ".." in Path(value).parts:
+        raise c.error(key, f"must be a path inside the spec's folder or an absolute path, got {value!r} "
+                           "('..' leaves the folder)")
     return value
 
 
@@ -256,7 +273,7 @@ def _parse_imatrix(c: _Checker, raw: Mapping[str, Any]) -> tuple[str, ...]:
         raise c.error("imatrix", "must name at least one importance-matrix file")
     if len(set(files)) != len(files):
         raise c.error("imatrix", "lists a file twice")
-    return tuple(_check_relative(c, "imatrix", f) for f in files)  # type: ignore[arg-type]
+    return tuple(files)  # type: ignore[arg-type]  (relative to the spec file, or absolute: hashed, recorded by name)
 
 
 def _parse_card(c: _Checker, raw: Any) -> CardSpec:
@@ -334,12 +351,10 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
         except PlanError as e:
             raise c.error("overrides", str(e)) from None
     name = _check_name(c, c.string(raw, "name", required=True))  # type: ignore[arg-type]
-    source = c.string(raw, "source", required=True)
-    if not source.startswith("hf://"):  # type: ignore[union-attr]  (hf://OWNER/REPO[@REV][/PATH]: on the Hub)
-        source = _check_relative(c, "source", source)  # type: ignore[arg-type]
+    source = c.string(raw, "source", required=True)  # relative to the spec file, absolute, or hf://OWNER/REPO...
     base_model = c.string(raw, "base_model", required=True)
     variants = _parse_variants(c, c.strings(raw, "variants"))
-    extra_files = tuple(_check_relative(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
+    extra_files = tuple(_check_path(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
     imatrix = _parse_imatrix(c, raw)
     validation = c.string(raw, "validation")
     if validation is not None:

@@ -168,6 +168,11 @@ def test_inspect_gguf_and_safetensors(src, tmp_path):
     text = run("inspect", gg).stdout
     assert "variant:      Q4_K_M (general.file_type 15)" in text
     assert "types:        F32:30 Q4_K:11 BF16:9 Q5_K:2" in text
+    flux_keys = [k for k in rep["metadata"] if k.startswith("flux_gguf.")]
+    assert {"flux_gguf.recipe", "flux_gguf.model_family", "flux_gguf.source"} <= set(flux_keys)
+    for key in flux_keys:  # the text shows every key --json shows
+        assert f"{key}: {rep['metadata'][key]}\n" in text
+    assert "flux_gguf.recipe: Q4_K_M\n" in text and "flux_gguf.model_family: flux-dev\n" in text
 
     rep = json.loads(run("inspect", src, "--json").stdout)
     assert (rep["kind"], rep["layout"], rep["family"], rep["problem"]) == ("safetensors", "bfl", "flux-dev", None)
@@ -192,16 +197,31 @@ def test_inspect_reports_a_non_flux_checkpoint(tmp_path):
                               "input_blocks.0.0.weight; expected img_in.weight, double_blocks.N.* and single_blocks.N.*")
 
 
-def test_example_command(tmp_path):
+def test_example_command(tmp_path, monkeypatch):
     r = run("example", "-o", tmp_path / "ex")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
-        "flux1-example-Q4_K_M.gguf", "flux1-example-Q8_0.gguf", "flux1-example.safetensors"]
+        "flux1-example-Q4_K_M.gguf", "flux1-example-Q8_0.gguf", "flux1-example.safetensors", "release.toml"]
     assert r.stdout.splitlines()[0].startswith(f"1. wrote {tmp_path / 'ex' / 'flux1-example.safetensors'}")
     for v in ("Q8_0", "Q4_K_M"):
         reader = GGUFReader(tmp_path / "ex" / f"flux1-example-{v}.gguf")
         assert reader.fields["flux_gguf.recipe"].contents() == v
         assert len(reader.tensors) == 84  # 52 for 1 + 1 blocks, 24 per double and 8 per single block more
+    # The README's next commands, run as written from the folder the example ran in.
+    monkeypatch.chdir(tmp_path)
+    assert f"  flux-gguf release build {tmp_path / 'ex' / 'release.toml'} -o dist/example" in r.stdout
+    r = run("release", "build", "ex/release.toml", "-o", "dist/example")
+    assert r.exit_code == 0, r.output
+    r = run("verify", "dist/example")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[-1] == "release dist/example: OK"
+    manifest = json.loads((tmp_path / "dist" / "example" / "manifest.json").read_text())
+    assert manifest["spec"]["source"] == "flux1-example.safetensors"
+    assert [a["variant"] for a in manifest["artifacts"] if a["kind"] == "gguf"] == ["Q8_0", "Q4_K_M"]
+    # the release's GGUFs are the example's own files, byte for byte
+    for v in ("Q8_0", "Q4_K_M"):
+        name = f"flux1-example-{v}.gguf"
+        assert (tmp_path / "dist" / "example" / name).read_bytes() == (tmp_path / "ex" / name).read_bytes()
 
 
 def test_help_lists_every_command():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 
 import huggingface_hub.constants
 import numpy as np
@@ -57,7 +58,8 @@ def work(tmp_path_factory):
     config.mkdir()
     (config / "config.json").write_text(json.dumps(diffusers_config(GEO)))
     records = {r.variant: r for r in convert(src, d, VARIANTS)}
-    return src, config, records
+    yield src, config, records
+    shutil.rmtree(d, ignore_errors=True)  # 1.1 GB source + GGUFs: gone when the module is done
 
 
 def flux_inputs() -> dict:

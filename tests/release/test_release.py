@@ -131,7 +131,7 @@ CARD = '[card]\nlicense = "other"\n'
     (BASE.replace('"Q4_K_M"]', '"Q9_K"]') + CARD, "'variants' unknown variant 'Q9_K'; valid variants: Q2_K, Q3_K_S"),
     (BASE + 'overrides = ["nope"]\n' + CARD, "'overrides' override 'nope' must look like REGEX=TYPE"),
     (BASE.replace('name = "n"', 'name = "a/b"') + CARD, "'name' must be a plain file-name stem (no slashes or surrounding spaces)"),
-    (BASE.replace('"w.safetensors"', '"/abs/w.safetensors"') + CARD, "'source' must be a path relative to the spec file, got the absolute path '/abs/w.safetensors'"),
+    (BASE.replace('"w.safetensors"', '"/abs/w.safetensors"') + CARD, "'source' names '/abs/w.safetensors', which does not exist"),
     (BASE + CARD, "'source' names 'w.safetensors', which does not exist"),
     (BASE + 'extra_files = ["LICENSE.md"]\n' + CARD, "'extra_files' names 'LICENSE.md', which is not an existing file"),
     (BASE + 'extra_files = ["README.md"]\n' + CARD, "'extra_files' names 'README.md', whose file name 'README.md' the release itself writes"),

@@ -150,7 +150,7 @@ def test_verify_source_needs_and_uses_the_merged_lora(built, project):
     ('path = "loras/speed.safetensors"\nmode = "fuse"\n', "[[lora]] entry 1: mode must be one of merge, sidecar, got 'fuse'"),
     ('path = "loras/speed.safetensors"\nweight = 1\n', "[[lora]] entry 1: unknown key 'weight'; expected one of path, name, strength, mode, dtype"),
     ('path = "loras/none.safetensors"\n', "[[lora]] entry 1: LoRA file not found: "),
-    ('path = "../x.safetensors"\n', "[[lora]] entry 1: path must be a relative path inside the spec's folder, got '../x.safetensors'"),
+    ('path = "../x.safetensors"\n', "[[lora]] entry 1: path must be an absolute path or a relative path inside the spec's folder, got '../x.safetensors'"),
     ('path = "loras/speed.safetensors"\ndtype = "F16"\n', '[[lora]] entry 1: dtype applies to mode = "sidecar" only'),
     ('path = "loras/speed.safetensors"\nstrength = "high"\n', "[[lora]] entry 1: strength must be a finite number, got 'high'"),
 ])
@@ -273,3 +273,32 @@ def test_verify_source_refuses_edited_lora_records_in_one_line(built, project, t
                         "--lora", str(project / "loras" / "speed.safetensors"))
     assert code == 1
     assert out.strip().splitlines() == [f"Error: {message}"]
+
+
+def test_absolute_paths_are_accepted_and_recorded_by_name_only(project, tmp_path):
+    """Checkpoints live on other disks: absolute source, LoRA and extra-file paths build, and the
+    release records only file names (with size and sha256), never the absolute path."""
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    license_file = elsewhere / "LICENSE.md"
+    license_file.write_text("test licence\n")
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    text = (SPEC.replace('"weights/tiny.safetensors"', f'"{project / "weights" / "tiny.safetensors"}"')
+                .replace('"loras/speed.safetensors"', f'"{project / "loras" / "speed.safetensors"}"')
+                .replace('"loras/style.safetensors"', f'"{project / "loras" / "style.safetensors"}"'))
+    head, rest = text.split("[[lora]]", 1)  # extra_files is a top-level key: before the first [[lora]]
+    text = head + f'extra_files = ["{license_file}"]\n\n[[lora]]' + rest
+    (spec_dir / "release.toml").write_text(text)
+    out = tmp_path / "out" / "tiny"
+    build_release(spec_dir / "release.toml", out)
+    assert verify_release(out).ok
+    m = load_manifest(out / "manifest.json")
+    assert m.spec["source"] == "tiny.safetensors"
+    assert m.spec["extra_files"] == ["LICENSE.md"]
+    assert {r["path"] for r in m.spec["lora"]} == {"speed.safetensors", "style.safetensors"}
+    assert (out / "LICENSE.md").read_text() == "test licence\n"
+    for f in out.iterdir():  # manifest, SHA256SUMS, card, GGUF headers, side-cars: no local path anywhere
+        data = f.read_bytes()
+        assert str(tmp_path).encode() not in data, f.name
+        assert str(project).encode() not in data, f.name
