@@ -14,7 +14,7 @@ from .validate import _DEVICE, _log, _quiet_libraries
 
 
 @click.command("imatrix")
-@click.argument("source", type=click.Path(path_type=pathlib.Path))
+@click.argument("source")  # a path, or hf://OWNER/REPO[@REV][/PATH] (click.Path would fold the //)
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path, dir_okay=False), required=True,
               help="The imatrix file to write (llama.cpp's GGUF imatrix format), e.g. NAME.imatrix.gguf.")
 @click.option("--inputs", "inputs_file", type=click.Path(path_type=pathlib.Path, dir_okay=False), default=None,
@@ -38,7 +38,7 @@ from .validate import _DEVICE, _log, _quiet_libraries
 @click.option("--seed", type=int, default=0, show_default=True, help="First probe seed, or the render seed.")
 @click.option("--device", type=_DEVICE, default=None, help="Where the transformer runs (default: cuda if available).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def imatrix(source: pathlib.Path, output: pathlib.Path, inputs_file: pathlib.Path | None,
+def imatrix(source: str, output: pathlib.Path, inputs_file: pathlib.Path | None,
             pipeline_dir: pathlib.Path | None, prompts_file: pathlib.Path | None, images_dir: pathlib.Path | None,
             steps: int, guidance: float, height: int | None, width: int | None, probes: int, text_tokens: int,
             seed: int, device: str | None, as_json: bool) -> None:

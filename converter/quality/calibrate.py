@@ -32,7 +32,7 @@ from converter.detect import detect_model
 from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
 from converter.errors import CalibrationError, FluxGGUFError
 from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
-from converter.sources import open_source
+from converter.hub.source import is_hub_spec, open_any_source
 
 from .diffusers_model import (
     check_loadable,
@@ -195,9 +195,10 @@ def build_transformer(geometry: FluxGeometry, read: Callable[[str], np.ndarray],
 
 @contextlib.contextmanager
 def open_transformer(path: str | os.PathLike[str], device: str) -> Iterator[tuple[Any, FluxGeometry, str]]:
-    """(model, geometry, kind) for a checkpoint (file or diffusers folder, any dtype convert reads) or a GGUF."""
-    path = pathlib.Path(path)
-    if path.suffix == ".gguf":
+    """(model, geometry, kind) for a checkpoint (file or diffusers folder, any dtype convert reads, or an
+    ``hf://`` repo streamed by range requests) or a GGUF."""
+    if not is_hub_spec(path) and pathlib.Path(path).suffix == ".gguf":
+        path = pathlib.Path(path)
         from .validate import gguf_shapes, open_gguf
 
         geometry = geometry_from_shapes(gguf_shapes(open_gguf(path)), str(path))
@@ -211,7 +212,7 @@ def open_transformer(path: str | os.PathLike[str], device: str) -> Iterator[tupl
             release_memory(device)
         return
     try:
-        with open_source(path) as source:
+        with open_any_source(path) as source:
             geometry = detect_model(source).geometry
             model = build_transformer(geometry, source.read, device)
     except CalibrationError:

@@ -429,3 +429,20 @@ def test_transient_statuses_on_ranges_are_retried(emulator, checkpoints, tmp_pat
     assert result.exit_code == 0, result.output
     assert _outputs(tmp_path / "remote") == expected
     assert [r.status for r in emulator.requests("GET", "/resolve/")].count(503) >= 2
+
+
+def test_imatrix_collects_from_the_hub_exactly_as_from_a_local_copy(emulator, checkpoints, tmp_path):
+    """`flux-gguf imatrix hf://...` streams the checkpoint and sums exactly what a local copy gives."""
+    from converter.imatrix import read_imatrix
+
+    _publish_file(emulator, "alice/flux", "flux.safetensors", checkpoints["single"])
+    common = ["--probes", "1", "--height", "32", "--width", "32", "--text-tokens", "8", "--device", "cpu"]
+    remote = run("imatrix", "hf://alice/flux/flux.safetensors", "-o", tmp_path / "remote.imatrix.gguf", *common)
+    assert remote.exit_code == 0, remote.output
+    local = run("imatrix", checkpoints["single"], "-o", tmp_path / "local.imatrix.gguf", *common)
+    assert local.exit_code == 0, local.output
+    a, b = read_imatrix(tmp_path / "remote.imatrix.gguf"), read_imatrix(tmp_path / "local.imatrix.gguf")
+    assert sorted(a.entries) == sorted(b.entries) and len(a.entries) > 0
+    for name, entry in a.entries.items():
+        assert entry.count == b.entries[name].count
+        assert np.array_equal(entry.in_sum2, b.entries[name].in_sum2), name
