@@ -56,6 +56,20 @@ class SigningError(ReleaseError):
     """A key, certificate, chain or signature cannot be used, or a signature does not verify."""
 
 
+SIGN_EXTRA = "pip install 'flux-gguf[sign]'"
+
+
+def require_library() -> None:
+    """Signing and checking signatures need the ``[sign]`` extra (model-signing, pyopenssl, which
+    model-signing imports without declaring it); everything else, including an unchecked
+    "signature present" verdict, works without it. One line, naming the install command."""
+    try:
+        import model_signing  # noqa: F401
+        import OpenSSL  # noqa: F401
+    except ImportError as e:
+        raise SigningError(f"signatures need the model-signing library ({e.name} is not installed): {SIGN_EXTRA}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # What signing records
 
@@ -249,6 +263,7 @@ def _load_private_key(path: Path, password: bytes | None) -> Any:
 
 def prepare_signer(request: SigningRequest) -> PreparedSigner:
     """Check the key material up front (before hours of conversion) and say how the release will be signed."""
+    require_library()
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
@@ -407,6 +422,8 @@ def trust_from_options(*, public_key: str | os.PathLike[str] | None = None,
                        identity: str | None = None, issuer: str | None = None) -> Trust | None:
     """``--public-key`` / ``--certificate-chain`` / ``--identity --issuer`` as one :class:`Trust` (or None)."""
     given = [bool(public_key), bool(certificate_chain), identity is not None or issuer is not None]
+    if any(given):
+        require_library()
     if sum(given) > 1:
         raise SigningError("give one of --public-key, --certificate-chain or --identity/--issuer")
     if public_key is not None:
@@ -454,6 +471,7 @@ def read_signed(signature: str | os.PathLike[str], trust: Trust) -> SignedConten
     Uses the library's verifier objects directly (``verifying.Config.verify`` would also re-hash the
     folder, and cannot check a subset); the checks are exactly those ``Config.verify`` runs first.
     """
+    require_library()
     from model_signing._signing import sign_sigstore, sign_sigstore_pb
 
     path = Path(signature)

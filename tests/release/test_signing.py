@@ -403,3 +403,20 @@ def test_verify_with_a_key_reads_each_file_once(signed, keys, monkeypatch):
     monkeypatch.setattr(signing_module, "_hash_files", lambda root, files: hashed.append(list(files)) or real(root, files))
     assert run("verify", signed, "--public-key", keys["pub"]).exit_code == 0
     assert hashed == [[]]
+
+
+def test_without_the_sign_extra_signing_options_say_how_to_install_it(tmp_path, monkeypatch):
+    """The base install has no model-signing: asking to check a signature is one line naming the extra."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from converter.cli import main
+
+    monkeypatch.setitem(sys.modules, "model_signing", None)  # import model_signing -> ImportError
+    (tmp_path / "pub.pem").write_text("not used")
+    res = CliRunner().invoke(main, ["verify", str(tmp_path), "--public-key", str(tmp_path / "pub.pem")])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (
+        "Error: signatures need the model-signing library (model_signing is not installed): "
+        "pip install 'flux-gguf[sign]'")
