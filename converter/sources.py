@@ -196,17 +196,23 @@ def _open_single_file(path: pathlib.Path) -> Source:
 
 
 def _read_index(index: pathlib.Path) -> dict[str, str]:
+    return parse_index(index.read_bytes(), str(index))
+
+
+def parse_index(content: bytes, label: str) -> dict[str, str]:
+    """A diffusers ``*.safetensors.index.json``'s weight map (key -> shard file name in the same
+    folder), from a local file or a Hub repo (``label`` names it in errors)."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{index}: not a diffusers index (not JSON: {e})") from None
+        raise SourceError(f"{label}: not a diffusers index (not JSON: {e})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise SourceError(f"{index}: not a diffusers index (expected a weight_map object of key -> shard file)")
+        raise SourceError(f"{label}: not a diffusers index (expected a weight_map object of key -> shard file)")
     for key, shard in weight_map.items():
-        if pathlib.PurePath(shard).name != shard:
-            raise SourceError(f"{index}: shard {shard!r} named for {key} is not a file name in the folder")
+        if pathlib.PurePosixPath(shard).name != shard or shard in (".", ".."):
+            raise SourceError(f"{label}: shard {shard!r} named for {key} is not a file name in the folder")
     return weight_map
 
 

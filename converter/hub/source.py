@@ -68,10 +68,11 @@ from converter.sources import (
     _assemble_diffusers,
     _looks_diffusers,
     _whole,
+    parse_index,
     open_source,
 )
 
-from .client import _translate, hub_api
+from .client import _causes, _translate, hub_api
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -143,20 +144,11 @@ def open_any_source(spec: str | os.PathLike[str], *, keep_source: str | os.PathL
 
 # ---- errors -----------------------------------------------------------------------------------
 def _status(exc: BaseException) -> tuple[int | None, str | None]:
-    for e in _chain(exc):
+    for e in _causes(exc):
         response = getattr(e, "response", None)
         if response is not None and getattr(response, "status_code", None):
             return int(response.status_code), response.headers.get("X-Error-Code")
     return None, None
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 @contextlib.contextmanager
@@ -806,18 +798,7 @@ def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, 
         r = get_session().get(client.url(path), headers=headers, follow_redirects=True)
         hf_raise_for_status(r)
     label = f"{HF_PREFIX}{spec.repo_id}@{client.commit[:12]}/{path}"
-    try:
-        data = json.loads(r.content.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{label}: not a diffusers index (not JSON: {e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise SourceError(f"{label}: not a diffusers index (expected a weight_map object of key -> shard file)")
-    for key, shard in weight_map.items():
-        if pathlib.PurePosixPath(shard).name != shard or shard in (".", ".."):
-            raise SourceError(f"{label}: shard {shard!r} named for {key} is not a file name in the folder")
-    return weight_map, len(r.content), hashlib.sha256(r.content).hexdigest()
+    return parse_index(r.content, label), len(r.content), hashlib.sha256(r.content).hexdigest()
 
 
 def _single(spec: HubSpec, client: _Client, f: RemoteFile, files: list[SourceFile], connections: int,
