@@ -16,7 +16,7 @@ from converter.layout import FluxGeometry
 from converter.synthetic import write_synthetic_flux
 
 CLI = "import sys; from converter.cli import main; sys.argv[0] = 'flux-gguf'; main()"
-NOTICE = "compiling quantization kernels (once per install, about 10 s): input checks, Q8_0"
+NOTICE = "compiling quantization kernels (once per install, about 15 s): input checks, source upcasts, Q8_0"
 
 
 def test_first_conversion_announces_the_compile_once(tmp_path):

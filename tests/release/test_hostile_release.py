@@ -68,7 +68,8 @@ def test_a_relative_extra_file_outside_the_spec_folder_is_refused(tmp_path, weig
     (tmp_path / "secret.txt").write_text("not for release")
     spec = project(tmp_path / "p", weights, spec_text(extra=["../secret.txt"]))
     assert_error(build(spec, "-o", tmp_path / "out"),
-                 f"{spec}: 'extra_files' must be a path inside the spec's folder, got '../secret.txt' ('..' leaves it)")
+                 f"{spec}: 'extra_files' must be a path inside the spec's folder or an absolute path, got '../secret.txt' "
+                 "('..' leaves the folder)")
     assert not (tmp_path / "out").exists()
 
 
@@ -79,7 +80,7 @@ def test_an_extra_file_that_is_a_symlink_to_outside_is_refused_when_opened(tmp_p
     out = tmp_path / "out"
     assert_error(build(spec, "-o", out),
                  f"{tmp_path / 'p'}: extra_files entry 'LICENSE.md' is a symbolic link; a release copies only "
-                 "regular files inside the spec's folder")
+                 "regular files, never through a symbolic link")
     assert not out.exists() and ours(tmp_path) == []
 
 
