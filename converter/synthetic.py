@@ -20,7 +20,7 @@ the bias of every adaLN "scale" chunk (double blocks: chunks 1 and 4 of ``{img,t
 single blocks: chunk 1 of ``modulation.lin``) becomes ``exp(1.2 z) - 1`` with z ~ N(0, 1) per
 channel, so each modulated Linear input carries a log-normal per-channel gain ``1 + scale``; and
 5 fixed rows of ``txt_in`` (weight and bias) are multiplied by 40, so the text stream carries 5
-outlier channels, as T5-conditioned models do (docs/imatrix.md).
+outlier channels, as T5-conditioned models do.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ partial sum into the float64 vector, so memory is one vector per tensor whatever
 
 diffusers splits fused BFL weights (``qkv`` into to_q/to_k/to_v, ``single_blocks.N.linear1`` into
 to_q/to_k/to_v + proj_mlp); all parts see the same input, so only the first part is hooked and the
-input is counted once (docs/imatrix.md has the mapping).
+input is counted once (the mapping is converter.diffusers_names.diffusers_parts).
 
 Inputs, in increasing realism: seeded Kontext-shaped probes (a smoke default: random inputs say
 little about real activations), a safetensors file of saved transformer inputs (any pipeline's
