@@ -17,6 +17,7 @@ import os
 import pathlib
 import re
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -195,6 +196,26 @@ def _open_single_file(path: pathlib.Path) -> Source:
 # diffusers folders
 
 
+def assemble_shards(shards: Sequence[Any], weight_map: Mapping[str, str] | None,
+                    shard_label: Callable[[Any], str], named: Callable[[str], str],
+                    ) -> tuple[dict[str, TensorInfo], dict[str, list[Any]]]:
+    """The BFL tensors of a diffusers folder's shards (local files or Hub files: anything with
+    ``.path`` and ``.tensors``): every key in one shard only, where the index's ``weight_map`` says.
+    ``shard_label(shard)`` and ``named(shard_file_name)`` name a shard in errors."""
+    raw: dict[str, tuple[Any, RawTensor]] = {}
+    for shard in shards:
+        for key, t in shard.tensors.items():
+            if key in raw:
+                raise SourceError(f"{shard_label(shard)}: key {key} is also in {raw[key][0].path.name}")
+            raw[key] = (shard, t)
+    if weight_map is not None:
+        for key, shard_name in weight_map.items():
+            if key not in raw or raw[key][0].path.name != shard_name:
+                raise SourceError(f"{named(shard_name)}: the index names {key} in this shard "
+                                  "but the shard does not hold it")
+    return _assemble_diffusers(raw)
+
+
 def _read_index(index: pathlib.Path) -> dict[str, str]:
     return parse_index(index.read_bytes(), str(index))
 
@@ -235,21 +256,11 @@ def _open_diffusers_folder(path: pathlib.Path) -> Source:
                           f"{DIFFUSERS_INDEX}; a single-file checkpoint is passed as a file)")
     shards: list[SafetensorsFile] = []
     try:
-        raw: dict[str, tuple[SafetensorsFile, RawTensor]] = {}
         for name in names:
             shard = SafetensorsFile(folder / name)
             shards.append(shard)
             files.append(SourceFile(shard.path, shard.size))
-            for key, t in shard.tensors.items():
-                if key in raw:
-                    raise SourceError(f"{shard.path}: key {key} is also in {raw[key][0].path.name}")
-                raw[key] = (shard, t)
-        if weight_map is not None:
-            for key, shard_name in weight_map.items():
-                if key not in raw or raw[key][0].path.name != shard_name:
-                    raise SourceError(f"{folder / shard_name}: the index names {key} in this shard "
-                                      "but the shard does not hold it")
-        tensors, pieces = _assemble_diffusers(raw)
+        tensors, pieces = assemble_shards(shards, weight_map, str, lambda name: str(folder / name))
         return Source(path, "diffusers", shards, tensors, pieces, files)
     except BaseException:
         for opened in shards:

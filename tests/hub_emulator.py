@@ -18,6 +18,7 @@ Never imported by production code.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -791,3 +792,40 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
             self._record.status = None
+
+
+def _refuse_other_hosts(request: Any) -> None:
+    if request.url.host != "127.0.0.1":
+        raise AssertionError(f"a test tried to reach {request.url}")
+
+
+@contextlib.contextmanager
+def emulated_hub(monkeypatch: Any, home: Any, tokens: dict[str, str], token: str) -> Iterator["HubEmulator"]:
+    """A started emulator with huggingface_hub pointed at it (environment and the constants it read
+    at import), ``token`` as HF_TOKEN, fast retries, and a client that fails any request to another
+    host; everything is restored afterwards."""
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils import http_backoff, httpx
+    from huggingface_hub.utils._http import default_client_factory
+
+    hub = HubEmulator(tokens=tokens).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setitem(http_backoff.__kwdefaults__, "base_wait_time", 0.001)
+    monkeypatch.setitem(http_backoff.__kwdefaults__, "max_wait_time", 0.002)
+    set_client_factory(lambda: httpx.Client(event_hooks={"request": [_refuse_other_hosts]},
+                                            follow_redirects=True, timeout=60))
+    try:
+        yield hub
+    finally:
+        set_client_factory(default_client_factory)
+        hub.stop()
+

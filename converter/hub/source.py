@@ -66,6 +66,7 @@ from converter.sources import (
     SourceFile,
     TensorInfo,
     _assemble_diffusers,
+    assemble_shards,
     _looks_diffusers,
     _whole,
     parse_index,
@@ -823,16 +824,6 @@ def _single(spec: HubSpec, client: _Client, f: RemoteFile, files: list[SourceFil
 
 def _diffusers(spec: HubSpec, client: _Client, shards: list[RemoteFile], files: list[SourceFile],
                weight_map: Mapping[str, str] | None, connections: int, window: int) -> RemoteSource:
-    raw: dict[str, tuple[Any, RawTensor]] = {}
-    for shard in shards:
-        for key, t in shard.tensors.items():
-            if key in raw:
-                raise SourceError(f"{shard.label}: key {key} is also in {raw[key][0].path.name}")
-            raw[key] = (shard, t)
-    if weight_map is not None:
-        for key, shard_name in weight_map.items():
-            if key not in raw or raw[key][0].path.name != shard_name:
-                raise SourceError(f"{spec}: the index names {key} in {shard_name} but that shard does not hold it")
-    tensors, pieces = _assemble_diffusers(raw)
+    tensors, pieces = assemble_shards(shards, weight_map, lambda s: s.label, lambda name: f"{spec}/{name}")
     return RemoteSource(spec, client, "diffusers", shards, tensors, pieces, files,
                         connections=connections, window=window)

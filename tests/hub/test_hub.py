@@ -16,10 +16,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from hub_emulator import HubEmulator
-from huggingface_hub import constants, set_client_factory
-from huggingface_hub.utils import http_backoff, httpx
-from huggingface_hub.utils._http import default_client_factory
+from hub_emulator import emulated_hub
+from huggingface_hub.utils import http_backoff
 
 from converter.cli import main
 from converter.errors import (
@@ -92,36 +90,11 @@ def make_release(root: pathlib.Path, variants: dict[str, int] | None = None, *, 
     return root
 
 
-def _refuse_other_hosts(request: httpx.Request) -> None:
-    if request.url.host != "127.0.0.1":
-        raise AssertionError(f"a test tried to reach {request.url}")
-
-
-def _loopback_only_client() -> httpx.Client:
-    return httpx.Client(event_hooks={"request": [_refuse_other_hosts]}, follow_redirects=True, timeout=60)
-
-
 @pytest.fixture
 def emulator(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path):
-    hub_ = HubEmulator(tokens={TOKEN: "alice", "hf_bob_write": "bob", SECRET: "alice"}).start()
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_ENDPOINT", hub_.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    # huggingface_hub read these at import: set them too, whatever imported it first.
-    monkeypatch.setattr(constants, "ENDPOINT", hub_.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setitem(http_backoff.__kwdefaults__, "base_wait_time", 0.001)
-    monkeypatch.setitem(http_backoff.__kwdefaults__, "max_wait_time", 0.002)
-    set_client_factory(_loopback_only_client)  # a request to any other host fails the test
-    yield hub_
-    set_client_factory(default_client_factory)
-    hub_.stop()
+    with emulated_hub(monkeypatch, tmp_path / "hf_home", {TOKEN: "alice", "hf_bob_write": "bob", SECRET: "alice"},
+                      TOKEN) as hub_:
+        yield hub_
 
 
 def run(*args: object):

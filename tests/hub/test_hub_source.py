@@ -15,10 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader
-from hub_emulator import HubEmulator
-from huggingface_hub import constants, set_client_factory
-from huggingface_hub.utils import http_backoff, httpx
-from huggingface_hub.utils._http import default_client_factory
+from hub_emulator import HubEmulator, emulated_hub
 
 import converter.hub.source as hub_source
 from converter.cli import main
@@ -34,38 +31,15 @@ GEOMETRY = FluxGeometry(double_blocks=2, single_blocks=2, hidden=256)
 VARIANTS = ["Q8_0", "Q4_K_M"]
 
 
-def _refuse_other_hosts(request: httpx.Request) -> None:
-    if request.url.host != "127.0.0.1":
-        raise AssertionError(f"a test tried to reach {request.url}")
-
-
-def _loopback_only_client() -> httpx.Client:
-    return httpx.Client(event_hooks={"request": [_refuse_other_hosts]}, follow_redirects=True, timeout=60)
-
-
 @pytest.fixture
 def emulator(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path):
-    hub_ = HubEmulator(tokens={TOKEN: "alice", "hf_bob_write": "bob"}).start()
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_ENDPOINT", hub_.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(constants, "ENDPOINT", hub_.url)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setitem(http_backoff.__kwdefaults__, "base_wait_time", 0.001)
-    monkeypatch.setitem(http_backoff.__kwdefaults__, "max_wait_time", 0.002)
-    # Many small ranges, a small window, and no real sleeping between resumes.
-    monkeypatch.setattr(hub_source, "RANGE_BYTES", 64 << 10)
-    monkeypatch.setattr(hub_source, "WINDOW_BYTES", 256 << 10)
-    monkeypatch.setattr(hub_source, "HEADER_PROBE_BYTES", 16384)  # the test header is 8560 bytes
-    monkeypatch.setattr(hub_source.time, "sleep", lambda s: None)
-    set_client_factory(_loopback_only_client)
-    yield hub_
-    set_client_factory(default_client_factory)
-    hub_.stop()
+    with emulated_hub(monkeypatch, tmp_path / "hf_home", {TOKEN: "alice", "hf_bob_write": "bob"}, TOKEN) as hub_:
+        # Many small ranges, a small window, and no real sleeping between resumes.
+        monkeypatch.setattr(hub_source, "RANGE_BYTES", 64 << 10)
+        monkeypatch.setattr(hub_source, "WINDOW_BYTES", 256 << 10)
+        monkeypatch.setattr(hub_source, "HEADER_PROBE_BYTES", 16384)  # the test header is 8560 bytes
+        monkeypatch.setattr(hub_source.time, "sleep", lambda s: None)
+        yield hub_
 
 
 @pytest.fixture(scope="module")
