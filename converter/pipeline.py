@@ -7,23 +7,25 @@ the pace:
 
 * reader threads ``pread`` the raw source bytes of the next tensors into reusable buffers
   (several tensors in flight; the reads release the GIL);
-* the calling thread, the only one that launches numba's parallel regions, upcasts a chunk of
-  rows at a time (8 MB of float32 per kernel thread) on every kernel thread and encodes that chunk
-  into each output type: no float32 copy of a large tensor is made unless a ``tensor_transform``
-  needs one;
+* the calling thread, the only one that launches numba's parallel regions, hands each tensor's raw
+  codes to the fused kernels (``quant_kernels.quantize_raw``), one parallel region per output type:
+  every kernel thread upcasts a chunk of rows (64 KB of float32) into its own buffer, which stays
+  in cache, checks it and encodes it, so no float32 copy of a tensor is made and nothing else
+  passes over it; float output types (F32/F16/BF16) are converted 8 MB per kernel thread at a time;
 * hashing threads compute each encoded tensor's sha256 (once per distinct type);
 * one writer thread per output file writes, and one more per file feeds the whole-file sha256.
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
 R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
-largest encoded tensor E: (R + 2) * S of raw buffers + T * 8 MB of float32 chunk + at most
-(_QUEUE_DEPTH + 5) * Q * E of encoded tensors (Q: distinct types per tensor, at most the variant
-count; each file has one tensor being encoded, _QUEUE_DEPTH queued, one being written, and up to
-three at its hash thread). For the full FLUX.1 model (S = 132 MB BF16, E = 70 MB Q8_0) at 16
-threads and three variants: 0.8 GB + 128 MB + 1.5 GB, about 2.4 GB; Q4_K_M alone at 2 threads
-(E = 54 MB Q6_K): 0.4 GB + 16 MB + 0.4 GB. A ``tensor_transform`` adds the float32 tensor it is
-given (2 S for a BF16 source) and whatever it allocates.
+largest encoded tensor E: (R + 2) * S of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
+a float output type is converted) + at most (_QUEUE_DEPTH + 5) * Q * E of encoded tensors (Q:
+distinct types per tensor, at most the variant count; each file has one tensor being encoded,
+_QUEUE_DEPTH queued, one being written, and up to three at its hash thread). For the full FLUX.1
+model (S = 132 MB BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.5 GB,
+about 2.3 GB; Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.4 GB. A
+``tensor_transform`` adds the float32 tensor it is given (2 S for a BF16 source) and whatever it
+allocates.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from .recipes import (
     parse_override,
     resolve_variant,
 )
-from .safetensors_io import DTYPE_SIZES, upcast_rows
+from .safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
 from .sources import Source, open_source
 from .writer import ArtifactRecord, GGUFStreamWriter
 
@@ -65,9 +67,8 @@ ProgressFn = Callable[[int, int], None]
 TensorTransform = Callable[[str, np.ndarray], np.ndarray]
 
 _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
-# float32 elements upcast and encoded per kernel thread at a time (8 MB). 2 MB chunks stayed in
-# cache but cost about 1.6x the CPU on a loaded 2-core machine (more, shorter parallel regions,
-# whose spinning workers burn CPU); 8 MB and whole tensors cost the same there.
+# float32 elements per kernel thread converted at a time into a float output type (8 MB); the
+# quantized types chunk inside their kernels (quant_kernels._source.CHUNK_WEIGHTS).
 _CHUNK_PER_THREAD = 1 << 21
 _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
 
@@ -151,7 +152,8 @@ def convert(
     float32 array to quantize (same shape); ``extra_metadata`` adds ``flux_gguf.*`` string KV
     entries (e.g. the LoRAs merged by the transform). ``imatrix_files`` (merged) or ``imatrix``:
     K-quant tensors are quantized with its importance vectors.
-    ``before_quantize(types, imatrix=bool)`` is called once with the storage types the plans use, after every
+    ``before_quantize(types, imatrix=bool, sources=dtypes)`` is called once with the storage types the plans use
+    and the source dtypes (e.g. "BF16"), after every
     check passed and before the first tensor is read (the CLI compiles missing numba kernels there,
     visibly). Returns one record per file, in variant order.
     """
@@ -165,7 +167,8 @@ def convert(
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
         with _output_locks(out, plans):  # held until every file is renamed into place
             if before_quantize is not None:
-                before_quantize(sorted({e.qtype for p in plans for e in p.entries}), imatrix=imatrix is not None)
+                before_quantize(sorted({e.qtype for p in plans for e in p.entries}), imatrix=imatrix is not None,
+                                sources=sorted({source.tensors[e.name].dtype for e in plans[0].entries}))
             return _convert_planned(source, plans, out, progress, tensor_transform, imatrix)
 
 
@@ -254,8 +257,7 @@ def _convert_planned(
                                                         thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
         reader = _Reader(source, read_order, max(1, min(4, threads // 4)), stats)
-        chunk = np.empty(max(threads * _CHUNK_PER_THREAD,
-                             max((e.shape[-1] for e in plans[0].entries if e.shape), default=1)), np.float32)
+        chunk_size = threads * _CHUNK_PER_THREAD
         done = 0
         if progress is not None:
             progress(0, total)
@@ -284,7 +286,7 @@ def _convert_planned(
                             _encode(x, qt, qw, out=encoded[qt].array)
                     del x
                 else:
-                    _encode_chunks(raw, raw.dtype, rows, n, encoded, chunk, stats, qw)
+                    _encode_raw(raw, raw.dtype, rows, n, encoded, chunk_size, stats, qw)
                     reader.release(raw)
             except BaseException:
                 for shared in encoded.values():
@@ -338,29 +340,31 @@ def _width(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
 
 
-def _encode_chunks(raw: _RawTensor, dtype: str, rows: int, n: int, encoded: Mapping[str, _Shared],
-                   chunk: np.ndarray, stats: StageStats | None, importance: np.ndarray | None = None) -> None:
-    """Upcast and encode whole-row chunks of one tensor: the float32 chunk stays in cache and the
-    bytes equal those of encoding the whole tensor at once (rows are encoded independently)."""
+def _encode_raw(raw: _RawTensor, dtype: str, rows: int, n: int, encoded: Mapping[str, _Shared],
+                chunk_size: int, stats: StageStats | None, importance: np.ndarray | None = None) -> None:
+    """Encode one tensor from its raw source bytes into every output type.
+
+    Quantized types: one call of the fused kernels per type, which upcast a cache-sized chunk of
+    rows at a time on every kernel thread and encode it (no float32 copy of the tensor). Float
+    output types (F32/F16/BF16) are converted ``chunk_size`` elements of whole rows at a time, so
+    no float32 copy of a large tensor is made either. Either way the bytes, and the errors, are
+    those of encoding the whole float32 tensor at once."""
     if rows == 0 or n == 0:
         return
-    width = _width(dtype)
-    step = max(1, chunk.size // n)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        x = chunk[:(r1 - r0) * n].reshape(r1 - r0, n)
-        with _timed(stats, "upcast"):
-            upcast_rows(raw.data[r0 * n * width:r1 * n * width], dtype, x)
-        for qt, shared in encoded.items():
-            try:
-                with _timed(stats, "quantize"):
-                    _encode(x, qt, importance, out=shared.array[r0:r1])
-            except QuantError:
-                # Report as the whole tensor would (counts and positions over every row).
-                whole = np.empty((rows, n), np.float32)
-                upcast_rows(raw.data, dtype, whole)
-                _encode(whole, qt, importance)
-                raise
+    codes, kind, table = raw_codes(raw.data, dtype, rows, n)
+    for qt, shared in encoded.items():
+        with _timed(stats, "quantize"):
+            if not quant_kernels.resolve(qt).is_float:
+                quant_kernels.quantize_raw(codes, kind, qt, table=table, imatrix=importance, out=shared.array)
+                continue
+            step = max(1, chunk_size // n)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                try:
+                    quant_kernels.quantize_raw(codes[r0:r1], kind, qt, table=table, out=shared.array[r0:r1])
+                except QuantError:
+                    quant_kernels.quantize_raw(codes, kind, qt, table=table)  # positions over the whole tensor
+                    raise
 
 
 def _tensor_sha256(shared: _Shared, stats: StageStats | None) -> str:

@@ -132,6 +132,18 @@ def upcast_rows(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
         upcast.table_rows(raw.reshape(rows, n), _TABLES[dtype], out)
 
 
+def raw_codes(raw: np.ndarray, dtype: str, rows: int, n: int) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """The source bytes of a (rows, n) tensor as ``quant_kernels.quantize_raw`` takes them:
+    (codes, kind, table)."""
+    if dtype == "BF16":
+        return raw.view("<u2").reshape(rows, n), "bf16", None
+    if dtype == "F32":
+        return raw.view("<u4").reshape(rows, n), "f32", None
+    if dtype == "F16":
+        return raw.view("<u2").reshape(rows, n), "table", F16_TO_F32
+    return raw.reshape(rows, n), "table", _TABLES[dtype]
+
+
 # ---------------------------------------------------------------------------------------------
 # Header parsing.
 

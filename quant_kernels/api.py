@@ -9,7 +9,8 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import _checks, floats, upcast
+from . import _checks, _source, floats, upcast
+from ._source import KIND_BF16, KIND_F32, KIND_TABLE
 from ._cache import is_cached
 from ._checks import find_nonfinite, scan
 from .errors import BlockSizeError, NonFiniteError, OverflowValueError, QuantError, ShapeError
@@ -131,6 +132,118 @@ def quantize(
     """
     spec = resolve(qtype)
     x = _as_f32_2d(x)
+    if not spec.is_float and hasattr(_kernels(spec), "quantize_codes"):
+        return _quantize_fused(x.view(np.uint32), KIND_F32, None, spec, imatrix, out, lambda: x)
+    return _quantize_checked(x, spec, imatrix, out)
+
+
+# How raw source codes become float32 (quant_kernels._source): the upper half of a float32, an
+# entry of a table of every code's value, or a float32's own bits.
+RAW_KINDS = {"bf16": KIND_BF16, "table": KIND_TABLE, "f32": KIND_F32}
+_CODE_DTYPES = {KIND_BF16: (np.uint16,), KIND_TABLE: (np.uint16, np.uint8), KIND_F32: (np.uint32,)}
+
+
+def quantize_raw(
+    codes: np.ndarray,
+    kind: str,
+    qtype: GGMLQuantizationType | str,
+    *,
+    table: np.ndarray | None = None,
+    imatrix: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Encode a tensor given as its raw source codes, a 2-D (rows, n) array: ``kind`` "bf16"
+    (uint16, the upper half of each float32), "table" (uint16 or uint8 codes, ``table[code]`` the
+    exact float32 of each) or "f32" (uint32, the float32's bits).
+
+    The bytes equal ``quantize`` of the upcast float32 tensor, and so do the errors (NaN/inf,
+    out-of-range values, block scales float16 cannot hold, with the same positions). For the
+    quantized types the codes are upcast a cache-sized chunk of rows at a time inside the
+    encoding kernel, in one parallel region: no float32 copy of the tensor is made.
+    """
+    if kind not in RAW_KINDS:
+        raise ShapeError(f"kind must be one of {', '.join(RAW_KINDS)}, got {kind!r}")
+    k = RAW_KINDS[kind]
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype.type not in _CODE_DTYPES[k] or not codes.flags.c_contiguous:
+        names = " or ".join(np.dtype(t).name for t in _CODE_DTYPES[k])
+        raise ShapeError(f"{kind} codes must be a C-contiguous 2-D {names} array, "
+                         f"got {codes.dtype} {tuple(codes.shape)}")
+    if k == KIND_TABLE:
+        table = np.ascontiguousarray(table, dtype=np.float32) if table is not None else None
+        if table is None or table.shape != (1 << (8 * codes.dtype.itemsize),):
+            raise ShapeError(f"a table of {1 << (8 * codes.dtype.itemsize)} float32 values is needed for "
+                             f"{codes.dtype} codes, got {None if table is None else tuple(table.shape)}")
+    spec = resolve(qtype)
+
+    def upcast_all() -> np.ndarray:
+        x = np.empty(codes.shape, np.float32)
+        if codes.size:
+            if k == KIND_BF16:
+                upcast.bf16_rows(codes, x)
+            elif k == KIND_TABLE:
+                upcast.table_rows(codes, table, x)
+            else:
+                upcast.f32_rows(codes, x)
+        return x
+
+    if spec.is_float or not hasattr(_kernels(spec), "quantize_codes"):
+        return _quantize_checked(upcast_all(), spec, imatrix, out)
+    return _quantize_fused(codes, k, table, spec, imatrix, out, upcast_all)
+
+
+def _importance(spec: QuantSpec, imatrix: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The imatrix as the kernels take it (checked), or None where the type ignores it."""
+    if imatrix is None or not spec.is_kquant:
+        return None  # ggml ignores importance weights for Q8_0 and the float types.
+    qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+    if qw.shape != (n,):
+        raise ShapeError(f"imatrix must hold one weight per column ({n}), got shape {tuple(qw.shape)}")
+    count, where = find_nonfinite(qw.reshape(1, n))
+    if count:
+        raise QuantError(f"imatrix holds {count} non-finite weight{'s' if count != 1 else ''} (NaN or inf); "
+                         f"first at column {where[1]} ({float(qw[where[1]])})")
+    if (qw < 0).any():
+        raise QuantError("imatrix weights must be non-negative")
+    return qw
+
+
+_NO_TABLE = np.zeros(1, np.float32)
+_NO_WEIGHTS = np.zeros(0, np.float32)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _quantize_fused(codes: np.ndarray, kind: int, table: np.ndarray | None, spec: QuantSpec,
+                    imatrix: np.ndarray | None, out: np.ndarray | None, upcast_all) -> np.ndarray:
+    rows, n = codes.shape
+    if n % spec.block_size:
+        raise BlockSizeError(spec.name, spec.block_size, n)
+    qw = _importance(spec, imatrix, n)
+    if out is not None:
+        _check_out(out, (rows, spec.row_nbytes(n)))
+    else:
+        out = np.empty((rows, spec.row_nbytes(n)), dtype=np.uint8)
+    if rows == 0 or n == 0:
+        return out
+    limit = _CODE_RANGE.get(spec.qtype)
+    flags = np.zeros(_source.n_chunks(rows, n), np.int32)
+    _kernels(spec).quantize_codes(codes, kind, table if table is not None else _NO_TABLE,
+                                  qw if qw is not None else _NO_WEIGHTS,
+                                  np.float32(_F16_MAX * limit if limit is not None else _F32_MAX), out, flags)
+    if flags.any():
+        # Something failed a check: the exact whole-tensor checks name the value and where it is.
+        # A chunk that failed an input check was not encoded; one whose scales failed was.
+        x = upcast_all()
+        _check_range(x, spec, _check_finite(x))
+        if (flags & (_source.FLAG_NONFINITE | _source.FLAG_RANGE)).any():
+            raise QuantError(f"{spec.name}: the kernel's input check and the exact check disagree")  # pragma: no cover
+        _check_scales(x, out, spec)
+    return out
+
+
+def _quantize_checked(x: np.ndarray, spec: QuantSpec, imatrix: np.ndarray | None,
+                      out: np.ndarray | None) -> np.ndarray:
+    """Checks first, in separate passes over the float32 tensor, then the kernel."""
     rows, n = x.shape
     if n % spec.block_size:
         raise BlockSizeError(spec.name, spec.block_size, n)
@@ -154,19 +267,10 @@ def quantize(
     if rows == 0 or n == 0:
         return out
     kernels = _kernels(spec)
-    if imatrix is not None and spec.is_kquant:
-        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
-        if qw.shape != (n,):
-            raise ShapeError(f"imatrix must hold one weight per column ({n}), got shape {tuple(qw.shape)}")
-        count, where = find_nonfinite(qw.reshape(1, n))
-        if count:
-            raise QuantError(f"imatrix holds {count} non-finite weight{'s' if count != 1 else ''} (NaN or inf); "
-                             f"first at column {where[1]} ({float(qw[where[1]])})")
-        if (qw < 0).any():
-            raise QuantError("imatrix weights must be non-negative")
+    qw = _importance(spec, imatrix, n)
+    if qw is not None:
         kernels.quantize_rows_imatrix(x, qw, out)
     else:
-        # ggml ignores importance weights for Q8_0 and the float types.
         kernels.quantize_rows(x, out)
     _check_scales(x, out, spec)
     return out
@@ -224,10 +328,29 @@ def _sample(spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     return x, np.empty((1, spec.row_nbytes(spec.block_size)), dtype=np.uint8)
 
 
-def uncompiled_kernels(qtypes, *, imatrix: bool = False) -> list[str]:
-    """The kernels ``quantize`` needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk
-    cache does not hold yet: ``"input checks"``, type names, and ``"Q4_K+imatrix"`` with imatrix.
-    Float types (F32/F16/BF16) need no compiled kernel. Imports the kernel modules, compiles nothing."""
+# The fused kernels are compiled once per width of source code they read: 32-bit (float32 input,
+# an F32 source), 16-bit (BF16 and F16 sources) and 8-bit (FP8 sources).
+_CODE_WIDTHS = {"F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
+_CODE_DTYPE = {32: np.uint32, 16: np.uint16, 8: np.uint8}
+
+
+def _fused_name(spec: QuantSpec, width: int) -> str:
+    return spec.name if width == 32 else f"{spec.name} ({width}-bit codes)"
+
+
+def _fused_sample(spec: QuantSpec, width: int) -> tuple:
+    codes = np.zeros((1, spec.block_size), _CODE_DTYPE[width])
+    table = np.zeros(1 << width if width < 32 else 1, np.float32)
+    return (codes, KIND_F32, table, _NO_WEIGHTS, np.float32(1.0),
+            np.empty((1, spec.row_nbytes(spec.block_size)), np.uint8), np.zeros(1, np.int32))
+
+
+def uncompiled_kernels(qtypes, *, imatrix: bool = False, sources=()) -> list[str]:
+    """The kernels ``quantize`` (and ``quantize_raw`` for source dtypes ``sources``, e.g. "BF16")
+    needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk cache does not hold yet:
+    ``"input checks"``, ``"source upcasts"``, type names, ``"Q4_K (16-bit codes)"`` for a 16-bit
+    source, and ``"Q6_K+imatrix"`` for a type without a fused kernel. Float types (F32/F16/BF16)
+    need no compiled kernel. Imports the kernel modules, compiles nothing."""
     missing: list[str] = []
     probe = np.zeros((1, 1), dtype=np.float32)
     if not is_cached(_checks._scan_per_row, probe, np.zeros(1, np.int64), np.zeros(1, np.int64),
@@ -235,6 +358,7 @@ def uncompiled_kernels(qtypes, *, imatrix: bool = False) -> list[str]:
         missing.append(CHECKS_KERNEL)
     if any(not is_cached(kernel, *args) for kernel, args in _upcast_samples()):
         missing.append(UPCAST_KERNELS)
+    widths = sorted({32} | {_CODE_WIDTHS[s] for s in sources}, reverse=True)
     seen: set[str] = set()
     for q in qtypes:
         spec = resolve(q)
@@ -242,6 +366,10 @@ def uncompiled_kernels(qtypes, *, imatrix: bool = False) -> list[str]:
             continue
         seen.add(spec.name)
         kernels = _kernels(spec)
+        if hasattr(kernels, "quantize_codes"):  # one kernel, with or without an imatrix
+            missing += [_fused_name(spec, w) for w in widths
+                        if not is_cached(kernels.quantize_codes, *_fused_sample(spec, w))]
+            continue
         x, out = _sample(spec)
         if not is_cached(kernels.quantize_rows, x, out):
             missing.append(spec.name)
@@ -261,6 +389,11 @@ def compile_kernel(name: str) -> None:
             kernel(*args)
         return
     imatrix = name.endswith(_IMATRIX_SUFFIX)
-    spec = resolve(name.removesuffix(_IMATRIX_SUFFIX))
+    base, _, width = name.removesuffix(_IMATRIX_SUFFIX).partition(" (")
+    spec = resolve(base)
+    kernels = _kernels(spec)
+    if hasattr(kernels, "quantize_codes"):
+        kernels.quantize_codes(*_fused_sample(spec, int(width.split("-")[0]) if width else 32))
+        return
     x, _ = _sample(spec)
     quantize(x, spec.qtype, imatrix=np.ones(spec.block_size, dtype=np.float32) if imatrix else None)

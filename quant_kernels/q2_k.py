@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._source import load_rows, n_chunks, rows_per_chunk, scales_bad
 from .types import GGMLQuantizationType, block_geometry
 from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._qkx import (
@@ -17,6 +18,7 @@ from ._qkx import (
 )
 
 F32 = np.float32
+SCALE_OFF0, SCALE_OFF1 = (80, 82)  # byte offsets of the block's float16 scales (d, dmin)
 QK, BLOCK_BYTES = block_geometry(GGMLQuantizationType.Q2_K)  # 256, 84
 GROUP = 16
 TILE_BLOCKS = LANES * GROUP // QK
@@ -153,6 +155,33 @@ def quantize_rows_imatrix(x, qw, out):
     n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
     for c in prange((n_tiles + CHUNK_TILES - 1) // CHUNK_TILES):
         _quantize_tiles(xf, qw, x.shape[1], of, c * CHUNK_TILES, min(n_tiles, (c + 1) * CHUNK_TILES))
+
+
+@njit(**KERNEL_JIT)
+def encode_rows(x, qw, out):
+    """Serial: every row of x (float32, C-contiguous, rows x n) into out; ``qw`` the importance
+    weights per column, or empty for the reference quantizer."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    n_tiles = (xf.shape[0] // GROUP + LANES - 1) // LANES
+    _quantize_tiles(xf, qw, x.shape[1], of, 0, n_tiles)
+
+
+@njit(**PARALLEL_KERNEL_JIT)
+def quantize_codes(codes, kind, table, qw, limit, out, flags):
+    """Raw source codes (rows x n) -> out in one parallel region over chunks of rows, each upcast
+    into a cache-sized buffer, checked and encoded (see _source.py); per-chunk flags."""
+    rows, n = codes.shape
+    rpc = rows_per_chunk(n)
+    for c in prange(n_chunks(rows, n)):
+        r0 = c * rpc
+        r1 = min(rows, r0 + rpc)
+        x = np.empty((r1 - r0) * n, np.float32)
+        f = load_rows(codes, kind, table, r0, r1, x, limit)
+        if f == 0:
+            encode_rows(x.reshape(r1 - r0, n), qw, out[r0:r1])
+            f = scales_bad(out, r0, r1, BLOCK_BYTES, SCALE_OFF0, SCALE_OFF1)
+        flags[c] = f
 
 
 @njit(**PARALLEL_KERNEL_JIT)

@@ -157,11 +157,11 @@ def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
 COMPILE_SECONDS_PER_KERNEL = 5
 
 
-def prepare_kernels(types: Iterable[str], *, imatrix: bool = False) -> None:
+def prepare_kernels(types: Iterable[str], *, imatrix: bool = False, sources: Iterable[str] = ()) -> None:
     """The library's ``before_quantize`` hook: if numba's cache lacks kernels for these storage types,
     say so once on stderr and compile them with a progress bar (refreshed while a kernel compiles),
     so the first run after an install never sits silent for 20 s. Silent when all are cached (ms)."""
-    missing = quant_kernels.uncompiled_kernels(list(types), imatrix=imatrix)
+    missing = quant_kernels.uncompiled_kernels(list(types), imatrix=imatrix, sources=list(sources))
     if not missing:
         return
     seconds = COMPILE_SECONDS_PER_KERNEL * len(missing)
