@@ -5,11 +5,13 @@ Generates the checkpoint with converter.synthetic (or reuses it), then measures,
 process of its own (``os.wait4`` gives that child's CPU time and peak RSS):
 
 * **stages**: every stage of a conversion alone, one tensor at a time on the calling thread
-  (read = pread of the source bytes, upcast = the parallel BF16/F16/FP8 -> float32 kernels,
-  quantize = the kernels for every type the variants need, hash = each tensor's and each file's
+  (read = pread of the source bytes, quantize = the fused kernels from the raw source codes for
+  every type the variants need, as the pipeline runs them, hash = each tensor's and each file's
   sha256, write = the bytes to the output folder and fsync): wall time, CPU time and GB/s per
   stage. Their sum is what a conversion would take with nothing overlapped; ``quantize`` alone
-  is "the kernels alone for the same tensors at the same thread count".
+  is "the kernels alone for the same tensors at the same thread count". ``upcast`` (the parallel
+  BF16/F16/FP8 -> float32 kernels over whole tensors) is shown for reference: the pipeline no
+  longer runs it, the fused kernels upcast a cache-sized chunk at a time.
 * **scenarios**: ``flux-gguf convert`` itself (the pipeline), with the busy time of each stage
   inside it (from ``converter.pipeline.collect_stage_stats``): the slowest stage is the bottleneck.
 * **sweep**: one scenario at 1, 2, 4, 8, 16 threads (those the machine has), with the speedup.
@@ -79,7 +81,7 @@ def _child_stages(args: dict) -> dict:
 
     import quant_kernels
     from converter.pipeline import kernel_threads, plan_source
-    from converter.safetensors_io import DTYPE_SIZES, upcast_rows
+    from converter.safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
     from converter.sources import open_source
 
     def cpu() -> float:
@@ -98,7 +100,10 @@ def _child_stages(args: dict) -> dict:
         f32 = np.empty(max(source.tensors[n].nbytes // DTYPE_SIZES[source.tensors[n].dtype] for n in order), np.float32)
         files = [open(out / p.file_name, "wb") for p in plans]
         file_hashes = [hashlib.sha256() for _ in plans]
-        quant_kernels.quantize(np.zeros((1, 256), np.float32), "Q4_K")  # compile/load outside the timing
+        for kernel in quant_kernels.uncompiled_kernels(  # compile/load outside the timing
+                sorted({e.qtype for p in plans for e in p.entries}),
+                sources=sorted({source.tensors[n].dtype for n in order})):
+            quant_kernels.compile_kernel(kernel)
 
         def stage(name: str, fn, size: int):
             w0, c0 = time.perf_counter(), cpu()
@@ -118,8 +123,10 @@ def _child_stages(args: dict) -> dict:
             stage("upcast", lambda: upcast_rows(raw, info.dtype, x), x.nbytes)
             entries = [{e.name: e for e in p.entries}[tname] for p in plans]
             encoded = {}
+            codes, kind, table = raw_codes(raw, info.dtype, rows, n)
             for qt in dict.fromkeys(e.qtype for e in entries):
-                encoded[qt] = stage("quantize", lambda: quant_kernels.quantize(x, qt), x.nbytes)
+                encoded[qt] = stage("quantize", lambda: quant_kernels.quantize_raw(codes, kind, qt, table=table),
+                                    x.nbytes)
             for qt, data in encoded.items():  # once per distinct type, as the pipeline does
                 stage("hash", lambda: hashlib.sha256(data).hexdigest(), data.nbytes)
             for e, fh, h in zip(entries, files, file_hashes):
@@ -138,9 +145,25 @@ def _child_stages(args: dict) -> dict:
                            "gb_s": round(nbytes[s] / GB / wall[s], 3) if wall[s] else None} for s in STAGES}}
 
 
+def _child_warm(args: dict) -> dict:
+    """Compile (or load) every kernel the variants need for this source, so no timed child compiles."""
+    import quant_kernels
+    from converter.pipeline import plan_source
+    from converter.sources import open_source
+
+    with open_source(args["src"]) as source:
+        plans = plan_source(source, args["variants"])
+        missing = quant_kernels.uncompiled_kernels(sorted({e.qtype for p in plans for e in p.entries}),
+                                                   sources=sorted({t.dtype for t in source.tensors.values()}))
+    start = time.perf_counter()
+    for kernel in missing:
+        quant_kernels.compile_kernel(kernel)
+    return {"compiled": missing, "compile_s": round(time.perf_counter() - start, 2)}
+
+
 def _child_main(kind: str, payload: str) -> None:
     args = json.loads(payload)
-    result = {"convert": _child_convert, "stages": _child_stages}[kind](args)
+    result = {"convert": _child_convert, "stages": _child_stages, "warm": _child_warm}[kind](args)
     sys.stdout.write(json.dumps(result))
 
 
@@ -208,11 +231,11 @@ def print_stages(r: dict) -> None:
     total = 0.0
     for s in STAGES:
         st = r["stages"][s]
-        total += st["wall_s"]
+        total += st["wall_s"] if s != "upcast" else 0.0
         ratio = st["cpu_s"] / st["wall_s"] if st["wall_s"] else 0
         print(f"  {s:<10} {st['wall_s']:>8.2f} {st['cpu_s']:>8.2f} {ratio:>9.2f} {st['gb']:>8.2f} "
               f"{st['gb_s'] if st['gb_s'] is not None else 0:>8.2f}")
-    print(f"  {'sum':<10} {total:>8.2f}   (nothing overlapped)")
+    print(f"  {'sum':<10} {total:>8.2f}   (nothing overlapped; upcast left out: the fused kernels do it)")
 
 
 def print_convert(r: dict, alone: dict | None) -> None:
@@ -288,6 +311,10 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     out = args.work / "out"
+    every = sorted({v for name in scenarios + (args.stages or []) + [args.sweep or scenarios[0]] for v in SCENARIOS[name]})
+    warm, _, _, _ = run_child("warm", {"src": str(src), "variants": every})
+    results["warm"] = warm
+    print(f"numba cache: compiled {', '.join(warm['compiled']) or 'nothing'} in {warm['compile_s']} s (outside every timing)")
     alone_by_scenario = {}
     for name in [] if args.no_stages else args.stages or scenarios[:1]:
         r = measure("stages", src, out, SCENARIOS[name], args.threads)
