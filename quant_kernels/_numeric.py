@@ -46,6 +46,25 @@ def bits_f32(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def opaque(typingctx, v):
+    """``v`` unchanged, through an empty inline-asm statement LLVM cannot see through.
+
+    numba runs no SLP vectorizer, and its function passes fully unroll loops with a short constant
+    trip count before the loop vectorizer runs, so a 32-element reduction such as a block's max
+    ends up as 32 scalar steps. Taking the trip count through ``opaque`` keeps it a loop, which
+    the loop vectorizer then turns into vector operations. Integers only; values are unaffected.
+    """
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = context.get_value_type(signature.return_type)
+        return builder.asm(ir.FunctionType(t, [t]), "", "=r,0", [args[0]], side_effect=False)
+
+    return v(v), codegen
+
+
 @njit(inline="always", **JIT_OPTIONS)
 def nint(v):
     """ggml's ``nearest_int``: round half to even via the 1.5*2^23 trick, bit for bit.
@@ -59,15 +78,19 @@ def nint(v):
 
 @njit(inline="always", **JIT_OPTIONS)
 def roundf(v):
-    """C ``roundf``: round half away from zero, in float32."""
+    """C ``roundf``: round half away from zero, in float32, for every float32 (NaN, inf and -0.0
+    included), branch-free so that loops calling it vectorize.
+
+    ``v - trunc(v)`` is exact (it only clears v's integer bits; 0 once |v| >= 2**23), and when
+    its magnitude is at least 0.5 the result is ``trunc(v) + copysign(1, v)``. The select (not
+    ``t + 0.0``, which would turn -0.0 into +0.0) keeps trunc's sign for -0.5 < v <= -0.0.
+    Checked against the branching form and a float64 reference on all 2**32 bit patterns.
+    """
     v = np.float32(v)
     t = np.float32(np.trunc(v))
-    if np.abs(v - t) >= np.float32(0.5):
-        if v > np.float32(0.0):
-            t = t + np.float32(1.0)
-        else:
-            t = t - np.float32(1.0)
-    return t
+    one = bits_f32((f32_bits(v) & np.int32(-0x80000000)) | np.int32(0x3F800000))  # copysign(1, v)
+    up = t + one
+    return up if np.abs(v - t) >= np.float32(0.5) else t
 
 
 @njit(inline="always", **JIT_OPTIONS)
