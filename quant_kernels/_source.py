@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._numeric import bits_f32
 from .config import JIT_OPTIONS
 
 KIND_BF16 = 0
@@ -61,38 +62,37 @@ def n_chunks(rows, n):
 @njit(**JIT_OPTIONS)
 def load_rows(codes, kind, table, r0, r1, x, limit):
     """Upcast rows r0:r1 of ``codes`` into the float32 buffer ``x`` (flat, (r1 - r0) * n long) and
-    check them; returns 0 or FLAG_NONFINITE | FLAG_RANGE (magnitudes above ``limit``)."""
+    check them; returns 0 or FLAG_NONFINITE | FLAG_RANGE (magnitudes above ``limit``).
+
+    The check is one integer max over the magnitudes' bits (non-negative floats order as their
+    bits, and NaN and inf are the bit patterns from 0x7F800000 up): an integer reduction
+    vectorizes, a float max would not without fastmath."""
     n = _U(codes.shape[1])
     bits = x.view(np.uint32)
-    lim = np.float32(limit)
-    bad = np.uint32(0)
-    over = np.float32(0.0)
+    top = np.uint32(0)
     for r in range(r0, r1):
         base = _U(r - r0) * n
         ru = _U(r)
         if kind == KIND_BF16:
             for j in range(n):
-                bits[base + j] = np.uint32(codes[ru, j]) << np.uint32(16)
+                b = np.uint32(codes[ru, j]) << np.uint32(16)
+                bits[base + j] = b
+                top = max(top, b & _ABS_MASK)
         elif kind == KIND_TABLE:
             for j in range(n):
                 x[base + j] = table[_U(codes[ru, j])]
+            for j in range(n):
+                top = max(top, bits[base + j] & _ABS_MASK)
         else:
             for j in range(n):
-                bits[base + j] = np.uint32(codes[ru, j])
-        # A code is non-finite when its exponent bits are all set; the largest magnitude is
-        # compared on the bits (the order of non-negative floats is that of their bits).
-        for j in range(n):
-            b = bits[base + j]
-            bad |= np.uint32((b & _EXP_MASK) == _EXP_MASK)
-            a = x[base + j]
-            a = a if a >= np.float32(0.0) else -a
-            over = a if a > over else over
-    flags = np.int32(0)
-    if bad:
-        flags |= np.int32(FLAG_NONFINITE)
-    elif over > lim:
-        flags |= np.int32(FLAG_RANGE)
-    return flags
+                b = np.uint32(codes[ru, j])
+                bits[base + j] = b
+                top = max(top, b & _ABS_MASK)
+    if top >= _EXP_MASK:
+        return np.int32(FLAG_NONFINITE)
+    if bits_f32(top) > np.float32(limit):  # the largest magnitude, as the float32 it is
+        return np.int32(FLAG_RANGE)
+    return np.int32(0)
 
 
 @njit(**JIT_OPTIONS)
