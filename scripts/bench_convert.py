@@ -64,6 +64,8 @@ def _child_convert(args: dict) -> dict:
 
     if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
         pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
+    if args.get("helper_nice") is not None:  # A/B of the helper threads' priority
+        pipeline._HELPER_NICE = args["helper_nice"]
     if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
         pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
     with collect_stage_stats() as stats:
@@ -211,12 +213,12 @@ def run_child(kind: str, args: dict) -> tuple[dict, float, float, float]:
 
 
 def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
-            chunksize: int | None = None) -> dict:
+            chunksize: int | None = None, helper_nice: int | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
-                                              "chunk_per_thread": CHUNK_PER_THREAD})
+                                              "chunk_per_thread": CHUNK_PER_THREAD, "helper_nice": helper_nice})
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
@@ -268,6 +270,9 @@ def main() -> None:
                     help="thread counts for the sweep; those above the machine's cores are skipped (default 1,2,4,8,16)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep")
     ap.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    ap.add_argument("--ab-nice", action="store_true",
+                    help="also run every scenario with the reader, hash and writer threads at the kernel "
+                         "threads' priority (the pipeline lowers theirs by default)")
     ap.add_argument("--ab-static", action="store_true",
                     help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for scenarios and stages (default: all)")
@@ -327,6 +332,14 @@ def main() -> None:
         results["runs"].append(r)
         save()
         print_convert(r, alone_by_scenario.get(name))
+    if args.ab_nice:
+        results["ab_nice"] = []
+        for name in scenarios:
+            r = measure("convert", src, out, SCENARIOS[name], args.threads, helper_nice=0)
+            results["ab_nice"].append(r)
+            save()
+            print(f"\nA/B: {name} at {args.threads} threads, helper threads not lowered: {r['wall_s']} s wall "
+                  f"(pipeline {r['stages']['wall_s']} s)")
     if args.ab_static:
         name = scenarios[0]
         r = measure("convert", src, out, SCENARIOS[name], args.threads, chunksize=0)
