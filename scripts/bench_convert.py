@@ -52,6 +52,7 @@ SCENARIOS = {
 DEFAULT_SCENARIOS = ["Q4_K_M", "Q8_0", "Q4_K_M+Q8_0+Q3_K_S"]
 STAGES = ["read", "upcast", "quantize", "hash", "write"]
 CHUNK_PER_THREAD: int | None = None  # --chunk-per-thread: the pipeline's default unless given
+SWITCH_INTERVAL: float | None = None  # --switch-interval: Python's GIL switch interval in convert children
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +67,8 @@ def _child_convert(args: dict) -> dict:
         pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
     if args.get("helper_nice") is not None:  # A/B of the helper threads' priority
         pipeline._HELPER_NICE = args["helper_nice"]
+    if args.get("switch_interval"):  # A/B of the GIL's switch interval
+        sys.setswitchinterval(args["switch_interval"])
     if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
         pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
     with collect_stage_stats() as stats:
@@ -218,7 +221,8 @@ def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str]
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
-                                              "chunk_per_thread": CHUNK_PER_THREAD, "helper_nice": helper_nice})
+                                              "chunk_per_thread": CHUNK_PER_THREAD, "helper_nice": helper_nice,
+                                              "switch_interval": SWITCH_INTERVAL})
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
@@ -270,6 +274,8 @@ def main() -> None:
                     help="thread counts for the sweep; those above the machine's cores are skipped (default 1,2,4,8,16)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the sweep")
     ap.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in the convert children (seconds; Python's default 0.005)")
     ap.add_argument("--ab-nice", action="store_true",
                     help="also run every scenario with the reader, hash and writer threads at the kernel "
                          "threads' priority (the pipeline lowers theirs by default)")
@@ -286,8 +292,9 @@ def main() -> None:
                     help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
                          "(default: the pipeline's, 2^21 = 8 MB)")
     args = ap.parse_args()
-    global CHUNK_PER_THREAD
+    global CHUNK_PER_THREAD, SWITCH_INTERVAL
     CHUNK_PER_THREAD = args.chunk_per_thread
+    SWITCH_INTERVAL = args.switch_interval
 
     from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry
 
