@@ -6,7 +6,8 @@ or by the per-column importance weights when an imatrix is given (ggml passes th
 its sigma2 weighting for Q6_K is commented out). The 16 group scales are then stored as int8
 relative to the block's largest one.
 
-``make_qx_quants`` also serves Q3_K's importance-weighted path, which imports it from here.
+The tile search here (``make_qx_quants_tile``, ``tile_levels``) also serves Q3_K's
+importance-weighted path, which imports it.
 
 Divisions are written ``np.true_divide(a, b)``: the same IEEE float32 division as ``a / b``,
 without numba's Python-style zero-divisor check, whose branch keeps loops from vectorizing.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numeric import fp16_bits, fp16_to_f32, nint, opaque
+from ._numeric import fp16_bits, fp16_to_f32, nint
 from ._source import load_rows, n_chunks, rows_per_chunk, scales_bad
 from .config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .types import GGMLQuantizationType, block_geometry
@@ -32,71 +33,6 @@ PARALLEL_KERNEL_JIT = {**PARALLEL_JIT_OPTIONS, "error_model": "numpy"}
 GROUP_MAX_EPS = np.float32(1e-15)
 
 
-NTRIAL = 19  # ggml's initial inverse scale (step 0) and steps -9..-1, 1..9
-NLANE = 24  # trials padded to whole SIMD vectors; the padding lanes are never read
-
-
-@njit(**JIT_OPTIONS)
-def make_qx_quants(x, w, L, nmax, trials):
-    """Weighted signed-level search over one group: L[i] = nmax + l, returns the group scale.
-
-    ggml tries the inverse scales -(nmax + 0.1*step)/max for step -9..9 and keeps the one
-    maximising (sum w x l)^2 / sum w l^2. Each trial's sums are accumulated over i in ggml's
-    order, so evaluating all 19 trials side by side (a loop over trials that vectorizes) gives
-    the same float32 sums; the accept decisions then run in ggml's order. ``trials`` is float32
-    scratch of shape (3, NLANE). All-|x| < 1e-15 gives L = 0 and scale 0.
-    """
-    n = x.shape[0]
-    mx = np.float32(0.0)
-    amax = np.float32(0.0)
-    for i in range(n):
-        ax = np.abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return np.float32(0.0)
-    lo = np.int32(-nmax)
-    hi = np.int32(nmax - 1)
-    fnmax = np.float32(nmax)
-    isc = trials[0]
-    slx = trials[1]
-    sl2 = trials[2]
-    for t in range(NLANE):
-        # step 0 gives -(nmax + 0)/max, bit-identical to ggml's initial -nmax/max
-        isc[t] = np.true_divide(-(fnmax + np.float32(0.1) * np.float32(t - 9)), mx)
-        slx[t] = np.float32(0.0)
-        sl2[t] = np.float32(0.0)
-    for i in range(n):
-        xi = x[i]
-        wi = w[i]
-        wx = wi * xi
-        for t in range(NLANE):
-            fl = np.float32(min(hi, max(lo, nint(isc[t] * xi))))
-            slx[t] += wx * fl
-            sl2[t] += (wi * fl) * fl
-    sumlx = slx[9]
-    suml2 = sl2[9]
-    scale = np.true_divide(sumlx, suml2) if suml2 != np.float32(0.0) else np.float32(0.0)
-    best = scale * sumlx
-    chosen = 9
-    for t in range(NTRIAL):
-        if t == 9:
-            continue
-        sumlx = slx[t]
-        suml2 = sl2[t]
-        if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
-            scale = np.true_divide(sumlx, suml2)
-            best = scale * sumlx
-            chosen = t
-    iscale = isc[chosen]
-    for i in range(n):
-        L[i] = min(hi, max(lo, nint(iscale * x[i]))) + np.int32(nmax)
-    return scale
-
-
 # --- the group search, LANES groups side by side -----------------------------------------------
 #
 # ggml searches one group of 16 at a time. Here a *tile* holds LANES groups transposed (element i
@@ -109,14 +45,15 @@ def make_qx_quants(x, w, L, nmax, trials):
 # Loop shapes are chosen so that each function vectorizes when compiled on its own: numba may or
 # may not inline it into its caller, and a freshly compiled kernel was measured calling the
 # standalone copy (cache-loaded kernels carry their own), so relying on inlining made first runs
-# 7x slower. A loop over lanes therefore either has a large body (four elements per pass,
-# written out: LLVM does not guarantee to fully unroll an inner element loop, and a loop left
-# inside stops the lanes from vectorizing) or takes its trip count through _numeric.opaque,
-# which keeps LLVM from unrolling a small loop into scalar code. Helpers inlined into these
-# loops take scalars only: one taking an array brings reference-counting calls into the loop.
-# Indices are np.uint64 (see quant_kernels._source's docstring: numba's negative-index
-# wraparound on signed indices keeps loops from vectorizing), never mixed with signed integers,
-# which numba would promote to float64.
+# 7x slower. Every loop over lanes has the constant trip count LANES (an unknown one, as
+# _numeric.opaque gives, brings runtime overlap checks on the tile that sent these loops to their
+# scalar fallback) and a body LLVM does not unroll: either an inner loop over the 16 elements
+# with a small body, which is always fully unrolled, or four elements per pass written out (a
+# larger inner body is not reliably unrolled, and a loop left inside stops the lanes from
+# vectorizing). Helpers inlined into these loops take scalars only: one taking an array brings
+# reference-counting calls into the loop. Indices are np.uint64 (see quant_kernels._source's
+# docstring: numba's negative-index wraparound on signed indices keeps loops from vectorizing),
+# never mixed with signed integers, which numba would promote to float64.
 
 _U = np.uint64
 _4 = _U(4)
@@ -212,26 +149,23 @@ def make_qx_quants_tile(tb, nmax):
     -9..-1 and 1..9), each accepted or not per lane exactly as ggml's loop would.
     """
     zero = np.float32(0.0)
-    lanes = opaque(_L)
-    for g in range(lanes):
-        tb[T_AMAX + g] = zero
-        tb[T_MX + g] = zero
-    for i in range(_16):
-        for g in range(lanes):
+    for g in range(_L):
+        amax = zero
+        mx = zero
+        for i in range(_16):  # a small body: always unrolled, so the lanes vectorize
             v = tb[T_X + T_STRIDE * i + g]
             ax = np.abs(v)
-            a = tb[T_AMAX + g]
-            take = ax > a  # strict: ties keep the first element and its sign
-            tb[T_AMAX + g] = ax if take else a
-            tb[T_MX + g] = v if take else tb[T_MX + g]
-    for g in range(lanes):
+            take = ax > amax  # strict: ties keep the first element and its sign
+            amax = ax if take else amax
+            mx = v if take else mx
+        tb[T_AMAX + g] = amax
         # any non-zero max for an all-small group: its results are replaced below
-        tb[T_MX + g] = tb[T_MX + g] if tb[T_AMAX + g] >= GROUP_MAX_EPS else np.float32(1.0)
+        tb[T_MX + g] = mx if amax >= GROUP_MAX_EPS else np.float32(1.0)
     _trial(tb, nmax, 0, True)
     for step in range(-9, 10):
         if step != 0:
             _trial(tb, nmax, step, False)
-    for g in range(lanes):
+    for g in range(_L):
         tb[T_SCALE + g] = tb[T_SCALE + g] if tb[T_AMAX + g] >= GROUP_MAX_EPS else zero
 
 
@@ -246,14 +180,15 @@ def tile_levels(tb, nmax, requant_max, lv):
     rlo = np.int32(-requant_max)
     rhi = np.int32(requant_max - 1)
     zero = np.float32(0.0)
-    lanes = opaque(_L)
-    for i in range(_16):
-        for g in range(lanes):
-            dg = tb[T_DG + g]
+    for g in range(_L):
+        dg = tb[T_DG + g]
+        isc = tb[T_ISC + g]
+        small = tb[T_AMAX + g] < GROUP_MAX_EPS
+        for i in range(_16):
             v = tb[T_X + T_STRIDE * i + g]
             q = min(rhi, max(rlo, nint(np.true_divide(v, dg)))) + np.int32(requant_max)
-            l = min(hi, max(lo, nint(tb[T_ISC + g] * v))) + np.int32(nmax)
-            l = np.int32(0) if tb[T_AMAX + g] < GROUP_MAX_EPS else l
+            l = min(hi, max(lo, nint(isc * v))) + np.int32(nmax)
+            l = np.int32(0) if small else l
             lv[_L * i + g] = np.uint8(q if dg != zero else l)
 
 

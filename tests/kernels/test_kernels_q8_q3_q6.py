@@ -172,13 +172,14 @@ def _own_dispatchers(module) -> dict[str, CPUDispatcher]:
 @pytest.mark.parametrize("module", [q8_0, q3_k, q6_k], ids=lambda m: m.__name__)
 def test_kernels_compile_cached_without_fastmath(module) -> None:
     """fastmath would let LLVM fuse multiply-adds and reassociate sums, changing bytes; cache=True
-    spares every new process the compile. Row kernels are parallel, block helpers are not."""
+    spares every new process the compile. Row kernels (and the fused quantize_codes) are parallel;
+    block helpers and the serial encode_rows are not."""
     dispatchers = _own_dispatchers(module)
     assert {"quantize_rows", "dequantize_rows"} <= set(dispatchers)
     for name, disp in dispatchers.items():
         assert disp.targetoptions.get("fastmath") is False, name
         assert not isinstance(disp._cache, NullCache), f"{name} is not compiled with cache=True"
-        is_row_kernel = name in ("quantize_rows", "quantize_rows_imatrix", "dequantize_rows")
+        is_row_kernel = name in ("quantize_rows", "quantize_rows_imatrix", "dequantize_rows", "quantize_codes")
         assert bool(disp.targetoptions.get("parallel")) == is_row_kernel, name
     has_imatrix = "quantize_rows_imatrix" in dispatchers
     assert has_imatrix == (module is not q8_0)
