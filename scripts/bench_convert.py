@@ -197,13 +197,13 @@ def ensure_source(work: pathlib.Path, geo) -> tuple[pathlib.Path, float | None]:
     return src, time.perf_counter() - start
 
 
-def run_child(kind: str, args: dict) -> tuple[dict, float, float, float]:
-    """(result, wall s, cpu s, peak RSS GB) of one child."""
+def run_child(kind: str, args: dict, env: dict | None = None) -> tuple[dict, float, float, float]:
+    """(result, wall s, cpu s, peak RSS GB) of one child (``env``: added to its environment)."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "_child", kind, json.dumps(args)]
     # The child's output goes to files, not pipes: a full pipe would block it while we sit in wait4.
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         start = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
+        child = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
@@ -215,14 +215,18 @@ def run_child(kind: str, args: dict) -> tuple[dict, float, float, float]:
     return json.loads(stdout), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / GB
 
 
+# libgomp's default wait (spin 300,000 times after a region), which quant_kernels replaces by PASSIVE
+SPINNING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+
+
 def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
-            chunksize: int | None = None, helper_nice: int | None = None) -> dict:
+            chunksize: int | None = None, helper_nice: int | None = None, env: dict | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
                                               "chunk_per_thread": CHUNK_PER_THREAD, "helper_nice": helper_nice,
-                                              "switch_interval": SWITCH_INTERVAL})
+                                              "switch_interval": SWITCH_INTERVAL}, env)
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
@@ -276,6 +280,9 @@ def main() -> None:
     ap.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in the convert children (seconds; Python's default 0.005)")
+    ap.add_argument("--ab-spin", action="store_true",
+                    help="also run every scenario with numba's OpenMP workers spinning after each region "
+                         "(libgomp's default; quant_kernels sets OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--ab-nice", action="store_true",
                     help="also run every scenario with the reader, hash and writer threads at the kernel "
                          "threads' priority (the pipeline lowers theirs by default)")
@@ -339,6 +346,14 @@ def main() -> None:
         results["runs"].append(r)
         save()
         print_convert(r, alone_by_scenario.get(name))
+    if args.ab_spin:
+        results["ab_spin"] = []
+        for name in scenarios:
+            r = measure("convert", src, out, SCENARIOS[name], args.threads, env=SPINNING)
+            results["ab_spin"].append(r)
+            save()
+            print(f"\nA/B: {name} at {args.threads} threads, OpenMP workers spinning: {r['wall_s']} s wall "
+                  f"(pipeline {r['stages']['wall_s']} s, {r['cpu_s']} s CPU)")
     if args.ab_nice:
         results["ab_nice"] = []
         for name in scenarios:
