@@ -54,6 +54,10 @@ def opaque(typingctx, v):
     trip count before the loop vectorizer runs, so a 32-element reduction such as a block's max
     ends up as 32 scalar steps. Taking the trip count through ``opaque`` keeps it a loop, which
     the loop vectorizer then turns into vector operations. Integers only; values are unaffected.
+
+    Meant for loops that only read arrays (a reduction): with an unknown trip count, a loop that
+    also stores into an array it reads gets runtime overlap checks, and in the tile kernels of
+    q6_k/q3_k those checks sent the loops to their scalar fallback.
     """
     if not isinstance(v, types.Integer):
         return None

@@ -69,25 +69,31 @@ def _encode_row(x, ob, sc, db):
 
 
 @njit(**JIT_OPTIONS)
-def encode_rows(x, qw, out):
-    """quantize_row_q8_0_ref on every row of x (rows, n) into out (rows, row_bytes), serially.
-    ``qw`` is accepted for a uniform interface and ignored, as ggml ignores it for Q8_0."""
+def _encode_row_range(x, out, r0, r1):
+    """Rows r0..r1 of x into out, with one set of scratch."""
     nb = x.shape[1] // QK
     sc = np.empty(2 * nb, np.float32)
     db = np.empty(nb, np.uint16)
-    for r in range(x.shape[0]):
+    for r in range(r0, r1):
         _encode_row(x[r], out[r], sc, db)
+
+
+@njit(**JIT_OPTIONS)
+def encode_rows(x, qw, out):
+    """quantize_row_q8_0_ref on every row of x (rows, n) into out (rows, row_bytes), serially.
+    ``qw`` is accepted for a uniform interface and ignored, as ggml ignores it for Q8_0."""
+    _encode_row_range(x, out, 0, x.shape[0])
 
 
 # Written out per type, not made by a factory: numba caches no closures (see config.py).
 @njit(**PARALLEL_JIT_OPTIONS)
 def quantize_rows(x, out):
-    """quantize_row_q8_0_ref on every row."""
-    nb = x.shape[1] // QK
-    for r in prange(x.shape[0]):
-        sc = np.empty(2 * nb, np.float32)
-        db = np.empty(nb, np.uint16)
-        _encode_row(x[r], out[r], sc, db)
+    """quantize_row_q8_0_ref on every row, in parallel tasks of rows_per_chunk rows."""
+    rows, n = x.shape
+    rpc = rows_per_chunk(n)
+    for c in prange(n_chunks(rows, n)):
+        r0 = c * rpc
+        _encode_row_range(x, out, r0, min(rows, r0 + rpc))
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
