@@ -705,9 +705,10 @@ class _WriterThread:
                 shared.release()
                 continue  # keep draining so the producer never blocks
             try:
-                sha = digest.result()
+                # Written without waiting for the tensor's digest (it is still being computed on a
+                # hashing thread); the record takes it when the file is committed.
                 with _timed(self._stats, "write", cpu=True):
-                    self.writer.write_tensor(name, shared.array, sha256=sha)
+                    self.writer.write_tensor(name, shared.array, sha256=digest.result)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
                 self._error = e
                 shared.release()

@@ -12,13 +12,14 @@ names the file that was not written and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
 import os
 import pathlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -156,6 +157,7 @@ class GGUFStreamWriter:
         self._offset = 0
         self._file_hash = hashlib.sha256() if file_hash is None else file_hash
         self._records: list[TensorRecord] = []
+        self._pending_sha256: dict[int, Callable[[], str]] = {}  # record index -> digest still to come
         self._done = False
         self._synced = False
         # any_order: tensors may come in any order (a source read in its file order, e.g. streamed
@@ -206,10 +208,12 @@ class GGUFStreamWriter:
         self._offset += len(data)
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview, *,
-                     sha256: str | None = None) -> TensorRecord:
+                     sha256: str | Callable[[], str] | None = None) -> TensorRecord:
         """Append the next tensor's encoded bytes (any C-contiguous buffer) plus alignment padding.
 
-        ``sha256``: the bytes' digest when the caller has already computed it (hex)."""
+        ``sha256``: the bytes' digest when the caller has already computed it (hex), or a function
+        giving it, called by ``commit`` (a digest still being computed on another thread: the
+        bytes are written without waiting for it). The record returned then has an empty sha256."""
         if self._fh is None or self._done:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next >= len(self._slots):
@@ -225,7 +229,12 @@ class GGUFStreamWriter:
         offset = self._offset
         self._write(buf)
         self._write(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))
-        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, sha256 or hashlib.sha256(buf).hexdigest())
+        if callable(sha256):
+            self._pending_sha256[len(self._records)] = sha256
+            digest = ""
+        else:
+            digest = sha256 or hashlib.sha256(buf).hexdigest()
+        record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, digest)
         self._records.append(record)
         self._next += 1
         return record
@@ -294,6 +303,13 @@ class GGUFStreamWriter:
         """Rename the synced NAME.partial to NAME (atomic) and fsync the directory."""
         if not self._synced or self._done:
             raise ValueError(f"{self.path}: commit() needs a synced, unfinished writer")
+        for i, digest in sorted(self._pending_sha256.items()):  # before the rename: a failed digest leaves no file
+            try:
+                self._records[i] = dataclasses.replace(self._records[i], sha256=digest())
+            except BaseException:
+                self._remove_partial()
+                raise
+        self._pending_sha256.clear()
         try:
             os.replace(self.partial_path, self.path)
         except OSError as e:
