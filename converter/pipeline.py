@@ -35,7 +35,6 @@ import hashlib
 import os
 import pathlib
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -72,24 +71,6 @@ _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
 # quantized types chunk inside their kernels (quant_kernels._source.CHUNK_WEIGHTS).
 _CHUNK_PER_THREAD = 1 << 21
 _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
-# Niceness added to the reader, tensor-hash and writer threads (Linux, where it is per thread).
-# The kernel threads use every core; a helper thread that preempts one of them holds up the whole
-# parallel region (it ends with its slowest thread), once per tensor. At a lower priority the
-# helpers run when a kernel thread waits instead. The file-hash threads keep the default priority:
-# a file's single sha256 stream can be the slowest stage (Q8_0).
-_HELPER_NICE = 10
-
-
-def _lower_priority() -> None:
-    """Lower the calling thread's priority by _HELPER_NICE (best effort; Linux only, where
-    setpriority on a thread id affects that thread alone)."""
-    if not _HELPER_NICE or not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _HELPER_NICE))
-    except OSError:
-        pass
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -273,8 +254,7 @@ def _convert_planned(
                                             any_order=read_order != order))
         sinks = [_WriterThread(w, h, stats) for w, h in zip(writers, file_hashes)]
         hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
-                                                        thread_name_prefix="flux-gguf-hash",
-                                                        initializer=_lower_priority)
+                                                        thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
         reader = _Reader(source, read_order, max(1, min(4, threads // 4)), stats)
         chunk_size = threads * _CHUNK_PER_THREAD
@@ -570,8 +550,7 @@ class _Reader:
         self._pool = _Buffers(max((int(source.tensors[n].nbytes) for n in names), default=0))
         self._ahead = workers + 1
         self._stop = threading.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="flux-gguf-reader",
-                                                               initializer=_lower_priority)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="flux-gguf-reader")
         self._pending: deque[tuple[str, concurrent.futures.Future[_RawTensor]]] = deque()
         self._next = 0
         self._closed = False
@@ -695,7 +674,6 @@ class _WriterThread:
         self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority()
         while True:
             item = self._queue.get()
             if item is None:

@@ -65,8 +65,6 @@ def _child_convert(args: dict) -> dict:
 
     if args.get("chunksize") is not None:  # A/B of the parallel loops' scheduling
         pipeline._PARALLEL_CHUNKSIZE = args["chunksize"]
-    if args.get("helper_nice") is not None:  # A/B of the helper threads' priority
-        pipeline._HELPER_NICE = args["helper_nice"]
     if args.get("switch_interval"):  # A/B of the GIL's switch interval
         sys.setswitchinterval(args["switch_interval"])
     if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
@@ -220,12 +218,12 @@ SPINNING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
 def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
-            chunksize: int | None = None, helper_nice: int | None = None, env: dict | None = None) -> dict:
+            chunksize: int | None = None, env: dict | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
-                                              "chunk_per_thread": CHUNK_PER_THREAD, "helper_nice": helper_nice,
+                                              "chunk_per_thread": CHUNK_PER_THREAD,
                                               "switch_interval": SWITCH_INTERVAL}, env)
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
@@ -283,9 +281,6 @@ def main() -> None:
     ap.add_argument("--ab-spin", action="store_true",
                     help="also run every scenario with numba's OpenMP workers spinning after each region "
                          "(libgomp's default; quant_kernels sets OMP_WAIT_POLICY=PASSIVE)")
-    ap.add_argument("--ab-nice", action="store_true",
-                    help="also run every scenario with the reader, hash and writer threads at the kernel "
-                         "threads' priority (the pipeline lowers theirs by default)")
     ap.add_argument("--ab-static", action="store_true",
                     help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for scenarios and stages (default: all)")
@@ -354,14 +349,6 @@ def main() -> None:
             save()
             print(f"\nA/B: {name} at {args.threads} threads, OpenMP workers spinning: {r['wall_s']} s wall "
                   f"(pipeline {r['stages']['wall_s']} s, {r['cpu_s']} s CPU)")
-    if args.ab_nice:
-        results["ab_nice"] = []
-        for name in scenarios:
-            r = measure("convert", src, out, SCENARIOS[name], args.threads, helper_nice=0)
-            results["ab_nice"].append(r)
-            save()
-            print(f"\nA/B: {name} at {args.threads} threads, helper threads not lowered: {r['wall_s']} s wall "
-                  f"(pipeline {r['stages']['wall_s']} s)")
     if args.ab_static:
         name = scenarios[0]
         r = measure("convert", src, out, SCENARIOS[name], args.threads, chunksize=0)
