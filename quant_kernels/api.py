@@ -346,8 +346,8 @@ def _fused_sample(spec: QuantSpec, width: int) -> tuple:
 
 
 def uncompiled_kernels(qtypes, *, imatrix: bool = False, sources=()) -> list[str]:
-    """The kernels ``quantize`` (and ``quantize_raw`` for source dtypes ``sources``, e.g. "BF16")
-    needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk cache does not hold yet:
+    """The kernels ``quantize`` (or, given source dtypes ``sources`` such as "BF16", ``quantize_raw``
+    on those sources' codes) needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk cache does not hold yet:
     ``"input checks"``, ``"source upcasts"``, type names, ``"Q4_K (16-bit codes)"`` for a 16-bit
     source, and ``"Q6_K+imatrix"`` for a type without a fused kernel. Float types (F32/F16/BF16)
     need no compiled kernel. Imports the kernel modules, compiles nothing."""
@@ -358,7 +358,7 @@ def uncompiled_kernels(qtypes, *, imatrix: bool = False, sources=()) -> list[str
         missing.append(CHECKS_KERNEL)
     if any(not is_cached(kernel, *args) for kernel, args in _upcast_samples()):
         missing.append(UPCAST_KERNELS)
-    widths = sorted({32} | {_CODE_WIDTHS[s] for s in sources}, reverse=True)
+    widths = sorted({_CODE_WIDTHS[s] for s in sources} or {32}, reverse=True)  # no sources: quantize()'s
     seen: set[str] = set()
     for q in qtypes:
         spec = resolve(q)

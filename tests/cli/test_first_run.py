@@ -16,7 +16,8 @@ from converter.layout import FluxGeometry
 from converter.synthetic import write_synthetic_flux
 
 CLI = "import sys; from converter.cli import main; sys.argv[0] = 'flux-gguf'; main()"
-NOTICE = "compiling quantization kernels (once per install, about 15 s): input checks, source upcasts, Q8_0"
+NOTICE = ("compiling quantization kernels (once per install, about 15 s): input checks, source upcasts, "
+          "Q8_0 (16-bit codes)")  # the source is BF16: the kernel reading 16-bit codes
 
 
 def test_first_conversion_announces_the_compile_once(tmp_path):
@@ -39,3 +40,5 @@ def test_uncompiled_kernels_reads_numbas_cache():
     assert "Q6_K" not in quant_kernels.uncompiled_kernels(["Q6_K"], imatrix=False)
     quant_kernels.compile_kernel("Q6_K+imatrix")
     assert quant_kernels.uncompiled_kernels(["Q6_K"], imatrix=True) == []
+    quant_kernels.compile_kernel("Q6_K (8-bit codes)")  # one kernel per source code width, imatrix or not
+    assert quant_kernels.uncompiled_kernels(["Q6_K"], imatrix=True, sources=["F8_E4M3", "F8_E5M2"]) == []
