@@ -132,9 +132,9 @@ def quantize(
     """
     spec = resolve(qtype)
     x = _as_f32_2d(x)
-    if not spec.is_float and hasattr(_kernels(spec), "quantize_codes"):
-        return _quantize_fused(x.view(np.uint32), KIND_F32, None, spec, imatrix, out, lambda: x)
-    return _quantize_checked(x, spec, imatrix, out)
+    if spec.is_float:
+        return _encode_float(x, spec, out)
+    return _quantize_fused(x.view(np.uint32), KIND_F32, None, spec, imatrix, out, lambda: x)
 
 
 # How raw source codes become float32 (quant_kernels._source): the upper half of a float32, an
@@ -187,8 +187,8 @@ def quantize_raw(
                 upcast.f32_rows(codes, x)
         return x
 
-    if spec.is_float or not hasattr(_kernels(spec), "quantize_codes"):
-        return _quantize_checked(upcast_all(), spec, imatrix, out)
+    if spec.is_float:
+        return _encode_float(upcast_all(), spec, out)
     return _quantize_fused(codes, k, table, spec, imatrix, out, upcast_all)
 
 
@@ -241,38 +241,21 @@ def _quantize_fused(codes: np.ndarray, kind: int, table: np.ndarray | None, spec
     return out
 
 
-def _quantize_checked(x: np.ndarray, spec: QuantSpec, imatrix: np.ndarray | None,
-                      out: np.ndarray | None) -> np.ndarray:
-    """Checks first, in separate passes over the float32 tensor, then the kernel."""
+def _encode_float(x: np.ndarray, spec: QuantSpec, out: np.ndarray | None) -> np.ndarray:
+    """F32, F16 or BF16 bytes of a float32 (rows, n) array, after the same checks."""
     rows, n = x.shape
-    if n % spec.block_size:
-        raise BlockSizeError(spec.name, spec.block_size, n)
-    amax = _check_finite(x)
-    _check_range(x, spec, amax)
+    _check_range(x, spec, _check_finite(x))
     if out is not None:
         _check_out(out, (rows, spec.row_nbytes(n)))
-    if spec.qtype in (_Q.F32, _Q.F16, _Q.BF16):
-        if spec.qtype == _Q.F32:
-            encoded = x.view(np.uint8).reshape(rows, n * 4)
-        elif spec.qtype == _Q.F16:
-            encoded = floats.to_float16(x).view(np.uint8).reshape(rows, n * 2)
-        else:
-            encoded = floats.to_bfloat16_bits(x).view(np.uint8).reshape(rows, n * 2)
-        if out is None:
-            return encoded
-        out[...] = encoded
-        return out
-    if out is None:
-        out = np.empty((rows, spec.row_nbytes(n)), dtype=np.uint8)
-    if rows == 0 or n == 0:
-        return out
-    kernels = _kernels(spec)
-    qw = _importance(spec, imatrix, n)
-    if qw is not None:
-        kernels.quantize_rows_imatrix(x, qw, out)
+    if spec.qtype == _Q.F32:
+        encoded = x.view(np.uint8).reshape(rows, n * 4)
+    elif spec.qtype == _Q.F16:
+        encoded = floats.to_float16(x).view(np.uint8).reshape(rows, n * 2)
     else:
-        kernels.quantize_rows(x, out)
-    _check_scales(x, out, spec)
+        encoded = floats.to_bfloat16_bits(x).view(np.uint8).reshape(rows, n * 2)
+    if out is None:
+        return encoded
+    out[...] = encoded
     return out
 
 
@@ -323,11 +306,6 @@ def _upcast_samples() -> list[tuple[Any, tuple[np.ndarray, ...]]]:
 _IMATRIX_SUFFIX = "+imatrix"
 
 
-def _sample(spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    x = np.zeros((1, spec.block_size), dtype=np.float32)
-    return x, np.empty((1, spec.row_nbytes(spec.block_size)), dtype=np.uint8)
-
-
 # The fused kernels are compiled once per width of source code they read: 32-bit (float32 input,
 # an F32 source), 16-bit (BF16 and F16 sources) and 8-bit (FP8 sources).
 _CODE_WIDTHS = {"F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8}
@@ -348,9 +326,10 @@ def _fused_sample(spec: QuantSpec, width: int) -> tuple:
 def uncompiled_kernels(qtypes, *, imatrix: bool = False, sources=()) -> list[str]:
     """The kernels ``quantize`` (or, given source dtypes ``sources`` such as "BF16", ``quantize_raw``
     on those sources' codes) needs for ``qtypes`` (names like ``Q4_K``) that numba's on-disk cache does not hold yet:
-    ``"input checks"``, ``"source upcasts"``, type names, ``"Q4_K (16-bit codes)"`` for a 16-bit
-    source, and ``"Q6_K+imatrix"`` for a type without a fused kernel. Float types (F32/F16/BF16)
-    need no compiled kernel. Imports the kernel modules, compiles nothing."""
+    ``"input checks"``, ``"source upcasts"``, type names (the kernel for float32 input) and names
+    like ``"Q4_K (16-bit codes)"`` for a 16-bit source. One kernel serves with or without an
+    imatrix (``imatrix`` is accepted for callers that pass it). Float types (F32/F16/BF16) need no
+    compiled kernel. Imports the kernel modules, compiles nothing."""
     missing: list[str] = []
     probe = np.zeros((1, 1), dtype=np.float32)
     if not is_cached(_checks._scan_per_row, probe, np.zeros(1, np.int64), np.zeros(1, np.int64),
@@ -365,16 +344,9 @@ def uncompiled_kernels(qtypes, *, imatrix: bool = False, sources=()) -> list[str
         if spec.is_float or spec.name in seen:
             continue
         seen.add(spec.name)
-        kernels = _kernels(spec)
-        if hasattr(kernels, "quantize_codes"):  # one kernel, with or without an imatrix
-            missing += [_fused_name(spec, w) for w in widths
-                        if not is_cached(kernels.quantize_codes, *_fused_sample(spec, w))]
-            continue
-        x, out = _sample(spec)
-        if not is_cached(kernels.quantize_rows, x, out):
-            missing.append(spec.name)
-        if imatrix and spec.is_kquant and not is_cached(kernels.quantize_rows_imatrix, x, x[0], out):
-            missing.append(spec.name + _IMATRIX_SUFFIX)
+        kernels = _kernels(spec)  # one kernel per code width, with or without an imatrix
+        missing += [_fused_name(spec, w) for w in widths
+                    if not is_cached(kernels.quantize_codes, *_fused_sample(spec, w))]
     return missing
 
 
@@ -388,12 +360,6 @@ def compile_kernel(name: str) -> None:
         for kernel, args in _upcast_samples():
             kernel(*args)
         return
-    imatrix = name.endswith(_IMATRIX_SUFFIX)
-    base, _, width = name.removesuffix(_IMATRIX_SUFFIX).partition(" (")
+    base, _, width = name.removesuffix(_IMATRIX_SUFFIX).partition(" (")  # "+imatrix": the same kernel
     spec = resolve(base)
-    kernels = _kernels(spec)
-    if hasattr(kernels, "quantize_codes"):
-        kernels.quantize_codes(*_fused_sample(spec, int(width.split("-")[0]) if width else 32))
-        return
-    x, _ = _sample(spec)
-    quantize(x, spec.qtype, imatrix=np.ones(spec.block_size, dtype=np.float32) if imatrix else None)
+    _kernels(spec).quantize_codes(*_fused_sample(spec, int(width.split("-")[0]) if width else 32))
