@@ -36,7 +36,11 @@ def test_sigint_mid_conversion_leaves_no_files(src, tmp_path):
         from converter.pipeline import convert
         def slow(name, x):
             pathlib.Path({str(marker)!r}).touch()
-            time.sleep(60)  # the SIGINT lands here: the conversion cannot finish first on a busy machine
+            # The SIGINT lands here: the conversion cannot finish first on a busy machine. Short sleeps:
+            # the kernel may hand the signal to another thread, and Python raises KeyboardInterrupt
+            # in the main thread only when it next runs bytecode (not in the middle of one long sleep).
+            for _ in range(600):
+                time.sleep(0.1)
             return x
         try:
             convert({str(src)!r}, {str(out)!r}, ["Q4_K_M", "Q8_0"], tensor_transform=slow)
