@@ -31,9 +31,12 @@ def test_sigint_mid_conversion_leaves_no_files(src, tmp_path):
     marker = tmp_path / "started"
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import pathlib, sys, time
+        import pathlib, signal, sys, time
         from converter.errors import FluxGGUFError
         from converter.pipeline import convert
+        # A suite started in the background (`cmd &`, nohup) inherits SIGINT ignored, and Python then
+        # installs no handler: restore Ctrl-C's KeyboardInterrupt, which is what this test is about.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def slow(name, x):
             pathlib.Path({str(marker)!r}).touch()
             # The SIGINT lands here: the conversion cannot finish first on a busy machine. Short sleeps:
