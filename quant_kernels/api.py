@@ -165,9 +165,10 @@ def quantize_raw(
         raise ShapeError(f"kind must be one of {', '.join(RAW_KINDS)}, got {kind!r}")
     k = RAW_KINDS[kind]
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.dtype.type not in _CODE_DTYPES[k] or not codes.flags.c_contiguous:
+    if (codes.ndim != 2 or codes.dtype.type not in _CODE_DTYPES[k] or not codes.dtype.isnative
+            or not codes.flags.c_contiguous):
         names = " or ".join(np.dtype(t).name for t in _CODE_DTYPES[k])
-        raise ShapeError(f"{kind} codes must be a C-contiguous 2-D {names} array, "
+        raise ShapeError(f"{kind} codes must be a C-contiguous 2-D {names} array in native byte order, "
                          f"got {codes.dtype} {tuple(codes.shape)}")
     if k == KIND_TABLE:
         table = np.ascontiguousarray(table, dtype=np.float32) if table is not None else None

@@ -118,6 +118,8 @@ def test_quantize_raw_errors_are_those_of_quantize(qtype):
 def test_quantize_raw_refuses_codes_it_cannot_read():
     with pytest.raises(quant_kernels.ShapeError, match="bf16 codes must be a C-contiguous 2-D uint16"):
         quant_kernels.quantize_raw(np.zeros((2, 256), np.uint32), "bf16", "Q4_K")
+    with pytest.raises(quant_kernels.ShapeError, match="native byte order"):
+        quant_kernels.quantize_raw(np.zeros((2, 256), ">u2"), "bf16", "Q4_K")  # would be read byte-swapped
     with pytest.raises(quant_kernels.ShapeError, match="a table of 256 float32 values"):
         quant_kernels.quantize_raw(np.zeros((2, 256), np.uint8), "table", "Q4_K", table=F16_TO_F32)
     with pytest.raises(quant_kernels.ShapeError, match="kind must be one of"):
