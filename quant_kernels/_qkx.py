@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._numeric import nint
+from ._numeric import MAGIC_NINT, nint
 from .config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 
 # ggml divides without checking (a zero importance weight can make sum_l2 == 0, giving inf or
@@ -44,10 +44,10 @@ T_LISC = 2 * LANES  # result: the search's own levels are clamp(nint(LISC*(x - L
 T_LMIN = 3 * LANES  # kept as a recipe since most groups are requantized and never need them
 T_AUX = 4 * LANES  # free for the caller (weight set-up)
 T_AUX2 = 5 * LANES  # free for the caller
-_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0 = [
-    k * LANES for k in range(6, 20)
+_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0, _XMIN = [
+    k * LANES for k in range(6, 21)
 ]
-T_X = 20 * LANES
+T_X = 21 * LANES
 T_STRIDE = 2 * LANES  # from element i to element i + 1 of the same lane
 T_W = LANES  # from an element to its weight
 
@@ -59,9 +59,12 @@ _U = np.uint64
 _uL = _U(LANES)
 _uX, _uSTRIDE, _uW = _U(T_X), _U(T_STRIDE), _U(T_W)
 _uSCALE, _uMIN, _uLISC, _uLMIN = _U(T_SCALE), _U(T_MIN), _U(T_LISC), _U(T_LMIN)
-_uMN, _uMX, _uSW, _uSX, _uBEST, _uISC, _uSL, _uSL2, _uSXL, _uCUR, _uTS, _uTM, _uFLAT, _uMN0 = [
-    _U(v) for v in (_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0)
+_uMN, _uMX, _uSW, _uSX, _uBEST, _uISC, _uSL, _uSL2, _uSXL, _uCUR, _uTS, _uTM, _uFLAT, _uMN0, _uXMIN = [
+    _U(v) for v in (_MN, _MX, _SW, _SX, _BEST, _ISC, _SL, _SL2, _SXL, _CUR, _TS, _TM, _FLAT, _MN0, _XMIN)
 ]
+# |iscale*(x - min)| below this: nint is round-half-even there, and (v + 1.5*2^23) - 1.5*2^23 is
+# the same integer, as a float (ggml's nearest_int, outside that range, gives garbage instead).
+_FLOAT_LEVEL_LIMIT = F32(4194303.0)
 
 
 @njit(**KERNEL_JIT)
@@ -89,6 +92,38 @@ def load_tile(x, first_group, n, tb):
 def _level(xi, iscale, mn, nmax):
     """ggml's MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))), as a float."""
     return F32(max(np.int32(0), min(nmax, nint(iscale * (xi - mn)))))
+
+
+@njit(inline="always", **KERNEL_JIT)
+def _flevel(xi, iscale, mn, fmax):
+    """_level for |iscale*(x - min)| < 2^22, in the float domain: the same value with two float
+    operations in place of four integer ones and a conversion (search_tile checks the range)."""
+    r = (iscale * (xi - mn) + MAGIC_NINT) - MAGIC_NINT
+    r = r if r < fmax else fmax
+    return r if r > F32(0.0) else F32(0.0)
+
+
+@njit(**KERNEL_JIT)
+def _level_sums_float(tb, n, fmax, lv):
+    """_level_sums with _flevel: for tiles whose every |iscale*(x - min)| is below 2^22."""
+    for g in range(_uL):
+        tb[_uSL + g] = F32(0.0)
+        tb[_uSL2 + g] = F32(0.0)
+        tb[_uSXL + g] = F32(0.0)
+    for i in range(_U(0), _U(n), _U(4)):
+        for g in range(_uL):
+            s, m = tb[_uISC + g], tb[_uMN + g]
+            a, b, c = tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g]
+            for k in range(_U(4)):
+                at = _uX + _uSTRIDE * (i + k) + g
+                xi = tb[at]
+                fl = _flevel(xi, s, m, fmax)
+                lv[_uL * (i + k) + g] = fl
+                wl = tb[at + _uW] * fl
+                a += wl
+                b += wl * fl
+                c += wl * xi
+            tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g] = a, b, c
 
 
 @njit(**KERNEL_JIT)
@@ -188,6 +223,7 @@ def search_tile(tb, n, nmax, rmin, rdelta, nstep, use_mad):
             tb[_uSW + g] += w
             tb[_uSX + g] += w * v
     for g in range(_uL):
+        tb[_uXMIN + g] = tb[_uMN + g]
         m = F32(0.0) if tb[_uMN + g] > F32(0.0) else tb[_uMN + g]
         tb[_uMN + g] = m
         tb[_uMN0 + g] = m
@@ -200,9 +236,23 @@ def search_tile(tb, n, nmax, rmin, rdelta, nstep, use_mad):
     _fit_error(tb, n, imax, use_mad, T_SCALE, _MN, _BEST)
     for step in range(nstep + 1):
         num = rmin + rdelta * F32(step) + fmax
+        # Rounding is monotonic, so each lane's iscale*(x - min) lies between its values at the
+        # lane's smallest and largest x: when both are inside _FLOAT_LEVEL_LIMIT for every lane
+        # (always, unless a fitted min or a tiny range sends iscale far out), the float-domain
+        # levels are ggml's exactly; otherwise this step takes nint's integer path.
+        far = np.int32(0)
         for g in range(_uL):
-            tb[_uISC + g] = num / (tb[_uMX + g] - tb[_uMN + g])
-        _level_sums(tb, n, imax, lv)
+            mn = tb[_uMN + g]
+            s = num / (tb[_uMX + g] - mn)
+            tb[_uISC + g] = s
+            lo = abs(s * (tb[_uXMIN + g] - mn))
+            hi = abs(s * (tb[_uMX + g] - mn))
+            near = (lo < _FLOAT_LEVEL_LIMIT and hi < _FLOAT_LEVEL_LIMIT) or tb[_uFLAT + g] != F32(0.0)
+            far += np.int32(0) if near else np.int32(1)  # a flat lane's levels are discarded
+        if far == 0:
+            _level_sums_float(tb, n, fmax, lv)
+        else:
+            _level_sums(tb, n, imax, lv)
         for g in range(_uL):
             sw, sx = tb[_uSW + g], tb[_uSX + g]
             sl, sl2, sxl = tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g]
@@ -215,13 +265,14 @@ def search_tile(tb, n, nmax, rmin, rdelta, nstep, use_mad):
             tb[_uTS + g] = a
             tb[_uTM + g] = b if D > F32(0.0) else F32(np.nan)  # a NaN error is never accepted
         _fit_error_levels(tb, n, use_mad, _TS, _TM, _CUR, lv)
-        for g in range(_uL):
-            if tb[_uCUR + g] < tb[_uBEST + g]:
-                tb[_uBEST + g] = tb[_uCUR + g]
-                tb[_uSCALE + g] = tb[_uTS + g]
-                tb[_uLISC + g] = tb[_uISC + g]
-                tb[_uLMIN + g] = tb[_uMN + g]
-                tb[_uMN + g] = tb[_uTM + g]
+        for g in range(_uL):  # selects, not a branch: the loop vectorizes
+            better = tb[_uCUR + g] < tb[_uBEST + g]
+            mn = tb[_uMN + g]
+            tb[_uBEST + g] = tb[_uCUR + g] if better else tb[_uBEST + g]
+            tb[_uSCALE + g] = tb[_uTS + g] if better else tb[_uSCALE + g]
+            tb[_uLISC + g] = tb[_uISC + g] if better else tb[_uLISC + g]
+            tb[_uLMIN + g] = mn if better else tb[_uLMIN + g]
+            tb[_uMN + g] = tb[_uTM + g] if better else mn
     for g in range(_uL):
         if tb[_uFLAT + g] != F32(0.0):  # ggml returns early: all levels 0, scale 0
             tb[_uSCALE + g] = F32(0.0)

@@ -133,9 +133,13 @@ def _requantize_block(x, xo, out, oo, nmax, tb, lane0, L, lo):
                           L, lo + GROUP * j)
             continue
         dm = dmin * F32(m)
-        for ii in range(GROUP):
-            l = nint((x[xo + GROUP * j + ii] + dm) / dj)
-            L[lo + GROUP * j + ii] = max(np.int32(0), min(np.int32(nmax), l))
+        # unsigned indices: a signed one gets numba's wraparound select, which keeps the loop
+        # (a division per weight) from vectorizing
+        xg = np.uint64(xo + GROUP * j)
+        lg = np.uint64(lo + GROUP * j)
+        for ii in range(np.uint64(GROUP)):
+            l = nint((x[xg + ii] + dm) / dj)
+            L[lg + ii] = max(np.int32(0), min(np.int32(nmax), l))
 
 
 @njit(**KERNEL_JIT)
@@ -171,11 +175,11 @@ def _quantize_tiles(x, qw, n_per_row, out, t0, t1):
         nb = quantize_tile_levels(x, qw, n_per_row, t, tb, 15, F32(-1.0), F32(0.1), 20, False, out,
                                   BLOCK_BYTES, ls, lm, L)
         for bt in range(nb):
-            oo = BLOCK_BYTES * (TILE_BLOCKS * t + bt)
-            for c in range(4):
-                for l in range(32):
-                    lo = QK * bt + 64 * c + l
-                    out[oo + 16 + 32 * c + l] = L[lo] | (L[lo + 32] << 4)
+            oo = np.uint64(BLOCK_BYTES * (TILE_BLOCKS * t + bt) + 16)
+            for c in range(np.uint64(4)):
+                for l in range(np.uint64(32)):
+                    lo = np.uint64(QK) * np.uint64(bt) + np.uint64(64) * c + l
+                    out[oo + np.uint64(32) * c + l] = L[lo] | (L[lo + np.uint64(32)] << 4)
 
 
 # Written out per type, not made by a factory: numba caches no closures (see config.py).

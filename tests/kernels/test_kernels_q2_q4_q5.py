@@ -69,6 +69,22 @@ def test_imatrix_degenerate_searches_match_ggml(qtype: str) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+def test_tiny_range_groups_match_ggml(qtype: str) -> None:
+    """Groups whose range is a few subnormal steps, beside ordinary groups in the same tile: the
+    search's iscale overflows to inf there and nearest_int sees inf and NaN, which the float-domain
+    levels must not (the tile takes the integer path for such a step); a flat group too."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((8, 2048)) * 0.02).astype(np.float32)
+    tiny = np.float32(1e-45) * rng.integers(0, 4, (8, 2048)).astype(np.float32)
+    group = 16 if qtype == "Q2_K" else 32
+    cols = (np.arange(2048) // group) % 5 == 2  # every fifth group of each row is tiny
+    x[:, cols] = tiny[:, cols] * np.where(rng.random((8, 1)) < 0.5, 1, -1).astype(np.float32)
+    x[3, 64:96] = np.float32(3e-38)  # and a flat one
+    assert_same_bytes(x, qtype)
+    assert_same_bytes(x, qtype, random_imatrix(2048, seed=5))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 def test_kernels_write_every_output_byte(qtype: str) -> None:
     """Called directly on a buffer full of junk, the row kernels still produce ggml's bytes."""
     kernels = importlib.import_module(f"quant_kernels.{quant_kernels.resolve(qtype).module}")
