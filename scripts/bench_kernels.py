@@ -8,14 +8,26 @@ second, and checks that our bytes equal ggml's for that matrix. Ratio 1T = ggml'
 (above 1: ours is faster); scaling = ours at 1 thread / ours at all threads, in wall time. A type whose kernel module is not there
 yet is reported as missing.
 
+With ``--base REV`` (a git revision, or a folder holding a ``quant_kernels`` package) the kernels
+of that revision are loaded beside the current ones, as the package ``quant_kernels_base``, and
+timed in the same interleaved rounds: "vs base" is the base's time over ours (above 1: the
+current kernels are faster), at one thread and at all threads, and the base's bytes must equal
+ours. That is how a kernel change is measured on a noisy machine: both sides see the same load.
+
 Example:
     python scripts/bench_kernels.py --repeats 5 --json bench-out/kernels.json
     python scripts/bench_kernels.py --types Q3_K,Q6_K --rows 1024 --imatrix
+    python scripts/bench_kernels.py --types Q4_K,Q5_K --base HEAD~1 --repeats 7
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import importlib.util
+import subprocess
+import tarfile
+import tempfile
 import importlib.metadata
 import json
 import os
@@ -24,6 +36,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import numba
 import numpy as np
@@ -53,7 +66,43 @@ def kernels_present(qtype: str) -> bool:
     return hasattr(module, "quantize_rows")
 
 
-def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: int, threads: int) -> dict:
+def load_base(spec: str) -> ModuleType:
+    """The quant_kernels package of a git revision, or of a folder holding one, imported as
+    ``quant_kernels_base`` (its modules import each other relatively, so the copy is self-contained).
+    A revision is extracted once into the temp folder, keyed by its commit, so numba's cache of
+    the base kernels survives between runs."""
+    folder = pathlib.Path(spec)
+    if (folder / "quant_kernels" / "__init__.py").is_file():
+        pkg = folder / "quant_kernels"
+    else:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--verify", f"{spec}^{{commit}}"], cwd=root, check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            archive = subprocess.run(["git", "archive", commit, "quant_kernels"], cwd=root, check=True,
+                                     capture_output=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"--base {spec}: not a folder holding quant_kernels/ nor a git revision here ({e})")
+        dest = pathlib.Path(tempfile.gettempdir()) / f"flux-gguf-base-{hashlib.sha256(commit.encode()).hexdigest()[:16]}"
+        pkg = dest / "quant_kernels"
+        if not (pkg / "__init__.py").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+                tmp.write(archive)
+                tmp.flush()
+                with tarfile.open(tmp.name) as tar:
+                    tar.extractall(dest, filter="data")
+    spec_obj = importlib.util.spec_from_file_location("quant_kernels_base", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+    assert spec_obj is not None and spec_obj.loader is not None
+    module = importlib.util.module_from_spec(spec_obj)
+    sys.modules["quant_kernels_base"] = module
+    spec_obj.loader.exec_module(module)
+    return module
+
+
+def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: int, threads: int,
+               base: ModuleType | None = None) -> dict:
     """Time one type; raises AssertionError if our bytes differ from ggml's.
 
     The three measurements are interleaved (ours at 1 thread, ggml, ours at all threads, then
@@ -67,6 +116,10 @@ def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: i
         "ggml_1t": (None, lambda: oracle.quantize(x, qtype, imatrix)),
         "ours_nt": (threads, lambda: quant_kernels.quantize(x, qtype, imatrix=imatrix)),
     }
+    if base is not None:
+        base.quantize(x[:2], qtype, imatrix=imatrix)  # compile or load from cache
+        runs["base_1t"] = (1, lambda: base.quantize(x, qtype, imatrix=imatrix))
+        runs["base_nt"] = (threads, lambda: base.quantize(x, qtype, imatrix=imatrix))
     wall = dict.fromkeys(runs, float("inf"))
     cpu = dict.fromkeys(runs, float("inf"))
     out: dict[str, object] = {}
@@ -75,17 +128,24 @@ def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: i
         for key, (n_threads, fn) in runs.items():
             if n_threads is not None:
                 quant_kernels.set_threads(n_threads)
+                if base is not None:
+                    base.set_threads(n_threads)
             w, c, out[key] = timed(fn)
             if rep:
                 wall[key] = min(wall[key], w)
                 cpu[key] = min(cpu[key], c)
     quant_kernels.set_threads(threads)
     type_size = quant_kernels.resolve(qtype).type_size
-    for key in ("ours_1t", "ours_nt"):
+    for key in [k for k in out if k != "ggml_1t"]:
         msg = describe_mismatch(out[key], out["ggml_1t"], type_size)
         if msg:
             raise AssertionError(f"{qtype} ({key}) bytes differ from ggml's: {msg}")
     mw = {key: x.size / t / 1e6 for key, t in wall.items()}
+    vs_base = {}
+    if base is not None:
+        vs_base = {"base_1t_mw_s": mw["base_1t"], "base_nt_mw_s": mw["base_nt"],
+                   "vs_base_1t": wall["base_1t"] / wall["ours_1t"], "vs_base_nt": wall["base_nt"] / wall["ours_nt"],
+                   "vs_base_1t_cpu": cpu["base_1t"] / cpu["ours_1t"]}
     return {
         "type": qtype,
         "status": "ok",
@@ -101,6 +161,7 @@ def bench_type(qtype: str, x: np.ndarray, imatrix: np.ndarray | None, repeats: i
         # CPU time of all threads over CPU time at one: 1.0 means threads add no work, so on
         # otherwise idle cores the wall time divides by the thread count
         "nt_cpu_over_1t_cpu": cpu["ours_nt"] / cpu["ours_1t"],
+        **vs_base,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
     }
@@ -156,6 +217,16 @@ def format_table(results: list[dict], threads: int) -> str:
             f"{r['type']:<6} {r['ours_1t_mw_s']:>13.1f} {r['ours_nt_mw_s']:>13.1f} {r['ggml_1t_mw_s']:>13.1f} "
             f"{r['ratio_1t']:>8.2f}x {r['scaling']:>7.2f}x {r['ratio_1t_cpu']:>19.2f}x"
         )
+    based = [r for r in results if r["status"] == "ok" and "vs_base_1t" in r]
+    if based:
+        head = (f"{'type':<6} {'base 1T Mw/s':>13} {'ours 1T Mw/s':>13} {'vs base 1T':>11} {'(CPU time)':>11} "
+                f"{f'base {threads}T':>10} {f'ours {threads}T':>10} {f'vs base {threads}T':>12}")
+        lines += ["", head, "-" * len(head)]
+        for r in based:
+            lines.append(
+                f"{r['type']:<6} {r['base_1t_mw_s']:>13.1f} {r['ours_1t_mw_s']:>13.1f} {r['vs_base_1t']:>10.2f}x "
+                f"{r['vs_base_1t_cpu']:>10.2f}x {r['base_nt_mw_s']:>10.1f} {r['ours_nt_mw_s']:>10.1f} "
+                f"{r['vs_base_nt']:>11.2f}x")
     return "\n".join(lines)
 
 
@@ -177,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imatrix", action="store_true", help="time the importance-weighted variants instead")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    ap.add_argument("--base", help="also time the kernels of this git revision (or a folder holding "
+                                   "quant_kernels/) in the same rounds, e.g. HEAD~1")
     args = ap.parse_args(argv)
     if args.cols % 256 or args.cols <= 0 or args.rows <= 0:
         ap.error(f"--rows must be positive and --cols a positive multiple of 256, got {args.rows}x{args.cols}")
@@ -195,13 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.imatrix:
         imatrix = (rng.random(args.cols) * 10.0 ** rng.uniform(-2, 2, args.cols)).astype(np.float32)
 
+    base = load_base(args.base) if args.base else None
     machine = machine_description()
     print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, numba {machine['versions']['numba']}; "
           f"{args.rows}x{args.cols} N(0, 0.02) float32{' with imatrix' if args.imatrix else ''}, best of {args.repeats}",
           flush=True)
     results = []
     for qtype in types:
-        results.append(bench_type(qtype, x, imatrix, args.repeats, args.threads))
+        results.append(bench_type(qtype, x, imatrix, args.repeats, args.threads, base))
         r = results[-1]
         print(f"  {qtype}: " + ("missing" if r["status"] != "ok" else f"ratio 1T {r['ratio_1t']:.2f}x, bytes equal ggml's"),
               flush=True)
@@ -213,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "matrix": {"rows": args.rows, "cols": args.cols, "dist": "normal(0, 0.02)", "seed": args.seed,
                        "imatrix": args.imatrix},
             "repeats": args.repeats,
+            "base": args.base,
             "threads": args.threads,
             "threading_layer": _threading_layer(),
             "machine": machine,
