@@ -13,17 +13,21 @@ the pace:
   in cache, checks it and encodes it, so no float32 copy of a tensor is made and nothing else
   passes over it; float output types (F32/F16/BF16) are converted 8 MB per kernel thread at a time;
 * hashing threads compute each encoded tensor's sha256 (once per distinct type);
-* one writer thread per output file writes, and one more per file feeds the whole-file sha256.
+* one writer thread per output file writes, and one more per file computes the whole-file
+  sha256, which is one sequential stream (about 1.2-1.5 GB/s on one core): it gets each tensor
+  before the writer writes it, and may fall behind the writer by a byte budget, so it never waits
+  for the write or the next tensor while there is one.
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
 R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
 largest encoded tensor E: (R + 2) * S of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
-a float output type is converted) + at most (_QUEUE_DEPTH + 5) * Q * E of encoded tensors (Q:
-distinct types per tensor, at most the variant count; each file has one tensor being encoded,
-_QUEUE_DEPTH queued, one being written, and up to three at its hash thread). For the full FLUX.1
-model (S = 132 MB BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.5 GB,
-about 2.3 GB; Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.4 GB. A
+a float output type is converted) + at most Q * ((_QUEUE_DEPTH + 3) * E + 128 MB) of encoded tensors
+(Q: distinct types per tensor, at most the variant count; each file has one tensor being encoded,
+_QUEUE_DEPTH queued, one being written and hashed, and up to 128 MB plus one tensor queued at its
+whole-file hash, which may run that far behind the writer). For the full FLUX.1 model (S = 132 MB
+BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.4 GB, about 2.2 GB;
+Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.4 GB. A
 ``tensor_transform`` adds the float32 tensor it is given (2 S for a BF16 source) and whatever it
 allocates.
 """
@@ -425,21 +429,30 @@ class StageStats:
 
     ``wall[stage]``: seconds spent in the stage; ``cpu[stage]``: the CPU seconds of the Python
     threads that ran it (read, hash, file hash, write; the upcast and quantize stages run on
-    numba's threads, whose CPU the calling thread cannot see, so theirs is left out).
+    numba's threads, whose CPU the calling thread cannot see, so theirs is left out). Waits are
+    stages too: ``wait_read`` and ``wait_write`` (the calling thread), ``write_idle`` (a writer
+    with nothing to write), ``file_hash_idle`` and ``wait_file_hash`` (a writer held back by its
+    file's hash; counted inside ``write`` as well).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trace: bool = False) -> None:
         self.busy: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self.wall = 0.0
         self.threads = 0
         self._lock = threading.Lock()
+        # with trace: (thread name, stage, start s, end s) of every timed interval, from origin
+        self.events: list[tuple[str, str, float, float]] | None = [] if trace else None
+        self.origin = time.perf_counter()
 
-    def add(self, stage: str, seconds: float, cpu: float | None) -> None:
+    def add(self, stage: str, seconds: float, cpu: float | None, end: float | None = None) -> None:
         with self._lock:
             self.busy[stage] = self.busy.get(stage, 0.0) + seconds
             if cpu is not None:
                 self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
+            if self.events is not None and end is not None:
+                t1 = end - self.origin
+                self.events.append((threading.current_thread().name, stage, round(t1 - seconds, 6), round(t1, 6)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"wall_s": round(self.wall, 3), "threads": self.threads,
@@ -459,9 +472,10 @@ _STATS = _StatsSlot()
 
 
 @contextlib.contextmanager
-def collect_stage_stats() -> Iterator[StageStats]:
-    """Record the stage timings of the conversions run inside the block (one at a time)."""
-    stats, previous = StageStats(), _STATS.value
+def collect_stage_stats(trace: bool = False) -> Iterator[StageStats]:
+    """Record the stage timings of the conversions run inside the block (one at a time); with
+    ``trace``, every timed interval too, per thread (``StageStats.events``)."""
+    stats, previous = StageStats(trace), _STATS.value
     _STATS.value = stats
     try:
         yield stats
@@ -479,7 +493,8 @@ def _timed(stats: StageStats | None, stage: str, cpu: bool = False) -> Iterator[
     try:
         yield
     finally:
-        stats.add(stage, time.perf_counter() - w0, time.thread_time() - c0 if cpu else None)
+        w1 = time.perf_counter()
+        stats.add(stage, w1 - w0, time.thread_time() - c0 if cpu else None, w1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,13 +620,20 @@ class _Reader:
 class _FileHasher:
     """A file's sha256, computed on its own thread in the order the bytes were written.
 
-    ``update`` queues a buffer (the caller keeps it alive until a later ``call`` runs), ``call``
-    queues a function to run once everything queued before it is hashed, ``hexdigest`` waits."""
+    ``update`` queues a buffer (the caller keeps it alive until a later ``call`` runs) and waits
+    only while more than ``budget`` bytes are queued (a buffer larger than that is still taken
+    when nothing else is): the hash of a whole file is one sequential stream, the slowest stage
+    for a fast type on many cores, so the writer is allowed to run ahead of it by a byte budget,
+    not by a count of buffers, and it always has its next buffer in hand. ``call`` queues a
+    function to run once everything queued before it is hashed; ``hexdigest`` waits."""
 
-    def __init__(self, label: str, stats: StageStats | None) -> None:
+    def __init__(self, label: str, stats: StageStats | None, budget: int = 128 << 20) -> None:
         self._hash = hashlib.sha256()
         self._stats = stats
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2 * _QUEUE_DEPTH)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bounded by the byte budget
+        self._room = threading.Condition()
+        self._queued = 0
+        self._budget = budget
         self._digest: str | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"flux-gguf-filehash-{label}", daemon=True)
@@ -619,20 +641,33 @@ class _FileHasher:
 
     def _run(self) -> None:
         while True:
-            kind, item = self._queue.get()
+            with _timed(self._stats, "file_hash_idle"):
+                kind, item = self._queue.get()
             if kind == "data":
                 with _timed(self._stats, "file_hash", cpu=True):
                     self._hash.update(item)
+                self._done_with(len(item))
             elif kind == "call":
                 item()
             else:
                 return
 
+    def _done_with(self, nbytes: int) -> None:
+        with self._room:
+            self._queued -= nbytes
+            self._room.notify_all()
+
     def update(self, data: bytes | memoryview) -> None:
-        if len(data) < 1 << 16:  # headers and padding: small, copied now
-            self._queue.put(("data", bytes(data)))
-        else:
-            self._queue.put(("data", data))
+        n = len(data)
+        if n < 1 << 16:  # headers and padding: small, copied now
+            data = bytes(data)
+        with self._room:
+            if self._queued and self._queued + n > self._budget:
+                with _timed(self._stats, "wait_file_hash"):
+                    while not self._closed and self._queued and self._queued + n > self._budget:
+                        self._room.wait()
+            self._queued += n
+        self._queue.put(("data", data))
 
     def call(self, fn: Callable[[], None]) -> None:
         self._queue.put(("call", fn))
@@ -648,7 +683,9 @@ class _FileHasher:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._room:
+            self._closed = True  # a writer waiting for room goes on (its bytes are discarded)
+            self._room.notify_all()
         while True:  # drop what is queued (the conversion failed), then stop the thread
             try:
                 kind, item = self._queue.get_nowait()
@@ -675,7 +712,8 @@ class _WriterThread:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            with _timed(self._stats, "write_idle"):
+                item = self._queue.get()
             if item is None:
                 return
             name, shared, digest = item

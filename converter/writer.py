@@ -200,11 +200,13 @@ class GGUFStreamWriter:
 
     def _write(self, data: bytes | memoryview) -> None:
         assert self._fh is not None, "writer is closed"
+        # Hashed first: a hasher on its own thread (the pipeline's) then reads these bytes while
+        # they are being written, instead of after. A failed write discards the file anyway.
+        self._file_hash.update(data)
         try:
             self._fh.write(data)
         except OSError as e:
             raise self._os_error(e) from e
-        self._file_hash.update(data)
         self._offset += len(data)
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview, *,

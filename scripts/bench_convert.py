@@ -53,6 +53,7 @@ DEFAULT_SCENARIOS = ["Q4_K_M", "Q8_0", "Q4_K_M+Q8_0+Q3_K_S"]
 STAGES = ["read", "upcast", "quantize", "hash", "write"]
 CHUNK_PER_THREAD: int | None = None  # --chunk-per-thread: the pipeline's default unless given
 SWITCH_INTERVAL: float | None = None  # --switch-interval: Python's GIL switch interval in convert children
+TRACE = False  # --trace: convert children record every timed interval per thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +70,13 @@ def _child_convert(args: dict) -> dict:
         sys.setswitchinterval(args["switch_interval"])
     if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
         pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
-    with collect_stage_stats() as stats:
+    with collect_stage_stats(trace=bool(args.get("trace"))) as stats:
         records = convert(args["src"], args["out"], args["variants"], threads=args["threads"])
-    return {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
-            "stages": stats.to_dict()}
+    result = {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
+              "stages": stats.to_dict()}
+    if stats.events is not None:
+        result["events"] = stats.events
+    return result
 
 
 def _child_stages(args: dict) -> dict:
@@ -224,12 +228,45 @@ def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str]
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
                                               "chunk_per_thread": CHUNK_PER_THREAD,
-                                              "switch_interval": SWITCH_INTERVAL}, env)
+                                              "switch_interval": SWITCH_INTERVAL, "trace": TRACE}, env)
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2), "peak_rss_gb": round(rss, 3), "output_gb": round(written / GB, 3),
             "read_gb_s": round(src.stat().st_size / wall / GB, 3), **result}
+
+
+# Thread roles in a trace, by thread-name prefix (converter.pipeline names its threads).
+ROLES = (("main", "MainThread"), ("reader", "flux-gguf-reader"), ("hash", "flux-gguf-hash"),
+         ("writer", "flux-gguf-writer"), ("filehash", "flux-gguf-filehash"))
+
+
+def timeline(events: list, bin_s: float = 1.0) -> list[dict]:
+    """Per time bin: for each thread role and stage, the busy thread-seconds in that bin divided
+    by the bin (so 1.0 = one thread busy all the time; roles with several threads can exceed 1)."""
+    end = max((e[3] for e in events), default=0.0)
+    n = int(end / bin_s) + 1
+    bins: list[dict] = [{} for _ in range(n)]
+    for thread, stage, t0, t1 in events:
+        role = next((r for r, prefix in ROLES if thread.startswith(prefix)), thread)
+        key = f"{role}.{stage}"
+        b = int(t0 / bin_s)
+        while b < n and t0 < t1:
+            edge = min(t1, (b + 1) * bin_s)
+            bins[b][key] = bins[b].get(key, 0.0) + (edge - t0) / bin_s
+            t0, b = edge, b + 1
+    return [{k: round(v, 2) for k, v in sorted(d.items())} for d in bins]
+
+
+def print_timeline(r: dict) -> None:
+    cols = [("main.quantize", "quant"), ("main.wait_write", "w.wait"), ("main.wait_read", "r.wait"),
+            ("reader.read", "read"), ("hash.hash", "thash"), ("writer.write", "write"),
+            ("writer.wait_file_hash", "w>fh"), ("writer.write_idle", "w.idle"), ("filehash.file_hash", "fhash"),
+            ("filehash.file_hash_idle", "fh.idle")]
+    print(f"  timeline ({r['scenario']}, busy threads per 1 s bin):")
+    print("  " + f"{'t s':>4} " + " ".join(f"{label:>7}" for _, label in cols))
+    for i, b in enumerate(timeline(r["events"])):
+        print("  " + f"{i:>4} " + " ".join(f"{b.get(key, 0.0):>7.2f}" for key, _ in cols))
 
 
 def print_stages(r: dict) -> None:
@@ -283,6 +320,9 @@ def main() -> None:
                          "(libgomp's default; quant_kernels sets OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--ab-static", action="store_true",
                     help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
+    ap.add_argument("--trace", action="store_true",
+                    help="record every stage interval per thread in the scenario runs; prints a timeline per "
+                         "run and keeps the events in --json")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for scenarios and stages (default: all)")
     ap.add_argument("--double-blocks", type=int, default=None)
     ap.add_argument("--single-blocks", type=int, default=None)
@@ -294,9 +334,10 @@ def main() -> None:
                     help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
                          "(default: the pipeline's, 2^21 = 8 MB)")
     args = ap.parse_args()
-    global CHUNK_PER_THREAD, SWITCH_INTERVAL
+    global CHUNK_PER_THREAD, SWITCH_INTERVAL, TRACE
     CHUNK_PER_THREAD = args.chunk_per_thread
     SWITCH_INTERVAL = args.switch_interval
+    TRACE = args.trace
 
     from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry
 
@@ -341,6 +382,8 @@ def main() -> None:
         results["runs"].append(r)
         save()
         print_convert(r, alone_by_scenario.get(name))
+        if "events" in r:
+            print_timeline(r)
     if args.ab_spin:
         results["ab_spin"] = []
         for name in scenarios:
