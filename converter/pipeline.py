@@ -13,21 +13,21 @@ the pace:
   in cache, checks it and encodes it, so no float32 copy of a tensor is made and nothing else
   passes over it; float output types (F32/F16/BF16) are converted 8 MB per kernel thread at a time;
 * hashing threads compute each encoded tensor's sha256 (once per distinct type);
-* one writer thread per output file writes, and one more per file computes the whole-file
-  sha256, which is one sequential stream (about 1.2-1.5 GB/s on one core): it gets each tensor
-  before the writer writes it, and may fall behind the writer by a byte budget, so it never waits
-  for the write or the next tensor while there is one.
+* two writer threads per output file write the tensors at their offsets, in parallel, and one
+  more thread per file computes the whole-file sha256, which is one sequential stream (about
+  1.2-1.5 GB/s on one core): the calling thread hands it each tensor in file order as soon as
+  the tensor is encoded, and it may fall behind by a byte budget, so it never waits for a write.
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
 R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
 largest encoded tensor E: (R + 2) * S of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
-a float output type is converted) + at most Q * ((_QUEUE_DEPTH + 3) * E + 128 MB) of encoded tensors
+a float output type is converted) + at most Q * ((_QUEUE_DEPTH + 4) * E + 128 MB) of encoded tensors
 (Q: distinct types per tensor, at most the variant count; each file has one tensor being encoded,
-_QUEUE_DEPTH queued, one being written and hashed, and up to 128 MB plus one tensor queued at its
-whole-file hash, which may run that far behind the writer). For the full FLUX.1 model (S = 132 MB
-BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.4 GB, about 2.2 GB;
-Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.4 GB. A
+_QUEUE_DEPTH + 2 waiting for or in a write on its two writer threads, and up to 128 MB plus one
+tensor queued at its whole-file hash, which may run that far behind). For the full FLUX.1 model
+(S = 132 MB BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.6 GB,
+about 2.4 GB; Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.5 GB. A
 ``tensor_transform`` adds the float32 tensor it is given (2 S for a BF16 source) and whatever it
 allocates.
 """
@@ -240,7 +240,7 @@ def _convert_planned(
     stats = _STATS.get()
     writers: list[GGUFStreamWriter] = []
     file_hashes: list[_FileHasher] = []
-    sinks: list[_WriterThread] = []
+    sinks: list[_FileSink] = []
     reader: _Reader | None = None
     hashers: concurrent.futures.ThreadPoolExecutor | None = None
     records: list[ArtifactRecord] = []
@@ -255,8 +255,8 @@ def _convert_planned(
             file_hashes.append(_FileHasher(p.file_name, stats))
             writers.append(GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name,
                                             file_type=p.file_type, file_hash=file_hashes[-1],
-                                            any_order=read_order != order))
-        sinks = [_WriterThread(w, h, stats) for w, h in zip(writers, file_hashes)]
+                                            any_order=read_order != order, parallel=True))
+        sinks = [_FileSink(w, h, stats) for w, h in zip(writers, file_hashes)]
         hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
                                                         thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
@@ -271,7 +271,7 @@ def _convert_planned(
             entries = [b[tname] for b in by_name]
             qtypes = list(dict.fromkeys(e.qtype for e in entries))
             qw = imatrix.importance(tname) if imatrix is not None and tname in weighted else None
-            users = {qt: sum(e.qtype == qt for e in entries) for qt in qtypes}
+            users = {qt: sum(sink.users for sink, e in zip(sinks, entries) if e.qtype == qt) for qt in qtypes}
             n = entries[0].shape[-1] if entries[0].shape else 1
             rows = raw.data.nbytes // max(1, _width(raw.dtype) * n)
             encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0)
@@ -697,55 +697,82 @@ class _FileHasher:
         self._thread.join()
 
 
-class _WriterThread:
-    """Feeds one GGUFStreamWriter from a bounded queue so writing overlaps encoding and hashing."""
+class _FileSink:
+    """Stores one output file's tensors: the calling thread reserves each tensor in plan order
+    (which feeds the whole-file sha256 on its hash thread and records the tensor), and
+    ``workers`` threads write the bytes at their offsets, in parallel: one thread's writes into
+    the page cache (about 1.5-2.5 GB/s into tmpfs) would otherwise pace a fast type. A file whose
+    tensors arrive in any order (a streamed source) is written by one thread, as they come.
+    At most ``_QUEUE_DEPTH + workers`` tensors wait for or are in a write."""
 
-    def __init__(self, writer: GGUFStreamWriter, file_hash: _FileHasher, stats: StageStats | None) -> None:
+    def __init__(self, writer: GGUFStreamWriter, file_hash: _FileHasher, stats: StageStats | None,
+                 workers: int = 2) -> None:
         self.writer = writer
         self._file_hash = file_hash
         self._stats = stats
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._ordered = not writer._any_order
+        workers = workers if self._ordered else 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"flux-gguf-writer-{writer.variant}")
+        self._room = threading.Semaphore(_QUEUE_DEPTH + workers)
         self._error: BaseException | None = None
         self._cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"flux-gguf-writer-{writer.variant}", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while True:
-            with _timed(self._stats, "write_idle"):
-                item = self._queue.get()
-            if item is None:
-                return
-            name, shared, digest = item
-            if self._error is not None or self._cancelled.is_set():
-                shared.release()
-                continue  # keep draining so the producer never blocks
-            try:
-                # Written without waiting for the tensor's digest (it is still being computed on a
-                # hashing thread); the record takes it when the file is committed.
+    @property
+    def users(self) -> int:
+        """How many releases of an encoded tensor this file makes (its hash, its write)."""
+        return 2 if self._ordered else 1
+
+    def _store(self, offset: int, shared: _Shared) -> None:
+        try:
+            if self._error is None and not self._cancelled.is_set():
+                with _timed(self._stats, "write", cpu=True):
+                    self.writer.write_at(offset, shared.array)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
+            self._error = e
+        finally:
+            shared.release()
+            self._room.release()
+
+    def _store_any(self, name: str, shared: _Shared, digest: concurrent.futures.Future[str]) -> None:
+        try:
+            if self._error is None and not self._cancelled.is_set():
                 with _timed(self._stats, "write", cpu=True):
                     self.writer.write_tensor(name, shared.array, sha256=digest.result)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
-                self._error = e
-                shared.release()
-            else:
-                self._file_hash.call(shared.release)  # once the file hash has read the bytes
+        except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
+            self._error = e
+        finally:
+            shared.release()
+            self._room.release()
 
     def put(self, name: str, shared: _Shared, digest: concurrent.futures.Future[str]) -> None:
+        """Hand over one encoded tensor (``users`` releases of ``shared`` follow, even on error)."""
         if self._error is not None:
+            for _ in range(self.users):
+                shared.release()
             raise self._error
         with _timed(self._stats, "wait_write"):
-            self._queue.put((name, shared, digest))
+            self._room.acquire()
+        if not self._ordered:
+            self._pool.submit(self._store_any, name, shared, digest)
+            return
+        try:
+            # The tensor's digest is still being computed on a hashing thread: the record takes
+            # it when the file is committed.
+            offset = self.writer.reserve(name, shared.array, sha256=digest.result)
+        except BaseException:
+            self._room.release()
+            for _ in range(self.users):
+                shared.release()
+            raise
+        self._file_hash.call(shared.release)  # once the file hash has read the bytes
+        self._pool.submit(self._store, offset, shared)
 
     def drain(self) -> None:
-        """Wait until every queued tensor is written; re-raise the writer's error if any."""
-        self._queue.put(None)
-        self._thread.join()
+        """Wait until every tensor is written; re-raise the first write error if any."""
+        self._pool.shutdown(wait=True)
         if self._error is not None:
             raise self._error
 
     def cancel(self) -> None:
         self._cancelled.set()
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)

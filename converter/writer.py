@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import pathlib
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -144,9 +145,12 @@ class GGUFStreamWriter:
         buffer_size: int = 8 << 20,
         file_hash: Any = None,
         any_order: bool = False,
+        parallel: bool = False,
     ) -> None:
         """``file_hash``: an object with hashlib's ``update``/``hexdigest`` for the whole file's
-        sha256 (the pipeline passes one that hashes on its own thread); default hashlib.sha256()."""
+        sha256 (the pipeline passes one that hashes on its own thread); default hashlib.sha256().
+        ``parallel``: tensors are stored with ``reserve`` (in slot order) and ``write_at`` (from
+        any thread, in any order) instead of ``write_tensor``, so several threads can write."""
         self.path = pathlib.Path(path)
         self.partial_path = partial_path(self.path)  # hidden, unique: see manifests.hashing
         self.variant = variant
@@ -166,7 +170,12 @@ class GGUFStreamWriter:
         self._any_order = any_order
         self._slot_offsets: dict[str, tuple[int, TensorSlot]] = {}
         self._unordered: dict[str, TensorRecord] = {}
-        if any_order:
+        # parallel: bytes reserve() promised and write_at() stored so far (sync checks they agree)
+        self._parallel = parallel and not any_order
+        self._reserved = 0
+        self._stored = 0
+        self._stored_lock = threading.Lock()
+        if any_order or self._parallel:
             off = len(self._header)
             for slot in self._slots:
                 self._slot_offsets[slot.name] = (off, slot)
@@ -177,7 +186,7 @@ class GGUFStreamWriter:
             self._fh = None
             raise self._os_error(e) from e
         self._write(self._header)
-        if any_order:
+        if any_order or self._parallel:
             try:
                 self._fh.flush()
                 os.ftruncate(self._fh.fileno(), self.expected_size)  # padding and gaps read as zeros
@@ -222,6 +231,8 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: all {len(self._slots)} tensors are already written, got {name!r}")
         if self._any_order:
             return self._write_at(name, data)
+        if self._parallel:
+            raise ValueError(f"{self.path}: a parallel writer stores tensors with reserve() and write_at()")
         slot = self._slots[self._next]
         if name != slot.name:
             raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
@@ -240,6 +251,52 @@ class GGUFStreamWriter:
         self._records.append(record)
         self._next += 1
         return record
+
+    def reserve(self, name: str, data: np.ndarray | bytes | memoryview, *,
+                sha256: str | Callable[[], str] | None = None) -> int:
+        """The ordered half of storing a tensor in a ``parallel`` writer: checks that ``name`` is
+        the next slot and ``data`` its size, feeds the file's sha256 with the bytes and the
+        padding, and records the tensor (``sha256`` as for ``write_tensor``). Returns the offset
+        at which ``write_at`` must then store the same bytes, from any thread."""
+        if not self._parallel:
+            raise ValueError(f"{self.path}: reserve() needs a parallel writer")
+        if self._fh is None or self._done:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self._next >= len(self._slots):
+            raise ValueError(f"{self.path}: all {len(self._slots)} tensors are already written, got {name!r}")
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if buf.nbytes != slot.nbytes:
+            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        offset = self._offset
+        self._file_hash.update(buf)
+        self._file_hash.update(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))  # the padding: zeros (ftruncate)
+        self._offset += pad_to_alignment(buf.nbytes)
+        self._reserved += buf.nbytes
+        if callable(sha256):
+            self._pending_sha256[len(self._records)] = sha256
+            digest = ""
+        else:
+            digest = sha256 or hashlib.sha256(buf).hexdigest()
+        self._records.append(TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, digest))
+        self._next += 1
+        return offset
+
+    def write_at(self, offset: int, data: np.ndarray | bytes | memoryview) -> None:
+        """Store bytes that ``reserve`` returned ``offset`` for (thread-safe: positioned writes)."""
+        if self._fh is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        try:
+            done = 0
+            while done < buf.nbytes:
+                done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+        except OSError as e:
+            raise self._os_error(e) from e
+        with self._stored_lock:
+            self._stored += buf.nbytes
 
     def _write_at(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
         if name not in self._slot_offsets or name in self._unordered:
@@ -285,6 +342,8 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next != len(self._slots):
             raise ValueError(f"{self.path}: {len(self._slots) - self._next} tensors not written yet")
+        if self._parallel and self._stored != self._reserved:
+            raise ValueError(f"{self.path}: {self._reserved - self._stored} reserved bytes not written yet")
         fh, self._fh = self._fh, None
         try:
             fh.flush()

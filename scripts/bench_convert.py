@@ -260,9 +260,8 @@ def timeline(events: list, bin_s: float = 1.0) -> list[dict]:
 
 def print_timeline(r: dict) -> None:
     cols = [("main.quantize", "quant"), ("main.wait_write", "w.wait"), ("main.wait_read", "r.wait"),
-            ("reader.read", "read"), ("hash.hash", "thash"), ("writer.write", "write"),
-            ("writer.wait_file_hash", "w>fh"), ("writer.write_idle", "w.idle"), ("filehash.file_hash", "fhash"),
-            ("filehash.file_hash_idle", "fh.idle")]
+            ("main.wait_file_hash", "w.fhash"), ("reader.read", "read"), ("hash.hash", "thash"),
+            ("writer.write", "write"), ("filehash.file_hash", "fhash"), ("filehash.file_hash_idle", "fh.idle")]
     print(f"  timeline ({r['scenario']}, busy threads per 1 s bin):")
     print("  " + f"{'t s':>4} " + " ".join(f"{label:>7}" for _, label in cols))
     for i, b in enumerate(timeline(r["events"])):
