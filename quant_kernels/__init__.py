@@ -10,6 +10,13 @@ import os
 # Set before the first region loads libgomp; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# 512-bit vectors where the CPU has AVX-512 (see _vector_width): opt-in, before numba defines a
+# single function; the flux-gguf command opts in.
+if os.environ.get("FLUX_GGUF_VECTOR_WIDTH") == "512":
+    from ._vector_width import prefer_512_bit
+
+    prefer_512_bit()
+
 from ._cache import invalidate_stale_kernels
 
 invalidate_stale_kernels()  # before any kernel module is imported
@@ -20,9 +27,11 @@ from .api import (
 from .errors import BlockSizeError, NonFiniteError, QuantError, ShapeError, UnsupportedTypeError
 from .floats import bfloat16_bits_to_f32, to_bfloat16_bits, to_float16
 from .types import SPECS, QuantSpec, resolve, supported_type_names
+from ._vector_width import vector_width
 
 __all__ = [
     "quantize", "quantize_raw", "dequantize", "set_threads", "get_threads", "row_nbytes", "uncompiled_kernels", "compile_kernel",
+    "vector_width",
     "to_float16", "to_bfloat16_bits", "bfloat16_bits_to_f32",
     "QuantSpec", "SPECS", "resolve", "supported_type_names",
     "QuantError", "BlockSizeError", "NonFiniteError", "ShapeError", "UnsupportedTypeError",

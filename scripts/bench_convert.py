@@ -165,7 +165,8 @@ def _child_warm(args: dict) -> dict:
     start = time.perf_counter()
     for kernel in missing:
         quant_kernels.compile_kernel(kernel)
-    return {"compiled": missing, "compile_s": round(time.perf_counter() - start, 2)}
+    return {"compiled": missing, "compile_s": round(time.perf_counter() - start, 2),
+            "vector_width": quant_kernels.vector_width()}
 
 
 def _child_main(kind: str, payload: str) -> None:
@@ -319,6 +320,9 @@ def main() -> None:
                          "(libgomp's default; quant_kernels sets OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--ab-static", action="store_true",
                     help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
+    ap.add_argument("--vector-width", choices=("256", "512"), default="512",
+                    help="FLUX_GGUF_VECTOR_WIDTH for every child (default 512, as the flux-gguf command: "
+                         "512-bit vectors where the CPU has AVX-512)")
     ap.add_argument("--trace", action="store_true",
                     help="record every stage interval per thread in the scenario runs; prints a timeline per "
                          "run and keeps the events in --json")
@@ -333,6 +337,7 @@ def main() -> None:
                     help="float32 elements per kernel thread the pipeline upcasts and encodes at a time "
                          "(default: the pipeline's, 2^21 = 8 MB)")
     args = ap.parse_args()
+    os.environ["FLUX_GGUF_VECTOR_WIDTH"] = args.vector_width  # inherited by every child
     global CHUNK_PER_THREAD, SWITCH_INTERVAL, TRACE
     CHUNK_PER_THREAD = args.chunk_per_thread
     SWITCH_INTERVAL = args.switch_interval
@@ -368,7 +373,9 @@ def main() -> None:
     every = sorted({v for name in scenarios + (args.stages or []) + [args.sweep or scenarios[0]] for v in SCENARIOS[name]})
     warm, _, _, _ = run_child("warm", {"src": str(src), "variants": every})
     results["warm"] = warm
-    print(f"numba cache: compiled {', '.join(warm['compiled']) or 'nothing'} in {warm['compile_s']} s (outside every timing)")
+    results["machine"]["vector_width"] = warm["vector_width"]
+    print(f"numba cache: compiled {', '.join(warm['compiled']) or 'nothing'} in {warm['compile_s']} s (outside every timing); "
+          f"{warm['vector_width']}-bit vectors")
     alone_by_scenario = {}
     for name in [] if args.no_stages else args.stages or scenarios[:1]:
         r = measure("stages", src, out, SCENARIOS[name], args.threads)

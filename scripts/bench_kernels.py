@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_base(args.base) if args.base else None
     machine = machine_description()
-    print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, numba {machine['versions']['numba']}; "
+    machine["vector_width"] = quant_kernels.vector_width()
+    print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, numba {machine['versions']['numba']}, "
+          f"{machine['vector_width']}-bit vectors (FLUX_GGUF_VECTOR_WIDTH=512 for 512); "
           f"{args.rows}x{args.cols} N(0, 0.02) float32{' with imatrix' if args.imatrix else ''}, best of {args.repeats}",
           flush=True)
     results = []

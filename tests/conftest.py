@@ -3,6 +3,11 @@ import shutil
 
 import pytest
 
+# Loaded before any test module imports the CLI, so the test process keeps numba's default vector
+# width (the flux-gguf command asks for 512-bit vectors only as its process's first user of the
+# kernels); tests/kernels/test_vector_width.py checks the 512-bit kernels in a process of their own.
+import quant_kernels  # noqa: E402,F401
+
 
 # Tests never reach a real Hub account.
 os.environ["HF_TOKEN"] = ""

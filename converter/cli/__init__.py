@@ -9,7 +9,16 @@ The top layer: may import every other part of flux-gguf; nothing imports it.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
+
+# The command owns its process: its kernels may use 512-bit vectors where the CPU has AVX-512
+# (quant_kernels._vector_width; 1.45-1.58x on the Q4_K search, same bytes). Only when the kernels
+# are not loaded yet (a library user who imported them first keeps numba's default), and
+# FLUX_GGUF_VECTOR_WIDTH=256 keeps 256-bit vectors.
+if "quant_kernels" not in sys.modules:
+    os.environ.setdefault("FLUX_GGUF_VECTOR_WIDTH", "512")
 
 import click
 
