@@ -173,3 +173,35 @@ def test_plain_conversion_under_the_workqueue_threading_layer(src, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["par-Q4_K_M.gguf", "par-Q8_0.gguf"]
+
+
+def test_file_hasher_byte_budget_keeps_order_and_never_deadlocks():
+    """The whole-file hash thread takes buffers up to a byte budget (one larger buffer is still
+    taken when nothing is queued): the digest is that of the bytes in order, and close() lets a
+    producer waiting for room go on."""
+    import hashlib
+    import threading
+
+    from converter.pipeline import _FileHasher
+
+    rng = np.random.default_rng(5)
+    bufs = [rng.integers(0, 256, n, dtype=np.uint8) for n in (3 << 19, 10, 1 << 20, 5 << 19, 0, 7)]
+    h = _FileHasher("budget", None, budget=1 << 20)
+    for b in bufs:
+        h.update(memoryview(b))
+    assert h.hexdigest() == hashlib.sha256(b"".join(b.tobytes() for b in bufs)).hexdigest()
+
+    stuck = _FileHasher("closing", None, budget=1 << 10)
+    gate = threading.Event()
+    stuck.call(gate.wait)  # the hash thread blocks here, so the budget fills up
+    big = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    producer = threading.Thread(target=lambda: [stuck.update(memoryview(big)) for _ in range(4)])
+    producer.start()
+    producer.join(0.5)
+    assert producer.is_alive()  # waiting for room
+    closer = threading.Thread(target=stuck.close)
+    closer.start()
+    producer.join(10)
+    gate.set()
+    closer.join(10)
+    assert not producer.is_alive() and not closer.is_alive()

@@ -114,3 +114,29 @@ def test_a_failed_rename_names_what_was_and_was_not_written(src, tmp_path, monke
     assert str(e.value) == (f"{tmp_path / 'tiny-Q8_0.gguf'} was not written: interrupted "
                             f"({tmp_path / 'tiny-Q4_K_M.gguf'} was complete)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-Q4_K_M.gguf"]
+
+
+def test_a_full_disk_in_a_writer_thread_fails_the_conversion_cleanly(src, tmp_path, monkeypatch):
+    """A write that fails on one of a file's writer threads (here: the disk fills up after a few
+    tensors) ends the conversion with one error naming the file, and leaves no file, partial or not."""
+    import errno
+    import threading
+
+    real, calls, lock = writer_module.os.pwrite, [0], threading.Lock()
+
+    def filling(fd, data, offset):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", filling)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError) as e:
+        convert(src, out, ["Q4_K_M", "Q8_0"], threads=2)
+    assert "disk full while writing" in str(e.value)
+    assert str(out / "tiny-Q4_K_M.gguf") in str(e.value) or str(out / "tiny-Q8_0.gguf") in str(e.value)
+    assert calls[0] > 5
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -188,3 +188,70 @@ def test_any_order_writer_gives_the_bytes_of_the_ordered_one(tmp_path):
     a, b = (tmp_path / "a.gguf").read_bytes(), (tmp_path / "b.gguf").read_bytes()
     assert a == b and unordered.sha256 == ordered.sha256 == _hashlib.sha256(a).hexdigest()
     assert unordered.tensors == ordered.tensors and unordered.size == ordered.size
+
+
+def test_parallel_writer_gives_the_bytes_of_the_ordered_one(tmp_path):
+    """reserve() in slot order, write_at() from several threads in reverse order: the same file,
+    sha256 and tensor records as write_tensor() in order (what the pipeline's two writers rely on)."""
+    import concurrent.futures
+
+    plan = small_plan("Q4_K_M")
+    payloads = fake_payloads(plan, seed=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ordered = write(plan, tmp_path / "a", payloads)
+    with GGUFStreamWriter(tmp_path / "b" / plan.file_name, plan.kv, plan.slots, variant=plan.variant.name,
+                          file_type=plan.file_type, parallel=True) as w:
+        offsets = [(w.reserve(e.name, payloads[e.name]), e.name) for e in plan.entries]
+        with pytest.raises(ValueError, match="reserved bytes not written yet"):
+            w.sync()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda oe: w.write_at(oe[0], payloads[oe[1]]), reversed(offsets)))
+        parallel = w.finish()
+    a = (tmp_path / "a" / plan.file_name).read_bytes()
+    assert (tmp_path / "b" / plan.file_name).read_bytes() == a
+    assert parallel.sha256 == ordered.sha256 == hashlib.sha256(a).hexdigest()
+    assert parallel.tensors == ordered.tensors and parallel.size == ordered.size
+    assert [o for o, _ in offsets] == [t.offset for t in ordered.tensors]
+
+
+def test_parallel_writer_refuses_misuse_and_leaves_nothing(tmp_path):
+    plan = small_plan()
+    payloads = fake_payloads(plan)
+    first, second = plan.entries[0], plan.entries[1]
+    with GGUFStreamWriter(tmp_path / plan.file_name, plan.kv, plan.slots, variant="Q4_K_M", file_type=15,
+                          parallel=True) as w:
+        with pytest.raises(ValueError, match=f"expected tensor '{first.name}' next, got '{second.name}'"):
+            w.reserve(second.name, payloads[second.name])
+        with pytest.raises(ValueError, match=f"tensor {first.name} must be {first.nbytes} bytes"):
+            w.reserve(first.name, payloads[first.name][:-1])
+        with pytest.raises(ValueError, match="stores tensors with reserve"):
+            w.write_tensor(first.name, payloads[first.name])
+        w.write_at(w.reserve(first.name, payloads[first.name]), payloads[first.name])
+        with pytest.raises(ValueError, match="tensors not written yet"):
+            w.finish()
+    assert list(tmp_path.iterdir()) == []
+    with GGUFStreamWriter(tmp_path / plan.file_name, plan.kv, plan.slots, variant="Q4_K_M", file_type=15) as w:
+        with pytest.raises(ValueError, match="needs a parallel writer"):
+            w.reserve(first.name, payloads[first.name])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_writer_reports_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import converter.writer as writer_module
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    plan = small_plan()
+    payloads = fake_payloads(plan)
+    monkeypatch.setattr(writer_module.os, "pwrite", full)
+    with pytest.raises(OutputError) as e:
+        with GGUFStreamWriter(tmp_path / plan.file_name, plan.kv, plan.slots, variant="Q4_K_M", file_type=15,
+                              parallel=True) as w:
+            first = plan.entries[0]
+            w.write_at(w.reserve(first.name, payloads[first.name]), payloads[first.name])
+    assert str(e.value) == f"disk full while writing {tmp_path / plan.file_name}"
+    assert list(tmp_path.iterdir()) == []
