@@ -11,7 +11,8 @@ checks every type against ggml with it on).
 It is a setting of numba's one code generator for the whole process, fixed when the first numba
 function is defined, so it is not changed behind a library user's back: ``quant_kernels`` turns it
 on at import when ``FLUX_GGUF_VECTOR_WIDTH=512`` is set (the ``flux-gguf`` command sets it unless
-told otherwise, being the process's owner), and a ``NUMBA_CPU_FEATURES`` the user chose wins.
+told otherwise, being the process's owner), and a ``NUMBA_CPU_FEATURES`` or ``NUMBA_CPU_NAME``
+the user chose wins.
 numba's cache keeps the machine code of each setting apart (its key holds the CPU features).
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ ENV = "FLUX_GGUF_VECTOR_WIDTH"
 def prefer_512_bit() -> bool:
     """Ask LLVM for 512-bit vectors if the CPU has AVX-512 and numba has not made its code
     generator yet (call before the first ``@njit`` runs). Returns whether the setting was made."""
-    if os.environ.get("NUMBA_CPU_FEATURES"):
-        return False  # the user's own choice
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME"):
+        return False  # the user's own choice (e.g. NUMBA_CPU_NAME=generic for a portable cache)
     import llvmlite.binding as ll
 
     ll.initialize_native_target()

@@ -58,6 +58,7 @@ print(json.dumps({"width": quant_kernels.vector_width(), "cases": len(cases), "c
 def test_512_bit_kernels_match_ggml() -> None:
     env = {**os.environ, "FLUX_GGUF_VECTOR_WIDTH": "512"}
     env.pop("NUMBA_CPU_FEATURES", None)
+    env.pop("NUMBA_CPU_NAME", None)
     done = subprocess.run([sys.executable, "-c", CHILD, str(TESTS)], env=env, capture_output=True, text=True,
                           timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,8 +72,19 @@ def test_512_bit_kernels_match_ggml() -> None:
 
 def test_library_import_keeps_numba_default() -> None:
     """Importing the kernels as a library does not change numba's code generator for the process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FLUX_GGUF_VECTOR_WIDTH", "NUMBA_CPU_FEATURES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLUX_GGUF_VECTOR_WIDTH", "NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
     code = "import quant_kernels, os; print(quant_kernels.vector_width(), os.environ.get('NUMBA_CPU_FEATURES'))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["256", "None"]
+
+
+def test_a_cpu_name_the_user_chose_is_kept() -> None:
+    """NUMBA_CPU_NAME (e.g. generic, for a cache shared between machines) is the user's choice:
+    FLUX_GGUF_VECTOR_WIDTH=512 does not add CPU features behind it."""
+    env = {**os.environ, "FLUX_GGUF_VECTOR_WIDTH": "512", "NUMBA_CPU_NAME": "generic"}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    code = "import quant_kernels._vector_width as v, os; print(v.prefer_512_bit(), os.environ.get('NUMBA_CPU_FEATURES'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "None"]
