@@ -104,37 +104,18 @@ def _flevel(xi, iscale, mn, fmax):
 
 
 @njit(**KERNEL_JIT)
-def _level_sums_float(tb, n, fmax, lv):
-    """_level_sums with _flevel: for tiles whose every |iscale*(x - min)| is below 2^22."""
-    for g in range(_uL):
-        tb[_uSL + g] = F32(0.0)
-        tb[_uSL2 + g] = F32(0.0)
-        tb[_uSXL + g] = F32(0.0)
-    for i in range(_U(0), _U(n), _U(4)):
-        for g in range(_uL):
-            s, m = tb[_uISC + g], tb[_uMN + g]
-            a, b, c = tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g]
-            for k in range(_U(4)):
-                at = _uX + _uSTRIDE * (i + k) + g
-                xi = tb[at]
-                fl = _flevel(xi, s, m, fmax)
-                lv[_uL * (i + k) + g] = fl
-                wl = tb[at + _uW] * fl
-                a += wl
-                b += wl * fl
-                c += wl * xi
-            tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g] = a, b, c
-
-
-@njit(**KERNEL_JIT)
-def _level_sums(tb, n, nmax, lv):
+def _level_sums(tb, n, nmax, lv, use_float):
     """Per lane, over the levels of (ISC, MN): sum w*l, sum w*l*l, sum w*l*x; the levels go to
     ``lv`` (element i of lane g at LANES*i + g), as ggml keeps Laux for the step's error. ``lv`` is
     an array of its own: stores into ``tb`` at a row that depends on i would make LLVM check for
-    overlap with the loads at run time and fall back to scalar code.
+    overlap with the loads at run time and fall back to scalar code. ``use_float``: the levels by
+    _flevel (search_tile checks that every lane is in its range), else by _level. The flag is the
+    same for the whole call, so LLVM compiles the loop once per value (measured: as fast as two
+    functions).
 
     Four elements per pass over the lanes keep the running sums in registers between passes.
     """
+    fmax = F32(nmax)
     for g in range(_uL):
         tb[_uSL + g] = F32(0.0)
         tb[_uSL2 + g] = F32(0.0)
@@ -146,7 +127,7 @@ def _level_sums(tb, n, nmax, lv):
             for k in range(_U(4)):
                 at = _uX + _uSTRIDE * (i + k) + g
                 xi = tb[at]
-                fl = _level(xi, s, m, nmax)
+                fl = _flevel(xi, s, m, fmax) if use_float else _level(xi, s, m, nmax)
                 lv[_uL * (i + k) + g] = fl
                 wl = tb[at + _uW] * fl
                 a += wl
@@ -249,10 +230,7 @@ def search_tile(tb, n, nmax, rmin, rdelta, nstep, use_mad):
             hi = abs(s * (tb[_uMX + g] - mn))
             near = (lo < _FLOAT_LEVEL_LIMIT and hi < _FLOAT_LEVEL_LIMIT) or tb[_uFLAT + g] != F32(0.0)
             far += np.int32(0) if near else np.int32(1)  # a flat lane's levels are discarded
-        if far == 0:
-            _level_sums_float(tb, n, fmax, lv)
-        else:
-            _level_sums(tb, n, imax, lv)
+        _level_sums(tb, n, imax, lv, far == 0)
         for g in range(_uL):
             sw, sx = tb[_uSW + g], tb[_uSX + g]
             sl, sl2, sxl = tb[_uSL + g], tb[_uSL2 + g], tb[_uSXL + g]
