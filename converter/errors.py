@@ -25,6 +25,10 @@ class OutputError(FluxGGUFError):
     """The output cannot be written (unwritable directory, disk full, interrupted)."""
 
 
+class SettingError(FluxGGUFError):
+    """An environment variable of ours has a value we do not accept (e.g. FLUX_GGUF_DIRECT_IO)."""
+
+
 class ReleaseError(FluxGGUFError):
     """A release spec or release folder is invalid."""
 

@@ -63,7 +63,7 @@ from .recipes import (
     parse_override,
     resolve_variant,
 )
-from .safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
+from .safetensors_io import DTYPE_SIZES, IO_ALIGN, raw_codes, upcast_rows
 from .sources import Source, open_source
 from .writer import ArtifactRecord, GGUFStreamWriter
 
@@ -259,7 +259,7 @@ def _convert_planned(
         sinks = [_FileSink(w, h, stats) for w, h in zip(writers, file_hashes)]
         hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
                                                         thread_name_prefix="flux-gguf-hash")
-        encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0))
+        encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0) + IO_ALIGN)
         reader = _Reader(source, read_order, max(1, min(4, threads // 4)), stats)
         chunk_size = threads * _CHUNK_PER_THREAD
         done = 0
@@ -274,7 +274,12 @@ def _convert_planned(
             users = {qt: sum(sink.users for sink, e in zip(sinks, entries) if e.qtype == qt) for qt in qtypes}
             n = entries[0].shape[-1] if entries[0].shape else 1
             rows = raw.data.nbytes // max(1, _width(raw.dtype) * n)
-            encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0)
+            # Each type's bytes placed for the first file that holds them (a direct write from
+            # there needs no copy; a second file of the same type at another phase gets one).
+            phase = {qt: next((w.offset_of(tname) for w, e in zip(writers, entries) if e.qtype == qt and w.direct), 0)
+                     for qt in qtypes}
+            encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0,
+                                   phase[qt] % IO_ALIGN)
                        for qt in qtypes}
             try:
                 if transform is not None:
@@ -525,10 +530,14 @@ class _Shared:
     """One encoded tensor in a pooled buffer, returned to the pool when every user released it
     (each writer whose file holds this type, and the tensor's hash)."""
 
-    def __init__(self, pool: _Buffers, users: int, rows: int, row_bytes: int) -> None:
+    def __init__(self, pool: _Buffers, users: int, rows: int, row_bytes: int, phase: int = 0) -> None:
+        """``phase``: the array starts at an address with this remainder modulo IO_ALIGN (the
+        pool's buffers have IO_ALIGN bytes to spare), so direct writes to a file offset with the
+        same remainder need no bounce copy."""
         self._pool, self._users = pool, users
         self._buf = pool.get()
-        self.array = self._buf[:rows * row_bytes].reshape(rows, row_bytes)
+        at = (phase - self._buf.__array_interface__["data"][0]) % IO_ALIGN if phase else 0
+        self.array = self._buf[at:at + rows * row_bytes].reshape(rows, row_bytes)
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -562,7 +571,9 @@ class _Reader:
 
     def __init__(self, source: Source, names: Sequence[str], workers: int, stats: StageStats | None) -> None:
         self._source, self._names, self._stats = source, list(names), stats
-        self._pool = _Buffers(max((int(source.tensors[n].nbytes) for n in names), default=0))
+        # IO_ALIGN spare bytes, so that each tensor can start at its file offset's phase (direct
+        # reads then land in place, without a bounce copy).
+        self._pool = _Buffers(max((int(source.tensors[n].nbytes) for n in names), default=0) + IO_ALIGN)
         self._ahead = workers + 1
         self._stop = threading.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="flux-gguf-reader")
@@ -574,14 +585,21 @@ class _Reader:
         if self._stop.is_set():
             raise _TensorError(name, KeyboardInterrupt())
         buf = self._pool.get()
-        nbytes = int(self._source.tensors[name].nbytes)
+        info = self._source.tensors[name]
+        nbytes = int(info.nbytes)
+        # The phase only where the tensor's elements stay aligned to their width (the kernels take
+        # BF16/F16 codes as uint16); otherwise a direct read goes through the bounce buffer.
+        at = (self._source.raw_phase(name) - buf.__array_interface__["data"][0]) % IO_ALIGN
+        if at % DTYPE_SIZES[info.dtype]:
+            at = 0
+        data = buf[at:at + nbytes]
         try:
             with _timed(self._stats, "read", cpu=True):
-                self._source.read_raw_into(name, buf[:nbytes])
+                self._source.read_raw_into(name, data)
         except BaseException:
             self._pool.put(buf)
             raise
-        return _RawTensor(buf, buf[:nbytes], self._source.tensors[name].dtype)
+        return _RawTensor(buf, data, info.dtype)
 
     def _fill(self) -> None:
         while len(self._pending) < self._ahead and self._next < len(self._names):

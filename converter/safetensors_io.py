@@ -11,11 +11,17 @@ reads release the GIL so several can run at once, and a file that shrinks while 
 (another process truncating or rewriting it) gives a short read and a one-line SourceError naming
 the file and tensor, where a mapping would kill the process with SIGBUS.
 
-The same module encodes headers, so the synthetic-checkpoint writer produces files this reader
-and the safetensors package both accept.
+A source that is not already in the page cache is read with O_DIRECT where the file system
+allows it (see ``direct_io``; ``FLUX_GGUF_DIRECT_IO``): the checkpoint is read once, and through
+the page cache that costs a copy of every byte and, when the file nears the size of RAM, the
+reclaim of as much cache again. A source mostly in the page cache stays buffered (a copy from
+memory beats a trip to the disk). Direct reads land in the caller's buffer without a copy when
+its address has the tensor's file offset modulo the page size (``raw_phase`` says which; the
+pipeline places its buffers so), otherwise through a bounce buffer.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,6 +36,8 @@ import numpy as np
 from manifests.hashing import open_regular
 from quant_kernels import upcast
 
+from . import direct_io
+from .direct_io import IO_ALIGN, DirectRefused
 from .errors import SourceError
 
 # Bytes per element of every dtype we read (safetensors' names).
@@ -290,6 +298,8 @@ class SafetensorsFile:
         }
         _check_layout(self.path, list(self.tensors.values()), data_start, self.size)
         self._fd: int | None = None
+        self._direct_fd: int | None = None  # set on the first read when direct reads are chosen
+        self.direct = False  # whether large reads bypass the page cache (decided on the first read)
         self._closed = False
         self._lock = threading.Lock()  # the descriptor is opened lazily; readers may be threads
 
@@ -298,6 +308,7 @@ class SafetensorsFile:
             if self._closed:
                 raise _fail(self.path, "read after close()")
             if self._fd is None:
+                mode = direct_io.mode()
                 try:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 except OSError as e:
@@ -307,7 +318,22 @@ class SafetensorsFile:
                         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     except OSError:
                         pass  # a hint only
+                if mode == "on" or (mode == "auto" and not direct_io.mostly_cached(self._fd, self.size)):
+                    self._direct_fd = direct_io.open_direct(self.path, os.O_RDONLY)
+                    self.direct = self._direct_fd is not None
             return self._fd
+
+    def _no_direct(self) -> None:
+        """The file system turned a direct read down (EINVAL): buffered reads from now on. The
+        descriptor stays open until close(): another thread may be reading through it, and a
+        closed number can be reused by the next open() at once."""
+        self.direct = False
+
+    def raw_phase(self, name: str, first: int = 0) -> int:
+        """The file offset of element ``first`` of ``name`` modulo IO_ALIGN: a buffer whose
+        address has this remainder receives direct reads without a copy."""
+        t = self.tensors[name]
+        return (t.begin + first * DTYPE_SIZES[t.dtype]) % IO_ALIGN
 
     def read_raw_into(self, name: str, first: int, out: np.ndarray) -> None:
         """Copy the raw little-endian bytes of ``out.nbytes // width`` elements of tensor ``name``,
@@ -324,20 +350,88 @@ class SafetensorsFile:
         if count == 0:
             return
         view = memoryview(out).cast("B")
-        done = 0
+        if self.direct and count >= direct_io.DIRECT_MIN_BYTES:
+            dfd = self._direct_fd
+            try:
+                if dfd is not None:
+                    if (direct_io.address(out) - start) % IO_ALIGN == 0:
+                        self._read_direct_in_place(fd, dfd, name, t, start, view)
+                    else:
+                        self._read_direct_bounced(dfd, name, t, start, view)
+                    return
+            except DirectRefused:
+                self._no_direct()
+        self._pread(fd, name, t, start, view)
+
+    def _pread(self, fd: int, name: str, t: RawTensor, start: int, view: memoryview) -> None:
+        """All of ``view`` from ``start``; a file that ends first raises (truncated)."""
+        done, count = 0, len(view)
         while done < count:
             try:
                 got = os.preadv(fd, [view[done:]], start + done)
             except OSError as e:
                 raise _fail(self.path, f"cannot read tensor {name} ({e.strerror or e})") from None
             if got == 0:
-                try:
-                    now = os.fstat(fd).st_size
-                except OSError:
-                    now = start + done
-                raise _fail(self.path, f"truncated while reading tensor {name}: it needs bytes up to "
-                                       f"{t.end} but the file now has {now} (it had {self.size} when opened)")
+                raise self._truncated(fd, name, t, start + done)
             done += got
+
+    def _truncated(self, fd: int, name: str, t: RawTensor, at: int) -> SourceError:
+        try:
+            now = os.fstat(fd).st_size
+        except OSError:
+            now = at
+        return _fail(self.path, f"truncated while reading tensor {name}: it needs bytes up to "
+                                f"{t.end} but the file now has {now} (it had {self.size} when opened)")
+
+    def _pread_direct(self, dfd: int, name: str, view: memoryview, offset: int) -> int:
+        """One direct read of ``view`` (aligned address, offset and length) at ``offset``: the
+        bytes read, fewer only at the end of the file. EINVAL raises DirectRefused."""
+        done, count = 0, len(view)
+        while done < count:
+            try:
+                got = os.preadv(dfd, [view[done:]], offset + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise DirectRefused() from None
+                raise _fail(self.path, f"cannot read tensor {name} ({e.strerror or e})") from None
+            if got == 0:
+                break
+            done += got
+            if got % IO_ALIGN:
+                break  # the end of the file (a shorter read elsewhere would misalign the next)
+        return done
+
+    def _read_direct_in_place(self, fd: int, dfd: int, name: str, t: RawTensor, start: int,
+                              view: memoryview) -> None:
+        """Direct reads straight into ``view`` for its page-aligned middle; the partial pages at
+        either end through the page cache."""
+        count = len(view)
+        head, mid = direct_io.split(start, count)
+        for k in range(0, mid, direct_io.CHUNK):
+            piece = view[head + k:head + min(mid, k + direct_io.CHUNK)]
+            got = self._pread_direct(dfd, name, piece, start + head + k)
+            if got < len(piece):
+                self._pread(fd, name, t, start + head + k + got, piece[got:])
+        if head:
+            self._pread(fd, name, t, start, view[:head])
+        if head + mid < count:
+            self._pread(fd, name, t, start + head + mid, view[head + mid:])
+
+    def _read_direct_bounced(self, dfd: int, name: str, t: RawTensor, start: int,
+                             view: memoryview) -> None:
+        """Direct reads of whole pages into this thread's bounce buffer, copied into ``view``."""
+        bounce = direct_io.bounce_buffer()
+        count = len(view)
+        pos = start - start % IO_ALIGN
+        end = start + count
+        while pos < end:
+            want = min(len(bounce), -(-(end - pos) // IO_ALIGN) * IO_ALIGN)
+            got = self._pread_direct(dfd, name, bounce[:want], pos)
+            lo, hi = max(pos, start), min(pos + got, end)
+            if hi < min(pos + want, end):
+                raise self._truncated(dfd, name, t, hi)
+            view[lo - start:hi - start] = bounce[lo - pos:hi - pos]
+            pos += want
 
     def read_elements_into(self, name: str, first: int, out: np.ndarray) -> None:
         """Upcast ``out.size`` elements of tensor ``name`` starting at element ``first`` into ``out``.
@@ -361,9 +455,10 @@ class SafetensorsFile:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            for fd in (self._fd, self._direct_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._direct_fd = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,16 @@ class Source:
         for p in self._pieces[name]:
             p.file.read_raw_into(p.key, p.first, flat[p.dest * width:(p.dest + p.count) * width])
 
+    def raw_phase(self, name: str) -> int:
+        """Where tensor ``name``'s source bytes start, modulo the direct-read alignment: a buffer
+        at an address with this remainder receives them without a copy (see safetensors_io)."""
+        pieces = self._pieces.get(name)
+        if not pieces:
+            return 0
+        p = pieces[0]
+        phase = getattr(p.file, "raw_phase", None)  # remote shards have none
+        return int(phase(p.key, p.first)) if phase is not None else 0
+
     def read_order(self, names: list[str]) -> list[str]:
         """The order in which to read ``names`` (a remote source prefers its file order). Local: as given."""
         return list(names)

@@ -28,6 +28,8 @@ from gguf.gguf_writer import WriterState
 
 from manifests.hashing import open_partial, partial_path
 
+from . import direct_io
+from .direct_io import IO_ALIGN, DirectRefused
 from .errors import OutputError
 
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
@@ -185,13 +187,38 @@ class GGUFStreamWriter:
         except OSError as e:
             self._fh = None
             raise self._os_error(e) from e
-        self._write(self._header)
-        if any_order or self._parallel:
-            try:
-                self._fh.flush()
-                os.ftruncate(self._fh.fileno(), self.expected_size)  # padding and gaps read as zeros
-            except OSError as e:
-                raise self._os_error(e) from e
+        # parallel: the whole pages of large tensors go straight to the disk (O_DIRECT, where the
+        # file system allows it): an output is written once and not read back, and through the
+        # page cache each byte costs a copy and a page (see direct_io). Partial pages, shared
+        # with the neighbouring tensor or the header, go through the page cache.
+        self._direct_fd: int | None = None
+        self._direct_ok = False
+        try:
+            self._write(self._header)
+            if any_order or self._parallel:
+                try:
+                    self._fh.flush()
+                    os.ftruncate(self._fh.fileno(), self.expected_size)  # padding and gaps read as zeros
+                except OSError as e:
+                    raise self._os_error(e) from e
+            if self._parallel:
+                self._direct_fd = direct_io.open_direct(self.partial_path, os.O_WRONLY)
+                self._direct_ok = self._direct_fd is not None
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def direct(self) -> bool:
+        """Whether large tensors are written with O_DIRECT (a parallel writer, where allowed)."""
+        return self._direct_ok
+
+    def offset_of(self, name: str) -> int:
+        """Where tensor ``name``'s bytes go in the file (a parallel or any-order writer): a buffer
+        whose address has this offset's remainder modulo IO_ALIGN is written without a copy."""
+        if name not in self._slot_offsets:
+            raise ValueError(f"{self.path}: no slot offsets for {name!r} (not in this file, or an ordered writer)")
+        return self._slot_offsets[name][0]
 
     @property
     def expected_size(self) -> int:
@@ -289,14 +316,43 @@ class GGUFStreamWriter:
         if self._fh is None:
             raise ValueError(f"{self.path}: writer is closed")
         buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        fd = self._fh.fileno()
         try:
-            done = 0
-            while done < buf.nbytes:
-                done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+            if self._direct_ok and buf.nbytes >= direct_io.DIRECT_MIN_BYTES and self._direct_fd is not None:
+                try:
+                    self._write_direct(fd, self._direct_fd, offset, buf)
+                except DirectRefused:
+                    self._direct_ok = False  # the descriptor stays open until sync(): other threads
+                    _pwrite_all(fd, buf, offset)
+            else:
+                _pwrite_all(fd, buf, offset)
         except OSError as e:
             raise self._os_error(e) from e
         with self._stored_lock:
             self._stored += buf.nbytes
+
+    @staticmethod
+    def _write_direct(fd: int, dfd: int, offset: int, buf: memoryview) -> None:
+        """The whole pages of ``buf`` through ``dfd`` (from ``buf`` itself when its address lines
+        up with ``offset``, else through this thread's bounce buffer), the rest through ``fd``."""
+        n = buf.nbytes
+        head, mid = direct_io.split(offset, n)
+        if head:
+            _pwrite_all(fd, buf[:head], offset)
+        if not mid:
+            pass  # within one page, or across one boundary: no whole page to send direct
+        elif (direct_io.address(buf) + head) % IO_ALIGN == 0:
+            for k in range(0, mid, direct_io.CHUNK):
+                m = min(direct_io.CHUNK, mid - k)
+                _pwrite_direct(fd, dfd, buf[head + k:head + k + m], offset + head + k)
+        else:
+            bounce = direct_io.bounce_buffer()
+            for k in range(0, mid, len(bounce)):
+                m = min(len(bounce), mid - k)
+                bounce[:m] = buf[head + k:head + k + m]
+                _pwrite_direct(fd, dfd, bounce[:m], offset + head + k)
+        if head + mid < n:
+            _pwrite_all(fd, buf[head + mid:], offset + head + mid)
 
     def _write_at(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
         if name not in self._slot_offsets or name in self._unordered:
@@ -308,9 +364,7 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
         assert self._fh is not None
         try:
-            done = 0
-            while done < buf.nbytes:
-                done += os.pwrite(self._fh.fileno(), buf[done:], offset + done)
+            _pwrite_all(self._fh.fileno(), buf, offset)
         except OSError as e:
             raise self._os_error(e) from e
         record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, hashlib.sha256(buf).hexdigest())
@@ -347,7 +401,8 @@ class GGUFStreamWriter:
         fh, self._fh = self._fh, None
         try:
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fsync(fh.fileno())  # the direct writes' block allocations too: one inode
+            self._close_direct()
             fh.close()
             if self._any_order:
                 self._hash_back()
@@ -383,8 +438,18 @@ class GGUFStreamWriter:
             self.path, self._offset, self._file_hash.hexdigest(), self.variant, self.file_type, list(self._records)
         )
 
+    def _close_direct(self) -> None:
+        fd, self._direct_fd = self._direct_fd, None
+        self._direct_ok = False
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def abort(self) -> None:
         """Close and delete the partial file (idempotent; a finished file is left alone)."""
+        self._close_direct()
         if self._fh is not None:
             fh, self._fh = self._fh, None
             try:
@@ -406,6 +471,28 @@ class GGUFStreamWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self._done:
             self.abort()
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < buf.nbytes:
+        done += os.pwrite(fd, buf[done:], offset + done)
+
+
+def _pwrite_direct(fd: int, dfd: int, buf: memoryview, offset: int) -> None:
+    """``buf`` (aligned address, offset and length) through the O_DIRECT descriptor ``dfd``; a
+    short write's misaligned rest through ``fd``. EINVAL (refused) raises DirectRefused."""
+    done = 0
+    while done < buf.nbytes:
+        if done % IO_ALIGN:
+            _pwrite_all(fd, buf[done:], offset + done)
+            return
+        try:
+            done += os.pwrite(dfd, buf[done:], offset + done)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise DirectRefused() from None
+            raise
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -60,7 +60,9 @@ def test_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
 
 def test_core_stays_small():
     top = sorted(p.name for p in (ROOT / "converter").glob("*.py") if p.name != "__init__.py")
-    assert len(top) <= 12, top
+    # 13: the pipeline's modules, plus direct_io (page-cache bypass shared by its two ends, the
+    # source reader and the GGUF writer). A fourteenth wants a subpackage or a merge instead.
+    assert len(top) <= 13, top
     subpackages = sorted(p.parent.name for p in (ROOT / "converter").glob("*/__init__.py"))
     assert subpackages == ["cli", "hub", "lora", "quality", "release"]
     for pkg in subpackages:
