@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 from typing import Sequence
 
 import click
 
+from converter import direct_io
 from converter.imatrix import load_imatrices
 from converter.hub.source import RemoteSource, open_any_source
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
@@ -62,13 +64,18 @@ def _provenance(source: object, extra: dict[str, str]) -> dict[str, object]:
                    "llama.cpp/stable-diffusion.cpp .dat); repeat to merge several, as llama.cpp does.")
 @click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
               help="Threads for the quantization kernels (default: all cores).")
+@click.option("--direct-io", "direct", type=click.Choice(direct_io.MODES), default=None,
+              help="Bypass the page cache (O_DIRECT) for the source and the outputs: auto (the default, or "
+                   "FLUX_GGUF_DIRECT_IO) reads a source that is not already cached and writes the outputs "
+                   "direct, where the file system allows it; on: also a cached source; off: never.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (types, exact sizes) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--keep-source", type=click.Path(path_type=pathlib.Path), default=None, metavar="DIR",
               help="With an hf:// SRC: also keep the streamed source files under DIR (verified before kept).")
 def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
             overrides: tuple[str, ...], loras: tuple[str, ...], imatrix_files: tuple[pathlib.Path, ...],
-            threads: int | None, dry_run: bool, as_json: bool, keep_source: pathlib.Path | None) -> None:
+            threads: int | None, direct: str | None, dry_run: bool, as_json: bool,
+            keep_source: pathlib.Path | None) -> None:
     """Convert a FLUX.1 safetensors checkpoint (file or diffusers folder) into GGUF files.
 
     SRC may be on the Hub: hf://OWNER/REPO[@REVISION]/PATH.safetensors, or hf://OWNER/REPO[@REVISION]
@@ -86,6 +93,9 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
           --imatrix flux1-kontext-dev.imatrix.gguf
     """
     check_threads(threads)
+    if direct is not None:
+        os.environ[direct_io.ENV] = direct  # this process's readers and writers (the CLI owns it)
+    direct_io.mode()  # a bad FLUX_GGUF_DIRECT_IO: one line now, not at the first read
     names = split_variants(variants)
     for v in names:  # reject bad arguments before opening the source
         resolve_variant(v)

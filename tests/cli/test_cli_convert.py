@@ -105,6 +105,23 @@ def test_threads_out_of_range(src, tmp_path):
     assert_error(r, f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (the cores numba may use), got 0")
 
 
+def test_direct_io_choices_give_the_same_files_and_a_bad_setting_is_one_line(src, tmp_path, monkeypatch):
+    from converter import direct_io
+    monkeypatch.setenv(direct_io.ENV, "auto")  # the CLI sets it for its process: restored after
+    digests = []
+    for mode in ("off", "on"):
+        r = run("convert", src, "-o", tmp_path / mode, "--variant", "Q4_K_M", "--direct-io", mode, "--json")
+        assert r.exit_code == 0, r.output
+        digests.append([a["sha256"] for a in json.loads(r.stdout)["artifacts"]])
+    assert digests[0] == digests[1]
+    monkeypatch.setenv(direct_io.ENV, "sideways")
+    assert_error(run("convert", src, "-o", tmp_path / "bad", "--variant", "Q8_0"),
+                 "FLUX_GGUF_DIRECT_IO='sideways': expected one of auto, on, off")
+    assert not (tmp_path / "bad").exists()
+    r = run("convert", src, "-o", tmp_path / "bad", "--variant", "Q8_0", "--direct-io", "sideways")
+    assert r.exit_code == 2 and "'sideways' is not one of 'auto', 'on', 'off'" in r.stderr
+
+
 def test_convert_json(src, tmp_path):
     r = run("convert", src, "-o", tmp_path, "--variant", "Q4_K_M,Q8_0", "--name", "kontext", "--threads", "1", "--json",
             "--override", r"single_blocks\.0\.linear2=Q6_K")
