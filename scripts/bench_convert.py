@@ -5,9 +5,10 @@ Generates the checkpoint with converter.synthetic (or reuses it), then measures,
 process of its own (``os.wait4`` gives that child's CPU time and peak RSS):
 
 * **stages**: every stage of a conversion alone, one tensor at a time on the calling thread
-  (read = pread of the source bytes, quantize = the fused kernels from the raw source codes for
+  (read = the source bytes into a buffer placed as the pipeline places its own, so O_DIRECT
+  where the pipeline would use it, quantize = the fused kernels from the raw source codes for
   every type the variants need, as the pipeline runs them, hash = each tensor's and each file's
-  sha256, write = the bytes to the output folder and fsync): wall time, CPU time and GB/s per
+  sha256, write = the bytes through the pipeline's writer and fsync): wall time, CPU time and GB/s per
   stage. Their sum is what a conversion would take with nothing overlapped; ``quantize`` alone
   is "the kernels alone for the same tensors at the same thread count". ``upcast`` (the parallel
   BF16/F16/FP8 -> float32 kernels over whole tensors) is shown for reference: the pipeline no
@@ -87,9 +88,24 @@ def _child_stages(args: dict) -> dict:
     import numpy as np
 
     import quant_kernels
+    from converter.direct_io import IO_ALIGN, address
     from converter.pipeline import kernel_threads, plan_source
     from converter.safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
     from converter.sources import open_source
+    from converter.writer import GGUFStreamWriter
+
+    class NoHash:  # the file hash is its own stage here
+        def update(self, data) -> None:
+            pass
+
+        def hexdigest(self) -> str:
+            return ""
+
+    def placed(buf: np.ndarray, phase: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` of ``buf`` at an address with ``phase`` modulo IO_ALIGN, as the pipeline places
+        its buffers (direct reads and writes then need no bounce copy)."""
+        at = (phase - address(buf)) % IO_ALIGN
+        return buf[at:at + nbytes]
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
@@ -103,9 +119,13 @@ def _child_stages(args: dict) -> dict:
     with kernel_threads(args["threads"]), open_source(args["src"]) as source:
         plans = plan_source(source, args["variants"])
         order = [e.name for e in plans[0].entries]
-        raw_buf = np.empty(max(source.tensors[n].nbytes for n in order), np.uint8)
+        raw_buf = np.empty(max(source.tensors[n].nbytes for n in order) + IO_ALIGN, np.uint8)
         f32 = np.empty(max(source.tensors[n].nbytes // DTYPE_SIZES[source.tensors[n].dtype] for n in order), np.float32)
-        files = [open(out / p.file_name, "wb") for p in plans]
+        enc_capacity = max(e.nbytes for p in plans for e in p.entries) + IO_ALIGN
+        enc_bufs: dict[str, np.ndarray] = {}
+        # The pipeline's writer (positioned writes, O_DIRECT where the file system allows it).
+        writers = [GGUFStreamWriter(out / p.file_name, p.kv, p.slots, variant=p.variant.name, file_type=p.file_type,
+                                    file_hash=NoHash(), parallel=True) for p in plans]
         file_hashes = [hashlib.sha256() for _ in plans]
         for kernel in quant_kernels.uncompiled_kernels(  # compile/load outside the timing
                 sorted({e.qtype for p in plans for e in p.entries}),
@@ -122,7 +142,8 @@ def _child_stages(args: dict) -> dict:
 
         for tname in order:
             info = source.tensors[tname]
-            raw = raw_buf[:info.nbytes]
+            phase = source.raw_phase(tname)
+            raw = placed(raw_buf, phase if phase % DTYPE_SIZES[info.dtype] == 0 else 0, info.nbytes)
             stage("read", lambda: source.read_raw_into(tname, raw), info.nbytes)
             n = info.shape[-1] if info.shape else 1
             rows = info.nbytes // DTYPE_SIZES[info.dtype] // n
@@ -132,20 +153,24 @@ def _child_stages(args: dict) -> dict:
             encoded = {}
             codes, kind, table = raw_codes(raw, info.dtype, rows, n)
             for qt in dict.fromkeys(e.qtype for e in entries):
-                encoded[qt] = stage("quantize", lambda: quant_kernels.quantize_raw(codes, kind, qt, table=table),
-                                    x.nbytes)
+                # into a buffer placed for the first file of this type, as the pipeline does
+                w = next(w for w, e in zip(writers, entries) if e.qtype == qt)
+                buf = enc_bufs.setdefault(qt, np.empty(enc_capacity, np.uint8))
+                dest = placed(buf, w.offset_of(tname) % IO_ALIGN, rows * quant_kernels.row_nbytes(qt, n))
+                dest = dest.reshape(rows, -1)
+                stage("quantize", lambda: quant_kernels.quantize_raw(codes, kind, qt, table=table, out=dest), x.nbytes)
+                encoded[qt] = dest
             for qt, data in encoded.items():  # once per distinct type, as the pipeline does
                 stage("hash", lambda: hashlib.sha256(data).hexdigest(), data.nbytes)
-            for e, fh, h in zip(entries, files, file_hashes):
+            for e, w, h in zip(entries, writers, file_hashes):
                 data = encoded[e.qtype]
                 stage("hash", lambda: h.update(data), data.nbytes)
-                stage("write", lambda: fh.write(memoryview(data).cast("B")), data.nbytes)
+                stage("write", lambda: w.write_at(w.reserve(tname, data, sha256=lambda: ""), data), data.nbytes)
 
         def sync() -> None:
-            for fh in files:
-                fh.flush()
-                os.fsync(fh.fileno())
-                fh.close()
+            for w in writers:
+                w.sync()
+                w.commit()
 
         stage("write", sync, 0)
     return {"stages": {s: {"wall_s": round(wall[s], 3), "cpu_s": round(cpus[s], 3), "gb": round(nbytes[s] / GB, 3),
