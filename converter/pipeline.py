@@ -75,6 +75,8 @@ _QUEUE_DEPTH = 2  # encoded tensors waiting per writer thread
 # quantized types chunk inside their kernels (quant_kernels._source.CHUNK_WEIGHTS).
 _CHUNK_PER_THREAD = 1 << 21
 _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
+_MAX_READERS = 4  # reader threads: a quarter of the kernel threads, at least 1, at most this
+_MAX_HASHERS = 8  # tensor-hash threads: half the kernel threads, at least 1, at most this
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -257,10 +259,10 @@ def _convert_planned(
                                             file_type=p.file_type, file_hash=file_hashes[-1],
                                             any_order=read_order != order, parallel=True))
         sinks = [_FileSink(w, h, stats) for w, h in zip(writers, file_hashes)]
-        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(8, threads // 2)),
+        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(_MAX_HASHERS, threads // 2)),
                                                         thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0) + IO_ALIGN)
-        reader = _Reader(source, read_order, max(1, min(4, threads // 4)), stats)
+        reader = _Reader(source, read_order, max(1, min(_MAX_READERS, threads // 4)), stats)
         chunk_size = threads * _CHUNK_PER_THREAD
         done = 0
         if progress is not None:

@@ -71,6 +71,8 @@ def _child_convert(args: dict) -> dict:
         sys.setswitchinterval(args["switch_interval"])
     if args.get("chunk_per_thread"):  # rows upcast and encoded at a time, in float32 elements per thread
         pipeline._CHUNK_PER_THREAD = args["chunk_per_thread"]
+    if args.get("helpers"):  # A/B of the reader and tensor-hash thread counts
+        pipeline._MAX_READERS, pipeline._MAX_HASHERS = args["helpers"]
     with collect_stage_stats(trace=bool(args.get("trace"))) as stats:
         records = convert(args["src"], args["out"], args["variants"], threads=args["threads"])
     result = {"files": {r.path.name: r.size for r in records}, "sha256": {r.path.name: r.sha256 for r in records},
@@ -248,13 +250,14 @@ SPINNING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
 def measure(kind: str, src: pathlib.Path, out: pathlib.Path, variants: list[str], threads: int,
-            chunksize: int | None = None, env: dict | None = None) -> dict:
+            chunksize: int | None = None, env: dict | None = None, helpers: list[int] | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     result, wall, cpu, rss = run_child(kind, {"src": str(src), "out": str(out), "variants": variants,
                                               "threads": threads, "chunksize": chunksize,
                                               "chunk_per_thread": CHUNK_PER_THREAD,
-                                              "switch_interval": SWITCH_INTERVAL, "trace": TRACE}, env)
+                                              "switch_interval": SWITCH_INTERVAL, "trace": TRACE,
+                                              "helpers": helpers}, env)
     written = sum(p.stat().st_size for p in out.iterdir()) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"kind": kind, "scenario": "+".join(variants), "threads": threads, "wall_s": round(wall, 2),
@@ -345,6 +348,9 @@ def main() -> None:
                          "(libgomp's default; quant_kernels sets OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--ab-static", action="store_true",
                     help="also run the first scenario with numba's static loop split (parallel chunksize 0)")
+    ap.add_argument("--ab-helpers", default=None, metavar="R,H",
+                    help="also run the first scenario with at most R reader and H tensor-hash threads "
+                         "(the pipeline's defaults: 4 and 8)")
     ap.add_argument("--vector-width", choices=("256", "512"), default="512",
                     help="FLUX_GGUF_VECTOR_WIDTH for every child (default 512, as the flux-gguf command: "
                          "512-bit vectors where the CPU has AVX-512)")
@@ -430,6 +436,14 @@ def main() -> None:
         save()
         print(f"\nA/B: {name} at {args.threads} threads with numba's static loop split: {r['wall_s']} s wall "
               f"(pipeline {r['stages']['wall_s']} s)")
+    if args.ab_helpers:
+        name = scenarios[0]
+        helpers = [int(v) for v in args.ab_helpers.split(",")]
+        r = measure("convert", src, out, SCENARIOS[name], args.threads, helpers=helpers)
+        results["ab_helpers"] = {"readers_hashers": helpers, **r}
+        save()
+        print(f"\nA/B: {name} at {args.threads} threads with at most {helpers[0]} reader and {helpers[1]} tensor-hash "
+              f"threads: {r['wall_s']} s wall (pipeline {r['stages']['wall_s']} s)")
     if not args.no_sweep:
         name = args.sweep or scenarios[0]
         # most threads first: the quick runs land before the slow single-thread one

@@ -14,8 +14,14 @@ timed in the same interleaved rounds: "vs base" is the base's time over ours (ab
 current kernels are faster), at one thread and at all threads, and the base's bytes must equal
 ours. That is how a kernel change is measured on a noisy machine: both sides see the same load.
 
+With ``--tiny`` it times something else: a tensor of one row of 3072 weights (a FLUX bias or
+norm), at all threads, encoded the way the API does it (on the calling thread alone, below
+``quant_kernels.api.SERIAL_BELOW`` elements) and forced through a parallel region, interleaved:
+microseconds per tensor and the ratio.
+
 Example:
     python scripts/bench_kernels.py --repeats 5 --json bench-out/kernels.json
+    python scripts/bench_kernels.py --tiny --types F32,Q8_0,Q4_K
     python scripts/bench_kernels.py --types Q3_K,Q6_K --rows 1024 --imatrix
     python scripts/bench_kernels.py --types Q4_K,Q5_K --base HEAD~1 --repeats 7
 """
@@ -238,6 +244,40 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     partial.replace(path)
 
 
+def bench_tiny(types: list[str], threads: int, repeats: int, calls: int = 300) -> list[dict]:
+    """Per type: microseconds per call of quantize on a (1, 3072) tensor at ``threads`` threads,
+    serial below SERIAL_BELOW (as shipped) and with a parallel region forced, interleaved."""
+    from quant_kernels import api
+
+    x = (np.random.default_rng(0).standard_normal((1, 3072)) * 0.02).astype(np.float32)
+    shipped = api.SERIAL_BELOW
+    rows = []
+    quant_kernels.set_threads(threads)
+    for qtype in types:
+        best = {"serial": float("inf"), "parallel": float("inf")}
+        same = set()
+        for _ in range(repeats + 1):  # the first round is a warm-up
+            for way, below in (("serial", shipped), ("parallel", 0)):
+                api.SERIAL_BELOW = below
+                try:
+                    same.add(quant_kernels.quantize(x, qtype).tobytes())
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        quant_kernels.quantize(x, qtype)
+                    best[way] = min(best[way], (time.perf_counter() - t) / calls * 1e6)
+                finally:
+                    api.SERIAL_BELOW = shipped
+        if len(same) != 1:
+            raise SystemExit(f"{qtype}: the serial and the parallel call gave different bytes")
+        rows.append({"type": qtype, "threads": threads, "serial_us": round(best["serial"], 1),
+                     "parallel_us": round(best["parallel"], 1),
+                     "ratio": round(best["parallel"] / best["serial"], 2)})
+        r = rows[-1]
+        print(f"  {qtype}: {r['serial_us']} us serial, {r['parallel_us']} us in a parallel region of {threads} "
+              f"threads ({r['ratio']}x), same bytes", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)
@@ -248,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imatrix", action="store_true", help="time the importance-weighted variants instead")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    ap.add_argument("--tiny", action="store_true",
+                    help="time one-row (1 x 3072) tensors, serial as shipped vs a forced parallel region")
     ap.add_argument("--base", help="also time the kernels of this git revision (or a folder holding "
                                    "quant_kernels/) in the same rounds, e.g. HEAD~1")
     args = ap.parse_args(argv)
@@ -261,6 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         types = [quant_kernels.resolve(t).name for t in args.types.split(",") if t.strip()]
     except quant_kernels.UnsupportedTypeError as e:
         ap.error(str(e))
+
+    if args.tiny:
+        machine = machine_description()
+        print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, numba {machine['versions']['numba']}; "
+              f"1 x 3072 N(0, 0.02) float32, best of {args.repeats}", flush=True)
+        rows = bench_tiny(types, args.threads, args.repeats)
+        if args.json:
+            write_json(args.json, {"benchmark": "tiny tensors: serial vs parallel region", "machine": machine,
+                                   "threading_layer": _threading_layer(), "results": rows})
+        return 0
 
     rng = np.random.default_rng(args.seed)
     x = (rng.standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
