@@ -6,21 +6,27 @@ appended to every output file. Every stage runs on its own threads so that no si
 the pace:
 
 * reader threads ``pread`` the raw source bytes of the next tensors into reusable buffers
-  (several tensors in flight; the reads release the GIL);
+  (several tensors in flight; the reads release the GIL), with O_DIRECT when the source is not in
+  the page cache (``direct_io``), each tensor placed at its file offset's phase so the read lands
+  in place;
 * the calling thread, the only one that launches numba's parallel regions, hands each tensor's raw
   codes to the fused kernels (``quant_kernels.quantize_raw``), one parallel region per output type:
   every kernel thread upcasts a chunk of rows (64 KB of float32) into its own buffer, which stays
   in cache, checks it and encodes it, so no float32 copy of a tensor is made and nothing else
   passes over it; float output types (F32/F16/BF16) are converted 8 MB per kernel thread at a time;
+  tensors under 64K elements are encoded on the calling thread alone (``quant_kernels.api``);
 * hashing threads compute each encoded tensor's sha256 (once per distinct type);
-* two writer threads per output file write the tensors at their offsets, in parallel, and one
+* two writer threads per output file write the tensors at their offsets, in parallel (whole pages
+  with O_DIRECT where the file system allows it; each encoded tensor sits at the phase of its first
+  file's offset, so that write needs no copy), and one
   more thread per file computes the whole-file sha256, which is one sequential stream (about
   1.2-1.5 GB/s on one core): the calling thread hands it each tensor in file order as soon as
   the tensor is encoded, and it may fall behind by a byte budget, so it never waits for a write.
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
-R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes) and
+R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes, plus the
+4 KB every pooled buffer has to spare for placing) and
 largest encoded tensor E: (R + 2) * S of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
 a float output type is converted) + at most Q * ((_QUEUE_DEPTH + 4) * E + 128 MB) of encoded tensors
 (Q: distinct types per tensor, at most the variant count; each file has one tensor being encoded,
