@@ -476,7 +476,13 @@ class GGUFStreamWriter:
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < buf.nbytes:
-        done += os.pwrite(fd, buf[done:], offset + done)
+        done += _progress(os.pwrite(fd, buf[done:], offset + done))
+
+
+def _progress(written: int) -> int:
+    if written <= 0:  # a write that stores nothing would loop forever
+        raise OSError(errno.EIO, "the write stored nothing")
+    return written
 
 
 def _pwrite_direct(fd: int, dfd: int, buf: memoryview, offset: int) -> None:
@@ -488,7 +494,7 @@ def _pwrite_direct(fd: int, dfd: int, buf: memoryview, offset: int) -> None:
             _pwrite_all(fd, buf[done:], offset + done)
             return
         try:
-            done += os.pwrite(dfd, buf[done:], offset + done)
+            done += _progress(os.pwrite(dfd, buf[done:], offset + done))
         except OSError as e:
             if e.errno == errno.EINVAL:
                 raise DirectRefused() from None
