@@ -260,12 +260,7 @@ class GGUFStreamWriter:
             return self._write_at(name, data)
         if self._parallel:
             raise ValueError(f"{self.path}: a parallel writer stores tensors with reserve() and write_at()")
-        slot = self._slots[self._next]
-        if name != slot.name:
-            raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
-        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if buf.nbytes != slot.nbytes:
-            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        slot, buf = self._next_slot(name, data)
         offset = self._offset
         self._write(buf)
         self._write(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))
@@ -279,6 +274,16 @@ class GGUFStreamWriter:
         self._next += 1
         return record
 
+    def _next_slot(self, name: str, data: np.ndarray | bytes | memoryview) -> tuple[TensorSlot, memoryview]:
+        """The slot ``name`` must be (the next one, in order) and ``data`` as bytes of its size."""
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if buf.nbytes != slot.nbytes:
+            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        return slot, buf
+
     def reserve(self, name: str, data: np.ndarray | bytes | memoryview, *,
                 sha256: str | Callable[[], str] | None = None) -> int:
         """The ordered half of storing a tensor in a ``parallel`` writer: checks that ``name`` is
@@ -291,12 +296,7 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next >= len(self._slots):
             raise ValueError(f"{self.path}: all {len(self._slots)} tensors are already written, got {name!r}")
-        slot = self._slots[self._next]
-        if name != slot.name:
-            raise ValueError(f"{self.path}: expected tensor {slot.name!r} next, got {name!r}")
-        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if buf.nbytes != slot.nbytes:
-            raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
+        slot, buf = self._next_slot(name, data)
         offset = self._offset
         self._file_hash.update(buf)
         self._file_hash.update(bytes(pad_to_alignment(buf.nbytes) - buf.nbytes))  # the padding: zeros (ftruncate)

@@ -281,6 +281,28 @@ def _write_parallel(plan, folder: pathlib.Path, payloads, shift_every: int = 2):
         return w.finish(), direct
 
 
+def _failing_direct_writes(monkeypatch, code: int, text: str) -> list[int]:
+    """Every write through an O_DIRECT descriptor raises OSError(code); returns their offsets."""
+    real_pwrite, real_open = os.pwrite, direct_io.open_direct
+    direct_fds: set[int] = set()
+    failed: list[int] = []
+
+    def open_direct(path, flags):
+        fd = real_open(path, flags)
+        direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            failed.append(offset)
+            raise OSError(code, text)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io, "open_direct", open_direct)
+    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    return failed
+
+
 def test_direct_writes_give_the_bytes_of_buffered_ones(disk_dir, monkeypatch):
     plan = _plan()
     payloads = _payloads(plan)
@@ -304,24 +326,7 @@ def test_a_file_system_that_refuses_a_direct_write_gets_buffered_writes(disk_dir
     monkeypatch.setenv(direct_io.ENV, "off")
     buffered, _ = _write_parallel(plan, disk_dir / "off", payloads)
     monkeypatch.setenv(direct_io.ENV, "on")
-    real = os.pwrite
-    refused = []
-    direct_fds = set()
-    real_open = direct_io.open_direct
-
-    def open_direct(path, flags):
-        fd = real_open(path, flags)
-        direct_fds.add(fd)
-        return fd
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_io, "open_direct", open_direct)
-    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    refused = _failing_direct_writes(monkeypatch, errno.EINVAL, "Invalid argument")
     direct, was_direct = _write_parallel(plan, disk_dir / "on", payloads)
     assert was_direct and len(refused) == 1
     assert direct.path.read_bytes() == buffered.path.read_bytes()
@@ -332,22 +337,7 @@ def test_a_full_disk_under_a_direct_write_is_one_line_and_leaves_nothing(disk_di
     payloads = _payloads(plan)
     monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 1)
     monkeypatch.setenv(direct_io.ENV, "on")
-    real = os.pwrite
-    direct_fds = set()
-    real_open = direct_io.open_direct
-
-    def open_direct(path, flags):
-        fd = real_open(path, flags)
-        direct_fds.add(fd)
-        return fd
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_io, "open_direct", open_direct)
-    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    _failing_direct_writes(monkeypatch, errno.ENOSPC, "No space left on device")
     with pytest.raises(OutputError) as e:
         _write_parallel(plan, disk_dir / "full", payloads)
     assert str(e.value) == f"disk full while writing {disk_dir / 'full' / plan.file_name}"
