@@ -118,6 +118,14 @@ def address(a: np.ndarray | memoryview) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+def placed(buf: np.ndarray, phase: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of ``buf`` starting at an address with remainder ``phase`` modulo IO_ALIGN (``buf``
+    must have IO_ALIGN bytes to spare): direct transfers to or from a file offset with the same
+    remainder then need no bounce copy."""
+    at = (phase - address(buf)) % IO_ALIGN
+    return buf[at:at + nbytes]
+
+
 def split(offset: int, nbytes: int) -> tuple[int, int]:
     """(head, middle): a transfer of ``nbytes`` at ``offset`` is ``head`` bytes up to a page
     boundary, ``middle`` bytes of whole pages, and the rest (a partial page)."""

@@ -69,7 +69,9 @@ from .recipes import (
     parse_override,
     resolve_variant,
 )
-from .safetensors_io import DTYPE_SIZES, IO_ALIGN, raw_codes, upcast_rows
+from . import direct_io
+from .direct_io import IO_ALIGN
+from .safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
 from .sources import Source, open_source
 from .writer import ArtifactRecord, GGUFStreamWriter
 
@@ -287,7 +289,7 @@ def _convert_planned(
             phase = {qt: next((w.offset_of(tname) for w, e in zip(writers, entries) if e.qtype == qt and w.direct), 0)
                      for qt in qtypes}
             encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0,
-                                   phase[qt] % IO_ALIGN)
+                                   phase[qt])
                        for qt in qtypes}
             try:
                 if transform is not None:
@@ -544,8 +546,7 @@ class _Shared:
         same remainder need no bounce copy."""
         self._pool, self._users = pool, users
         self._buf = pool.get()
-        at = (phase - self._buf.__array_interface__["data"][0]) % IO_ALIGN if phase else 0
-        self.array = self._buf[at:at + rows * row_bytes].reshape(rows, row_bytes)
+        self.array = direct_io.placed(self._buf, phase, rows * row_bytes).reshape(rows, row_bytes)
         self._lock = threading.Lock()
 
     def release(self) -> None:
@@ -595,12 +596,10 @@ class _Reader:
         buf = self._pool.get()
         info = self._source.tensors[name]
         nbytes = int(info.nbytes)
-        # The phase only where the tensor's elements stay aligned to their width (the kernels take
-        # BF16/F16 codes as uint16); otherwise a direct read goes through the bounce buffer.
-        at = (self._source.raw_phase(name) - buf.__array_interface__["data"][0]) % IO_ALIGN
-        if at % DTYPE_SIZES[info.dtype]:
-            at = 0
-        data = buf[at:at + nbytes]
+        # At its file phase only where the tensor's elements stay aligned to their width (the kernels
+        # take BF16/F16 codes as uint16); otherwise a direct read goes through the bounce buffer.
+        phase = self._source.raw_phase(name)
+        data = direct_io.placed(buf, phase, nbytes) if phase % DTYPE_SIZES[info.dtype] == 0 else buf[:nbytes]
         try:
             with _timed(self._stats, "read", cpu=True):
                 self._source.read_raw_into(name, data)
@@ -748,22 +747,13 @@ class _FileSink:
         """How many releases of an encoded tensor this file makes (its hash, its write)."""
         return 2 if self._ordered else 1
 
-    def _store(self, offset: int, shared: _Shared) -> None:
+    def _store(self, write: Callable[[], object], shared: _Shared) -> None:
+        """On a writer thread: ``write()`` (unless an earlier write failed or the file was
+        cancelled), then give back the buffer and the queue slot."""
         try:
             if self._error is None and not self._cancelled.is_set():
                 with _timed(self._stats, "write", cpu=True):
-                    self.writer.write_at(offset, shared.array)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
-            self._error = e
-        finally:
-            shared.release()
-            self._room.release()
-
-    def _store_any(self, name: str, shared: _Shared, digest: concurrent.futures.Future[str]) -> None:
-        try:
-            if self._error is None and not self._cancelled.is_set():
-                with _timed(self._stats, "write", cpu=True):
-                    self.writer.write_tensor(name, shared.array, sha256=digest.result)
+                    write()
         except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
             self._error = e
         finally:
@@ -779,7 +769,8 @@ class _FileSink:
         with _timed(self._stats, "wait_write"):
             self._room.acquire()
         if not self._ordered:
-            self._pool.submit(self._store_any, name, shared, digest)
+            self._pool.submit(self._store, lambda: self.writer.write_tensor(name, shared.array, sha256=digest.result),
+                              shared)
             return
         try:
             # The tensor's digest is still being computed on a hashing thread: the record takes
@@ -791,7 +782,7 @@ class _FileSink:
                 shared.release()
             raise
         self._file_hash.call(shared.release)  # once the file hash has read the bytes
-        self._pool.submit(self._store, offset, shared)
+        self._pool.submit(self._store, lambda: self.writer.write_at(offset, shared.array), shared)
 
     def drain(self) -> None:
         """Wait until every tensor is written; re-raise the first write error if any."""

@@ -90,7 +90,7 @@ def _child_stages(args: dict) -> dict:
     import numpy as np
 
     import quant_kernels
-    from converter.direct_io import IO_ALIGN, address
+    from converter.direct_io import IO_ALIGN, placed
     from converter.pipeline import kernel_threads, plan_source
     from converter.safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
     from converter.sources import open_source
@@ -102,12 +102,6 @@ def _child_stages(args: dict) -> dict:
 
         def hexdigest(self) -> str:
             return ""
-
-    def placed(buf: np.ndarray, phase: int, nbytes: int) -> np.ndarray:
-        """``nbytes`` of ``buf`` at an address with ``phase`` modulo IO_ALIGN, as the pipeline places
-        its buffers (direct reads and writes then need no bounce copy)."""
-        at = (phase - address(buf)) % IO_ALIGN
-        return buf[at:at + nbytes]
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
@@ -158,7 +152,7 @@ def _child_stages(args: dict) -> dict:
                 # into a buffer placed for the first file of this type, as the pipeline does
                 w = next(w for w, e in zip(writers, entries) if e.qtype == qt)
                 buf = enc_bufs.setdefault(qt, np.empty(enc_capacity, np.uint8))
-                dest = placed(buf, w.offset_of(tname) % IO_ALIGN, rows * quant_kernels.row_nbytes(qt, n))
+                dest = placed(buf, w.offset_of(tname), rows * quant_kernels.row_nbytes(qt, n))
                 dest = dest.reshape(rows, -1)
                 stage("quantize", lambda: quant_kernels.quantize_raw(codes, kind, qt, table=table, out=dest), x.nbytes)
                 encoded[qt] = dest

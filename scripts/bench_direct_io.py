@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converter import direct_io  # noqa: E402
-from converter.direct_io import IO_ALIGN  # noqa: E402
+from converter.direct_io import IO_ALIGN, placed  # noqa: E402
 from converter.safetensors_io import SafetensorsFile, encode_header  # noqa: E402
 from converter.writer import KV, GGUFStreamWriter, TensorSlot  # noqa: E402
 
@@ -71,11 +71,6 @@ def drop_from_cache(path: pathlib.Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def placed(buf: np.ndarray, phase: int, nbytes: int) -> np.ndarray:
-    at = (phase - direct_io.address(buf)) % IO_ALIGN
-    return buf[at:at + nbytes]
 
 
 def read_all(path: pathlib.Path, names: list[str]) -> tuple[dict, str]:

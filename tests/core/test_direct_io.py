@@ -92,82 +92,71 @@ def _read_everywhere(f: SafetensorsFile, data: dict[str, bytes]) -> None:
             want = data[name][first * width[dt]:]
             for shift in (0, 2, 64):
                 buf = np.zeros(len(want) + 2 * IO_ALIGN, np.uint8)
-                at = (f.raw_phase(name, first) - direct_io.address(buf)) % IO_ALIGN + shift
-                out = buf[at:at + len(want)]
+                out = direct_io.placed(buf, f.raw_phase(name, first) + shift, len(want))
+                at = direct_io.address(out) - direct_io.address(buf)
                 f.read_raw_into(name, first, out)
                 assert out.tobytes() == want, (name, first, shift)
                 assert not buf[:at].any() and not buf[at + len(want):].any(), "wrote outside the buffer"
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_reads_give_the_file_bytes_at_every_offset_length_and_address(disk_dir, monkeypatch, mode):
-    path = disk_dir / "t.safetensors"
-    data = _write(path)
-    monkeypatch.setenv(direct_io.ENV, mode)
-    f = SafetensorsFile(path)
-    try:
-        _read_everywhere(f, data)
-        assert f.direct is (mode == "on")
-    finally:
+@pytest.fixture
+def opened(disk_dir, monkeypatch):
+    """opened(mode) -> (path, the bytes written, the file opened under FLUX_GGUF_DIRECT_IO=mode);
+    every file is closed after the test."""
+    files = []
+
+    def open_(mode: str):
+        path = disk_dir / "t.safetensors"
+        data = _write(path)
+        monkeypatch.setenv(direct_io.ENV, mode)
+        files.append(SafetensorsFile(path))
+        return path, data, files[-1]
+
+    yield open_
+    for f in files:
         f.close()
 
 
-def test_auto_reads_a_cached_file_through_the_cache(disk_dir, monkeypatch):
-    path = disk_dir / "t.safetensors"
-    data = _write(path)  # just written: in the page cache
-    monkeypatch.setenv(direct_io.ENV, "auto")
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_reads_give_the_file_bytes_at_every_offset_length_and_address(opened, mode):
+    _, data, f = opened(mode)
+    _read_everywhere(f, data)
+    assert f.direct is (mode == "on")
+
+
+def test_auto_reads_a_cached_file_through_the_cache(opened):
+    path, data, f = opened("auto")  # just written: in the page cache
     fd = os.open(path, os.O_RDONLY)
     try:
         cached = direct_io.mostly_cached(fd, path.stat().st_size)
     finally:
         os.close(fd)
-    f = SafetensorsFile(path)
-    try:
-        _read_everywhere(f, data)
-        # Where RWF_NOWAIT cannot tell (None), auto reads direct.
-        assert f.direct is (cached is not True)
-    finally:
-        f.close()
+    _read_everywhere(f, data)
+    assert f.direct is (cached is not True)  # where mincore cannot tell (None), auto reads direct
 
 
-def test_an_unknown_io_mode_is_refused_in_one_line(disk_dir, monkeypatch):
-    path = disk_dir / "t.safetensors"
-    _write(path)
-    monkeypatch.setenv(direct_io.ENV, "sideways")
-    f = SafetensorsFile(path)
-    try:
-        with pytest.raises(SettingError, match=r"^FLUX_GGUF_DIRECT_IO='sideways': expected one of auto, on, off$"):
-            f.read("tiny")
-    finally:
-        f.close()
+def test_an_unknown_io_mode_is_refused_in_one_line(opened):
+    _, _, f = opened("sideways")
+    with pytest.raises(SettingError, match=r"^FLUX_GGUF_DIRECT_IO='sideways': expected one of auto, on, off$"):
+        f.read("tiny")
 
 
-def test_a_file_cut_short_under_a_direct_read_is_one_line(disk_dir, monkeypatch):
-    path = disk_dir / "t.safetensors"
-    data = _write(path)
-    monkeypatch.setenv(direct_io.ENV, "on")
-    f = SafetensorsFile(path)
-    try:
-        t = f.tensors["odd"]
-        f.read_raw_into("tiny", 0, np.empty(len(data["tiny"]), np.uint8))  # opens it, direct
-        assert f.direct
-        cut = t.begin + 3 * IO_ALIGN + 100
-        os.truncate(path, cut)
-        for shift in (0, 2):  # in place and bounced
-            buf = np.zeros(t.nbytes + 2 * IO_ALIGN, np.uint8)
-            at = (f.raw_phase("odd") - direct_io.address(buf)) % IO_ALIGN + shift
-            with pytest.raises(SourceError, match=rf"^{path}: truncated while reading tensor odd: it needs bytes "
-                                                  rf"up to {t.end} but the file now has {cut} \(it had "):
-                f.read_raw_into("odd", 0, buf[at:at + t.nbytes])
-    finally:
-        f.close()
+def test_a_file_cut_short_under_a_direct_read_is_one_line(opened):
+    path, data, f = opened("on")
+    t = f.tensors["odd"]
+    f.read_raw_into("tiny", 0, np.empty(len(data["tiny"]), np.uint8))  # opens it, direct
+    assert f.direct
+    cut = t.begin + 3 * IO_ALIGN + 100
+    os.truncate(path, cut)
+    for shift in (0, 2):  # in place and bounced
+        buf = np.zeros(t.nbytes + 2 * IO_ALIGN, np.uint8)
+        with pytest.raises(SourceError, match=rf"^{path}: truncated while reading tensor odd: it needs bytes "
+                                              rf"up to {t.end} but the file now has {cut} \(it had "):
+            f.read_raw_into("odd", 0, direct_io.placed(buf, f.raw_phase("odd") + shift, t.nbytes))
 
 
-def test_a_file_system_that_refuses_a_direct_read_gets_buffered_reads(disk_dir, monkeypatch):
-    path = disk_dir / "t.safetensors"
-    data = _write(path)
-    monkeypatch.setenv(direct_io.ENV, "on")
-    f = SafetensorsFile(path)
+def test_a_file_system_that_refuses_a_direct_read_gets_buffered_reads(opened, monkeypatch):
+    _, data, f = opened("on")
     real = os.preadv
     refused = []
 
@@ -178,17 +167,14 @@ def test_a_file_system_that_refuses_a_direct_read_gets_buffered_reads(disk_dir, 
         return real(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(sio.os, "preadv", preadv)
-    try:
-        f.read_raw_into("tiny", 0, np.empty(len(data["tiny"]), np.uint8))
-        assert f.direct
-        out = np.empty(len(data["big"]), np.uint8)
-        f.read_raw_into("big", 0, out)
-        assert out.tobytes() == data["big"]
-        assert len(refused) == 1 and not f.direct
-        _read_everywhere(f, data)
-        assert len(refused) == 1
-    finally:
-        f.close()
+    f.read_raw_into("tiny", 0, np.empty(len(data["tiny"]), np.uint8))
+    assert f.direct
+    out = np.empty(len(data["big"]), np.uint8)
+    f.read_raw_into("big", 0, out)
+    assert out.tobytes() == data["big"]
+    assert len(refused) == 1 and not f.direct
+    _read_everywhere(f, data)
+    assert len(refused) == 1
 
 
 def test_the_pipeline_reads_and_writes_in_place_and_gives_the_buffered_bytes(disk_dir, monkeypatch):
@@ -271,8 +257,7 @@ def _write_parallel(plan, folder: pathlib.Path, payloads, shift_every: int = 2):
             offset = w.reserve(e.name, payloads[e.name])
             assert offset == w.offset_of(e.name)
             buf = np.empty(e.nbytes + 2 * IO_ALIGN, np.uint8)
-            at = (offset - direct_io.address(buf)) % IO_ALIGN + (2 if i % shift_every else 0)
-            placed = buf[at:at + e.nbytes]
+            placed = direct_io.placed(buf, offset + (2 if i % shift_every else 0), e.nbytes)
             placed[:] = payloads[e.name]
             jobs.append((offset, placed))
         direct = w.direct
