@@ -85,6 +85,7 @@ _CHUNK_PER_THREAD = 1 << 21
 _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: numba's static split)
 _MAX_READERS = 4  # reader threads: a quarter of the kernel threads, at least 1, at most this
 _MAX_HASHERS = 8  # tensor-hash threads: half the kernel threads, at least 1, at most this
+_FILE_HASH_BUDGET = 128 << 20  # bytes a file's sha256 may fall behind the tensors encoded for it
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -652,13 +653,13 @@ class _FileHasher:
     not by a count of buffers, and it always has its next buffer in hand. ``call`` queues a
     function to run once everything queued before it is hashed; ``hexdigest`` waits."""
 
-    def __init__(self, label: str, stats: StageStats | None, budget: int = 128 << 20) -> None:
+    def __init__(self, label: str, stats: StageStats | None, budget: int | None = None) -> None:
         self._hash = hashlib.sha256()
         self._stats = stats
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bounded by the byte budget
         self._room = threading.Condition()
         self._queued = 0
-        self._budget = budget
+        self._budget = _FILE_HASH_BUDGET if budget is None else budget
         self._digest: str | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"flux-gguf-filehash-{label}", daemon=True)
