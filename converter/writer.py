@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from manifests.hashing import open_partial, partial_path
+from manifests.hashing import open_partial, partial_path, pwrite_all, stored, write_all
 
 from . import direct_io
 from .direct_io import IO_ALIGN, DirectRefused
@@ -240,7 +240,7 @@ class GGUFStreamWriter:
         # they are being written, instead of after. A failed write discards the file anyway.
         self._file_hash.update(data)
         try:
-            self._fh.write(data)
+            write_all(self._fh, data)
         except OSError as e:
             raise self._os_error(e) from e
         self._offset += len(data)
@@ -323,9 +323,9 @@ class GGUFStreamWriter:
                     self._write_direct(fd, self._direct_fd, offset, buf)
                 except DirectRefused:
                     self._direct_ok = False  # the descriptor stays open until sync(): other threads
-                    _pwrite_all(fd, buf, offset)
+                    pwrite_all(fd, buf, offset)
             else:
-                _pwrite_all(fd, buf, offset)
+                pwrite_all(fd, buf, offset)
         except OSError as e:
             raise self._os_error(e) from e
         with self._stored_lock:
@@ -338,7 +338,7 @@ class GGUFStreamWriter:
         n = buf.nbytes
         head, mid = direct_io.split(offset, n)
         if head:
-            _pwrite_all(fd, buf[:head], offset)
+            pwrite_all(fd, buf[:head], offset)
         if not mid:
             pass  # within one page, or across one boundary: no whole page to send direct
         elif (direct_io.address(buf) + head) % IO_ALIGN == 0:
@@ -352,7 +352,7 @@ class GGUFStreamWriter:
                 bounce[:m] = buf[head + k:head + k + m]
                 _pwrite_direct(fd, dfd, bounce[:m], offset + head + k)
         if head + mid < n:
-            _pwrite_all(fd, buf[head + mid:], offset + head + mid)
+            pwrite_all(fd, buf[head + mid:], offset + head + mid)
 
     def _write_at(self, name: str, data: np.ndarray | bytes | memoryview) -> TensorRecord:
         if name not in self._slot_offsets or name in self._unordered:
@@ -364,7 +364,7 @@ class GGUFStreamWriter:
             raise ValueError(f"{self.path}: tensor {name} must be {slot.nbytes} bytes ({slot.qtype}), got {buf.nbytes}")
         assert self._fh is not None
         try:
-            _pwrite_all(self._fh.fileno(), buf, offset)
+            pwrite_all(self._fh.fileno(), buf, offset)
         except OSError as e:
             raise self._os_error(e) from e
         record = TensorRecord(slot.name, slot.qtype, slot.shape, offset, slot.nbytes, hashlib.sha256(buf).hexdigest())
@@ -473,28 +473,16 @@ class GGUFStreamWriter:
             self.abort()
 
 
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < buf.nbytes:
-        done += _progress(os.pwrite(fd, buf[done:], offset + done))
-
-
-def _progress(written: int) -> int:
-    if written <= 0:  # a write that stores nothing would loop forever
-        raise OSError(errno.EIO, "the write stored nothing")
-    return written
-
-
 def _pwrite_direct(fd: int, dfd: int, buf: memoryview, offset: int) -> None:
     """``buf`` (aligned address, offset and length) through the O_DIRECT descriptor ``dfd``; a
     short write's misaligned rest through ``fd``. EINVAL (refused) raises DirectRefused."""
     done = 0
     while done < buf.nbytes:
         if done % IO_ALIGN:
-            _pwrite_all(fd, buf[done:], offset + done)
+            pwrite_all(fd, buf[done:], offset + done)
             return
         try:
-            done += _progress(os.pwrite(dfd, buf[done:], offset + done))
+            done += stored(os.pwrite(dfd, buf[done:], offset + done))
         except OSError as e:
             if e.errno == errno.EINVAL:
                 raise DirectRefused() from None

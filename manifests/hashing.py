@@ -120,6 +120,34 @@ def hash_range(
     return h.hexdigest()
 
 
+def stored(written: int | None, path: str | os.PathLike[str] | None = None) -> int:
+    """The count one write returned, refusing a write that stored nothing (None: a non-blocking
+    file that would block; 0: nothing stored): a loop writing the rest would spin forever on it."""
+    if not written:
+        raise OSError(errno.EIO, "the write stored nothing", None if path is None else os.fspath(path))
+    return written
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int,
+               path: str | os.PathLike[str] | None = None) -> None:
+    """All of ``data`` at ``offset`` of ``fd``: a short ``pwrite`` (a disk filling up, a signal) has
+    its rest written again, so the next call reports the error (ENOSPC) instead of leaving a hole."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += stored(os.pwrite(fd, view[done:], offset + done), path)
+
+
+def write_all(f: BinaryIO, data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | None = None) -> int:
+    """All of ``data`` through ``f.write``: an unbuffered file (``buffering=0``, ``FileIO``) may
+    store only part of it, and a buffered one returns the whole length; the rest is written again."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += stored(f.write(view[done:]), path)
+    return view.nbytes
+
+
 class HashingWriter:
     """Wraps a binary file: every ``write`` also feeds the hash, so the output is never re-read."""
 
@@ -130,7 +158,7 @@ class HashingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        self._raw.write(view)
+        write_all(self._raw, view)
         self._hash.update(view)
         self.size += view.nbytes
         return view.nbytes
