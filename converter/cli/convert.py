@@ -71,11 +71,14 @@ def _provenance(source: object, extra: dict[str, str]) -> dict[str, object]:
 @click.option("--dry-run", is_flag=True, help="Print the plan (types, exact sizes) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--keep-source", type=click.Path(path_type=pathlib.Path), default=None, metavar="DIR",
-              help="With an hf:// SRC: also keep the streamed source files under DIR (verified before kept).")
+              help="With an hf:// SRC: also keep the streamed source files under DIR (verified before kept; "
+                   "a file already there with the Hub's bytes is left as is, one with other bytes refused).")
+@click.option("--force", is_flag=True,
+              help="With --keep-source: replace files under DIR that hold other bytes than the Hub's.")
 def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
             overrides: tuple[str, ...], loras: tuple[str, ...], imatrix_files: tuple[pathlib.Path, ...],
             threads: int | None, direct: str | None, dry_run: bool, as_json: bool,
-            keep_source: pathlib.Path | None) -> None:
+            keep_source: pathlib.Path | None, force: bool) -> None:
     """Convert a FLUX.1 safetensors checkpoint (file or diffusers folder) into GGUF files.
 
     SRC may be on the Hub: hf://OWNER/REPO[@REVISION]/PATH.safetensors, or hf://OWNER/REPO[@REVISION]
@@ -131,7 +134,8 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
                 click.echo(describe_imatrix(imatrix, imatrix_files))
         return
     start = time.perf_counter()
-    with progress_bar("converting") as progress, open_any_source(src, keep_source=keep_source) as source:
+    with progress_bar("converting") as progress, open_any_source(src, keep_source=keep_source,
+                                                                     replace_kept=force) as source:
         records = run_convert(source, out_dir, names, name=name, overrides=overrides, threads=threads,
                               progress=progress, before_quantize=prepare_kernels, tensor_transform=transform,
                               imatrix=imatrix,

@@ -15,7 +15,10 @@ Why this shape:
   that arrives ahead of the hash (connections finish in any order; a reader may ignore the file
   order) is held (within :data:`HASH_HOLD_BYTES`) or, past that, fetched again at the end. :meth:`RemoteSource.check_complete` (which the pipeline calls before any
   output is renamed into place) finishes the hash and compares it with the Hub's LFS sha256.
-- ``--keep-source DIR`` writes the streamed bytes to ``DIR/PATH`` (``.partial`` until verified).
+- ``--keep-source DIR`` writes the streamed bytes to ``DIR/PATH``: into a hidden unique partial
+  name (every write's count checked) that is renamed only once the sha256 matched; a ``DIR/PATH``
+  already there is left as is when it holds the Hub's bytes, and otherwise refused before any
+  download (replaced with ``replace_kept``, the CLI's ``--force``).
 
 The core (``converter.sources``) never imports this module: callers turn a SRC string into a
 Source with :func:`open_any_source` and hand the opened Source to the pipeline.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +50,7 @@ from converter.errors import (
     HubNotFoundError,
     HubPermissionError,
     HubVerificationError,
+    OutputError,
     SourceError,
 )
 from converter.safetensors_io import (
@@ -72,6 +77,10 @@ from converter.sources import (
     parse_index,
     open_source,
 )
+
+from manifests.errors import UnsafePathError
+from manifests.hashing import hash_stream, open_partial, partial_path, pwrite_all
+from manifests.paths import check_relative_path, open_dir_inside, open_inside
 
 from .client import _causes, _translate, hub_api
 
@@ -133,11 +142,13 @@ def parse_hub_spec(text: str) -> HubSpec:
 
 
 def open_any_source(spec: str | os.PathLike[str], *, keep_source: str | os.PathLike[str] | None = None,
-                    api: "HfApi | None" = None) -> Source:
+                    replace_kept: bool = False, api: "HfApi | None" = None) -> Source:
     """A local path (file or diffusers folder) or an ``hf://`` spec, opened (headers only so far)."""
     text = os.fspath(spec)
+    if replace_kept and keep_source is None:
+        raise HubError("--force only applies with --keep-source DIR (it replaces files already under DIR)")
     if is_hub_spec(text):
-        return open_hub_source(parse_hub_spec(text), keep_source=keep_source, api=api)
+        return open_hub_source(parse_hub_spec(text), keep_source=keep_source, replace_kept=replace_kept, api=api)
     if keep_source is not None:
         raise HubError("--keep-source only applies to an hf:// source")
     return open_source(text)
@@ -189,6 +200,162 @@ def _reading(api: "HfApi", spec: HubSpec, what: str, has_token: bool, *, resumab
         if translated is not None:
             raise HubError(f"{spec}: {translated}") from exc
         raise
+
+
+# ---- --keep-source ----------------------------------------------------------------------------
+_NOT_KEPT = "--keep-source never overwrites a file it did not write: move it away, or pass --force to replace it"
+
+
+def _kept_folder(root: pathlib.Path, repo_path: str) -> int:
+    """A descriptor of the folder DIR/PATH goes in, created as needed, reached without following a link."""
+    try:
+        return open_dir_inside(root, repo_path.rpartition("/")[0], create=True)
+    except UnsafePathError as e:
+        raise OutputError(f"{root / repo_path}: {e.reason}; --keep-source never writes through a symbolic link") from None
+    except OSError as e:
+        raise OutputError(f"{root / repo_path}: cannot create its folder (--keep-source): {e.strerror or e}") from None
+
+
+def _needs_keeping(root: pathlib.Path, repo_path: str, size: int, sha256: str, replace: bool, at: str) -> bool:
+    """Whether DIR/PATH has to be written: not when it already holds the Hub's bytes (then it is left
+    as is). One with other bytes is refused unless ``replace``; a link or anything but a regular file
+    always. Called for every file before any byte range is fetched, so a refusal costs no download."""
+    final = root / repo_path
+    try:
+        check_relative_path(repo_path)
+    except UnsafePathError as e:
+        raise HubError(f"{final}: the Hub names the file {repo_path!r}, which {e.reason}; not kept") from None
+    os.close(_kept_folder(root, repo_path))
+    try:
+        with open_inside(root, repo_path) as f:  # opened, then checked: no link followed, regular files only
+            if os.fstat(f.fileno()).st_size == size and hash_stream(f).sha256 == sha256:
+                return False
+    except FileNotFoundError:
+        return True
+    except UnsafePathError as e:
+        raise OutputError(f"{final}: {e.reason}; --keep-source never writes through or replaces it: move it "
+                          "away and re-run") from None
+    except OSError as e:
+        raise OutputError(f"{final}: cannot read the file already there: {e.strerror or e}") from None
+    if not replace:
+        raise OutputError(f"{final}: already there with other content than {repo_path} of {at}; {_NOT_KEPT}")
+    return True
+
+
+class _KeptCopy:
+    """The copy ``--keep-source`` makes of one streamed file.
+
+    Every range is written at its offset into a hidden name unique to this run
+    (:func:`manifests.hashing.partial_path`), created with O_EXCL | O_NOFOLLOW relative to its
+    folder's descriptor: no file of the user's, and no link planted under any name, is ever opened.
+    Each write's count is checked (a disk filling up fails the run instead of leaving zeros), a
+    failed write sticks (a range dropped before it was read cannot hide it), and the file gets its
+    final name only in :meth:`commit`, after the file's sha256 matched the Hub's.
+    """
+
+    def __init__(self, root: pathlib.Path, repo_path: str, size: int, replace: bool) -> None:
+        self.final = root / repo_path
+        self._leaf = repo_path.rpartition("/")[2]
+        self._replace = replace
+        self._failed: OutputError | None = None
+        self._lock = threading.Lock()  # a write never meets a descriptor closed (and reused) under it
+        self._dfd = _kept_folder(root, repo_path)
+        self._name: str | None = partial_path(self._leaf).name
+        self._file: Any = None
+        try:
+            self._file = open_partial(self._name, buffering=0, dir_fd=self._dfd)
+            os.ftruncate(self._file.fileno(), size)
+        except OSError as e:
+            self.discard()
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> OutputError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return OutputError(f"{self.final}: disk full while keeping the source (--keep-source): {e.strerror}; "
+                               "nothing was kept")
+        return OutputError(f"{self.final}: cannot keep the source (--keep-source): {e.strerror or e}; nothing was kept")
+
+    def write(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            if self._file is None:  # discarded while a connection was still bringing bytes
+                return
+            try:
+                pwrite_all(self._file.fileno(), data, offset, self.final)
+            except OSError as e:
+                self._failed = self._error(e)
+                raise self._failed from e
+
+    def _refuse_if_taken(self) -> None:
+        if self._replace:
+            return
+        try:
+            os.lstat(self._leaf, dir_fd=self._dfd)
+        except FileNotFoundError:
+            return
+        raise OutputError(f"{self.final}: appeared while the source was streamed; {_NOT_KEPT}")
+
+    def check(self) -> None:
+        """Before any kept file is renamed: the writes all landed, and (without --force) DIR/PATH is still free."""
+        if self._failed is not None:
+            raise self._failed
+        if self._name is not None:
+            self._refuse_if_taken()
+
+    def commit(self) -> None:
+        """Give the verified copy its final name (replacing one there only with --force)."""
+        self.check()
+        if self._name is None:
+            return
+        with self._lock:
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                raise self._error(e) from None
+            self._file.close()
+            self._file = None
+        try:
+            if self._replace:
+                os.replace(self._name, self._leaf, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+            else:
+                self._link_without_replacing()
+        except FileExistsError:
+            raise OutputError(f"{self.final}: appeared while the source was streamed; {_NOT_KEPT}") from None
+        except OSError as e:
+            raise OutputError(f"{self.final}: cannot move the verified copy into place: {e.strerror or e}") from None
+        self._name = None  # nothing of ours left to remove
+        with contextlib.suppress(OSError):
+            os.fsync(self._dfd)  # the new name survives a crash
+        self.discard()
+
+    def _link_without_replacing(self) -> None:
+        """A new name that fails (EEXIST) rather than replace a file created since :meth:`check`."""
+        try:
+            os.link(self._name, self._leaf, src_dir_fd=self._dfd, dst_dir_fd=self._dfd,  # type: ignore[arg-type]
+                    follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check once more, then rename
+            self._refuse_if_taken()
+            os.replace(self._name, self._leaf, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)  # type: ignore[arg-type]
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name, dir_fd=self._dfd)  # type: ignore[arg-type]
+
+    def discard(self) -> None:
+        """Remove this run's partial file (never anything else) and let go of the folder."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        if self._name is not None and self._dfd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name, dir_fd=self._dfd)
+            self._name = None
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
 
 
 # ---- one remote file --------------------------------------------------------------------------
@@ -281,22 +448,19 @@ class RemoteFile:
     """One LFS/Xet safetensors file of a repo at one commit: header parsed, ranges fetched on request."""
 
     def __init__(self, client: "_Client", path: str, size: int, sha256: str, hold: _Budget,
-                 keep: pathlib.Path | None) -> None:
+                 kept: _KeptCopy | None) -> None:
         self.client, self.repo_path, self.size, self.expected_sha256 = client, path, size, sha256
         self.path = pathlib.PurePosixPath(path)
         self.label = f"{HF_PREFIX}{client.repo_id}@{client.commit[:12]}/{path}"
         self.hasher = _OrderedHasher(hold)
-        self._keep_final = keep
-        self._keep: Any = None
-        if keep is not None:
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            self._keep_partial = keep.with_name(keep.name + ".partial")
-            self._keep = open(self._keep_partial, "wb")
-            self._keep.truncate(size)
-        self._keep_lock = threading.Lock()
+        self.kept = kept  # the --keep-source copy, or None
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, RawTensor] = {}
-        self._read_header()
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()  # the kept copy's partial file too
+            raise
 
     def _fail(self, message: str) -> SourceError:
         return SourceError(f"{self.label}: {message}")
@@ -355,10 +519,9 @@ class RemoteFile:
                         f"resume brought nothing ({type(e).__name__}); nothing was written: re-run") from None
                 time.sleep(min(0.25 * 2 ** stalls, 8.0))
         self.client.count(bytes=len(buf))
+        if self.kept is not None:
+            self.kept.write(start, view)
         self.hasher.offer(start, view)
-        if self._keep is not None:
-            with self._keep_lock:
-                os.pwrite(self._keep.fileno(), view, start)
         return view
 
     def finish_hash(self) -> str:
@@ -373,21 +536,10 @@ class RemoteFile:
             self.fetch(lo, hi)
         return self.hasher.sha.hexdigest()
 
-    def keep(self) -> None:
-        if self._keep is not None:
-            self._keep.flush()
-            os.fsync(self._keep.fileno())
-            self._keep.close()
-            self._keep = None
-            os.replace(self._keep_partial, self._keep_final)  # type: ignore[arg-type]
-
     def close(self) -> None:
         self.hasher.release()
-        if self._keep is not None:
-            self._keep.close()
-            self._keep = None
-            with contextlib.suppress(FileNotFoundError):
-                self._keep_partial.unlink()
+        if self.kept is not None:
+            self.kept.discard()  # after a commit: nothing left to remove
 
 
 def _transient(e: BaseException) -> bool:
@@ -695,8 +847,11 @@ class RemoteSource(Source):
                 raise HubVerificationError(f"{f.label}: the bytes streamed from the Hub hash to sha256 {got}, but the "
                                            f"Hub reports {f.expected_sha256}: the download is corrupt or the Hub's "
                                            "metadata is wrong; nothing was written")
-        for f in self.remote_files:
-            f.keep()
+        kept = [f.kept for f in self.remote_files if f.kept is not None]
+        for k in kept:  # every copy checked before the first is renamed
+            k.check()
+        for k in kept:
+            k.commit()
 
     def close(self) -> None:
         with self._cond:
@@ -716,9 +871,13 @@ class RemoteSource(Source):
 
 # ---- opening ----------------------------------------------------------------------------------
 def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None = None,
-                    api: "HfApi | None" = None, connections: int | None = None,
+                    replace_kept: bool = False, api: "HfApi | None" = None, connections: int | None = None,
                     window: int | None = None) -> RemoteSource:
-    """Resolve the revision to a commit, find the weights, and read their headers (one range request each)."""
+    """Resolve the revision to a commit, find the weights, and read their headers (one range request each).
+
+    ``keep_source``: also keep the streamed files under that folder (see :class:`_KeptCopy`); a
+    file already there with other bytes is refused before any range is fetched, unless
+    ``replace_kept``."""
     from huggingface_hub import get_token
 
     api = api or hub_api()
@@ -759,19 +918,30 @@ def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None
                     raise HubNotFoundError(f"{spec}: the index names shard {n}, which {at} does not have")
         else:
             names = [_join(folder, DIFFUSERS_WEIGHTS)]
+    expected: dict[str, tuple[int, str]] = {}
+    for name in names:
+        s = siblings[name]
+        if s.lfs is None or not getattr(s.lfs, "sha256", None):
+            raise HubVerificationError(f"{spec}: the Hub reports no LFS sha256 for {name}, so its bytes "
+                                       "cannot be verified")
+        expected[name] = (int(s.size), str(s.lfs.sha256))
     keep = pathlib.Path(keep_source) if keep_source is not None else None
+    to_keep: set[str] = set()
+    if keep is not None:
+        try:
+            keep.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{keep}: cannot create the --keep-source folder: {e.strerror or e}") from None
+        to_keep = {n for n, (size, sha) in expected.items() if _needs_keeping(keep, n, size, sha, replace_kept, at)}
     # Ranges in flight finish in any order: the hold must fit all but one of them, or the hash
     # would fall behind for good at the first range it could not hold.
     hold = _Budget(max(HASH_HOLD_BYTES, connections * RANGE_BYTES))
     shards: list[RemoteFile] = []
     try:
         for name in names:
-            s = siblings[name]
-            if s.lfs is None or not getattr(s.lfs, "sha256", None):
-                raise HubVerificationError(f"{spec}: the Hub reports no LFS sha256 for {name}, so its bytes "
-                                           "cannot be verified")
-            shards.append(RemoteFile(client, name, int(s.size), str(s.lfs.sha256), hold,
-                                     keep / name if keep is not None else None))
+            size, sha = expected[name]
+            kept = _KeptCopy(keep, name, size, replace_kept) if keep is not None and name in to_keep else None
+            shards.append(RemoteFile(client, name, size, sha, hold, kept))
         files = [SourceFile(f.path, f.size) for f in shards]  # type: ignore[arg-type]
         if weight_map is not None:  # listed first, as for a local folder
             index = _join(folder or "", DIFFUSERS_INDEX)
