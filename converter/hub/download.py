@@ -25,7 +25,15 @@ from manifests import (
     parse_sha256sums,
     resolve_inside,
 )
-from manifests.hashing import hash_stream, is_partial_name, open_partial, resumable_partial_path, write_bytes_atomic
+from manifests.hashing import (
+    hash_stream,
+    is_partial_name,
+    open_partial,
+    partial_path,
+    resumable_partial_path,
+    write_all,
+    write_bytes_atomic,
+)
 from manifests.locking import OutputBusyError
 from manifests.locking import acquire as acquire_lock
 from manifests.paths import open_dir_inside, open_inside
@@ -94,30 +102,42 @@ _RESUME_FLAGS = (os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getatt
                  | getattr(os, "O_CLOEXEC", 0))
 
 
-def _open_resumable(partial: Path | str, limit: int, dir_fd: int | None = None) -> BinaryIO | None:
-    """The ``.partial`` file an earlier run left, opened to re-read and append, never through a link.
+def _ours(st: os.stat_result) -> bool:
+    """Whether what sits under the resumable partial name can be a file an earlier run of ours left:
+    a regular file of our own with no other name. A hard link to a user's file (two names), a file
+    of another user, a symbolic link, FIFO or folder is someone else's, whatever its name says."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
 
-    Returns None when there is nothing to resume; a partial that is not a regular file of 1 to
-    ``limit`` bytes (a symbolic link, a FIFO, an oversized file) is unlinked first, so the download
-    starts over in a fresh file. A folder is left alone (``open_partial`` then refuses it, naming it).
+
+class _NotOurs(Exception):
+    """The resumable partial name holds something no run of ours left; it is never touched."""
+
+
+def _open_resumable(partial: Path | str, limit: int, dir_fd: int | None = None) -> BinaryIO | None:
+    """The partial file an earlier run left, opened to re-read and append, never through a link.
+
+    Returns None when there is nothing to resume: a file of ours of 0 or more than ``limit`` bytes
+    is unlinked first, so the download starts over in a fresh file. Raises :class:`_NotOurs` for
+    anything else under the name (see :func:`_ours`): it is neither written nor removed. The check
+    is made again on the opened descriptor, so a file swapped in since the ``lstat`` is never written.
     """
     try:
         st = os.lstat(partial, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
-    if stat.S_ISDIR(st.st_mode):
-        return None
-    if stat.S_ISREG(st.st_mode) and 0 < st.st_size <= limit:
+    if not _ours(st):
+        raise _NotOurs()
+    if 0 < st.st_size <= limit:
         try:
             fd = os.open(partial, _RESUME_FLAGS, dir_fd=dir_fd)  # O_NOFOLLOW: a link swapped in since the lstat fails
         except OSError:
-            fd = -1
-        if fd >= 0:
-            now = os.fstat(fd)
-            if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                return open(fd, "r+b", buffering=0)
-            os.close(fd)
-    _unlink(partial, dir_fd)  # a link is removed, never followed
+            raise _NotOurs() from None
+        now = os.fstat(fd)
+        if _ours(now) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            return open(fd, "r+b", buffering=0)
+        os.close(fd)
+        raise _NotOurs()
+    _unlink(partial, dir_fd)
     return None
 
 
@@ -166,6 +186,7 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
                    dfd: int | None) -> None:
     h, have = hashlib.sha256(), 0
     out: BinaryIO | None = None
+    resumable = True  # under the stable name: left in place on failure, for a re-run to resume
 
     def start_over() -> None:
         nonlocal out, h, have
@@ -177,7 +198,11 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
     try:
         if dfd is None:
             dest.parent.mkdir(parents=True, exist_ok=True)
-        out = _open_resumable(pname, want.size, dfd)
+        try:
+            out = _open_resumable(pname, want.size, dfd)
+        except _NotOurs:  # left as it is; this run writes under a name of its own, removed on failure
+            partial, resumable = partial_path(dest), False
+            pname = partial.name if dfd is not None else partial
         if out is not None:  # resume: re-hash what an earlier run left
             while chunk := out.read(_CHUNK):
                 h.update(chunk)
@@ -201,7 +226,7 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
                 if out is None:
                     out = open_partial(pname, dir_fd=dfd)  # a fresh regular file, whatever sat under that name
                 for chunk in _chunks(r):
-                    out.write(chunk)
+                    write_all(out, chunk, partial)  # a resumed partial is unbuffered: it may store less
                     h.update(chunk)
                     have += len(chunk)
                     on_bytes(len(chunk))
@@ -211,7 +236,13 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
                 os.fsync(out.fileno())
             break
     except OSError as e:  # the local side: disk full, permissions (Hub errors arrive translated)
+        if not resumable:
+            _unlink(pname, dfd)
         raise OutputError(f"{partial}: cannot write the download: {e.strerror or e}") from e
+    except BaseException:
+        if not resumable:  # no later run would find it
+            _unlink(pname, dfd)
+        raise
     finally:
         if out is not None:
             out.close()

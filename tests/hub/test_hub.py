@@ -473,7 +473,10 @@ def test_download_never_writes_through_a_symlinked_partial(emulator, tmp_path, t
         assert not os.path.lexists(target)
     dest = out / "demo-Q8_0.gguf"
     assert not dest.is_symlink() and dest.read_bytes() == (rel / "demo-Q8_0.gguf").read_bytes()
-    assert not os.path.lexists(out / PARTIAL_Q8)
+    # Not a partial file of ours: left as it is (the download went to a name of its own).
+    assert os.readlink(out / PARTIAL_Q8) == str(target)
+    assert sorted(p.name for p in out.iterdir()) == sorted([PARTIAL_Q8, "demo-Q8_0.gguf", "manifest.json",
+                                                            "SHA256SUMS"])
     last = _file_gets(emulator, "demo-Q8_0.gguf")[-1]
     assert (last.status, last.range) == (200, None)
 
