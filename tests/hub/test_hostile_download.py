@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import stat
 
 import pytest
 from test_hub import emulator, error_line, make_release, run  # noqa: F401  (emulator is a fixture)
@@ -135,3 +136,87 @@ def test_a_folder_swapped_for_a_link_during_the_download_gets_no_byte(emulator, 
     assert error_line(res) == (f"Error: {out / 'sub' / 'x.bin'}: passes through symbolic link 'sub'; downloads are "
                                "never written through a symbolic link")
     assert list(outside.iterdir()) == []
+
+
+# ---- what sits under the resumable partial name and is not ours (issue 28) ---------------------
+PARTIAL_Q8 = ".demo-Q8_0.gguf.flux-gguf.partial"  # where a download of demo-Q8_0.gguf resumes from
+
+
+def _plant(out: pathlib.Path, kind: str, mine: pathlib.Path, data: bytes, monkeypatch) -> None:
+    """Put something that is not a partial file of ours under the resumable name. ``mine`` is the
+    user's file, holding the first bytes of the real download (what a resume would append to)."""
+    mine.write_bytes(data[:2000])
+    partial = out / PARTIAL_Q8
+    if kind == "hard link":
+        os.link(mine, partial)
+    elif kind == "complete hard link":  # all the right bytes: renaming it would make the download the user's file
+        mine.write_bytes(data)
+        os.link(mine, partial)
+    elif kind == "other owner":  # a file we did not create; the test's own file, seen by another euid
+        partial.write_bytes(data[:2000])
+        uid = os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+    elif kind == "folder":
+        partial.mkdir()
+        (partial / "inside.txt").write_bytes(b"kept")
+    else:
+        raise AssertionError(kind)
+
+
+def _state(path: pathlib.Path) -> tuple:
+    """What must not change: the bytes, the inode, the link count and the mtime."""
+    st = os.lstat(path)
+    data = path.read_bytes() if path.is_file() else sorted(p.name for p in path.iterdir())
+    return data, st.st_ino, st.st_nlink, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("kind", ["hard link", "complete hard link", "other owner", "folder"])
+def test_a_partial_name_that_is_not_ours_is_never_resumed_or_touched(emulator, tmp_path, monkeypatch, kind):  # noqa: F811
+    rel = make_release(tmp_path / "rel")
+    _publish(rel)
+    data = (rel / "demo-Q8_0.gguf").read_bytes()
+    out, mine = tmp_path / "out", tmp_path / "mine.bin"
+    out.mkdir()
+    _plant(out, kind, mine, data, monkeypatch)
+    before = {p: _state(p) for p in (out / PARTIAL_Q8, mine)}
+    res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert {p: _state(p) for p in before} == before
+    dest = out / "demo-Q8_0.gguf"
+    assert dest.read_bytes() == data and os.stat(dest).st_nlink == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted([PARTIAL_Q8, "demo-Q8_0.gguf", MANIFEST_NAME,
+                                                            CHECKSUMS_NAME])
+    last = [r for r in emulator.requests("GET", "/resolve/") if r.path.endswith("/demo-Q8_0.gguf")][-1]
+    assert (last.status, last.range) == (200, None)  # the whole file, into a name of this run's own
+
+
+def test_a_fifo_at_the_partial_name_is_never_opened_for_writing(emulator, tmp_path):  # noqa: F811
+    rel = make_release(tmp_path / "rel")
+    _publish(rel)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / PARTIAL_Q8)
+    reader = os.open(out / PARTIAL_Q8, os.O_RDONLY | os.O_NONBLOCK)  # held open: a writer could not block
+    try:
+        res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+        assert res.exit_code == 0, res.output
+        assert os.read(reader, 1 << 16) == b""  # nothing was written into it
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(out / PARTIAL_Q8).st_mode)
+    assert (out / "demo-Q8_0.gguf").read_bytes() == (rel / "demo-Q8_0.gguf").read_bytes()
+
+
+def test_a_failed_download_beside_a_partial_not_ours_removes_only_its_own(emulator, tmp_path, monkeypatch):  # noqa: F811
+    rel = make_release(tmp_path / "rel")
+    _publish(rel)
+    emulator.corrupt("alice/demo", "demo-Q8_0.gguf")
+    out, mine = tmp_path / "out", tmp_path / "mine.bin"
+    out.mkdir()
+    _plant(out, "hard link", mine, (rel / "demo-Q8_0.gguf").read_bytes(), monkeypatch)
+    before = {p: _state(p) for p in (out / PARTIAL_Q8, mine)}
+    res = run("download", "alice/demo", "--include", "demo-Q8_0.gguf", "-o", out)
+    assert res.exit_code == 1
+    assert error_line(res).startswith("Error: demo-Q8_0.gguf: the Hub sent ")
+    assert {p: _state(p) for p in before} == before
+    assert sorted(p.name for p in out.iterdir()) == [PARTIAL_Q8]  # no partial of this run's left behind

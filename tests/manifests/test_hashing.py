@@ -1,6 +1,7 @@
 """manifests.hashing: chunked digests agree with hashlib at every chunk size; writes are atomic."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -19,6 +20,8 @@ from manifests.hashing import (
     hash_file,
     hash_range,
     hash_stream,
+    pwrite_all,
+    write_all,
     write_bytes_atomic,
 )
 
@@ -78,6 +81,62 @@ def test_hashing_writer_hashes_what_it_writes():
         w.write(p)
     assert raw.getvalue() == b"abcdefghij" + np.arange(10, dtype=np.float32).tobytes()
     assert w.digest() == hash_bytes(raw.getvalue())
+
+
+class _ShortWriter(io.RawIOBase):
+    """An unbuffered file that stores at most ``per_call`` bytes a call (what a raw FileIO may do)."""
+
+    def __init__(self, per_call: int | None):
+        self.data, self.per_call = bytearray(), per_call
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int | None:  # type: ignore[override]
+        if self.per_call is None:
+            return None  # a non-blocking file that would block
+        n = min(len(b), self.per_call)
+        self.data += bytes(b[:n])
+        return n
+
+
+def test_hashing_writer_and_write_all_complete_short_writes():
+    data = _data(10_007)
+    raw = _ShortWriter(per_call=3)
+    w = HashingWriter(raw)
+    w.write(data[:5000])
+    w.write(np.frombuffer(data[5000:10_004], dtype=np.float32))
+    assert write_all(raw, memoryview(data)[10_004:]) == 3
+    assert bytes(raw.data) == data
+    assert w.digest() == hash_bytes(data[:10_004])
+
+
+@pytest.mark.parametrize("per_call", [0, None])
+def test_a_write_that_stores_nothing_raises_eio_naming_the_file(per_call):
+    with pytest.raises(OSError) as e:
+        write_all(_ShortWriter(per_call), b"abc", "out/x.bin")
+    assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.EIO, "the write stored nothing", "out/x.bin")
+
+
+def test_pwrite_all_writes_the_rest_of_a_short_pwrite_and_reports_a_full_disk(tmp_path, monkeypatch):
+    data, real, room = _data(70_001), os.pwrite, [50_000]
+
+    def short(fd, buf, offset):  # at most 4093 bytes a call; ENOSPC once the room is used
+        if room[0] == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(buf), 4093, room[0])
+        room[0] -= n
+        return real(fd, buf[:n], offset)
+    monkeypatch.setattr(os, "pwrite", short)
+    fd = os.open(tmp_path / "x.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        pwrite_all(fd, data[:30_000], 100)
+        assert (tmp_path / "x.bin").read_bytes() == bytes(100) + data[:30_000]
+        with pytest.raises(OSError) as e:
+            pwrite_all(fd, data, 0)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def test_write_bytes_atomic_leaves_no_partial(tmp_path):
