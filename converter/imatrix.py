@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from manifests.hashing import partial_path, write_bytes_atomic
+
 from .errors import ImatrixError
 
 if TYPE_CHECKING:
@@ -153,7 +155,7 @@ def check_against(im: Imatrix, widths: Mapping[str, int], origin: str = "importa
 # --- writing ---------------------------------------------------------------------------------
 
 def write_imatrix(im: Imatrix, path: str | os.PathLike[str]) -> None:
-    """Write llama.cpp's GGUF imatrix format through gguf-py (``PATH.partial``, then a rename).
+    """Write llama.cpp's GGUF imatrix format through gguf-py (a hidden unique partial name, then a rename).
 
     Keys and tensor shapes are those of llama.cpp's ``save_imatrix``: no ``general.architecture``,
     entries in sorted name order, ``in_sum2`` [1, n_cols] and ``counts`` [1, 1] float32.
@@ -162,10 +164,8 @@ def write_imatrix(im: Imatrix, path: str | os.PathLike[str]) -> None:
 
     check_entries(im, "imatrix to write")
     final = pathlib.Path(path)
-    tmp = final.with_name(final.name + ".partial")
+    tmp = partial_path(final)  # unique to this call: a user's PATH.partial is never touched
     try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
         w = GGUFWriter(tmp, arch="imatrix")
         w.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry none
         w.add_string(KEY_TYPE, "imatrix")
@@ -201,7 +201,6 @@ def write_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str], *, sd_cpp: b
     """
     check_entries(im, "imatrix to write")
     final = pathlib.Path(path)
-    tmp = final.with_name(final.name + ".partial")
     out = bytearray(struct.pack("<i", len(im.entries)))
     for name in sorted(im.entries):
         e = im.entries[name]
@@ -215,15 +214,8 @@ def write_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str], *, sd_cpp: b
         ds = (im.datasets[-1] if im.datasets else "").encode()
         out += struct.pack("<i", len(ds)) + ds
     try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        with open(tmp, "xb") as f:
-            f.write(bytes(out))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_bytes_atomic(final, bytes(out))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ImatrixError(f"{final}: cannot write the importance matrix ({exc.strerror or exc})") from exc
 
 

@@ -7,7 +7,6 @@ leaves a ready ``release.toml`` beside the checkpoint so ``flux-gguf release bui
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import time
 
@@ -18,6 +17,7 @@ from converter.pipeline import convert as run_convert
 from converter.pipeline import plan_source
 from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
+from manifests.hashing import write_bytes_atomic
 
 from .output import describe_artifacts, describe_plans, prepare_kernels, progress_bar
 
@@ -47,12 +47,9 @@ description = "Made-up weights in the FLUX.1 [dev] layout, written by `flux-gguf
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
     """Write under a temporary name, then rename: never a half-written file under the final name."""
-    tmp = path.with_name(path.name + ".partial")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, text.encode("utf-8"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {path}: {e.strerror or e}") from None
 
 

@@ -27,6 +27,7 @@ from converter.detect import detect_model
 from converter.errors import FluxGGUFError, ValidationError
 from converter.layout import FluxGeometry
 from converter.sources import open_source
+from manifests.hashing import write_bytes_atomic
 
 from .diffusers_model import (
     check_loadable,
@@ -289,9 +290,7 @@ def write_bench(report: BenchReport, out_dir: str | os.PathLike[str]) -> tuple[p
         paths = (out / "bench.json", out / "bench.md")
         texts = (json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", markdown_table(report))
         for path, text in zip(paths, texts):
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_bytes_atomic(path, text.encode("utf-8"))
     except OSError as exc:
         raise ValidationError(f"{out}: cannot write bench results ({exc.strerror or exc})") from None
     return paths

@@ -33,6 +33,7 @@ from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
 from converter.errors import CalibrationError, FluxGGUFError
 from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from converter.hub.source import is_hub_spec, open_any_source
+from manifests.hashing import partial_path
 
 from .diffusers_model import (
     check_loadable,
@@ -371,9 +372,13 @@ def write_inputs_file(calls: Sequence[Mapping[str, Any]], path: str | os.PathLik
         raise CalibrationError(f"{path}: captured calls differ in shape and cannot be stacked ({_first_line(exc)}); "
                                "capture one resolution per file") from None
     path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(out, str(tmp))
-    tmp.replace(path)
+    tmp = partial_path(path)  # unique to this call: a user's PATH.partial is never touched
+    try:
+        save_file(out, str(tmp))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from converter.errors import ValidationError
 from converter.layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+from manifests.hashing import write_bytes_atomic
 
 from .probes import KontextProbe
 
@@ -101,9 +102,7 @@ def write_transformer_config(geometry: FluxGeometry, folder: str | os.PathLike[s
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(transformer_config(geometry), indent=2) + "\n")
-    tmp.replace(path)
+    write_bytes_atomic(path, (json.dumps(transformer_config(geometry), indent=2) + "\n").encode("utf-8"))
     return folder
 
 

@@ -11,6 +11,7 @@ transformer, renders, drops it, and is handed the GGUF transformer explicitly.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import pathlib
@@ -23,6 +24,7 @@ import numpy as np
 from converter.detect import detect_model
 from converter.errors import FluxGGUFError, ValidationError
 from converter.sources import open_source
+from manifests.hashing import write_bytes_atomic
 
 from .diffusers_model import (
     check_loadable,
@@ -155,9 +157,9 @@ def render(pipe: Any, image: Any, prompt: str, *, seed: int, steps: int, guidanc
 def _save_png(array: np.ndarray, path: pathlib.Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".partial")
-    Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
-    tmp.replace(path)
+    png = io.BytesIO()
+    Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(png, format="PNG")
+    write_bytes_atomic(path, png.getvalue())
 
 
 def pipeline_check(

@@ -42,6 +42,7 @@ from converter.detect import detect_model
 from converter.errors import FluxGGUFError, ValidationError
 from converter.layout import FluxGeometry
 from converter.sources import Source, open_source
+from manifests.hashing import write_bytes_atomic
 from quant_kernels.errors import UnsupportedTypeError
 
 from .diffusers_model import (
@@ -427,11 +428,8 @@ def write_validation_json(report: ValidationReport, path: str | os.PathLike[str]
         doc = old
     doc["variants"][report.gguf] = report.to_dict()
     doc["variants"] = dict(sorted(doc["variants"].items()))
-    tmp = path.with_name(path.name + ".partial")
     try:
-        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-        tmp.replace(path)
+        write_bytes_atomic(path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ValidationError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return path

@@ -67,6 +67,22 @@ def test_gguf_round_trip_is_exact(tmp_path):
     assert not (tmp_path / "a.imatrix.gguf.partial").exists()
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_users_file_or_link_at_name_partial_is_never_touched(tmp_path, legacy):
+    """Partial names are hidden and unique (manifests.hashing.partial_path), never PATH.partial."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours")
+    (tmp_path / "a.imatrix.partial").write_bytes(b"my own partial")
+    (tmp_path / "b.imatrix.partial").symlink_to(victim)
+    for name in ("a.imatrix", "b.imatrix"):
+        write_imatrix_legacy(_im(), tmp_path / name) if legacy else write_imatrix(_im(), tmp_path / name)
+    assert (tmp_path / "a.imatrix.partial").read_bytes() == b"my own partial"
+    assert victim.read_bytes() == b"not yours" and (tmp_path / "b.imatrix.partial").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.imatrix", "a.imatrix.partial", "b.imatrix",
+                                                          "b.imatrix.partial", "victim.txt"]
+    assert sorted(read_imatrix(tmp_path / "a.imatrix").entries) == sorted(_im().entries)
+
+
 def test_gguf_file_has_llama_cpp_keys_and_shapes(tmp_path):
     im = _im()
     path = tmp_path / "a.imatrix.gguf"
