@@ -39,7 +39,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
-from manifests.hashing import open_partial
+from manifests.hashing import open_partial, partial_path
 from quant_kernels.config import PARALLEL_JIT_OPTIONS
 from quant_kernels.floats import to_bfloat16_bits
 
@@ -306,9 +306,10 @@ def write_synthetic_flux(
 
     ``bfl`` and ``comfyui`` write one safetensors file; ``diffusers`` writes a transformer folder
     (shards of at most ``shard_bytes`` with an index, or one file, plus config.json) that
-    ``FluxTransformer2DModel.from_pretrained`` loads. Everything is written under
-    ``<path>.partial`` and renamed when complete; an existing file is replaced, an existing
-    folder refused. A ``<path>.partial`` folder is removed only if it carries the marker file this
+    ``FluxTransformer2DModel.from_pretrained`` loads. A file is written under a hidden name unique
+    to this call (``manifests.hashing.partial_path``), a folder under ``<path>.partial``, and
+    renamed when complete; an existing file is replaced, an existing folder refused. A
+    ``<path>.partial`` folder is removed only if it carries the marker file this
     writer puts there (``.flux-gguf-partial``: an interrupted run of ours); any other is refused.
     ``progress`` is called with the bytes of tensor data written so far, per chunk.
     ``structured`` adds trained-model activation structure (module docstring); off, the bytes
@@ -316,16 +317,14 @@ def write_synthetic_flux(
     """
     _check_args(geometry, dtype, layout, std, shard_bytes)
     final = pathlib.Path(path)
-    partial = final.with_name(final.name + ".partial")
+    # A file: unique to this call, so a user's file, link or folder at NAME.partial is never touched.
+    partial = final.with_name(final.name + ".partial") if layout == "diffusers" else partial_path(final)
     metadata = {"format": "pt", "flux_gguf.synthetic": f"seed={seed} std={std}" + (" structured" if structured else "")}
     stored = _plan(geometry, layout)
     created: str | None = None  # "file" or "folder": only what this call created is removed on failure
     try:
         if layout != "diffusers":
-            mode = _lstat_mode(partial)
-            if mode is not None and stat.S_ISDIR(mode):
-                raise OutputError(f"{partial}: a folder is in the way; move it away and re-run")
-            created = "file"  # open_partial replaces whatever file or link sits there with a fresh file
+            created = "file"
             _write_file(partial, stored, dtype, metadata, seed, std, progress, structured)
             os.replace(partial, final)
             return final

@@ -178,17 +178,16 @@ def test_partial_names_are_never_written_through_or_wiped(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "m.safetensors.partial").symlink_to(outside)
-    target = write_synthetic_flux(out / "m.safetensors", GEO)
-    assert outside.read_bytes() == b"not yours to overwrite"
-    assert not target.is_symlink() and target.stat().st_size > 1000
-    assert sorted(p.name for p in out.iterdir()) == ["m.safetensors"]
-
-    (out / "n.safetensors.partial").mkdir()  # someone's folder under the partial name: refused, kept
+    (out / "n.safetensors.partial").mkdir()  # someone's folder and file under NAME.partial: not in the way
     (out / "n.safetensors.partial" / "keep.txt").write_text("mine")
-    with pytest.raises(OutputError) as e:
-        write_synthetic_flux(out / "n.safetensors", GEO)
-    assert str(e.value) == f"{out}/n.safetensors.partial: a folder is in the way; move it away and re-run"
+    (out / "o.safetensors.partial").write_bytes(b"my own partial")
+    for name in ("m", "n", "o"):
+        target = write_synthetic_flux(out / f"{name}.safetensors", GEO)
+        assert not target.is_symlink() and target.stat().st_size > 1000
+    assert outside.read_bytes() == b"not yours to overwrite" and (out / "m.safetensors.partial").is_symlink()
     assert (out / "n.safetensors.partial" / "keep.txt").read_text() == "mine"
+    assert (out / "o.safetensors.partial").read_bytes() == b"my own partial"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.safetensors{s}" for n in "mno" for s in ("", ".partial"))
 
 
 def test_diffusers_partial_folder_is_removed_only_if_this_writer_left_it(tmp_path):
