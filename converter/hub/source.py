@@ -77,7 +77,6 @@ from converter.sources import (
     parse_index,
     open_source,
 )
-
 from manifests.errors import UnsafePathError
 from manifests.hashing import hash_stream, open_partial, partial_path, pwrite_all
 from manifests.paths import check_relative_path, open_dir_inside, open_inside
