@@ -29,6 +29,7 @@ FLUX has one matrix per weight; an entry with several (a mixture-of-experts tens
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import pathlib
@@ -38,11 +39,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from manifests.hashing import partial_path, write_bytes_atomic
+from manifests.hashing import open_regular, partial_path, write_bytes_atomic
 
 from .errors import ImatrixError
 
 if TYPE_CHECKING:
+    from .inspect_files import GGUFHeader
     from .recipes import Plan
 
 SD_CPP_PREFIX = "model.diffusion_model."
@@ -220,44 +222,96 @@ def write_imatrix_legacy(im: Imatrix, path: str | os.PathLike[str], *, sd_cpp: b
 
 
 # --- reading ---------------------------------------------------------------------------------
+#
+# An importance matrix is small (a full FLUX.1 one is 7 MB). Its size is checked first, so a
+# device, FIFO or oversized (e.g. sparse) file is refused before a byte of it is read; a GGUF's
+# header is read next and its tensor layout proven against the file's size before any data is
+# read, and then the data is read once. Every count and length is bounded by the bytes present.
+# gguf-py's GGUFReader is not used: it sizes arrays from the counts in the file and builds
+# objects per array element before anything can check them (converter.inspect_files' bounded
+# header reader parses the header instead).
+
+MAX_IMATRIX_BYTES = 64 << 20
+"""Largest importance matrix file read: about 9x a full FLUX.1 imatrix (7 MB; 14 MB with llama.cpp's ``in_sum``)."""
+MAX_IMATRIX_ENTRIES = 1 << 15
+"""Most weights an importance matrix may hold (FLUX.1 has 304; the largest language models a few thousand)."""
+_GGUF_F32 = 0  # GGMLQuantizationType.F32
+_GGUF_KEYS = frozenset({KEY_TYPE, KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE})
+
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read a GGUF imatrix, a llama.cpp legacy ``.dat`` or a stable-diffusion.cpp ``.dat``.
 
     Names lose sd.cpp's ``model.diffusion_model.`` prefix; entries are checked (finite,
-    non-negative sums, positive counts). Errors are one line naming the file.
+    non-negative sums, positive counts). Errors are one line naming the file. A symbolic link is
+    followed (as for sources); what it names must be a regular file of at most
+    :data:`MAX_IMATRIX_BYTES` (opened with O_NONBLOCK, then fstat-ed: a FIFO or device, or a
+    link to one, is refused at once, never waited on or read).
     """
     p = pathlib.Path(path)
     try:
-        with open(p, "rb") as f:
-            head = f.read(4)
+        with open_regular(p) as raw, io.BufferedReader(raw) as f:
+            size = os.fstat(raw.fileno()).st_size
+            if size > MAX_IMATRIX_BYTES:
+                raise ImatrixError(f"{p}: {size:,} bytes is larger than any importance matrix (at most "
+                                   f"{MAX_IMATRIX_BYTES:,} bytes are read; a FLUX.1 imatrix is about 7 MB)")
+            if f.peek(4)[:4] == GGUF_MAGIC:
+                im = _read_gguf(p, f, size)
+            else:
+                im = _read_legacy(p, _read_exactly(p, f, 0, size))
     except OSError as exc:
         raise ImatrixError(f"{p}: cannot read the importance matrix ({exc.strerror or exc})") from exc
-    im = _read_gguf(p) if head == GGUF_MAGIC else _read_legacy(p)
     check_entries(im, str(p))
     return im
 
 
-def _field_value(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    return f.contents()
+def _read_exactly(p: pathlib.Path, f: io.BufferedReader, start: int, end: int) -> bytearray:
+    """Bytes ``start`` to ``end`` of the file, read once (a file that shrinks meanwhile is an error)."""
+    data = bytearray(end - start)
+    view, done = memoryview(data), 0
+    f.seek(start)
+    while done < len(data):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ImatrixError(f"{p}: the file shrank to {start + done} bytes while it was read (it had {end})")
+        done += got
+    return data
 
 
-def _read_gguf(p: pathlib.Path) -> Imatrix:
-    from gguf import GGMLQuantizationType, GGUFReader
+def _gguf_int(p: pathlib.Path, meta: Mapping[str, object], key: str) -> int:
+    value = meta.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImatrixError(f"{p}: {key} is {value!r}, expected a non-negative integer")
+    return value
+
+
+def _gguf_datasets(p: pathlib.Path, meta: Mapping[str, object]) -> list[str]:
+    value = meta.get(KEY_DATASETS, [])
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        raise ImatrixError(f"{p}: {KEY_DATASETS} must be an array of strings")
+    return value
+
+
+def _read_gguf(p: pathlib.Path, f: io.BufferedReader, size: int) -> Imatrix:
+    from .inspect_files import GGUFStructureError, read_gguf_header
 
     try:
-        reader = GGUFReader(p)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on a damaged file
-        raise ImatrixError(f"{p}: not a readable GGUF file ({exc})") from exc
-    gtype = _field_value(reader, KEY_TYPE)
+        header = read_gguf_header(f, size, p, keep=_GGUF_KEYS.__contains__, max_items=4 * MAX_IMATRIX_ENTRIES)
+    except GGUFStructureError as exc:
+        raise ImatrixError(f"{p}: not a readable GGUF file ({exc.problem})") from None
+    meta = header.metadata
+    gtype = meta.get(KEY_TYPE)
     if gtype is not None and gtype != "imatrix":
         raise ImatrixError(f"{p}: general.type is {gtype!r}, expected 'imatrix' (is this a model, not an importance matrix?)")
+    datasets = _gguf_datasets(p, meta)
+    chunk_count, chunk_size = _gguf_int(p, meta, KEY_CHUNK_COUNT), _gguf_int(p, meta, KEY_CHUNK_SIZE)
+    spans = _gguf_layout(p, header)
+    data = _read_exactly(p, f, header.data_start, size) if spans else bytearray()
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         name = t.name
         if name.endswith(SUFFIX_SUM2):
             target, base = sums, name[: -len(SUFFIX_SUM2)]
@@ -265,14 +319,14 @@ def _read_gguf(p: pathlib.Path) -> Imatrix:
             target, base = counts, name[: -len(SUFFIX_COUNTS)]
         else:
             continue  # .in_sum (mean activations) and anything else: llama-quantize ignores them too
-        if t.tensor_type != GGMLQuantizationType.F32:
-            raise ImatrixError(f"{p}: tensor {name} is {t.tensor_type.name}, expected F32")
-        ne = [int(x) for x in t.shape]  # ggml order: ne[0] = columns, ne[1] = matrices
-        arr = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        n_mat = ne[1] if len(ne) > 1 else 1
+        n_mat = math.prod(t.dims[1:])  # ggml order: dims[0] = columns, then matrices
         if target is sums and n_mat != 1:
             raise ImatrixError(f"{p}: {name} holds {n_mat} matrices (a mixture-of-experts tensor); FLUX weights have one")
-        target[base] = arr.copy()
+        if base in target:
+            raise ImatrixError(f"{p}: tensor {name} appears twice")
+        offset, n = spans[name]
+        target[base] = np.frombuffer(data, dtype=header.byte_order + "f4", count=n,
+                                     offset=offset).astype(np.float32, copy=False)
     if not sums and not counts:
         raise ImatrixError(f"{p}: holds no .in_sum2/.counts tensors (not an importance matrix)")
     unpaired = sorted(set(sums) ^ set(counts))
@@ -283,46 +337,92 @@ def _read_gguf(p: pathlib.Path) -> Imatrix:
         c = counts[base]
         if c.size != 1:
             raise ImatrixError(f"{p}: {base}{SUFFIX_COUNTS} holds {c.size} counts, expected 1")
-        entries[strip_sd_cpp_prefix(base)] = ImatrixEntry(sums[base], float(c[0]))
-    datasets = _field_value(reader, KEY_DATASETS)
-    if isinstance(datasets, str):
-        datasets = [datasets]
-    chunk_count = _field_value(reader, KEY_CHUNK_COUNT)
-    chunk_size = _field_value(reader, KEY_CHUNK_SIZE)
-    return Imatrix(entries=entries, datasets=list(datasets or []),
-                   chunk_count=int(chunk_count or 0), chunk_size=int(chunk_size or 0))
+        key = strip_sd_cpp_prefix(base)
+        if key in entries:
+            raise ImatrixError(f"{p}: weight {key} has two entries ({key} and {SD_CPP_PREFIX}{key})")
+        entries[key] = ImatrixEntry(sums[base], float(c[0]))
+    return Imatrix(entries=entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
+
+
+def _gguf_layout(p: pathlib.Path, header: GGUFHeader) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (offset in the data section, float32 count), once the layout is proven sound
+    from the header alone: F32 only, each tensor's data right after the previous one's (in header
+    order, at the next aligned offset), nothing after the last but its padding. So no byte belongs
+    to two tensors, and the file holds exactly what its entries need: a mostly empty (sparse) file
+    is refused by its structure before its data is read."""
+    align, expected = header.alignment, 0
+    spans = {}
+    for t in header.tensors:
+        if t.ggml_type != _GGUF_F32:
+            raise ImatrixError(f"{p}: tensor {t.name} is {_ggml_type_name(t.ggml_type)}, expected F32")
+        if t.offset < expected:
+            raise ImatrixError(f"{p}: the data of tensor {t.name} starts at offset {t.offset}, inside the data "
+                               f"before it (expected {expected}: tensor data follows in order, without overlap)")
+        if t.offset > expected:
+            raise ImatrixError(f"{p}: {t.offset - expected} bytes before the data of tensor {t.name} belong to "
+                               f"no tensor (its data starts at offset {t.offset}, expected {expected})")
+        n = math.prod(t.dims)
+        end = header.data_start + t.offset + 4 * n
+        if end > header.size:
+            raise ImatrixError(f"{p}: truncated: tensor {t.name} needs bytes up to {end} but the file has {header.size}")
+        if t.name in spans:
+            raise ImatrixError(f"{p}: tensor {t.name} appears twice")
+        spans[t.name] = (t.offset, n)
+        expected = -(-(t.offset + 4 * n) // align) * align
+    if spans and header.size > header.data_start + expected:
+        extra = header.size - header.data_start - expected
+        raise ImatrixError(f"{p}: {extra} bytes after the data of the last tensor belong to no tensor")
+    return spans
+
+
+def _ggml_type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
 
 
 class _Cursor:
-    def __init__(self, data: bytes, p: pathlib.Path):
+    def __init__(self, data: bytearray, p: pathlib.Path):
         self.data, self.pos, self.p = data, 0, p
 
     def left(self) -> int:
         return len(self.data) - self.pos
 
-    def take(self, n: int, what: str) -> bytes:
+    def _need(self, n: int, what: str) -> None:
         if n < 0 or self.left() < n:
             raise ImatrixError(f"{self.p}: truncated legacy imatrix: {what} needs {n} bytes at offset "
                                f"{self.pos}, {self.left()} remain")
-        b = self.data[self.pos:self.pos + n]
+
+    def take(self, n: int, what: str) -> bytes:
+        self._need(n, what)
+        b = bytes(self.data[self.pos:self.pos + n])
         self.pos += n
         return b
+
+    def floats(self, n: int, what: str) -> np.ndarray:
+        """``n`` little-endian float32 values as a view of the file's bytes (no copy)."""
+        self._need(4 * n, what)
+        vals = np.frombuffer(self.data, dtype="<f4", count=n, offset=self.pos)
+        self.pos += 4 * n
+        return vals.astype(np.float32, copy=False)
 
     def i32(self, what: str) -> int:
         return struct.unpack("<i", self.take(4, what))[0]
 
 
-def _read_legacy(p: pathlib.Path) -> Imatrix:
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ImatrixError(f"{p}: cannot read the importance matrix ({exc.strerror or exc})") from exc
+def _read_legacy(p: pathlib.Path, data: bytearray) -> Imatrix:
     cur = _Cursor(data, p)
     n_entries = cur.i32("the entry count") if cur.left() >= 4 else 0
     if n_entries < 1:
         raise ImatrixError(f"{p}: not an importance matrix (neither GGUF nor a legacy .dat with entries)")
     if n_entries > len(data) // 12:
         raise ImatrixError(f"{p}: not an importance matrix (claims {n_entries} entries in {len(data)} bytes)")
+    if n_entries > MAX_IMATRIX_ENTRIES:
+        raise ImatrixError(f"{p}: claims {n_entries:,} entries; an importance matrix of at most "
+                           f"{MAX_IMATRIX_ENTRIES:,} weights is read")
     entries: dict[str, ImatrixEntry] = {}
     for i in range(n_entries):
         ln = cur.i32(f"entry {i + 1}'s name length")
@@ -337,10 +437,13 @@ def _read_legacy(p: pathlib.Path) -> Imatrix:
         nval = cur.i32(f"{name}'s value count")
         if nval < 1:
             raise ImatrixError(f"{p}: entry {name} holds {nval} values")
-        vals = np.frombuffer(cur.take(4 * nval, f"{name}'s values"), dtype="<f4").astype(np.float32)
+        vals = cur.floats(nval, f"{name}'s values")
         key = strip_sd_cpp_prefix(name)
         if key in entries:  # sd.cpp's loader sums repeated names; so does this
-            entries[key] = ImatrixEntry(entries[key].in_sum2 + vals, entries[key].count + ncall)
+            have = entries[key]
+            if have.in_sum2.size != vals.size:
+                raise ImatrixError(f"{p}: entry {name} appears twice, with {have.in_sum2.size} and {vals.size} values")
+            entries[key] = ImatrixEntry(have.in_sum2 + vals, have.count + ncall)
         else:
             entries[key] = ImatrixEntry(vals, float(ncall))
     chunk_count = cur.i32("the chunk count") if cur.left() >= 4 else 0

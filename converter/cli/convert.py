@@ -18,7 +18,7 @@ from converter.pipeline import plan_source
 from converter.recipes import parse_override, resolve_variant
 from manifests.hashing import hash_file
 
-from .output import check_threads, describe_artifacts, describe_plans, prepare_kernels, progress_bar
+from .output import check_threads, describe_artifacts, describe_plans, prepare_kernels, printable, progress_bar
 
 
 def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
@@ -29,8 +29,8 @@ def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
 
 
 def describe_imatrix(imatrix, files: Sequence[pathlib.Path]) -> str:
-    datasets = ", ".join(imatrix.datasets) or "no dataset recorded"
-    return (f"K-quant tensors quantized with the importance matrix {' + '.join(str(f) for f in files)} "
+    datasets = ", ".join(map(printable, imatrix.datasets)) or "no dataset recorded"  # names from the file: escaped
+    return (f"K-quant tensors quantized with the importance matrix {' + '.join(map(printable, files))} "
             f"({len(imatrix.entries)} entries, {imatrix.chunk_count} chunks; calibrated on: {datasets}); "
             "Q8_0/F16/BF16 files ignore it")
 
@@ -125,11 +125,12 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
                 doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
             click.echo(json.dumps(doc, indent=2))
         else:
-            click.echo(f"{src} ({layout} layout, {plans[0].family}): {len(plans[0].entries)} tensors, "
+            click.echo(f"{printable(src)} ({layout} layout, {plans[0].family}): {len(plans[0].entries)} tensors, "
                        f"{plans[0].n_params:,} parameters")
             click.echo(describe_plans(plans, out_dir))
             for spec in lora_specs:
-                click.echo(f"LoRA {spec.label} ({spec.path}) merged at strength {spec.strength:g} before quantizing")
+                click.echo(f"LoRA {printable(spec.label)} ({printable(spec.path)}) merged at strength {spec.strength:g} "
+                           "before quantizing")
             if imatrix is not None:
                 click.echo(describe_imatrix(imatrix, imatrix_files))
         return

@@ -17,7 +17,7 @@ from converter.hub.remote import UNEXPECTED, RemoteReport, verify_remote_release
 from converter.hub.upload import plan_upload, upload_release
 from manifests import ManifestError
 
-from .output import GB, errors_as_click, increment_bar
+from .output import GB, errors_as_click, increment_bar, one_line, printable
 from .signing_options import trust_from, trust_options
 
 
@@ -62,21 +62,21 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
         click.echo(f"Would upload {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB) from {release_dir} "
                    f"to {target} via {plan.transfer.upper()}:")
         for f in plan.files:
-            click.echo(f"  {f.size:>15,}  {f.sha256}  {f.path}")
+            click.echo(f"  {f.size:>15,}  {f.sha256}  {printable(f.path)}")
         return
     if not as_json:
         click.echo(f"Verified {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB); uploading to {target}")
     result = upload_release(plan, message=message)
     if as_json:
         return _echo_json(result.to_json())
-    click.echo(f"URL:    {result.url}")
-    click.echo(f"Commit: {result.commit_url}")
+    click.echo(f"URL:    {printable(result.url)}")  # what the Hub answered, and file names: escaped
+    click.echo(f"Commit: {printable(result.commit_url)}")
     if result.pr_url:
-        click.echo(f"Pull request: {result.pr_url}")
+        click.echo(f"Pull request: {printable(result.pr_url)}")
     counts = result.report.counts()
     line = f"Hub copy verified: {counts['ok']} files match the manifest (size and sha256)"
     if counts["unexpected"]:
-        extra = ", ".join(f.path for f in result.report.files if f.status == UNEXPECTED)
+        extra = ", ".join(printable(f.path) for f in result.report.files if f.status == UNEXPECTED)
         line += f"; the repo also holds files outside this release: {extra}"
     click.echo(line)
 
@@ -124,20 +124,21 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
     if as_json:
         return _echo_json(result.to_json() | ({"signature": signature.to_json()} if signature else {}))
     if signature is not None:
-        click.echo(f"signature   {signature.detail}")
-    for f in result.files:
-        click.echo(f"{f.action:<10}  {f.size:>15,}  {f.path}")
-    click.echo(f"{len(result.files)} files verified against the manifest of {repo_id} at commit {result.commit} "
-               f"in {output}")
+        click.echo(f"signature   {printable(signature.detail)}")
+    for f in result.files:  # names from the release's manifest: escaped
+        click.echo(f"{f.action:<10}  {f.size:>15,}  {printable(f.path)}")
+    click.echo(f"{len(result.files)} files verified against the manifest of {printable(repo_id)} at commit "
+               f"{printable(result.commit)} in {printable(output)}")
 
 
 def _remote_report_lines(report: RemoteReport) -> Iterator[str]:
-    width = max((len(f.path) for f in report.files), default=4)
-    for f in report.files:
+    paths = [printable(f.path) for f in report.files]  # names and details from the Hub: escaped
+    width = max(map(len, paths), default=4)
+    for f, path in zip(report.files, paths):
         how = {"lfs": "sha256 from the Hub's LFS metadata", "content": "small file fetched and hashed"}.get(f.source or "", "")
-        yield f"{f.status:<10}  {f.path:<{width}}  {f.detail if not f.ok else how}".rstrip()
+        yield f"{f.status:<10}  {path:<{width}}  {printable(f.detail) if not f.ok else how}".rstrip()
     counts = ", ".join(f"{n} {s}" for s, n in report.counts().items() if n)
-    yield f"{report.repo_id}@{report.revision or 'main'} (commit {report.commit}): {counts}"
+    yield printable(f"{report.repo_id}@{report.revision or 'main'} (commit {report.commit})") + f": {counts}"
 
 
 @errors_as_click
@@ -152,7 +153,7 @@ def run_remote_verify(release_dir: pathlib.Path, remote: str, as_json: bool = Fa
             click.echo(line)
     if not report.ok:
         names = ", ".join(f"{f.path} ({f.status})" for f in report.problems)
-        raise click.ClickException(f"{report.repo_id} does not match the manifest of {release_dir}: {names}")
+        raise click.ClickException(one_line(f"{report.repo_id} does not match the manifest of {release_dir}: {names}"))
 
 
 remote_option = click.option(

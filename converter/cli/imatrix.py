@@ -9,7 +9,7 @@ import click
 from converter.errors import CalibrationError
 from converter.quality.probes import ProbeSpec
 
-from .output import progress_bar
+from .output import printable, progress_bar
 from .validate import _DEVICE, _log, _quiet_libraries
 
 
@@ -69,22 +69,26 @@ def imatrix(source: str, output: pathlib.Path, inputs_file: pathlib.Path | None,
     if (height is None) != (width is None):
         raise CalibrationError("give both --height and --width, or neither")
     _quiet_libraries()
+
+    def log(message: str) -> None:  # messages name files (and their names come from anywhere): escaped
+        _log(printable(message))
+
     with progress_bar("collecting", unit=" calls") as progress:
         if pipeline_dir is not None and prompts_file is not None:
             report = collect_imatrix_pipeline(source, pipeline_dir, prompts_file, images_dir=images_dir, steps=steps,
                                               guidance=guidance, height=height, width=width, seed=seed,
-                                              device=device, progress=progress, log=_log)
+                                              device=device, progress=progress, log=log)
         else:
             probe = ProbeSpec(height=height or 512, width=width or 512, text_tokens=text_tokens, seed=seed)
             report = collect_imatrix(source, inputs=inputs_file, probes=probes, probe=probe, device=device,
-                                     progress=progress, log=_log)
+                                     progress=progress, log=log)
     write_imatrix(report.imatrix, output)
     summary = {"file": str(output), **report.to_dict()}
     if as_json:
         click.echo(json.dumps(summary, indent=2, allow_nan=False))
         return
-    click.echo(f"wrote {output}: {summary['tensors']} tensors, {report.samples} transformer calls, "
+    click.echo(f"wrote {printable(output)}: {summary['tensors']} tensors, {report.samples} transformer calls, "
                f"{report.tokens} tokens, {report.seconds:.1f} s on {report.device} "
                f"(loading {report.load_seconds:.1f} s)")
     for note in report.notes:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {printable(note)}")

@@ -8,7 +8,7 @@ import click
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.inspect_files import inspect_path, inspect_source
 
-from .output import GB
+from .output import GB, printable
 
 
 @click.command("inspect")
@@ -31,26 +31,30 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return
-    click.echo(f"path:         {report.path}")
-    click.echo(f"kind:         {report.kind}" + (f" ({report.layout} layout)" if report.layout else ""))
+    # every string below may come from the file (names, metadata, the detector's message): escaped
+    click.echo(f"path:         {printable(report.path)}")
+    layout = f" ({printable(report.layout)} layout)" if report.layout else ""
+    click.echo(f"kind:         {report.kind}{layout}")
     click.echo(f"size:         {report.size / GB:.3f} GB ({report.size:,} bytes)")
-    click.echo(f"architecture: {report.architecture or 'unknown'}")
-    click.echo(f"family:       {report.family or 'unknown'}")
+    click.echo(f"architecture: {printable(report.architecture or 'unknown')}")
+    click.echo(f"family:       {printable(report.family or 'unknown')}")
     if report.kind == "gguf":
-        click.echo(f"variant:      {report.variant or 'unknown'} (general.file_type {report.file_type})")
+        click.echo(f"variant:      {printable(report.variant or 'unknown')} (general.file_type "
+                   f"{printable(report.file_type)})")
         shown = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
                  "flux_gguf.overrides", "flux_gguf.source")
         extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in shown)
         for key in (*shown, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
             if key in report.metadata:
-                click.echo(f"{key}: {report.metadata[key]}")
+                click.echo(f"{printable(key)}: {printable(report.metadata[key])}")
     if report.problem:
-        click.echo(f"problem:      {report.problem}")
+        click.echo(f"problem:      {printable(report.problem)}")
     click.echo(f"tensors:      {len(report.tensors)} ({report.n_params:,} parameters)")
-    click.echo("types:        " + " ".join(f"{k}:{v}" for k, v in report.type_counts.items()))
-    width = max((len(t.name) for t in report.tensors), default=4)
+    click.echo("types:        " + " ".join(f"{printable(k)}:{v}" for k, v in report.type_counts.items()))
+    names = [printable(t.name) for t in report.tensors]
+    width = max(map(len, names), default=4)
     click.echo("")
     click.echo(f"{'name':<{width}}  {'type':<7} {'shape':<16} {'bytes':>12}")
-    for t in report.tensors:
+    for t, name in zip(report.tensors, names):
         shape = "[" + ", ".join(str(d) for d in t.shape) + "]"
-        click.echo(f"{t.name:<{width}}  {t.type:<7} {shape:<16} {t.nbytes:>12,}")
+        click.echo(f"{name:<{width}}  {printable(t.type):<7} {shape:<16} {t.nbytes:>12,}")

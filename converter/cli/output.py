@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import pathlib
-import re
 import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -29,14 +28,21 @@ LIBRARY_ERRORS = (FluxGGUFError, QuantError, ManifestError)
 """What commands raise for bad input; the group (and :func:`errors_as_click`) make them one line."""
 
 
+def printable(text: object) -> str:
+    """``text`` safe to print on a terminal: every character Python does not count as printable
+    (control characters and ESC, newlines, bidi overrides and other format characters, lone
+    surrogates, line separators) is shown as its escape (``\\x1b``, ``\\n``, ``\\u202e``), so a name
+    read from a file cannot move the cursor, recolour the screen or fake an ``Error:`` line."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+
+
 def one_line(message: object) -> str:
-    """Collapse a (possibly multi-line) message into one line for ``Error: ...``; control characters
-    and lone surrogates (from crafted file names or headers) are shown escaped, never sent raw."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+    """Collapse a (possibly multi-line) message into one line for ``Error: ...``; characters that are
+    not printable (from crafted file names or headers) are shown escaped (:func:`printable`)."""
+    return printable(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
 def describe_unexpected(e: BaseException) -> str:
@@ -131,13 +137,13 @@ def describe_plans(plans: Sequence[Plan], out_dir: pathlib.Path | None = None) -
     lines = [f"{'variant':<8} {'file':<40} {'size GB':>9} {'bpw':>6} {'bpw q':>6}  types"]
     for p in plans:
         types = " ".join(f"{k}:{v}" for k, v in p.type_counts.items())
-        path = str(out_dir / p.file_name) if out_dir is not None else p.file_name
+        path = printable(out_dir / p.file_name if out_dir is not None else p.file_name)
         lines.append(f"{p.variant.name:<8} {path:<40} {p.file_size / GB:>9.3f} {p.bits_per_weight:>6.3f} "
                      f"{p.bits_per_weight_quantized:>6.3f}  {types}")
     for p in plans:
         if p.fallbacks:
             lines.append(f"note: {p.variant.name}: {len(p.fallbacks)} tensors fall back to F16 (rows not a "
-                         f"multiple of the block size): {', '.join(p.fallbacks)}")
+                         f"multiple of the block size): {', '.join(map(printable, p.fallbacks))}")
     return "\n".join(lines)
 
 
@@ -148,7 +154,7 @@ def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
         for t in r.tensors:
             counts[t.type] = counts.get(t.type, 0) + 1
         types = " ".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines.append(f"{r.path}  {r.size / GB:.3f} GB  sha256 {r.sha256}  {types}")
+        lines.append(f"{printable(r.path)}  {r.size / GB:.3f} GB  sha256 {r.sha256}  {types}")
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from converter.release.signing import (
     trust_from_options,
 )
 
+from .output import printable
+
 F = TypeVar("F", bound=Callable[..., Any])
 _FILE = click.Path(dir_okay=False, path_type=pathlib.Path)
 
@@ -86,4 +88,4 @@ def trust_from(public_key: pathlib.Path | None, certificate_chain: tuple[pathlib
 
 
 def signature_line(check: SignatureCheck) -> str:
-    return f"{'signature':<10}  {check.status}: {check.detail}"
+    return f"{'signature':<10}  {check.status}: {printable(check.detail)}"  # names identities and files: escaped

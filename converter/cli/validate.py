@@ -16,7 +16,7 @@ from converter.quality.validate import (
 )
 from converter.quality.validate import validate as run_validate
 
-from .output import GB, progress_bar
+from .output import GB, printable, progress_bar
 
 _DEVICE = click.Choice(["cpu", "cuda"])
 
@@ -46,9 +46,9 @@ def imatrix_text(meta: dict | None) -> str:
     """One line on how a GGUF was calibrated (its quantize.imatrix.* keys)."""
     if not meta:
         return "none (static quantization)"
-    parts = [str(meta.get("file", "?"))]
+    parts = [printable(meta.get("file", "?"))]  # the GGUF's own quantize.imatrix.* strings: escaped
     if "dataset" in meta:
-        parts.append(f"dataset {meta['dataset']}")
+        parts.append(f"dataset {printable(meta['dataset'])}")
     if "entries_count" in meta:
         parts.append(f"{meta['entries_count']} entries")
     if "chunks_count" in meta:
@@ -58,13 +58,13 @@ def imatrix_text(meta: dict | None) -> str:
 
 def describe_report(report: ValidationReport) -> str:
     """The human summary: per type, per block, outputs, pipeline."""
-    lines = [f"{report.gguf}  {report.gguf_bytes / GB:.3f} GB  vs {report.source}"]
+    lines = [f"{printable(report.gguf)}  {report.gguf_bytes / GB:.3f} GB  vs {printable(report.source)}"]
     lines.append(f"imatrix: {imatrix_text(report.imatrix)}")
     if report.tensors:
         lines.append(f"{'type':<8} {'tensors':>7} {'rel RMSE':>10} {'worst':>10} {'min cosine':>11}  worst tensor")
         for k, s in report.by_type.items():
             lines.append(f"{k:<8} {s.tensors:>7} {s.rel_rmse:>10.5f} {s.worst_rel_rmse:>10.5f} "
-                         f"{s.min_cosine:>11.6f}  {s.worst_tensor}")
+                         f"{s.min_cosine:>11.6f}  {printable(s.worst_tensor)}")
         lines.append(f"{'block':<17} {'rel RMSE':>10} {'min cosine':>11}")
         for k, s in report.by_block.items():
             lines.append(f"{k:<17} {s.rel_rmse:>10.5f} {s.min_cosine:>11.6f}")
@@ -198,4 +198,5 @@ def bench(ggufs: tuple[pathlib.Path, ...], baseline: pathlib.Path | None, height
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
-        click.echo(markdown_table(report), nl=False)
+        # the table holds each GGUF's quantize.imatrix.file: control characters escaped line by line
+        click.echo("".join(printable(line) + "\n" for line in markdown_table(report).splitlines()), nl=False)

@@ -14,19 +14,19 @@ from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, prepare_kernels, progress_bar
+from .output import increment_bar, one_line, prepare_kernels, printable, progress_bar
 from .signing_options import signature_line, trust_from, trust_options
 
 
 def describe_verify(report: VerifyReport) -> str:
     lines = []
     for f in report.files:
-        line = f"{f.status:<10}  {f.path}"
+        line = f"{f.status:<10}  {printable(f.path)}"  # paths, details and tensor names come from the release: escaped
         if f.detail and not f.ok:
-            line += f"  ({f.detail})"
+            line += f"  ({printable(f.detail)})"
         lines.append(line)
         for name in f.damaged_tensors or ():
-            lines.append(f"{'':<12}  damaged tensor: {name}")
+            lines.append(f"{'':<12}  damaged tensor: {printable(name)}")
     c = report.counts()
     summary = ", ".join(f"{n} {s}" for s, n in c.items() if n)
     lines.append(f"{len(report.files)} files: {summary}")
@@ -34,16 +34,18 @@ def describe_verify(report: VerifyReport) -> str:
 
 
 def describe_rederive(r: RederiveReport) -> str:
-    lines = [f"{p.status:<10}  {p.artifact}: {p.tensor} ({p.type}): {p.detail}" for p in r.problems]
-    lines += [f"recipe      {msg}" for msg in r.recipe_problems]
+    lines = [f"{p.status:<10}  {printable(p.artifact)}: {printable(p.tensor)} ({printable(p.type)}): {printable(p.detail)}"
+             for p in r.problems]
+    lines += [f"recipe      {printable(msg)}" for msg in r.recipe_problems]
     if r.unused_source_tensors:
-        lines.append(f"unused      source tensors missing from every file: {', '.join(r.unused_source_tensors)}")
+        lines.append(f"unused      source tensors missing from every file: "
+                     f"{', '.join(map(printable, r.unused_source_tensors))}")
     verdict = "re-derived bit for bit" if r.ok else "NOT reproduced"
-    lines.append(f"source {r.source}: {r.tensors_checked} tensors checked ({r.encodings} encodings), {verdict}")
+    lines.append(f"source {printable(r.source)}: {r.tensors_checked} tensors checked ({r.encodings} encodings), {verdict}")
     if r.source_files_match:
         lines.append("source files are byte-identical to those the manifest lists")
     else:
-        diffs = ", ".join(f"{f.name} {f.status}" for f in r.source_files if f.status != "ok")
+        diffs = ", ".join(f"{printable(f.name)} {f.status}" for f in r.source_files if f.status != "ok")
         lines.append(f"source files differ from those the manifest lists ({diffs}); tensors decide the check")
     return "\n".join(lines)
 
@@ -108,7 +110,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
         with increment_bar("verifying") as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore + (SIGNATURE_NAME,), progress=progress)
     except ManifestError as e:  # manifests/ has its own exception family
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(one_line(e)) from e
     # the signature (model.sig against the trusted key/chain/identity, then every file against what it signs),
     # reusing the digests just computed, so a signed release is read once
     signature = check_signature(directory, trust, require=require_signature, declared=report.manifest.signature,
@@ -136,7 +138,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
         if rederived is not None:
             click.echo(describe_rederive(rederived))
         good = report.ok and (rederived is None or rederived.ok) and signature.ok
-        click.echo(f"release {directory}: {'OK' if good else 'PROBLEMS FOUND'}")
+        click.echo(f"release {printable(directory)}: {'OK' if good else 'PROBLEMS FOUND'}")
     if not report.ok or (rederived is not None and not rederived.ok) or not signature.ok:
         click.get_current_context().exit(1)
 

@@ -19,8 +19,10 @@ on the user's prompts and images, collecting at every denoising step.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,9 +32,10 @@ import numpy as np
 
 from converter.detect import detect_model
 from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
-from converter.errors import CalibrationError, FluxGGUFError
+from converter.errors import CalibrationError, FluxGGUFError, SourceError
 from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from converter.hub.source import is_hub_spec, open_any_source
+from converter.safetensors_io import SafetensorsFile
 from manifests.hashing import partial_path
 
 from .diffusers_model import (
@@ -254,41 +257,167 @@ def probes_dataset(count: int, spec: ProbeSpec) -> str:
             f"text={spec.text_tokens} (smoke default, not a calibration set)")
 
 
-def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry) -> dict[str, Any]:
-    """Saved transformer inputs, checked against the model; a one-line error for wrong keys or shapes.
+MAX_IMAGE_TOKENS = 32768
+"""Image tokens per sample an inputs file may hold: two 2048x2048 latents (the target and Kontext's
+context image; 1024x1024 makes 2 x 4096)."""
+MAX_TEXT_TOKENS = 512
+"""T5 tokens per sample: the longest ``max_sequence_length`` the FLUX pipelines accept."""
+_INPUT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype -> bytes per value
+_BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
+def _finite(raw: np.ndarray, dtype: str) -> bool:
+    """Whether every value of little-endian ``raw`` bytes (uint8) is finite, without upcasting."""
+    if dtype == "F32":
+        return bool(np.isfinite(raw.view("<f4")).all())
+    if dtype == "F16":
+        return bool(np.isfinite(raw.view("<f2")).all())
+    exponent = raw.view("<u2") & np.uint16(0x7F80)  # BF16: an all-ones exponent is inf or NaN
+    return not bool((exponent == 0x7F80).any())
+
+
+class InputsFile:
+    """A checked inputs file (see :func:`read_inputs_file`): its header in memory, its values read
+    one sample at a time, so memory holds one sample whatever the file's length."""
+
+    def __init__(self, path: pathlib.Path, file: SafetensorsFile) -> None:
+        self.path, self._file = path, file
+        self.shapes: dict[str, tuple[int, ...]] = {k: t.shape for k, t in file.tensors.items()}
+        self.dtypes: dict[str, str] = {k: t.dtype for k, t in file.tensors.items()}
+        self.samples, self.image_tokens = self.shapes["hidden_states"][:2]
+        self.text_tokens = self.shapes["encoder_hidden_states"][1]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> InputsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _raw(self, key: str, first: int, count: int) -> np.ndarray:
+        out = np.empty(count * _INPUT_DTYPES[self.dtypes[key]], dtype=np.uint8)
+        try:
+            self._file.read_raw_into(key, first, out)
+        except SourceError as exc:
+            raise CalibrationError(str(exc)) from None
+        return out
+
+    def _row(self, key: str, i: int) -> np.ndarray:
+        """Sample ``i`` of a batched key (all of an unbatched one), as raw bytes."""
+        shape = self.shapes[key]
+        if key not in _BATCHED:
+            return self._raw(key, 0, math.prod(shape))
+        per = math.prod(shape[1:])
+        return self._raw(key, i * per, per)
+
+    def check_values(self) -> None:
+        """Every value finite: read once, a sample at a time (no upcast copy)."""
+        for key in self.shapes:
+            rows = self.samples if key in _BATCHED else 1
+            for i in range(rows):
+                if not _finite(self._row(key, i), self.dtypes[key]):
+                    raise CalibrationError(f"{self.path}: {key} must hold finite floating-point values")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One key's values, all samples (a library convenience; collection reads a sample at a time)."""
+        import torch
+
+        raw = self._raw(key, 0, math.prod(self.shapes[key]))
+        return torch.from_numpy(raw).view(_torch_dtype(self.dtypes[key])).reshape(self.shapes[key])
+
+    def sample(self, i: int, device: str, dtype: Any) -> Sample:
+        """Sample ``i`` as the transformer's keyword arguments (ids and guidance stay float32, as the
+        pipeline keeps them)."""
+        import torch
+
+        kw = {}
+        for key, shape in self.shapes.items():
+            t = torch.from_numpy(self._row(key, i)).view(_torch_dtype(self.dtypes[key]))
+            t = t.reshape((1, *shape[1:]) if key in _BATCHED else shape)
+            kw[key] = t.to(device, torch.float32 if key in ("img_ids", "txt_ids", "guidance") else dtype)
+        return Sample(kw, self.image_tokens + self.text_tokens)
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+
+
+def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry | None = None) -> InputsFile:
+    """Saved transformer inputs, checked from the header against the model (or, without
+    ``geometry``, against everything but the model) and then for finite values; a one-line error
+    for wrong keys, dtypes or shapes. Nothing is allocated from the header's shapes before they
+    are checked: they must fit the file's bytes (the header may not lie about them) and
+    :data:`MAX_IMAGE_TOKENS` / :data:`MAX_TEXT_TOKENS` per sample. A symbolic link is followed (as
+    for sources); what it names must be a regular file.
 
     Keys follow ``FluxTransformer2DModel.forward``: hidden_states [S, T_img, C], encoder_hidden_states
     [S, T_txt, 4096], pooled_projections [S, 768], timestep [S], guidance [S] (models with guidance
-    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3].
+    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3]; F32, F16 or BF16.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"{path}: no such inputs file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CalibrationError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    required = [k for k in INPUT_KEYS if k != "guidance" or geometry.guidance]
-    missing = [k for k in required if k not in tensors]
+        st = path.stat()
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: no such inputs file") from None
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CalibrationError(f"{path}: not a regular file (a FIFO, device or socket cannot be an inputs file)")
+    try:
+        file = SafetensorsFile(path)  # opened O_NONBLOCK and fstat-ed; data ranges checked against the file
+    except SourceError as exc:
+        text = str(exc).removeprefix(f"{path}: ")
+        raise CalibrationError(f"{path}: not a readable safetensors file ({text})") from None
+    try:
+        _check_inputs_header(path, {k: t.shape for k, t in file.tensors.items()},
+                             {k: t.dtype for k, t in file.tensors.items()}, geometry)
+        inputs = InputsFile(path, file)
+        inputs.check_values()
+    except BaseException:
+        file.close()
+        raise
+    return inputs
+
+
+def check_inputs_model(inputs: InputsFile, geometry: FluxGeometry) -> None:
+    """What :func:`read_inputs_file` without ``geometry`` left out: the keys and channels the model needs."""
+    _check_inputs_header(inputs.path, inputs.shapes, inputs.dtypes, geometry)
+
+
+def _check_inputs_header(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str],
+                         geometry: FluxGeometry | None) -> None:
+    guidance = geometry.guidance if geometry is not None else "guidance" in shapes
+    required = [k for k in INPUT_KEYS if k != "guidance" or guidance]
+    missing = [k for k in required if k not in shapes]
     if missing:
         raise CalibrationError(f"{path}: missing key(s) {', '.join(missing)}; an inputs file holds "
                                f"{', '.join(required)} (the arguments of FluxTransformer2DModel.forward)")
-    extra = sorted(k for k in tensors if k not in required)
+    extra = sorted(k for k in shapes if k not in required)
     if extra:
         raise CalibrationError(f"{path}: unexpected key(s) {', '.join(extra)}; expected exactly {', '.join(required)}")
-    hs = tensors["hidden_states"]
-    if hs.dim() != 3 or hs.shape[0] < 1 or hs.shape[2] != geometry.img_in_channels:
-        raise CalibrationError(f"{path}: hidden_states has shape {list(hs.shape)}; expected "
-                               f"[samples, image tokens, {geometry.img_in_channels}]")
-    s, t_img = int(hs.shape[0]), int(hs.shape[1])
-    enc = tensors["encoder_hidden_states"]
-    if enc.dim() != 3 or enc.shape[1] < 1:
-        raise CalibrationError(f"{path}: encoder_hidden_states has shape {list(enc.shape)}; expected "
+    for key in required:
+        if dtypes[key] not in _INPUT_DTYPES:
+            raise CalibrationError(f"{path}: {key} is {dtypes[key]}; expected {', '.join(_INPUT_DTYPES)}")
+    hs = list(shapes["hidden_states"])
+    channels = geometry.img_in_channels if geometry is not None else hs[2] if len(hs) == 3 else "channels"
+    if len(hs) != 3 or hs[0] < 1 or hs[2] != channels or hs[2] < 1:
+        raise CalibrationError(f"{path}: hidden_states has shape {hs}; expected [samples, image tokens, {channels}]")
+    s, t_img = hs[0], hs[1]
+    if not 1 <= t_img <= MAX_IMAGE_TOKENS:
+        raise CalibrationError(f"{path}: hidden_states holds {t_img} image tokens per sample; 1 to "
+                               f"{MAX_IMAGE_TOKENS} are accepted (two 2048x2048 latents)")
+    enc = list(shapes["encoder_hidden_states"])
+    if len(enc) != 3 or enc[1] < 1:
+        raise CalibrationError(f"{path}: encoder_hidden_states has shape {enc}; expected "
                                f"[{s}, text tokens, {CONTEXT_DIM}]")
-    t_txt = int(enc.shape[1])
+    t_txt = enc[1]
+    if t_txt > MAX_TEXT_TOKENS:
+        raise CalibrationError(f"{path}: encoder_hidden_states holds {t_txt} text tokens per sample; at most "
+                               f"{MAX_TEXT_TOKENS} are accepted (T5's limit in the FLUX pipelines)")
     expected = {
         "encoder_hidden_states": [s, t_txt, CONTEXT_DIM],
         "pooled_projections": [s, VEC_DIM],
@@ -298,33 +427,15 @@ def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry) -> di
         "txt_ids": [t_txt, 3],
     }
     for key, want in expected.items():
-        if key in tensors and list(tensors[key].shape) != want:
-            raise CalibrationError(f"{path}: {key} has shape {list(tensors[key].shape)}; expected {want} "
+        if key in shapes and list(shapes[key]) != want:
+            raise CalibrationError(f"{path}: {key} has shape {list(shapes[key])}; expected {want} "
                                    f"(hidden_states holds {s} samples of {t_img} image tokens)")
-    for key, t in tensors.items():
-        if not t.is_floating_point() or not bool(t.isfinite().all()):
-            raise CalibrationError(f"{path}: {key} must hold finite floating-point values")
-    return tensors
 
 
-def file_samples(tensors: Mapping[str, Any], device: str, dtype: Any) -> Iterator[Sample]:
-    """One sample per row of an inputs file (ids and guidance stay float32, as the pipeline keeps them)."""
-    import torch
-
-    n = int(tensors["hidden_states"].shape[0])
-    tokens = int(tensors["hidden_states"].shape[1] + tensors["encoder_hidden_states"].shape[1])
-    for i in range(n):
-        kw = {
-            "hidden_states": tensors["hidden_states"][i: i + 1].to(device, dtype),
-            "encoder_hidden_states": tensors["encoder_hidden_states"][i: i + 1].to(device, dtype),
-            "pooled_projections": tensors["pooled_projections"][i: i + 1].to(device, dtype),
-            "timestep": tensors["timestep"][i: i + 1].to(device, dtype),
-            "img_ids": tensors["img_ids"].to(device, torch.float32),
-            "txt_ids": tensors["txt_ids"].to(device, torch.float32),
-        }
-        if "guidance" in tensors:
-            kw["guidance"] = tensors["guidance"][i: i + 1].to(device, torch.float32)
-        yield Sample(kw, tokens)
+def file_samples(inputs: InputsFile, device: str, dtype: Any) -> Iterator[Sample]:
+    """One sample per row of an inputs file, read when it is needed."""
+    for i in range(inputs.samples):
+        yield inputs.sample(i, device, dtype)
 
 
 @contextlib.contextmanager
@@ -477,19 +588,22 @@ def collect_imatrix(
     require_diffusers()
     dev = resolve_device(device)
     start = time.perf_counter()
-    with open_transformer(source, dev) as (model, geometry, kind):
+    # the inputs file is checked (header, then values) before the model is loaded: a bad one fails in
+    # seconds, not after a minute of loading 24 GB; only what needs the model waits for it
+    with contextlib.ExitStack() as stack:
+        saved = stack.enter_context(read_inputs_file(inputs)) if inputs is not None else None
+        model, geometry, kind = stack.enter_context(open_transformer(source, dev))
         loaded = time.perf_counter() - start
         names = quantized_weight_names(bfl_tensor_shapes(geometry))
         dtype = compute_dtype(dev)
-        if inputs is None:
+        if saved is None:
             say(f"collecting on {probes} seeded random probes (a smoke default, not a calibration set)")
             datasets = (probes_dataset(probes, probe),)
             total, samples = probes, probe_samples(probes, probe, dev, dtype, geometry.guidance)
             chunk = probe.image_tokens + probe.text_tokens
         else:
-            saved = read_inputs_file(inputs, geometry)
-            total = int(saved["hidden_states"].shape[0])
-            chunk = int(saved["hidden_states"].shape[1] + saved["encoder_hidden_states"].shape[1])
+            check_inputs_model(saved, geometry)
+            total, chunk = saved.samples, saved.image_tokens + saved.text_tokens
             datasets = (pathlib.Path(inputs).name,)
             samples = file_samples(saved, dev, dtype)
             say(f"collecting on {total} saved inputs from {inputs}")

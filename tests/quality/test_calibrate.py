@@ -143,8 +143,10 @@ def test_saved_inputs_give_the_same_imatrix_as_the_run_they_were_captured_from(s
         for s in samples:
             model(**s.kwargs, return_dict=False)
     path = write_inputs_file(calls, tmp_path / "inputs.safetensors")
-    saved = read_inputs_file(path, GEO)
-    assert {k: list(v.shape) for k, v in saved.items()} == {
+    with read_inputs_file(path, GEO) as saved:
+        shapes = {k: list(v) for k, v in saved.shapes.items()}
+        assert saved.tensor("timestep").tolist() == torch.cat([c["timestep"] for c in calls]).tolist()
+    assert shapes == {
         "hidden_states": [3, 8, 64], "encoder_hidden_states": [3, 8, 4096], "pooled_projections": [3, 768],
         "timestep": [3], "guidance": [3], "img_ids": [8, 3], "txt_ids": [8, 3]}
     from_file = collect_imatrix(src, inputs=path, device="cpu")
@@ -361,8 +363,8 @@ def test_pipeline_collection_covers_every_step_and_equals_its_captured_inputs(ti
     assert im.entries["double_blocks.0.img_mod.lin.weight"].count == 6
     # the documented capture path: the same calls saved to a file and replayed give the same sums
     path = write_inputs_file(calls, tmp_path / "captured.safetensors")
-    with ImatrixCollector(model, NAMES) as c, torch.inference_mode():
-        for s in file_samples(read_inputs_file(path, GEO), "cpu", torch.float32):
+    with ImatrixCollector(model, NAMES) as c, read_inputs_file(path, GEO) as saved, torch.inference_mode():
+        for s in file_samples(saved, "cpu", torch.float32):
             model(**s.kwargs, return_dict=False)
         replayed = c.imatrix(["file"], 6, 144)
     for n in NAMES:
