@@ -130,7 +130,14 @@ class HashingWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        self._raw.write(view)
+        done = 0
+        while done < view.nbytes:
+            # An unbuffered file (or a disk filling up) may store fewer bytes than given: the rest
+            # is written again, and a write that stores nothing is an error, never a silent gap.
+            n = self._raw.write(view[done:])
+            if not n:
+                raise OSError(errno.EIO, "the write stored nothing")
+            done += n
         self._hash.update(view)
         self.size += view.nbytes
         return view.nbytes
@@ -263,6 +270,25 @@ def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The whole of ``path``, a regular file of at most ``limit`` bytes (:func:`open_regular`'s checks).
+
+    For small inputs read whole (keys, certificates, passwords, signatures): a sparse or growing
+    file is refused from its size, never read past ``limit + 1`` bytes. Raises OSError(EFBIG)
+    naming the size when it is larger.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        chunks: list[bytes] = []
+        got = 0
+        while size <= limit and got <= limit and (chunk := f.read(limit + 1 - got)):
+            chunks.append(chunk)
+            got += len(chunk)
+    if size > limit or got > limit:
+        raise OSError(errno.EFBIG, f"{max(size, got):,} bytes, more than the {limit:,} allowed", str(path))
+    return b"".join(chunks)
 
 
 def _open_source(src: object) -> "contextlib.AbstractContextManager[BinaryIO]":

@@ -19,6 +19,7 @@ from manifests.hashing import (
     hash_file,
     hash_range,
     hash_stream,
+    read_regular,
     write_bytes_atomic,
 )
 
@@ -78,6 +79,48 @@ def test_hashing_writer_hashes_what_it_writes():
         w.write(p)
     assert raw.getvalue() == b"abcdefghij" + np.arange(10, dtype=np.float32).tobytes()
     assert w.digest() == hash_bytes(raw.getvalue())
+
+
+class _ShortWrites(io.RawIOBase):
+    """An unbuffered file that stores at most ``most`` bytes per write, as a filling disk does."""
+
+    def __init__(self, most: int) -> None:
+        self.stored, self.most = bytearray(), most
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = min(len(data), self.most)
+        self.stored += bytes(memoryview(data)[:n])
+        return n
+
+
+def test_hashing_writer_writes_the_rest_of_a_short_write():
+    raw = _ShortWrites(most=5)
+    w = HashingWriter(raw)
+    assert w.write(_data(23)) == 23
+    assert bytes(raw.stored) == _data(23) and w.digest() == hash_bytes(_data(23))
+
+
+def test_hashing_writer_fails_a_write_that_stores_nothing():
+    """A write that stores nothing (a full disk answering 0) is an error, never a silent gap or a loop."""
+    w = HashingWriter(_ShortWrites(most=0))
+    with pytest.raises(OSError, match="the write stored nothing"):
+        w.write(b"abc")
+
+
+def test_read_regular_reads_small_files_and_refuses_the_rest(tmp_path):
+    (tmp_path / "key.pem").write_bytes(b"x" * 100)
+    assert read_regular(tmp_path / "key.pem", 100) == b"x" * 100
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(2 << 30)  # never read: refused from its size
+    with pytest.raises(OSError, match=r"^\[Errno 27\] 2,147,483,648 bytes, more than the 100 allowed"):
+        read_regular(tmp_path / "sparse", 100)
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", tmp_path, "/dev/zero"):  # refused at once, never waited on or read
+        with pytest.raises(OSError, match="not a regular file"):
+            read_regular(path, 100)
 
 
 def test_write_bytes_atomic_leaves_no_partial(tmp_path):
