@@ -404,8 +404,9 @@ def make_plan(
 
 
 def _first_matches(ovr: Sequence[Override], tensors: Mapping[str, TensorLike]) -> dict[str, Override]:
-    """The override each tensor it can apply to gets (first match wins), after checking that every
-    override applies to some tensor: the one pass over overrides x tensors, shared by all variants."""
+    """For each 2-D tensor (``img_in.weight`` aside) that an override matches, the first that does,
+    after checking that every override matches one: the pass over overrides x tensors that planning
+    makes once, for all variants."""
     eligible = [n for n, t in tensors.items() if len(t.shape) > 1 and n not in ALWAYS_F32]
     first = {}
     for n in eligible:
