@@ -66,7 +66,7 @@ from .recipes import (
     SourceRef,
     Variant,
     make_plans,
-    parse_override,
+    parse_overrides,
     resolve_variant,
 )
 from . import direct_io
@@ -173,7 +173,7 @@ def convert(
     visibly). Returns one record per file, in variant order.
     """
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
-    parsed = [parse_override(o) for o in overrides]
+    parsed = parse_overrides(overrides)
     if imatrix is None and imatrix_files:
         imatrix = load_imatrices(imatrix_files)
     with kernel_threads(threads), (contextlib.nullcontext(src) if isinstance(src, Source) else open_source(src)) as source:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from gguf import GGUFValueType
@@ -98,13 +98,19 @@ class Override:
 
     pattern: str
     qtype: str
+    # Compiled once: planning tries every override on every tensor, and a lookup in
+    # compile_override's bounded cache recompiles each pattern once there are more than it holds.
+    _search: Callable[[str], object] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_search", compile_override(self.pattern))
 
     @property
     def text(self) -> str:
         return f"{self.pattern}={self.qtype}"
 
     def matches(self, name: str) -> bool:
-        return compile_override(self.pattern)(name) is not None
+        return self._search(name) is not None
 
 
 # Override regexes come from the command line or a release spec: a pattern like '(a+)+$' takes
@@ -112,6 +118,11 @@ class Override:
 # no pattern can hang a conversion; its repeat counts are capped at 1000 and patterns at
 # MAX_OVERRIDE_PATTERN characters. Without google-re2 installed, ``re`` is used (length-limited only).
 MAX_OVERRIDE_PATTERN = 1000
+# Planning tries the overrides on each tensor in order (first match wins, so they cannot be merged
+# into one lookup): the work grows with overrides x tensors. 512 is one override per 2-D tensor of a
+# full FLUX.1 model (313) with room to spare, and plans in about a second at worst on 2 cores;
+# tens of thousands would take minutes before any weight is read.
+MAX_OVERRIDES = 512
 try:
     import re2 as _re2
 except ImportError:  # pragma: no cover - google-re2 is a dependency
@@ -138,6 +149,16 @@ def compile_override(pattern: str) -> Callable[[str], object]:
         return re.compile(pattern).search
     except (re.error, OverflowError, RecursionError) as e:
         raise ValueError(str(e)) from None
+
+
+def parse_overrides(texts: Iterable[str | Override], *, option: str = "") -> tuple[Override, ...]:
+    """:func:`parse_override` on each, after checking there are at most :data:`MAX_OVERRIDES` of them
+    (counted before any is compiled). ``option``: how the user gave them (``--override``), for the error."""
+    items = tuple(texts)
+    if len(items) > MAX_OVERRIDES:
+        given = f"{option} given {len(items):,} times" if option else f"{len(items):,} overrides given"
+        raise PlanError(f"{given}; at most {MAX_OVERRIDES} overrides are allowed")
+    return tuple(parse_override(t) for t in items)
 
 
 def parse_override(text: str | Override) -> Override:
@@ -377,8 +398,34 @@ def make_plan(
 ) -> Plan:
     """Plan one output file for ``tensors`` (BFL names in output order, with shape and dtype)."""
     v = resolve_variant(variant)
-    ovr = tuple(parse_override(o) for o in overrides)
+    ovr = parse_overrides(overrides)
     _check_name(name)
+    return _make_plan(v, tensors, name, family, ovr, _first_matches(ovr, tensors), sources, extra_metadata)
+
+
+def _first_matches(ovr: Sequence[Override], tensors: Mapping[str, TensorLike]) -> dict[str, Override]:
+    """For each 2-D tensor (``img_in.weight`` aside) that an override matches, the first that does,
+    after checking that every override matches one: the pass over overrides x tensors that planning
+    makes once, for all variants."""
+    eligible = [n for n, t in tensors.items() if len(t.shape) > 1 and n not in ALWAYS_F32]
+    first = {}
+    for n in eligible:
+        hit = next((o for o in ovr if o.matches(n)), None)
+        if hit is not None:
+            first[n] = hit
+    used = set(first.values())
+    for o in ovr:
+        if o not in used and not any(o.matches(n) for n in eligible):
+            if any(o.matches(n) for n in ALWAYS_F32):
+                raise PlanError(f"override '{o.text}' matches only {', '.join(ALWAYS_F32)}, which stays F32 "
+                                "so diffusers detects the model correctly")
+            raise PlanError(f"override '{o.text}' matches no 2-D tensor")
+    return first
+
+
+def _make_plan(v: Variant, tensors: Mapping[str, TensorLike], name: str, family: str, ovr: tuple[Override, ...],
+               first: Mapping[str, Override], sources: Sequence[SourceRef],
+               extra_metadata: Mapping[str, str] | None) -> Plan:
     entries = []
     for tname, t in tensors.items():
         shape = tuple(int(s) for s in t.shape)
@@ -386,20 +433,24 @@ def make_plan(
             raise PlanError(f"tensor {tname} has dtype {t.dtype}; expected one of {', '.join(SOURCE_DTYPES)}")
         if not shape:
             raise PlanError(f"tensor {tname} is a scalar; expected a 1-D or 2-D tensor")
-        qtype, rule = choose_type(tname, shape, t.dtype, v, ovr)
+        hit = first.get(tname)
+        qtype, rule = choose_type(tname, shape, t.dtype, v, (hit,) if hit is not None else ())
         entries.append(PlanEntry(tname, shape, t.dtype, qtype, tensor_nbytes(qtype, shape), rule))
-    for o in ovr:
-        if not any(o.matches(e.name) for e in entries if len(e.shape) > 1 and e.name not in ALWAYS_F32):
-            if any(o.matches(n) for n in ALWAYS_F32):
-                raise PlanError(f"override '{o.text}' matches only {', '.join(ALWAYS_F32)}, which stays F32 "
-                                "so diffusers detects the model correctly")
-            raise PlanError(f"override '{o.text}' matches no 2-D tensor")
     kv = flux_metadata(v, name, family, ovr, sources, extra_metadata)
     header = encode_header(kv, [e.slot() for e in entries])
     return Plan(v, name, family, tuple(entries), ovr, kv, len(header))
 
 
-def make_plans(variants: Iterable[str | Variant], tensors: Mapping[str, TensorLike], **kwargs: Any) -> list[Plan]:
+def make_plans(
+    variants: Iterable[str | Variant],
+    tensors: Mapping[str, TensorLike],
+    *,
+    name: str,
+    family: str,
+    overrides: Iterable[str | Override] = (),
+    sources: Sequence[SourceRef] = (),
+    extra_metadata: Mapping[str, str] | None = None,
+) -> list[Plan]:
     """One plan per distinct variant, in the order given (duplicates dropped)."""
     seen: dict[str, Variant] = {}
     for v in variants:
@@ -407,7 +458,10 @@ def make_plans(variants: Iterable[str | Variant], tensors: Mapping[str, TensorLi
         seen.setdefault(r.name, r)
     if not seen:
         raise PlanError(f"no variant given; valid variants: {', '.join(VARIANTS)}")
-    return [make_plan(v, tensors, **kwargs) for v in seen.values()]
+    ovr = parse_overrides(overrides)
+    _check_name(name)
+    first = _first_matches(ovr, tensors)  # which override a tensor gets does not depend on the variant
+    return [_make_plan(v, tensors, name, family, ovr, first, sources, extra_metadata) for v in seen.values()]
 
 
 def _check_name(name: str) -> None:
@@ -416,7 +470,8 @@ def _check_name(name: str) -> None:
 
 
 __all__ = [
-    "VARIANTS", "Variant", "resolve_variant", "Override", "parse_override", "LayoutTensor", "layout_tensors",
+    "VARIANTS", "Variant", "resolve_variant", "Override", "parse_override", "parse_overrides", "LayoutTensor",
+    "layout_tensors",
     "SourceRef", "PlanEntry", "Plan", "choose_type", "kept_type", "tensor_nbytes", "flux_metadata",
     "make_plan", "make_plans",
 ]

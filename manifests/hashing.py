@@ -293,6 +293,25 @@ def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
         raise
 
 
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The whole of ``path``, a regular file of at most ``limit`` bytes (:func:`open_regular`'s checks).
+
+    For small inputs read whole (keys, certificates, passwords, signatures): a sparse or growing
+    file is refused from its size, never read past ``limit + 1`` bytes. Raises OSError(EFBIG)
+    naming the size when it is larger.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        chunks: list[bytes] = []
+        got = 0
+        while size <= limit and got <= limit and (chunk := f.read(limit + 1 - got)):
+            chunks.append(chunk)
+            got += len(chunk)
+    if size > limit or got > limit:
+        raise OSError(errno.EFBIG, f"{max(size, got):,} bytes, more than the {limit:,} allowed", str(path))
+    return b"".join(chunks)
+
+
 def _open_source(src: object) -> "contextlib.AbstractContextManager[BinaryIO]":
     if hasattr(src, "readinto"):
         return contextlib.nullcontext(src)  # type: ignore[arg-type]

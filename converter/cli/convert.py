@@ -15,7 +15,7 @@ from converter.hub.source import RemoteSource, open_any_source
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
 from converter.pipeline import convert as run_convert
 from converter.pipeline import plan_source
-from converter.recipes import parse_override, resolve_variant
+from converter.recipes import parse_overrides, resolve_variant
 from manifests.hashing import hash_file
 
 from .output import check_threads, describe_artifacts, describe_plans, prepare_kernels, printable, progress_bar
@@ -102,8 +102,7 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
     names = split_variants(variants)
     for v in names:  # reject bad arguments before opening the source
         resolve_variant(v)
-    for o in overrides:
-        parse_override(o)
+    parse_overrides(overrides, option="--override")
     lora_specs = [parse_lora_option(text) for text in loras]
     imatrix = load_imatrices(imatrix_files) if imatrix_files else None
     transform, extra = None, {}

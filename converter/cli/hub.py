@@ -164,17 +164,17 @@ remote_option = click.option(
 
 
 def _check_signature_before_upload(release_dir: pathlib.Path, trust: Any) -> None:
-    """With a key (chain, identity): model.sig must verify over the folder, or nothing is sent. Without
-    one, a release whose manifest says it is signed must still have its model.sig."""
-    from converter.release.signing import SigningError, check_signature
+    """With a key (chain, identity): model.sig must verify over the folder, or nothing is sent. Either way
+    the manifest and the folder must agree on whether the release is signed (model.sig present)."""
+    from converter.release.signing import NOT_READ, SigningError, check_signature
     from manifests import MANIFEST_NAME, load_manifest
 
-    declared = None
-    if trust is None:
-        try:
-            declared = load_manifest(release_dir / MANIFEST_NAME).signature
-        except (OSError, ManifestError):
+    try:
+        declared = load_manifest(release_dir / MANIFEST_NAME).signature
+    except (OSError, ManifestError):
+        if trust is None:
             return  # plan_upload reports an unreadable manifest in its own words
+        declared = NOT_READ
     check = check_signature(release_dir, trust, declared=declared)
     if not check.ok:
         raise SigningError(f"{release_dir}: {check.detail}; refusing to upload")

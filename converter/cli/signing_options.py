@@ -17,6 +17,7 @@ from converter.release.signing import (
     SigningError,
     SigningRequest,
     Trust,
+    read_key_file,
     signing_request,
     trust_from_options,
 )
@@ -24,7 +25,10 @@ from converter.release.signing import (
 from .output import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
-_FILE = click.Path(dir_okay=False, path_type=pathlib.Path)
+# No exists/dir_okay checks here: click would answer a folder with a usage error (exit 2). Every file
+# is checked when read (converter.release.signing.read_key_file): regular files of at most 1 MiB,
+# a folder, FIFO or device refused in one Error: line naming the option.
+_FILE = click.Path(path_type=pathlib.Path)
 
 
 def sign_options(fn: F) -> F:
@@ -55,10 +59,11 @@ def request_from(sign_key: pathlib.Path | None, sign_password_file: pathlib.Path
                  sign_oidc_issuer: str | None, sign_identity_token_file: pathlib.Path | None) -> SigningRequest | None:
     token = None
     if sign_identity_token_file is not None:
+        raw = read_key_file(sign_identity_token_file, "identity token", "--sign-identity-token-file")
         try:
-            token = sign_identity_token_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise SigningError(f"{sign_identity_token_file}: cannot read the identity token: {e.strerror or e}") from None
+            token = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise SigningError(f"{sign_identity_token_file}: the identity token is not UTF-8 text") from None
         if not token:
             raise SigningError(f"{sign_identity_token_file}: the identity token file is empty")
     return signing_request(key=sign_key, password_file=sign_password_file, certificate=sign_certificate,

@@ -7,7 +7,9 @@ lock on ``DIR`` (``.DIR.flux-gguf.lock`` beside it) from its first check to the 
 build of the same folder fails at once, naming the holder. The partial folder carries a marker
 file (``.flux-gguf-partial``, removed before the rename); under the lock, partial folders of
 ``DIR`` that an interrupted build left (marker inside) are removed, and nothing else is touched. Any OSError while writing becomes one OutputError naming the file, with the
-partial folder removed.
+partial folder removed. Every write is checked whole (a short write is finished or fails), and the
+folder is fsynced before the rename and its parent after it: a sync error fails the build too (the
+rename is taken back), so a disk that fills or fails never leaves a release under ``DIR``.
 
 Every digest is computed while the bytes are produced: GGUFs by the streaming writer, extra files
 while they are copied, README/manifest/SHA256SUMS from the bytes in memory; the source files are
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import shutil
 import stat
@@ -267,14 +270,38 @@ def build_release(
                 sign_release(partial, signer, name=out.name, expected=release_digests(manifest, manifest_sha))
             with _writing(out, f"remove {partial / PARTIAL_MARKER}"):
                 (partial / PARTIAL_MARKER).unlink()
+            with _writing(out, f"sync {partial}"):
+                _sync_folder(partial)  # every file's name in the folder on disk before the folder gets its name
             with _writing(out, f"move {partial} into place"):
                 if os.path.lexists(out):
                     out.rmdir()  # empty when checked; fails (ENOTEMPTY) if something appeared since
                 os.replace(partial, out)
+                try:
+                    _sync_folder(out.parent)
+                except OSError:
+                    os.replace(out, partial)  # a rename the disk may not keep: nothing under the final name
+                    raise
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return ReleaseResult(out, manifest, manifest_sha)
+
+
+def _sync_folder(path: Path) -> None:
+    """fsync a folder, so the renames into it are on disk. Unlike the writer's best-effort sync of a
+    GGUF's folder, an error (a failing or full disk) fails the build; only a file system that cannot
+    sync folders at all (EINVAL) is passed over."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        return  # a folder we may write into but not read (mode -wx): there is no descriptor to sync it with
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -25,10 +25,12 @@ PUB.pem`` accepts our releases.
 from __future__ import annotations
 
 import base64
+import errno
 import fnmatch
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from converter.errors import ReleaseError
+from converter.errors import OutputError, ReleaseError
 from manifests import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
@@ -45,11 +47,20 @@ from manifests import (
     format_sha256sums,
     hash_bytes,
 )
+from manifests.hashing import read_regular, write_bytes_atomic
 
 METHODS = ("key", "certificate", "sigstore")
 HASH_ALGORITHM = "sha256"  # model-signing's default, and what our manifest records: digests compare directly
 
 VERIFIED, UNSIGNED, NOT_CHECKED, INVALID = "verified", "unsigned", "not-checked", "invalid"
+
+KEY_FILE_LIMIT = 1 << 20
+"""Keys, certificates, chains, passwords and identity tokens are read whole, up to 1 MiB (a PEM key
+is a few hundred bytes, a chain a few KB): a sparse file, /dev/zero, a FIFO or a folder is refused
+at once, never read."""
+SIGNATURE_LIMIT = 1 << 20
+"""``model.sig`` is read whole, up to 1 MiB, before it is parsed (a model-signing bundle is a few KB
+even with a certificate chain and a transparency-log entry)."""
 
 
 class SigningError(ReleaseError):
@@ -220,11 +231,26 @@ def _reason(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_key_file(path: str | os.PathLike[str], what: str, option: str) -> bytes:
+    """The bytes of a key, certificate, chain, password or token file given as ``option``: a regular
+    file of at most :data:`KEY_FILE_LIMIT` bytes, or one line naming the option, the file and why not."""
     try:
-        return path.read_bytes()
+        return read_regular(path, KEY_FILE_LIMIT)
     except OSError as e:
-        raise SigningError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+        raise SigningError(f"{option} {path}: cannot read the {what}: {_file_problem(path, e)}") from None
+
+
+def _file_problem(path: str | os.PathLike[str], e: OSError) -> str:
+    if e.errno == errno.EINVAL and e.strerror == "not a regular file":  # manifests.hashing.open_regular
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = 0
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else None)
+        return f"it is {kind}, not a regular file" if kind else "not a regular file"
+    return e.strerror or str(e)
 
 
 def _public_pem(public_key: Any) -> bytes:
@@ -247,7 +273,7 @@ def _check_ec(public_key: Any, path: Path) -> None:
 def _load_private_key(path: Path, password: bytes | None) -> Any:
     from cryptography.hazmat.primitives import serialization
 
-    data = _read(path, "private key")
+    data = read_key_file(path, "private key", "--sign-key")
     try:
         key = serialization.load_pem_private_key(data, password)
     except TypeError as e:  # cryptography: encrypted key without a password, or a password for a plain key
@@ -271,7 +297,7 @@ def prepare_signer(request: SigningRequest) -> PreparedSigner:
         return PreparedSigner(request, SignatureInfo("sigstore", oidc_issuer=request.oidc_issuer))
     password = None
     if request.password_file is not None:
-        raw = _read(request.password_file, "password file")
+        raw = read_key_file(request.password_file, "password", "--sign-password-file")
         password = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         if not password:
             raise SigningError(f"{request.password_file}: the password file is empty")
@@ -282,7 +308,8 @@ def prepare_signer(request: SigningRequest) -> PreparedSigner:
         return PreparedSigner(request, SignatureInfo("key", key_sha256=hashlib.sha256(pem).hexdigest()), password, pem)
     assert request.certificate is not None
     try:
-        cert = x509.load_pem_x509_certificate(_read(request.certificate, "signing certificate"))
+        cert = x509.load_pem_x509_certificate(read_key_file(request.certificate, "signing certificate",
+                                                            "--sign-certificate"))
     except ValueError:
         raise SigningError(f"{request.certificate}: not a PEM X.509 certificate") from None
     if _public_pem(cert.public_key()) != pem:
@@ -292,7 +319,7 @@ def prepare_signer(request: SigningRequest) -> PreparedSigner:
                            "(ExtendedKeyUsage); model-signing refuses such a certificate when verifying")
     for path in request.chain:
         try:
-            if not x509.load_pem_x509_certificates(_read(path, "certificate chain")):
+            if not x509.load_pem_x509_certificates(read_key_file(path, "certificate chain", "--sign-chain")):
                 raise ValueError
         except ValueError:
             raise SigningError(f"{path}: holds no PEM X.509 certificate (expected the CA chain)") from None
@@ -366,15 +393,24 @@ def sign_release(folder: str | os.PathLike[str], signer: PreparedSigner, *, name
     sig = root / SIGNATURE_NAME
     files = sorted(expected)
     total = sum((root / f).stat().st_size for f in files)
-    config = signer.library_config().set_hashing_config(_release_hashing(name, files, expected))
+    hashing = _release_hashing(name, files, expected)
+    config = signer.library_config().set_hashing_config(hashing)
     start = time.perf_counter()
     try:
-        config.sign(root, sig)
+        # What Config.sign does, minus its Path.write_text: model.sig is written here like every
+        # other file of a release (a partial name, fsync, rename), so a full disk or an I/O error
+        # while it is stored is an error of the build, never a short or unsynced signature.
+        from model_signing._signing import signing as library_signing
+
+        bundle = config._signer.sign(library_signing.Payload(hashing.hash(root))).bundle.to_json()
     except SigningError:
         raise
     except Exception as e:  # noqa: BLE001
-        sig.unlink(missing_ok=True)
         raise SigningError(f"{root}: model-signing could not sign the release: {_reason(e)}") from None
+    try:
+        write_bytes_atomic(sig, bundle.encode("utf-8"))
+    except OSError as e:
+        raise OutputError(f"{sig} was not written: {e.strerror or e}") from None
     if signer.info.method != "sigstore":
         with tempfile.TemporaryDirectory(prefix="flux-gguf-sig-") as tmp:
             if signer.info.method == "key":
@@ -427,8 +463,11 @@ def trust_from_options(*, public_key: str | os.PathLike[str] | None = None,
     if sum(given) > 1:
         raise SigningError("give one of --public-key, --certificate-chain or --identity/--issuer")
     if public_key is not None:
+        read_key_file(public_key, "public key", "--public-key")  # a FIFO or a folder: one line now
         return Trust("key", public_key=Path(public_key))
     if certificate_chain:
+        for c in certificate_chain:
+            read_key_file(c, "certificate chain", "--certificate-chain")
         return Trust("certificate", chain=tuple(Path(c) for c in certificate_chain))
     if identity is not None or issuer is not None:
         if identity is None or issuer is None:
@@ -450,19 +489,32 @@ def _verifier(trust: Trust) -> Any:
     from model_signing import verifying
 
     try:
+        # The files are checked again here (the library reads them by name): one replaced by a FIFO
+        # or a huge file since trust_from_options is refused, not read.
         if trust.method == "key":
             assert trust.public_key is not None
-            _read(trust.public_key, "public key")
+            read_key_file(trust.public_key, "public key", "--public-key")
             return verifying.Config().use_elliptic_key_verifier(public_key=trust.public_key)
         if trust.method == "certificate":
             for c in trust.chain:
-                _read(c, "certificate chain")
+                read_key_file(c, "certificate chain", "--certificate-chain")
             return verifying.Config().use_certificate_verifier(certificate_chain=trust.chain)
         return verifying.Config().use_sigstore_verifier(identity=str(trust.identity), oidc_issuer=str(trust.issuer))
     except SigningError:
         raise
     except Exception as e:  # noqa: BLE001
         raise SigningError(f"cannot use {trust.describe()}: {_reason(e)}") from None
+
+
+class _Checked:
+    """Bytes already read and size-checked, for a library reader that takes a path and only calls
+    ``read_text`` on it: a model.sig swapped for a FIFO or a huge file after the check is never read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self._data.decode(encoding)
 
 
 def read_signed(signature: str | os.PathLike[str], trust: Trust) -> SignedContent:
@@ -477,10 +529,13 @@ def read_signed(signature: str | os.PathLike[str], trust: Trust) -> SignedConten
     path = Path(signature)
     config = _verifier(trust)
     try:
-        reader = sign_sigstore.Signature if trust.method == "sigstore" else sign_sigstore_pb.Signature
-        bundle = reader.read(path)
+        data = read_regular(path, SIGNATURE_LIMIT)
     except OSError as e:
-        raise SigningError(f"{path}: cannot read: {e.strerror or e}") from None
+        hint = " (a model-signing bundle is a few KB)" if e.errno == errno.EFBIG else ""
+        raise SigningError(f"{path}: cannot read: {_file_problem(path, e)}{hint}") from None
+    try:
+        reader = sign_sigstore.Signature if trust.method == "sigstore" else sign_sigstore_pb.Signature
+        bundle = reader.read(_Checked(data))  # parsed from the bytes checked above, not read again
     except Exception as e:  # noqa: BLE001  (bad JSON, not a bundle)
         raise SigningError(f"{path}: not a model-signing bundle ({_reason(e)})") from None
     try:
@@ -550,14 +605,26 @@ def _compare(signed: SignedContent, actual: Mapping[str, str], present: Iterable
     return problems
 
 
+class _NotRead:
+    def __repr__(self) -> str:
+        return "NOT_READ"
+
+
+NOT_READ: Any = _NotRead()
+"""``check_signature(declared=...)`` when the caller has not read the manifest (nothing is known of what it says)."""
+
+
 def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, require: bool = False,
-                    declared: Mapping[str, Any] | None = None, ignore: Sequence[str] = (),
+                    declared: Mapping[str, Any] | None = NOT_READ, ignore: Sequence[str] = (),
                     known: Mapping[str, str] | None = None) -> SignatureCheck:
     """Verify ``folder/model.sig`` against ``trust`` and every file of the folder against what it signs.
 
     Without ``trust`` a present signature is reported ``not-checked`` (never ``verified``); an unsigned
     release is ``unsigned``, which ``require`` (or a ``trust``) turns into ``invalid``. ``declared``: the
-    manifest's ``signature`` object; a release whose manifest says signed but has no model.sig is invalid.
+    manifest's ``signature`` object (None: the manifest says unsigned; :data:`NOT_READ`: not known). The
+    manifest and the folder must agree: a manifest that says signed with no model.sig is invalid, and so
+    is a model.sig beside a manifest that says unsigned (valid or not, with or without ``trust``: the
+    signature was added after the build, or the manifest's record of it removed).
     ``ignore``: glob patterns of unsigned extra files to tolerate (``verify --ignore``); signed files are
     always checked. ``known``: sha256 digests just computed for files of the folder (``verify`` passes
     its own per-file digests, so a signed release is read once); the others are hashed by model-signing.
@@ -565,15 +632,18 @@ def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, requ
     root = Path(folder)
     sig = root / SIGNATURE_NAME
     if not os.path.lexists(sig):
-        if declared is not None:
+        if declared is not None and declared is not NOT_READ:
             return SignatureCheck(INVALID, f"manifest.json says the release is signed, but {SIGNATURE_NAME} is missing")
         if trust is not None or require:
             return SignatureCheck(INVALID, f"unsigned: no {SIGNATURE_NAME}, and a signature is required")
         return SignatureCheck(UNSIGNED, f"unsigned (no {SIGNATURE_NAME})")
+    if declared is None:
+        return SignatureCheck(INVALID, f"manifest.json says the release is unsigned, but the folder holds "
+                                       f"{SIGNATURE_NAME}: the manifest and the folder disagree")
     if os.path.islink(sig) or not sig.is_file():
         return SignatureCheck(INVALID, f"{SIGNATURE_NAME} is not a regular file")
     if trust is None:
-        how = SignatureInfo.from_json(declared)
+        how = SignatureInfo.from_json(None if declared is NOT_READ else declared)
         detail = ("signature present, not checked" + (f" (the manifest says: {how.describe()})" if how else "")
                   + "; give --public-key, --certificate-chain or --identity/--issuer to check it")
         if require:

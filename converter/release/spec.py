@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from converter.errors import PlanError, ReleaseError
-from converter.recipes import parse_override, resolve_variant
+from converter.recipes import MAX_OVERRIDES, parse_override, resolve_variant
 from manifests import CHECKSUMS_NAME, MANIFEST_NAME
 
 if sys.version_info >= (3, 11):
@@ -345,6 +345,8 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
         raise ReleaseError(f"{spec_path}: not valid TOML: {e}") from None
     c.unknown(raw, TOP_KEYS + EXTENSION_KEYS)
     overrides = c.strings(raw, "overrides") or ()
+    if len(overrides) > MAX_OVERRIDES:  # counted before any pattern is compiled
+        raise c.error("overrides", f"has {len(overrides):,} entries; at most {MAX_OVERRIDES} are allowed")
     for o in overrides:
         try:
             parse_override(o)

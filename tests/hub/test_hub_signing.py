@@ -6,6 +6,7 @@ Runs against the loopback Hub emulator of test_hub.py, with the real huggingface
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from test_hub import emulator, error_line, make_release, run  # noqa: F401  (emulator is a fixture)
 
 from converter.release.signing import prepare_signer, sign_release, signing_request
-from manifests import CHECKSUMS_NAME, MANIFEST_NAME, SIGNATURE_NAME, format_sha256sums
+from manifests import CHECKSUMS_NAME, MANIFEST_NAME, SIGNATURE_NAME, dump_manifest, format_sha256sums, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,16 @@ def keys(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def signed_release(root: pathlib.Path, key: pathlib.Path) -> pathlib.Path:
+    """A release whose manifest says it is signed (as ``release build --sign-key`` writes it), signed."""
     rel = make_release(root)
+    signer = prepare_signer(signing_request(key=key))
+    manifest = dataclasses.replace(load_manifest(rel / MANIFEST_NAME), signature=signer.info.to_json())
+    manifest_bytes = dump_manifest(manifest)
+    (rel / MANIFEST_NAME).write_bytes(manifest_bytes)
+    sums = {a.path: a.sha256 for a in manifest.artifacts} | {MANIFEST_NAME: hashlib.sha256(manifest_bytes).hexdigest()}
+    (rel / CHECKSUMS_NAME).write_bytes(format_sha256sums(sums))
     expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in rel.iterdir()}
-    sign_release(rel, prepare_signer(signing_request(key=key)), name=rel.name, expected=expected)
+    sign_release(rel, signer, name=rel.name, expected=expected)
     return rel
 
 

@@ -21,6 +21,7 @@ from manifests.hashing import (
     hash_range,
     hash_stream,
     pwrite_all,
+    read_regular,
     write_all,
     write_bytes_atomic,
 )
@@ -137,6 +138,19 @@ def test_pwrite_all_writes_the_rest_of_a_short_pwrite_and_reports_a_full_disk(tm
         assert e.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+def test_read_regular_reads_small_files_and_refuses_the_rest(tmp_path):
+    (tmp_path / "key.pem").write_bytes(b"x" * 100)
+    assert read_regular(tmp_path / "key.pem", 100) == b"x" * 100
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(2 << 30)  # never read: refused from its size
+    with pytest.raises(OSError, match=r"^\[Errno 27\] 2,147,483,648 bytes, more than the 100 allowed"):
+        read_regular(tmp_path / "sparse", 100)
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", tmp_path, "/dev/zero"):  # refused at once, never waited on or read
+        with pytest.raises(OSError, match="not a regular file"):
+            read_regular(path, 100)
 
 
 def test_write_bytes_atomic_leaves_no_partial(tmp_path):

@@ -150,3 +150,47 @@ def test_two_concurrent_builds_of_one_folder_exactly_one_succeeds(tmp_path, weig
     assert len(errors) == 1 and (
         "another flux-gguf build (pid " in errors[0] or "already exists and is not an empty folder" in errors[0])
     assert verify_release(out).ok and ours(tmp_path) == []
+
+
+# ---- tens of thousands of overrides (issue 27) -----------------------------------------------------
+def run_child(*args: object) -> "subprocess.CompletedProcess[str]":
+    """``flux-gguf ARGS`` in a child with a timeout (a regression that plans for minutes fails the test)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_spec_with_100000_overrides_is_refused_from_the_count(tmp_path, weights):
+    overrides = ", ".join(['"double_blocks\\\\.0\\\\.img_attn\\\\.qkv=Q8_0"'] * 100_000)
+    spec = project(tmp_path / "p", weights, spec_text().replace("[card]", f"overrides = [{overrides}]\n[card]"))
+    proc = run_child("release", "build", spec, "-o", tmp_path / "out")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"Error: {spec}: 'overrides' has 100,000 entries; at most 512 are allowed\n"
+    assert not (tmp_path / "out").exists() and ours(tmp_path) == []
+
+
+def test_convert_with_20000_overrides_is_refused_from_the_count(tmp_path, weights):
+    proc = run_child("convert", weights, "-o", tmp_path / "out", "--variant", "Q8_0",
+                     *["--override", "double_blocks\\.0=Q8_0"] * 20_000)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == "Error: --override given 20,000 times; at most 512 overrides are allowed\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_512_overrides_plan_and_513_are_refused():
+    """The limit itself: 512 overrides (one per 2-D tensor and then some, first match wins) plan
+    every variant; one more is refused before any pattern is compiled."""
+    from converter.errors import PlanError
+    from converter.recipes import MAX_OVERRIDES, layout_tensors, make_plans
+
+    tensors = layout_tensors(GEO)
+    two_d = [n for n, t in tensors.items() if len(t.shape) == 2 and n != "img_in.weight"]
+    overrides = [f"^{n.replace('.', '[.]')}$=Q8_0" for n in two_d]
+    overrides += ["double_blocks=Q8_0"] * (MAX_OVERRIDES - len(overrides))
+    plans = make_plans(["Q4_K_M", "Q8_0"], tensors, name="m", family="flux-dev", overrides=overrides)
+    assert all(e.qtype == "Q8_0" and e.rule == "override" for p in plans for e in p.entries if e.name in two_d)
+    with pytest.raises(PlanError, match="^513 overrides given; at most 512 overrides are allowed$"):
+        make_plans(["Q8_0"], tensors, name="m", family="flux-dev", overrides=overrides + ["x=Q8_0"])

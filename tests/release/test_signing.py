@@ -354,16 +354,21 @@ def test_bad_trust_options(args, message, signed, keys):
     assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == "Error: " + message
 
 
-def test_unsigned_release(signed, keys, tmp_path):
-    rel = tmp_path / signed.name  # the signed release with its signature taken out of the manifest and folder
-    shutil.copytree(signed, rel)
-    (rel / SIGNATURE_NAME).unlink()
+def _unsigned_manifest(rel: Path) -> None:
+    """Take the signature out of the manifest (and SHA256SUMS), as a release built unsigned has it."""
     doc = json.loads((rel / MANIFEST_NAME).read_text())
     del doc["signature"]
     manifest_bytes = (json.dumps(doc, indent=2) + "\n").encode()
     (rel / MANIFEST_NAME).write_bytes(manifest_bytes)
     sums = {a["path"]: a["sha256"] for a in doc["artifacts"]} | {MANIFEST_NAME: hashlib.sha256(manifest_bytes).hexdigest()}
     (rel / CHECKSUMS_NAME).write_bytes(format_sha256sums(sums))
+
+
+def test_unsigned_release(signed, keys, tmp_path):
+    rel = tmp_path / signed.name  # the signed release with its signature taken out of the manifest and folder
+    shutil.copytree(signed, rel)
+    (rel / SIGNATURE_NAME).unlink()
+    _unsigned_manifest(rel)
     code, out = verify_json(rel)
     assert code == 0 and out["signature"]["status"] == "unsigned"
     code, out = verify_json(rel, "--require-signature")
@@ -420,3 +425,138 @@ def test_without_the_sign_extra_signing_options_say_how_to_install_it(tmp_path, 
     assert res.output.strip().splitlines()[-1] == (
         "Error: signatures need the model-signing library (model_signing is not installed): "
         "pip install 'flux-gguf[sign]'")
+
+
+# ---- hostile key, certificate and signature files (issue 27) ---------------------------------------
+# A FIFO would block a read forever and /dev/zero never ends, so every case runs in one child
+# process with a timeout and a 2 GiB address-space cap (a hang fails the test instead of the suite).
+HOSTILE_DRIVER = r"""
+import json, sys
+from click.testing import CliRunner
+from converter.cli import main
+results = [CliRunner().invoke(main, args) for args in json.loads(sys.argv[1])]
+print(json.dumps([{"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr} for r in results]))
+"""
+SPARSE_BYTES = 2 << 30
+READ = "cannot read the"
+FIFO, DEVICE, FOLDER = (f"it is a {kind}, not a regular file" for kind in ("FIFO", "device", "folder"))
+TOO_BIG = f"{SPARSE_BYTES:,} bytes, more than the 1,048,576 allowed"
+HOSTILE_BUILDS = {  # release build options -> the one Error: line
+    "key-fifo": (["--sign-key", "{fifo}"], f"--sign-key {{fifo}}: {READ} private key: {FIFO}"),
+    "key-zero": (["--sign-key", "/dev/zero"], f"--sign-key /dev/zero: {READ} private key: {DEVICE}"),
+    "key-folder": (["--sign-key", "{folder}"], f"--sign-key {{folder}}: {READ} private key: {FOLDER}"),
+    "key-sparse": (["--sign-key", "{sparse}"], f"--sign-key {{sparse}}: {READ} private key: {TOO_BIG}"),
+    "password-fifo": (["--sign-key", "{encrypted}", "--sign-password-file", "{fifo}"],
+                      f"--sign-password-file {{fifo}}: {READ} password: {FIFO}"),
+    "password-zero": (["--sign-key", "{encrypted}", "--sign-password-file", "/dev/zero"],
+                      f"--sign-password-file /dev/zero: {READ} password: {DEVICE}"),
+    "certificate-folder": (["--sign-key", "{key}", "--sign-certificate", "{folder}", "--sign-chain", "{ca}"],
+                           f"--sign-certificate {{folder}}: {READ} signing certificate: {FOLDER}"),
+    "chain-fifo": (["--sign-key", "{key}", "--sign-certificate", "{leaf}", "--sign-chain", "{fifo}"],
+                   f"--sign-chain {{fifo}}: {READ} certificate chain: {FIFO}"),
+    "token-zero": (["--sign-sigstore", "--sign-identity-token-file", "/dev/zero"],
+                   f"--sign-identity-token-file /dev/zero: {READ} identity token: {DEVICE}"),
+}
+HOSTILE_TRUST = {  # verify / upload options -> the one Error: line
+    "public-key-fifo": (["verify", "{signed}", "--public-key", "{fifo}"],
+                        f"--public-key {{fifo}}: {READ} public key: {FIFO}"),
+    "public-key-zero": (["verify", "{signed}", "--public-key", "/dev/zero"],
+                        f"--public-key /dev/zero: {READ} public key: {DEVICE}"),
+    "public-key-folder": (["verify", "{signed}", "--public-key", "{folder}"],
+                          f"--public-key {{folder}}: {READ} public key: {FOLDER}"),
+    "public-key-sparse": (["verify", "{signed}", "--public-key", "{sparse}"],
+                          f"--public-key {{sparse}}: {READ} public key: {TOO_BIG}"),
+    "chain-fifo": (["verify", "{signed}", "--certificate-chain", "{fifo}"],
+                   f"--certificate-chain {{fifo}}: {READ} certificate chain: {FIFO}"),
+    "upload-public-key-folder": (["upload", "{signed}", "me/repo", "--dry-run", "--public-key", "{folder}"],
+                                 f"--public-key {{folder}}: {READ} public key: {FOLDER}"),
+}
+
+
+def _limit_memory() -> None:  # runs in the child before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.fixture(scope="module")
+def hostile(keys, project, signed, tmp_path_factory) -> dict:
+    """Every hostile case run once in one child: {case: (result, the paths its strings name)}."""
+    import os
+
+    d = tmp_path_factory.mktemp("hostile")
+    os.mkfifo(d / "fifo")
+    (d / "folder").mkdir()
+    with open(d / "sparse.pem", "wb") as f:
+        f.truncate(SPARSE_BYTES)
+    sig_sparse, sig_fifo = d / "sig-sparse" / signed.name, d / "sig-fifo" / signed.name
+    for rel in (sig_sparse, sig_fifo):
+        shutil.copytree(signed, rel)
+        (rel / SIGNATURE_NAME).unlink()
+    with open(sig_sparse / SIGNATURE_NAME, "wb") as f:
+        f.truncate(SPARSE_BYTES)
+    os.mkfifo(sig_fifo / SIGNATURE_NAME)
+    names = {**{k: str(v) for k, v in keys.items()}, "fifo": str(d / "fifo"), "folder": str(d / "folder"),
+             "sparse": str(d / "sparse.pem"), "signed": str(signed), "sig_sparse": str(sig_sparse),
+             "sig_fifo": str(sig_fifo)}
+    cases = {f"build-{k}": ["release", "build", str(project), "-o", str(d / f"out-{k}"), *args]
+             for k, (args, _) in HOSTILE_BUILDS.items()}
+    cases |= {f"trust-{k}": args for k, (args, _) in HOSTILE_TRUST.items()}
+    cases |= {"sig-sparse": ["verify", "{sig_sparse}", "--public-key", "{pub}"],
+              "sig-fifo": ["verify", "{sig_fifo}", "--public-key", "{pub}"]}
+    cases = {k: [a.format(**names) for a in args] for k, args in cases.items()}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", HOSTILE_DRIVER, json.dumps(list(cases.values()))],
+                          capture_output=True, text=True, timeout=300, env=env, preexec_fn=_limit_memory)
+    assert proc.returncode == 0, proc.stderr
+    return {"results": dict(zip(cases, json.loads(proc.stdout))), "names": names, "dir": d}
+
+
+@pytest.mark.parametrize("case", HOSTILE_BUILDS)
+def test_a_signing_file_that_is_a_fifo_device_folder_or_huge_is_one_line(hostile, case):
+    r = hostile["results"][f"build-{case}"]
+    assert (r["exit_code"], r["stdout"]) == (1, "")
+    assert r["stderr"] == f"Error: {HOSTILE_BUILDS[case][1].format(**hostile['names'])}\n"
+    assert not (hostile["dir"] / f"out-{case}").exists()
+
+
+@pytest.mark.parametrize("case", HOSTILE_TRUST)
+def test_a_trusted_key_or_chain_that_is_a_fifo_device_folder_or_huge_is_one_line(hostile, case):
+    r = hostile["results"][f"trust-{case}"]
+    assert (r["exit_code"], r["stdout"]) == (1, "")
+    assert r["stderr"] == f"Error: {HOSTILE_TRUST[case][1].format(**hostile['names'])}\n"
+
+
+def test_a_huge_sparse_model_sig_is_refused_from_its_size(hostile):
+    """A 2 GiB model.sig is never read (the cap is 1 MiB): the signature is invalid, exit 1."""
+    r = hostile["results"]["sig-sparse"]
+    sig = Path(hostile["names"]["sig_sparse"]) / SIGNATURE_NAME
+    assert r["exit_code"] == 1 and r["stderr"] == ""
+    assert r["stdout"].splitlines()[0] == (f"signature   invalid: {SIGNATURE_NAME} {sig}: cannot read: {TOO_BIG} "
+                                           "(a model-signing bundle is a few KB)")
+
+
+def test_a_model_sig_that_is_a_fifo_is_refused_not_waited_on(hostile):
+    r = hostile["results"]["sig-fifo"]
+    assert r["exit_code"] == 1 and r["stderr"] == ""
+    assert r["stdout"].splitlines()[0] == f"signature   invalid: {SIGNATURE_NAME} is not a regular file"
+
+
+@pytest.mark.parametrize("sig", ["valid", "garbage"])
+def test_a_model_sig_beside_a_manifest_that_says_unsigned_fails_with_or_without_a_key(signed, keys, tmp_path, sig):
+    """One verdict: the manifest and the folder disagree, so the signature check is invalid (exit 1),
+    whether model.sig would verify or not, with a key or without."""
+    rel = tmp_path / signed.name
+    shutil.copytree(signed, rel)
+    _unsigned_manifest(rel)
+    if sig == "garbage":
+        (rel / SIGNATURE_NAME).write_text("{}")
+    detail = ("manifest.json says the release is unsigned, but the folder holds model.sig: the manifest and the "
+              "folder disagree")
+    for trust in ([], ["--public-key", keys["pub"]]):
+        code, out = verify_json(rel, *trust)
+        assert code == 1 and not out["ok"]
+        assert (out["signature"]["status"], out["signature"]["detail"]) == ("invalid", detail)
+        assert all(f["status"] == "ok" for f in out["files"])  # every listed file is intact: only the signature fails
+    res = run("upload", rel, "me/repo", "--dry-run")
+    assert res.exit_code == 1 and res.stderr == f"Error: {rel}: {detail}; refusing to upload\n"
