@@ -21,6 +21,14 @@ class PlanError(FluxGGUFError):
     """A recipe, variant or override cannot be applied."""
 
 
+class SensitivityError(PlanError):
+    """A sensitivity file is unreadable, malformed, or does not describe the source it is used with."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class OutputError(FluxGGUFError):
     """The output cannot be written (unwritable directory, disk full, interrupted)."""
 
