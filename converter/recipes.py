@@ -29,6 +29,7 @@ back: a type that does not fit the row is an error naming the tensor.
 """
 from __future__ import annotations
 
+import decimal
 import functools
 import json
 import math
@@ -554,7 +555,7 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _SIZE_UNITS:
         raise PlanError(f"target size {text!r}: expected a number of bytes with an optional unit "
                         "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 5.37GB")
-    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    n = int(decimal.Decimal(m.group(1)) * _SIZE_UNITS[unit])  # exact: 4.02GB is 4020000000, not ...999
     if n <= 0:
         raise PlanError(f"target size {text!r} must be positive")
     return n
