@@ -134,8 +134,12 @@ def measure_sensitivity(
     source_sha256: str | None = None,
     check_tensors: int = DEFAULT_CHECK_TENSORS,
     progress: ProgressFn | None = None,
+    model: Any = None,
 ) -> SensitivityReport:
     """Measure every quantizable tensor of ``source_path`` (a checkpoint convert reads).
+
+    ``model``: the transformer already built from this source on ``device`` (build_transformer),
+    to save building a second copy; its weights are put back as they were.
 
     ``imatrix_file``: {"file", "sha256"} of the imatrix, recorded in the file; ``source_sha256``
     likewise for the source (the CLI hashes it)."""
@@ -155,7 +159,8 @@ def measure_sensitivity(
             geometry = detect_model(source).geometry
         except FluxGGUFError as exc:
             raise CalibrationError(str(exc)) from exc
-        model = build_transformer(geometry, source.read, dev)
+        if model is None:
+            model = build_transformer(geometry, source.read, dev)
         if inputs is None:
             samples = list(probe_samples(probes, probe, dev, dtype, geometry.guidance))
             inputs_doc = {"kind": "probes", "dataset": probes_dataset(probes, probe), "samples": probes,
