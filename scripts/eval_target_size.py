@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 from typing import Any
@@ -45,28 +46,15 @@ from converter.quality.calibrate import (
     probes_dataset,
     quantized_weight_names,
 )
-from converter.quality.probes import ProbeSpec, make_kontext_probe
 from converter.quality.sensitivity import measure_sensitivity
 from converter.quality.validate import compare_outputs
 from converter.recipes import make_plan, parse_sensitivity, size_budget
 from converter.sources import open_source
-from converter.synthetic import write_synthetic_flux
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from eval_imatrix import EVAL_SEED, _outputs, evaluation_setup  # noqa: E402 - the imatrix benchmark's evaluation
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
-EVAL_SEED = 1000
-
-
-def _outputs(model: Any, probes: list[Any], device: str) -> np.ndarray:
-    import torch
-
-    from converter.quality.diffusers_model import compute_dtype
-
-    outs = []
-    with torch.inference_mode():
-        for p in probes:
-            kw = p.transformer_kwargs(device, compute_dtype(device), guidance_embeds=model.config.guidance_embeds)
-            outs.append(model(**kw, return_dict=False)[0][:, : p.spec.target_tokens].float().cpu().numpy())
-    return np.concatenate([o.reshape(-1) for o in outs])
 
 
 def _load(model: Any, source: Any, entries: Any, im: Any, device: str) -> None:
@@ -120,16 +108,10 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
             json_path.write_text(json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="eval-target-") as tmp:
-        if source_path is None:
-            geometry = FluxGeometry(double_blocks=double_blocks, single_blocks=single_blocks, hidden=hidden)
-            src = write_synthetic_flux(pathlib.Path(tmp) / "flux-eval.safetensors", geometry, dtype="BF16",
-                                       seed=seed, structured=not plain)
-        else:
-            src = source_path
-        calib = ProbeSpec(height=size, width=size, text_tokens=text_tokens, seed=0)
-        eval_probes = [make_kontext_probe(ProbeSpec(height=size, width=size, text_tokens=text_tokens,
-                                                    seed=EVAL_SEED + i, timestep=(i + 0.5) / evaluation_probes))
-                       for i in range(evaluation_probes)]
+        src, calib, eval_probes = evaluation_setup(
+            pathlib.Path(tmp), source_path,
+            FluxGeometry(double_blocks=double_blocks, single_blocks=single_blocks, hidden=hidden),
+            seed=seed, plain=plain, size=size, text_tokens=text_tokens, evaluation_probes=evaluation_probes)
         with open_source(src) as source:
             geometry = detect_model(source).geometry
             model = build_transformer(geometry, source.read, device)
