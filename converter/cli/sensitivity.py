@@ -59,7 +59,8 @@ def sensitivity(source: pathlib.Path, output: pathlib.Path, imatrix_file: pathli
     probe = ProbeSpec(height=height, width=width, text_tokens=text_tokens, seed=seed)
     with progress_bar("measuring", unit=" tensors") as progress:
         report = measure_sensitivity(source, inputs=inputs_file, probes=probes, probe=probe, device=device,
-                                     imatrix=imatrix, imatrix_file=imatrix_ref, source_sha256=source_sha,
+                                     imatrix=imatrix, imatrix_file=imatrix_ref,
+                                     imatrix_origin=str(imatrix_file), source_sha256=source_sha,
                                      check_tensors=check_tensors, progress=progress)
     doc = report.document
     write_bytes_atomic(output, (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())

@@ -30,7 +30,7 @@ import quant_kernels
 from converter import __version__
 from converter.detect import detect_model
 from converter.errors import CalibrationError, FluxGGUFError
-from converter.imatrix import Imatrix, uses_imatrix
+from converter.imatrix import Imatrix, check_against, uses_imatrix
 from converter.layout import bfl_tensor_shapes
 from converter.recipes import kept_type
 from converter.recipes import CANDIDATE_TYPES, SENSITIVITY_FORMAT, SENSITIVITY_VERSION
@@ -131,6 +131,7 @@ def measure_sensitivity(
     device: str | None = None,
     imatrix: Imatrix | None = None,
     imatrix_file: Mapping[str, str] | None = None,
+    imatrix_origin: str = "importance matrix",
     source_sha256: str | None = None,
     check_tensors: int = DEFAULT_CHECK_TENSORS,
     progress: ProgressFn | None = None,
@@ -171,7 +172,10 @@ def measure_sensitivity(
             samples = list(file_samples(saved, dev, dtype))
             inputs_doc = {"kind": "file", "dataset": pathlib.Path(inputs).name, "samples": len(samples)}
             keep = None
-        names = quantized_weight_names(bfl_tensor_shapes(geometry))
+        shapes = bfl_tensor_shapes(geometry)
+        names = quantized_weight_names(shapes)
+        if imatrix is not None:  # before any forward pass: an imatrix for another model is one line
+            check_against(imatrix, {n: shapes[n][-1] for n in names}, imatrix_origin)
         check = set(_check_sample(names, check_tensors))
         total_steps = len(names) + len(check)
         measure = _OutputError(model, samples, keep)
@@ -184,7 +188,7 @@ def measure_sensitivity(
             x = source.read(name)
             shape = tuple(x.shape)
             src_dtype = source.tensors[name].dtype
-            imp = imatrix.importance(name) if imatrix is not None and name in imatrix.entries else None
+            imp = imatrix.importance(name) if imatrix is not None else None
             weight_err: dict[str, float] = {}
             dequant: dict[str, np.ndarray] = {}
             for qt in CANDIDATE_TYPES:

@@ -154,3 +154,21 @@ def test_target_size_file_has_the_planned_bytes_records_the_choice_and_loads(mea
             # diffusers decodes the block scales in half precision: the bound test_diffusers_consumer uses
             assert np.linalg.norm(theirs - ours) / np.linalg.norm(ours) < 5e-3, t.name
             assert np.linalg.norm(ours - x) / np.linalg.norm(x) < 0.35, t.name
+
+
+def test_bad_inputs_are_one_line_and_leave_no_file(measured, tmp_path):
+    from safetensors.numpy import save_file
+
+    d, src, _, _ = measured
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": np.zeros((4, 4), np.float32)}, str(other))
+    out = tmp_path / "s.json"
+    r = run("sensitivity", other, "-o", out, *PROBE)
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert not out.exists()
+    geo = FluxGeometry(double_blocks=1, single_blocks=1, hidden=512)
+    big = write_synthetic_flux(tmp_path / "big.safetensors", geo, dtype="BF16")
+    r = run("sensitivity", big, "-o", out, "--imatrix", d / "flux.imatrix.gguf", *PROBE)
+    assert r.output == (f"Error: {d / 'flux.imatrix.gguf'}: tensor double_blocks.0.img_attn.proj.weight has 512 "
+                        "input columns but its entry has 256 (an importance matrix for another model?)\n")
+    assert set(tmp_path.iterdir()) == {other, big}  # no sensitivity file, no partial
