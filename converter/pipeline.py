@@ -60,7 +60,7 @@ from manifests.locking import OutputBusyError, locked
 from quant_kernels.errors import QuantError
 
 from .detect import detect_model
-from .errors import FluxGGUFError, OutputError, PlanError, SensitivityError
+from .errors import FluxGGUFError, OutputError, PlanError, SensitivityError, TargetRangeError
 from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths
 from .recipes import (
     CANDIDATE_TYPES,
@@ -304,10 +304,10 @@ def plan_target(
     reachable = (lo, hi) if budget.kind == "size" else (lo * 8 / n_params, hi * 8 / n_params)
     if not lo <= limit <= hi:
         if budget.kind == "size":
-            raise PlanError(f"target size {budget.text} ({limit} bytes) is outside the reachable range "
-                            f"{lo / _GB:.3f}-{hi / _GB:.3f} GB ({lo}-{hi} bytes) for this source")
-        raise PlanError(f"target {budget.text} is outside the reachable range {reachable[0]:.3f}-"
-                        f"{reachable[1]:.3f} bits per weight for this source")
+            raise TargetRangeError(f"target size {budget.text} ({limit} bytes) is outside the reachable range "
+                                   f"{lo / _GB:.3f}-{hi / _GB:.3f} GB ({lo}-{hi} bytes) for this source", lo, hi)
+        raise TargetRangeError(f"target {budget.text} is outside the reachable range {reachable[0]:.3f}-"
+                               f"{reachable[1]:.3f} bits per weight for this source", *reachable)
     chosen = allocate(options, limit - overhead)
     types = {n: chosen[n].qtype for n in tensors if n in chosen}
     predicted = sum(o.error for o in chosen.values())

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 import quant_kernels
+from converter.errors import TargetRangeError
 from converter.imatrix import uses_imatrix
 from converter.layout import FluxGeometry
 from converter.pipeline import plan_source_target
@@ -135,6 +136,9 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
                                              model=model)
             sensitivity_seconds = time.perf_counter() - t0
             sens = parse_sensitivity(report.document, "eval.sensitivity.json")
+            if json_path is not None:  # kept: the slow part of the run
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.with_suffix(".sensitivity.json").write_text(json.dumps(report.document, indent=1) + "\n")
             reference = _outputs(model, eval_probes, device)
             result.update({
                 "model": {"geometry": geometry.__dict__, "weights": "plain Gaussian" if plain else "structured",
@@ -151,7 +155,10 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
             jobs = []
             for recipe in names:
                 static = make_plan(recipe, source.tensors, name="flux-eval", family="flux-dev")
-                mix = plan_source_target(source, sens, size_budget(str(static.file_size)), imatrix=im)
+                try:
+                    mix = plan_source_target(source, sens, size_budget(str(static.file_size)), imatrix=im)
+                except TargetRangeError as e:  # Q2_K: the all-Q2_K mix, whose header (its record) is larger
+                    mix = plan_source_target(source, sens, size_budget(str(int(e.low) + 64)), imatrix=im)
                 jobs += [(recipe, "static", static, None, None), (recipe, "imatrix", static, im, None),
                          (recipe, "target", mix.plan, im, mix.predicted_rel_l2)]
             for recipe, mode, plan, imx, predicted in tqdm(jobs, desc="quantize + evaluate", unit=" models"):

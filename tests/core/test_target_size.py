@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from converter.cli import main
-from converter.errors import PlanError, SensitivityError
+from converter.errors import PlanError, SensitivityError, TargetRangeError
 from converter.layout import FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from converter.pipeline import KV_TARGET, plan_source, plan_source_target
 from converter.recipes import (
@@ -142,8 +142,11 @@ def test_budget_outside_the_reachable_range_states_it(full):
         with pytest.raises(PlanError, match=r"^target size 1GB \(1000000000 bytes\) is outside the reachable range "
                                             r"4\.024-23\.809 GB \(\d+-\d+ bytes\) for this source$"):
             plan_source_target(source, sens, size_budget("1GB"))
-        with pytest.raises(PlanError, match="outside the reachable range"):
+        with pytest.raises(TargetRangeError, match="outside the reachable range") as e:
             plan_source_target(source, sens, size_budget("30GB"))
+        # the range in bytes; the low end moves by a few bytes with the budget's own text, which the file records
+        assert e.value.low < plan_source_target(source, sens, size_budget(str(int(e.value.low) + 64))).plan.file_size \
+            <= e.value.low + 64
         with pytest.raises(PlanError, match=r"^target 1bpw is outside the reachable range 2\.\d{3}-16\.\d{3} bits"):
             plan_source_target(source, sens, bpw_budget("1"))
 
