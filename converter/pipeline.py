@@ -358,9 +358,10 @@ def convert(
     ``budget`` with ``sensitivity`` (and no ``variants``): one size-targeted file instead
     (plan_target; ``mix_name`` labels it).
     """
+    overrides = tuple(overrides)
     if (budget is None) != (sensitivity is None):
         raise PlanError("a target size or bits per weight needs a sensitivity file, and a sensitivity file a target")
-    if budget is not None and (variants or tuple(overrides)):
+    if budget is not None and (variants or overrides):
         raise PlanError("a target size or bits per weight chooses every type itself; give no variant or override")
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = [parse_override(o) for o in overrides]
