@@ -61,7 +61,7 @@ from quant_kernels.errors import QuantError
 
 from .detect import detect_model
 from .errors import FluxGGUFError, OutputError, PlanError, SensitivityError, TargetRangeError
-from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths
+from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths, uses_imatrix
 from .recipes import (
     CANDIDATE_TYPES,
     VARIANTS,
@@ -195,7 +195,7 @@ def default_mix_name(budget: Budget) -> str:
 
 KV_TARGET = "flux_gguf.recipe_target"
 _PROBE_VARIANT = VARIANTS["Q4_K_S"]  # any single-type variant: tells which tensors a recipe quantizes
-_LONGEST_TYPE = "Q8_0"  # the longest candidate name (4 characters), for the header's upper bound
+_LONGEST_TYPE = "Q8_0"  # a longest candidate name (4 characters), for the header's upper bound
 _GB = 1e9
 
 
@@ -282,7 +282,10 @@ def plan_target(
                          extra_metadata=extra, types=types)
         return plan if imatrix is None else attach_to_plans([plan], imatrix, imatrix_files)[0]
 
-    bound = build({n: _LONGEST_TYPE for n in choosable}, 0.0, 0)
+    # every name 4 characters, and a K-quant wherever one fits, so that the bound carries the
+    # quantize.imatrix.* KVs whenever the final mix could
+    bound = build({n: next((t for t in cands if uses_imatrix(t)), _LONGEST_TYPE) for n, cands in choosable.items()},
+                  0.0, 0)
     fixed = [e for e in bound.entries if e.name not in choosable]
     n_params = bound.n_params
     if budget.kind == "size":

@@ -129,6 +129,23 @@ def test_more_bytes_never_predict_more_error(full):
     assert errors == sorted(errors, reverse=True)
 
 
+def test_budget_holds_with_an_imatrix_at_the_low_end(full):
+    """The imatrix KVs are in the header only when some tensor is a K-quant: the header bound
+    must carry them (a mix at the all-Q2_K end once came out 192 bytes over)."""
+    from imatrix_fixtures import synthetic_imatrix
+
+    _, src, sens = full
+    im = synthetic_imatrix(src)
+    with open_source(src) as source:
+        with pytest.raises(TargetRangeError) as e:
+            plan_source_target(source, sens, size_budget("1GB"), imatrix=im)
+        for extra in (64, 200, 5000, 10**6):
+            budget = int(e.value.low) + extra
+            mix = plan_source_target(source, sens, size_budget(str(budget)), imatrix=im)
+            assert mix.plan.file_size <= budget
+            assert any(k.key == "quantize.imatrix.file" for k in mix.plan.kv)
+
+
 def test_bpw_budget(full):
     _, src, sens = full
     with open_source(src) as source:
