@@ -86,10 +86,13 @@ def _load(model: Any, source: Any, entries: Any, im: Any, device: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synthetic weights.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--threads", default=None, type=click.IntRange(1), help="Quantization kernel and torch threads.")
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(path_type=pathlib.Path, dir_okay=False), default=None,
+              help="Reuse a sensitivity file an earlier run of the same arguments kept (JSON.sensitivity.json).")
 @click.option("--json", "json_path", type=click.Path(path_type=pathlib.Path, dir_okay=False), default=None)
 def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathlib.Path | None, recipes: str,
          calibration_probes: int, evaluation_probes: int, size: int, text_tokens: int, check_tensors: int,
-         plain: bool, seed: int, device: str, threads: int | None, json_path: pathlib.Path | None) -> None:
+         plain: bool, seed: int, device: str, threads: int | None, sensitivity_path: pathlib.Path | None,
+         json_path: pathlib.Path | None) -> None:
     """Measure output rel-L2 vs file size for static, imatrix and target-size files."""
     import torch
 
@@ -127,18 +130,21 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
                                        calib.image_tokens + calib.text_tokens)
             imatrix_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            with tqdm(desc="sensitivity", unit=" tensors") as bar:
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
-                report = measure_sensitivity(src, probes=calibration_probes, probe=calib, device=device,
-                                             imatrix=im, check_tensors=check_tensors, progress=progress,
-                                             model=model)
+            if sensitivity_path is not None:
+                document = json.loads(sensitivity_path.read_text())
+            else:
+                with tqdm(desc="sensitivity", unit=" tensors") as bar:
+                    def progress(done: int, total: int) -> None:
+                        bar.total = total
+                        bar.update(done - bar.n)
+                    document = measure_sensitivity(src, probes=calibration_probes, probe=calib, device=device,
+                                                   imatrix=im, check_tensors=check_tensors, progress=progress,
+                                                   model=model).document
             sensitivity_seconds = time.perf_counter() - t0
-            sens = parse_sensitivity(report.document, "eval.sensitivity.json")
+            sens = parse_sensitivity(document, "eval.sensitivity.json")
             if json_path is not None:  # kept: the slow part of the run
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.with_suffix(".sensitivity.json").write_text(json.dumps(report.document, indent=1) + "\n")
+                json_path.with_suffix(".sensitivity.json").write_text(json.dumps(document, indent=1) + "\n")
             reference = _outputs(model, eval_probes, device)
             result.update({
                 "model": {"geometry": geometry.__dict__, "weights": "plain Gaussian" if plain else "structured",
@@ -148,7 +154,8 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
                 "evaluation": {"probes": evaluation_probes,
                                "seeds": f"{EVAL_SEED}..{EVAL_SEED + evaluation_probes - 1}"},
                 "imatrix_seconds": imatrix_seconds, "sensitivity_seconds": sensitivity_seconds,
-                "check": {k: v for k, v in report.document["check"].items() if k != "rows"},
+                "check": {k: v for k, v in document["check"].items() if k != "rows"},
+                "sensitivity_reused": sensitivity_path is not None,
                 "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 "threads": quant_kernels.get_threads(),
             })
