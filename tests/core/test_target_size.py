@@ -282,3 +282,34 @@ def test_cli_dry_run_prints_the_block_table(full, tmp_path):
             "--dry-run", "--json")
     out = json.loads(r.stdout)
     assert out["target"]["budget"]["kind"] == "bpw" and out["plans"][0]["bits_per_weight"] <= 4.5
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_hostile_sensitivity_files_fail_at_once(full, tmp_path, kind):
+    """A FIFO is refused, not waited on; a huge file is refused unread (child: timeout, memory cap)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, src, _ = full
+    bad = tmp_path / "s.json"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    else:
+        with open(bad, "wb") as f:
+            f.truncate(1 << 40)  # sparse: 1 TiB of holes
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    proc = subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", "convert", str(src),
+                           "-o", str(tmp_path / "out"), "--target-size", "6GB", "--sensitivity", str(bad)],
+                          capture_output=True, text=True, timeout=120, env=env, preexec_fn=cap)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"Error: {bad}: ") and proc.stderr.count("\n") == 1, proc.stderr
+    if kind == "huge":
+        assert proc.stderr == f"Error: {bad}: larger than {64 << 20} bytes; not a sensitivity file\n"
+    assert not (tmp_path / "out").exists()
