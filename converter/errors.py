@@ -21,6 +21,24 @@ class PlanError(FluxGGUFError):
     """A recipe, variant or override cannot be applied."""
 
 
+class SensitivityError(PlanError):
+    """A sensitivity file is unreadable, malformed, or does not describe the source it is used with."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class TargetRangeError(PlanError):
+    """A size or bits-per-weight budget outside what the source can reach; ``low``/``high`` in the
+    budget's unit (bytes, or bits per weight)."""
+
+    def __init__(self, message: str, low: float, high: float) -> None:
+        super().__init__(message)
+        self.low = low
+        self.high = high
+
+
 class OutputError(FluxGGUFError):
     """The output cannot be written (unwritable directory, disk full, interrupted)."""
 

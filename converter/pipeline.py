@@ -42,12 +42,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numba
@@ -58,22 +60,35 @@ from manifests.locking import OutputBusyError, locked
 from quant_kernels.errors import QuantError
 
 from .detect import detect_model
-from .errors import FluxGGUFError, OutputError, PlanError
-from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths
+from .errors import FluxGGUFError, OutputError, PlanError, SensitivityError, TargetRangeError
+from .imatrix import Imatrix, attach_to_plans, load_imatrices, plan_widths, uses_imatrix
 from .recipes import (
+    CANDIDATE_TYPES,
+    VARIANTS,
+    Budget,
+    Option,
     Override,
     Plan,
+    Sensitivity,
     SourceRef,
     Variant,
+    allocate,
+    choose_type,
+    kept_type,
+    make_plan,
     make_plans,
+    mix_variant,
+    mostly_file_type,
     parse_overrides,
+    predicted_rel_l2,
     resolve_variant,
+    tensor_nbytes,
 )
 from . import direct_io
 from .direct_io import IO_ALIGN
 from .safetensors_io import DTYPE_SIZES, raw_codes, upcast_rows
 from .sources import Source, open_source
-from .writer import ArtifactRecord, GGUFStreamWriter
+from .writer import ArtifactRecord, GGUFStreamWriter, pad_to_alignment
 
 ProgressFn = Callable[[int, int], None]
 TensorTransform = Callable[[str, np.ndarray], np.ndarray]
@@ -141,6 +156,174 @@ def plan_source(
     return plans if imatrix is None else attach_to_plans(plans, imatrix, imatrix_files)
 
 
+def plan_source_target(
+    source: Source,
+    sensitivity: Sensitivity,
+    budget: Budget,
+    *,
+    mix_name: str | None = None,
+    name: str | None = None,
+    source_sha256: Mapping[str, str] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+    imatrix: Imatrix | None = None,
+    imatrix_files: Sequence[str | os.PathLike[str]] = (),
+) -> TargetMix:
+    """The size-targeted mix for ``source`` (``--dry-run --target-size``); reads headers only.
+
+    ``mix_name`` labels the file (``NAME-MIX.gguf``); default ``T`` + the budget (e.g. T5.37GB)."""
+    return plan_target(source, sensitivity, budget, label=mix_name or default_mix_name(budget),
+                       name=name or default_name(source.path), sources=source_refs(source, source_sha256),
+                       extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
+
+
+def default_mix_name(budget: Budget) -> str:
+    return "T" + "".join(c for c in budget.text if c.isalnum() or c in "._-")
+
+
+# --------------------------------------------------------------------------- size-targeted mixes
+# Plans for size-targeted mixes: ``convert --target-size/--target-bpw --sensitivity FILE``.
+#
+# The allocator (converter.recipes.allocate) picks a type per quantized tensor; this section
+# applies the recipe's fixed rules around it (1-D F32, ``img_in.weight`` F32, the in/out layers kept,
+# types whose block does not divide a row never offered), turns the budget into exact bytes and
+# records the choice in the file (``flux_gguf.recipe_target``).
+#
+# Exact bytes: the header's size depends on the metadata, which names the chosen types, so the
+# allocation runs against the budget minus an upper bound of the header (every type name at its
+# longest, the predicted error at its fixed width); the final file is then at most the budget and
+# short of it by the header's slack (tens of bytes) plus whatever no swap could fill.
+
+KV_TARGET = "flux_gguf.recipe_target"
+_PROBE_VARIANT = VARIANTS["Q4_K_S"]  # any single-type variant: tells which tensors a recipe quantizes
+_LONGEST_TYPE = "Q8_0"  # a longest candidate name (4 characters), for the header's upper bound
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class TargetMix:
+    """A planned size-targeted file: the plan, the budget, the choice and its predicted error."""
+
+    plan: Plan
+    budget: Budget
+    types: Mapping[str, str]
+    predicted_error: float  # summed relative squared output error
+    reachable: tuple[float, float]  # the budget's range: bytes (size) or bits per weight (bpw)
+
+    @property
+    def predicted_rel_l2(self) -> float:
+        return predicted_rel_l2(self.predicted_error)
+
+    def block_table(self) -> list[tuple[str, dict[str, str]]]:
+        """(block, {tensor suffix: type}) per double/single block, in file order; other tensors as 'other'."""
+        rows: dict[str, dict[str, str]] = {}
+        for name, qt in self.types.items():
+            parts = name.split(".")
+            block, rest = (".".join(parts[:2]), ".".join(parts[2:])) if parts[0] in (
+                "double_blocks", "single_blocks") else ("other", name)
+            rows.setdefault(block, {})[rest.removesuffix(".weight")] = qt
+        return list(rows.items())
+
+
+def _candidates(name: str, shape: tuple[int, ...], dtype: str, sens: Sensitivity) -> list[str]:
+    known = sens.errors.get(name)
+    if known is None:
+        raise SensitivityError(f"{sens.file}: has no entry for tensor {name}; was it measured on another model?",
+                               sens.file)
+    if tuple(sens.shapes[name]) != tuple(shape):
+        raise SensitivityError(f"{sens.file}: tensor {name} has shape {list(sens.shapes[name])} there, "
+                               f"{list(shape)} in the source; it was measured on another model", sens.file)
+    offered = [t for t in CANDIDATE_TYPES if shape[-1] % _block(t) == 0] + [kept_type(dtype)]
+    out = [t for t in dict.fromkeys(offered) if t in known]
+    if not out:
+        raise SensitivityError(f"{sens.file}: tensor {name} has no error for any of {', '.join(offered)}", sens.file)
+    return out
+
+
+def _block(qtype: str) -> int:
+    from quant_kernels import resolve
+
+    return resolve(qtype).block_size
+
+
+def plan_target(
+    source: Any,
+    sensitivity: Sensitivity,
+    budget: Budget,
+    *,
+    label: str,
+    name: str,
+    sources: Sequence[SourceRef] = (),
+    extra_metadata: Mapping[str, str] | None = None,
+    imatrix: Imatrix | None = None,
+    imatrix_files: Sequence[Any] = (),
+) -> TargetMix:
+    """The mix of ``source``'s tensors minimising predicted output error within ``budget``."""
+    family = detect_model(source).family
+    tensors = source.tensors
+    choosable: dict[str, list[str]] = {}
+    for tname, t in tensors.items():
+        shape = tuple(int(s) for s in t.shape)
+        _, rule = choose_type(tname, shape, t.dtype, _PROBE_VARIANT)
+        if rule in ("quantized", "fallback"):
+            choosable[tname] = _candidates(tname, shape, t.dtype, sensitivity)
+    if not choosable:
+        raise PlanError("the source has no tensor a recipe quantizes; nothing to choose")
+
+    def build(types: Mapping[str, str], predicted: float, file_type: int) -> Plan:
+        doc = {
+            "budget": budget.to_dict(),
+            "sensitivity": {"file": sensitivity.file, "sha256": sensitivity.sha256},
+            "predicted_rel_l2": f"{predicted_rel_l2(predicted):.6e}",
+            "method": "per-tensor types minimising predicted output error (flux-gguf sensitivity) within the budget",
+            "types": dict(sorted(types.items())),
+        }
+        extra = {**(extra_metadata or {}), KV_TARGET: json.dumps(doc, sort_keys=True)}
+        plan = make_plan(mix_variant(label, file_type), tensors, name=name, family=family, sources=sources,
+                         extra_metadata=extra, types=types)
+        return plan if imatrix is None else attach_to_plans([plan], imatrix, imatrix_files)[0]
+
+    # every name 4 characters, and a K-quant wherever one fits, so that the bound carries the
+    # quantize.imatrix.* KVs whenever the final mix could
+    bound = build({n: next((t for t in cands if uses_imatrix(t)), _LONGEST_TYPE) for n, cands in choosable.items()},
+                  0.0, 0)
+    fixed = [e for e in bound.entries if e.name not in choosable]
+    n_params = bound.n_params
+    if budget.kind == "size":
+        def cost(qt: str, shape: tuple[int, ...]) -> int:
+            return pad_to_alignment(tensor_nbytes(qt, shape))
+        overhead = bound.header_nbytes + sum(pad_to_alignment(e.nbytes) for e in fixed)
+        limit = int(budget.value)
+    else:
+        def cost(qt: str, shape: tuple[int, ...]) -> int:
+            return tensor_nbytes(qt, shape)
+        overhead = sum(e.nbytes for e in fixed)
+        limit = int(budget.value * n_params // 8)
+    options = {
+        n: [Option(qt, cost(qt, tuple(tensors[n].shape)), sensitivity.errors[n][qt]) for qt in cands]
+        for n, cands in choosable.items()
+    }
+    lo = overhead + sum(min(o.cost for o in opts) for opts in options.values())
+    hi = overhead + sum(max(o.cost for o in opts) for opts in options.values())
+    reachable = (lo, hi) if budget.kind == "size" else (lo * 8 / n_params, hi * 8 / n_params)
+    if not lo <= limit <= hi:
+        if budget.kind == "size":
+            raise TargetRangeError(f"target size {budget.text} ({limit} bytes) is outside the reachable range "
+                                   f"{lo / _GB:.3f}-{hi / _GB:.3f} GB ({lo}-{hi} bytes) for this source", lo, hi)
+        raise TargetRangeError(f"target {budget.text} is outside the reachable range {reachable[0]:.3f}-"
+                               f"{reachable[1]:.3f} bits per weight for this source", *reachable)
+    chosen = allocate(options, limit - overhead)
+    types = {n: chosen[n].qtype for n in tensors if n in chosen}
+    predicted = sum(o.error for o in chosen.values())
+    by_name = {e.name: e for e in bound.entries}
+    params: dict[str, int] = {}
+    for n, qt in types.items():
+        params[qt] = params.get(qt, 0) + by_name[n].n_params
+    plan = build(types, predicted, mostly_file_type(params))
+    if budget.kind == "size" and plan.file_size > limit:  # the header bound failed: a bug, never a silent overrun
+        raise PlanError(f"internal error: the mix is {plan.file_size} bytes, over the budget of {limit}")
+    return TargetMix(plan, budget, types, predicted, reachable)
+
+
 def convert(
     src: str | os.PathLike[str] | Source,
     out_dir: str | os.PathLike[str],
@@ -156,6 +339,9 @@ def convert(
     imatrix: Imatrix | None = None,
     imatrix_files: Sequence[str | os.PathLike[str]] = (),
     before_quantize: Callable[..., None] | None = None,
+    sensitivity: Sensitivity | None = None,
+    budget: Budget | None = None,
+    mix_name: str | None = None,
 ) -> list[ArtifactRecord]:
     """Convert ``src`` into one GGUF file per variant (``NAME-VARIANT.gguf`` in ``out_dir``).
 
@@ -171,14 +357,27 @@ def convert(
     and the source dtypes (e.g. "BF16"), after every
     check passed and before the first tensor is read (the CLI compiles missing numba kernels there,
     visibly). Returns one record per file, in variant order.
+
+    ``budget`` with ``sensitivity`` (and no ``variants``): one size-targeted file instead
+    (plan_target; ``mix_name`` labels it).
     """
+    overrides = tuple(overrides)
+    if (budget is None) != (sensitivity is None):
+        raise PlanError("a target size or bits per weight needs a sensitivity file, and a sensitivity file a target")
+    if budget is not None and (variants or overrides):
+        raise PlanError("a target size or bits per weight chooses every type itself; give no variant or override")
     resolved = [resolve_variant(v) for v in variants]  # fail on a bad variant before reading
     parsed = parse_overrides(overrides)
     if imatrix is None and imatrix_files:
         imatrix = load_imatrices(imatrix_files)
     with kernel_threads(threads), (contextlib.nullcontext(src) if isinstance(src, Source) else open_source(src)) as source:
-        plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
-                            extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
+        if budget is not None and sensitivity is not None:
+            plans = [plan_source_target(source, sensitivity, budget, mix_name=mix_name, name=name,
+                                        source_sha256=source_sha256, extra_metadata=extra_metadata,
+                                        imatrix=imatrix, imatrix_files=imatrix_files).plan]
+        else:
+            plans = plan_source(source, resolved, name=name, overrides=parsed, source_sha256=source_sha256,
+                                extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
         out = _prepare_out_dir(pathlib.Path(out_dir), plans)
         with _output_locks(out, plans):  # held until every file is renamed into place
             if before_quantize is not None:

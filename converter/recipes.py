@@ -29,8 +29,11 @@ back: a type that does not fit the row is an error naming the tensor.
 """
 from __future__ import annotations
 
+import decimal
 import functools
 import json
+import math
+import pathlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -41,7 +44,7 @@ from quant_kernels import resolve, supported_type_names
 from quant_kernels.errors import UnsupportedTypeError
 
 from . import __version__
-from .errors import PlanError
+from .errors import PlanError, SensitivityError
 from .layout import FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from .writer import KV, TensorSlot, encode_header, gguf_file_size
 
@@ -218,7 +221,8 @@ class SourceRef:
 @dataclass(frozen=True)
 class PlanEntry:
     """One tensor of the output file. ``rule`` says why it got its type:
-    "1-D", "img_in", "kept", "quantized", "raised" (the _M qkv bump), "fallback", "override"."""
+    "1-D", "img_in", "kept", "quantized", "raised" (the _M qkv bump), "fallback", "override",
+    "target" (chosen by the --target-size allocator)."""
 
     name: str
     shape: tuple[int, ...]
@@ -237,7 +241,7 @@ class PlanEntry:
     @property
     def targeted(self) -> bool:
         """True for tensors the recipe (or an override) quantizes, as opposed to those it keeps."""
-        return self.rule in ("quantized", "raised", "fallback", "override")
+        return self.rule in ("quantized", "raised", "fallback", "override", "target")
 
     def slot(self) -> TensorSlot:
         return TensorSlot(self.name, self.shape, self.qtype, self.nbytes)
@@ -340,8 +344,11 @@ def _fits(qtype: str, shape: tuple[int, ...]) -> bool:
 
 
 def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: Variant,
-                overrides: Sequence[Override] = ()) -> tuple[str, str]:
-    """(GGML type, rule) for one tensor under a variant; see the module docstring for the rules."""
+                overrides: Sequence[Override] = (), chosen: str | None = None) -> tuple[str, str]:
+    """(GGML type, rule) for one tensor under a variant; see the module docstring for the rules.
+
+    ``chosen``: the type a size-targeted mix picked for this tensor; it replaces the variant's
+    type only where the recipe would quantize (the fixed rules above it still apply)."""
     if len(shape) <= 1:
         return "F32", "1-D"
     if name in ALWAYS_F32:  # before overrides: diffusers detects the model from it (issue 11839)
@@ -356,6 +363,11 @@ def choose_type(name: str, shape: tuple[int, ...], source_dtype: str, variant: V
             return o.qtype, "override"
     if is_kept_unquantized(name):
         return kept_type(source_dtype), "kept"
+    if chosen is not None:
+        if not _fits(chosen, shape):
+            raise PlanError(f"{chosen} cannot hold {name}: its rows of {shape[-1]} values are not a multiple of "
+                            f"the block size {resolve(chosen).block_size}")
+        return chosen, "target"
     raised = variant.qkv_type is not None and QKV_PATTERN.match(name) is not None
     qtype = variant.qkv_type if raised and variant.qkv_type else variant.base_type
     if not _fits(qtype, shape):
@@ -395,12 +407,15 @@ def make_plan(
     overrides: Iterable[str | Override] = (),
     sources: Sequence[SourceRef] = (),
     extra_metadata: Mapping[str, str] | None = None,
+    types: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Plan one output file for ``tensors`` (BFL names in output order, with shape and dtype)."""
+    """Plan one output file for ``tensors`` (BFL names in output order, with shape and dtype).
+
+    ``types``: a size-targeted mix's type per quantized tensor (see choose_type's ``chosen``)."""
     v = resolve_variant(variant)
     ovr = parse_overrides(overrides)
     _check_name(name)
-    return _make_plan(v, tensors, name, family, ovr, _first_matches(ovr, tensors), sources, extra_metadata)
+    return _make_plan(v, tensors, name, family, ovr, _first_matches(ovr, tensors), sources, extra_metadata, types)
 
 
 def _first_matches(ovr: Sequence[Override], tensors: Mapping[str, TensorLike]) -> dict[str, Override]:
@@ -425,7 +440,7 @@ def _first_matches(ovr: Sequence[Override], tensors: Mapping[str, TensorLike]) -
 
 def _make_plan(v: Variant, tensors: Mapping[str, TensorLike], name: str, family: str, ovr: tuple[Override, ...],
                first: Mapping[str, Override], sources: Sequence[SourceRef],
-               extra_metadata: Mapping[str, str] | None) -> Plan:
+               extra_metadata: Mapping[str, str] | None, types: Mapping[str, str] | None = None) -> Plan:
     entries = []
     for tname, t in tensors.items():
         shape = tuple(int(s) for s in t.shape)
@@ -434,7 +449,7 @@ def _make_plan(v: Variant, tensors: Mapping[str, TensorLike], name: str, family:
         if not shape:
             raise PlanError(f"tensor {tname} is a scalar; expected a 1-D or 2-D tensor")
         hit = first.get(tname)
-        qtype, rule = choose_type(tname, shape, t.dtype, v, (hit,) if hit is not None else ())
+        qtype, rule = choose_type(tname, shape, t.dtype, v, (hit,) if hit is not None else (), (types or {}).get(tname))
         entries.append(PlanEntry(tname, shape, t.dtype, qtype, tensor_nbytes(qtype, shape), rule))
     kv = flux_metadata(v, name, family, ovr, sources, extra_metadata)
     header = encode_header(kv, [e.slot() for e in entries])
@@ -469,9 +484,244 @@ def _check_name(name: str) -> None:
         raise PlanError(f"output name {name!r} must be a plain file-name stem (no slashes, not empty)")
 
 
+# =========================================================================== size-targeted mixes
+#
+# Sensitivity files and the byte-budget allocator behind ``convert --target-size/--target-bpw``.
+#
+# A sensitivity file (JSON, written by ``flux-gguf sensitivity``, converter.quality.sensitivity)
+# holds, for every quantizable tensor and candidate type, the predicted *relative squared output
+# error* ``||y_q - y||^2 / ||y||^2`` the transformer's output takes when that tensor alone carries
+# its quantization error in that type. Errors of different tensors are treated as additive (small,
+# independent perturbations), so a mix's predicted output rel-L2 is ``sqrt(sum of its tensors')``.
+#
+# The allocator picks one type per quantizable tensor minimising that sum within a byte budget:
+#
+# 1. per tensor, the candidates that fit its rows (the recipe rules: 1-D, ``img_in`` and the kept
+#    in/out layers are fixed and not candidates), reduced to their lower convex hull in
+#    (bytes, error);
+# 2. from the all-cheapest mix, hull steps are taken in order of error saved per byte (exactly the
+#    Lagrangian solution for every multiplier: a step is taken when its slope beats lambda); a step
+#    that no longer fits is skipped together with the later steps of its tensor, smaller steps of
+#    other tensors are still taken (greedy top-up along the hull);
+# 3. a last top-up tries every (tensor, type) swap that lowers the error and still fits, best
+#    first, until none does (non-hull points can fill the last bytes).
+#
+# Ties break by tensor name and type order, so the choice is deterministic for a given source,
+# sensitivity file and budget.
+
+SENSITIVITY_FORMAT = "flux-gguf-sensitivity"
+SENSITIVITY_VERSION = 1
+# Candidate quantized types, cheapest first; the source precision (kept_type) is added per tensor.
+CANDIDATE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+MAX_SENSITIVITY_BYTES = 64 << 20  # a real file is ~100 KB for the full model; refuse absurd ones unread
+# general.file_type of a mix: llama.cpp's "mostly X" ftype of the type holding most parameters.
+MOSTLY_FILE_TYPE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7,
+                    "F16": 1, "BF16": 32, "F32": 0}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """A loaded sensitivity file: ``errors[tensor][type]`` = predicted relative squared output error."""
+
+    errors: Mapping[str, Mapping[str, float]]
+    shapes: Mapping[str, tuple[int, ...]]
+    document: Mapping[str, Any]
+    file: str = ""
+    sha256: str = ""
+
+    @property
+    def source_sha256(self) -> str | None:
+        return (self.document.get("source") or {}).get("sha256")
+
+
+def read_sensitivity(path: str | pathlib.Path) -> Sensitivity:
+    """Load and check a sensitivity file; any problem is one SensitivityError naming the file."""
+    import hashlib
+
+    from manifests.hashing import open_regular
+
+    p = pathlib.Path(path)
+    try:
+        with open_regular(p) as f:
+            data = f.read(MAX_SENSITIVITY_BYTES + 1)
+    except OSError as e:
+        raise SensitivityError(f"{p}: cannot read the sensitivity file: {e.strerror or e}", str(p)) from None
+    if len(data) > MAX_SENSITIVITY_BYTES:
+        raise SensitivityError(f"{p}: larger than {MAX_SENSITIVITY_BYTES} bytes; not a sensitivity file", str(p))
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SensitivityError(f"{p}: not JSON ({e}); expected a flux-gguf sensitivity file", str(p)) from None
+    return parse_sensitivity(doc, str(p), hashlib.sha256(data).hexdigest())
+
+
+def parse_sensitivity(doc: Any, origin: str = "sensitivity file", sha256: str = "") -> Sensitivity:
+    if not isinstance(doc, dict) or doc.get("format") != SENSITIVITY_FORMAT:
+        raise SensitivityError(f"{origin}: expected a JSON object with \"format\": \"{SENSITIVITY_FORMAT}\"", origin)
+    if doc.get("version") != SENSITIVITY_VERSION:
+        raise SensitivityError(f"{origin}: version {doc.get('version')!r}; this flux-gguf reads version {SENSITIVITY_VERSION}",
+                               origin)
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        raise SensitivityError(f"{origin}: \"tensors\" must be a non-empty object", origin)
+    errors: dict[str, dict[str, float]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in tensors.items():
+        pred = t.get("predicted") if isinstance(t, dict) else None
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if not isinstance(pred, dict) or not pred or not isinstance(shape, list) \
+                or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise SensitivityError(f"{origin}: tensor {name}: expected \"shape\" (positive integers) and "
+                                   "\"predicted\" (type -> error)", origin)
+        row = {}
+        for qt, v in pred.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise SensitivityError(f"{origin}: tensor {name}: predicted error for {qt} must be a finite "
+                                       f"number >= 0, got {v!r}", origin)
+            row[str(qt)] = float(v)
+        errors[name] = row
+        shapes[name] = tuple(shape)
+    return Sensitivity(errors, shapes, doc, pathlib.Path(origin).name, sha256)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``--target-size`` (``kind="size"``: whole-file bytes) or ``--target-bpw`` (``kind="bpw"``:
+    bits per weight over every tensor, Plan.bits_per_weight)."""
+
+    kind: str
+    value: float
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "text": self.text}
+
+
+def parse_size(text: str) -> int:
+    """'5.37GB' (decimal units, as the published tables use), '5GiB', '5370000000': bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise PlanError(f"target size {text!r}: expected a number of bytes with an optional unit "
+                        "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 5.37GB")
+    n = int(decimal.Decimal(m.group(1)) * _SIZE_UNITS[unit])  # exact: 4.02GB is 4020000000, not ...999
+    if n <= 0:
+        raise PlanError(f"target size {text!r} must be positive")
+    return n
+
+
+def size_budget(text: str) -> Budget:
+    return Budget("size", float(parse_size(text)), str(text).strip())
+
+
+def bpw_budget(value: float | str) -> Budget:
+    try:
+        v = float(value)
+    except ValueError:
+        raise PlanError(f"target bits per weight {value!r}: expected a number such as 4.5") from None
+    if not math.isfinite(v) or v <= 0:
+        raise PlanError(f"target bits per weight {value!r} must be a positive number")
+    return Budget("bpw", v, f"{v:g}bpw")
+
+
+# --------------------------------------------------------------------------- the allocator
+
+
+@dataclass(frozen=True)
+class Option:
+    qtype: str
+    cost: int  # bytes this tensor adds under the budget
+    error: float
+
+
+def _hull(options: Sequence[Option]) -> list[Option]:
+    """Lower convex hull of (cost, error), cheapest first; dominated points dropped."""
+    pts: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.cost, o.error)):
+        if pts and o.error >= pts[-1].error:
+            continue  # costs more (or the same) and is no better
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # b lies on or above the segment a -> o: it is never the best for any multiplier
+            if (b.error - a.error) * (o.cost - a.cost) >= (o.error - a.error) * (b.cost - a.cost):
+                pts.pop()
+            else:
+                break
+        pts.append(o)
+    return pts
+
+
+def allocate(options: Mapping[str, Sequence[Option]], capacity: int) -> dict[str, Option]:
+    """One option per tensor, minimising the summed error with summed cost <= capacity.
+
+    ``capacity`` must be at least the all-cheapest cost (the caller checks the range)."""
+    names = sorted(options)
+    hulls = {n: _hull(options[n]) for n in names}
+    chosen = {n: hulls[n][0] for n in names}
+    used = sum(o.cost for o in chosen.values())
+    steps = []
+    for n in names:
+        h = hulls[n]
+        for i in range(1, len(h)):
+            slope = (h[i - 1].error - h[i].error) / max(1, h[i].cost - h[i - 1].cost)
+            steps.append((-slope, n, i))
+    steps.sort()
+    blocked: set[str] = set()
+    for _, n, i in steps:
+        if n in blocked:
+            continue
+        prev, nxt = hulls[n][i - 1], hulls[n][i]
+        if chosen[n] is not prev:  # an earlier step of this tensor was skipped
+            continue
+        if used - prev.cost + nxt.cost <= capacity:
+            used += nxt.cost - prev.cost
+            chosen[n] = nxt
+        else:
+            blocked.add(n)
+    while True:  # top-up: the best single swap that fits, until none does
+        best = None
+        for n in names:
+            cur = chosen[n]
+            for o in options[n]:
+                gain = cur.error - o.error
+                if gain > 0 and used - cur.cost + o.cost <= capacity:
+                    key = (-gain, n, o.qtype)
+                    if best is None or key < best[0]:
+                        best = (key, n, o)
+        if best is None:
+            return chosen
+        _, n, o = best
+        used += o.cost - chosen[n].cost
+        chosen[n] = o
+
+
+def mix_variant(label: str, file_type: int = 0) -> Variant:
+    _check_name(label)
+    if label.upper() in VARIANTS:
+        raise PlanError(f"mix name {label!r} is a fixed variant's name; choose another (e.g. Q3_K_A)")
+    return Variant(label, "mix", file_type)
+
+
+def predicted_rel_l2(total_relative_squared_error: float) -> float:
+    return math.sqrt(max(0.0, total_relative_squared_error))
+
+
+def mostly_file_type(params_by_type: Mapping[str, int]) -> int:
+    """llama.cpp's ``general.file_type`` for a mix: the 'mostly X' of the type holding most parameters."""
+    top = max(sorted(params_by_type), key=lambda t: params_by_type[t])
+    return MOSTLY_FILE_TYPE.get(top, 0)
+
+
 __all__ = [
     "VARIANTS", "Variant", "resolve_variant", "Override", "parse_override", "parse_overrides", "LayoutTensor",
     "layout_tensors",
     "SourceRef", "PlanEntry", "Plan", "choose_type", "kept_type", "tensor_nbytes", "flux_metadata",
-    "make_plan", "make_plans",
+    "make_plan", "make_plans", "SENSITIVITY_FORMAT", "SENSITIVITY_VERSION", "CANDIDATE_TYPES", "Sensitivity",
+    "read_sensitivity", "parse_sensitivity", "Budget", "parse_size", "size_budget", "bpw_budget", "Option",
+    "allocate", "predicted_rel_l2", "mostly_file_type", "mix_variant",
 ]

@@ -65,6 +65,19 @@ def _outputs(model: Any, probes: list[Any], device: str) -> np.ndarray:
     return np.concatenate([o.reshape(-1) for o in outs])
 
 
+def evaluation_setup(folder: pathlib.Path, source_path: pathlib.Path | None, geometry: FluxGeometry, *, seed: int,
+                     plain: bool, size: int, text_tokens: int, evaluation_probes: int) -> tuple[Any, ProbeSpec, list[Any]]:
+    """(checkpoint, calibration probe spec (seeds 0..), evaluation probes (seeds EVAL_SEED..)): the
+    inputs of both benchmarks, calibration and evaluation disjoint."""
+    src = source_path if source_path is not None else write_synthetic_flux(
+        folder / "flux-eval.safetensors", geometry, dtype="BF16", seed=seed, structured=not plain)
+    calib = ProbeSpec(height=size, width=size, text_tokens=text_tokens, seed=0)
+    probes = [make_kontext_probe(ProbeSpec(height=size, width=size, text_tokens=text_tokens,
+                                           seed=EVAL_SEED + i, timestep=(i + 0.5) / evaluation_probes))
+              for i in range(evaluation_probes)]
+    return src, calib, probes
+
+
 def _synthetic_kind(path: pathlib.Path) -> str:
     """What write_synthetic_flux recorded in the file's metadata ("structured" or "plain Gaussian")."""
     import struct
@@ -134,16 +147,9 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
     with tempfile.TemporaryDirectory(prefix="eval-imatrix-") as tmp:
         folder = work or pathlib.Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        if source_path is None:
-            geometry = FluxGeometry(double_blocks=double_blocks, single_blocks=single_blocks, hidden=hidden)
-            src = write_synthetic_flux(folder / "flux-eval.safetensors", geometry, dtype="BF16", seed=seed,
-                                       structured=not plain)
-        else:
-            src = source_path
-        calib = ProbeSpec(height=size, width=size, text_tokens=text_tokens, seed=0)
-        eval_probes = [make_kontext_probe(ProbeSpec(height=size, width=size, text_tokens=text_tokens,
-                                                    seed=EVAL_SEED + i, timestep=(i + 0.5) / evaluation_probes))
-                       for i in range(evaluation_probes)]
+        src, calib, eval_probes = evaluation_setup(
+            folder, source_path, FluxGeometry(double_blocks=double_blocks, single_blocks=single_blocks, hidden=hidden),
+            seed=seed, plain=plain, size=size, text_tokens=text_tokens, evaluation_probes=evaluation_probes)
         with open_source(src) as source:
             geometry = detect_model(source).geometry
             structure = _synthetic_kind(pathlib.Path(src))

@@ -38,6 +38,7 @@ COMMANDS = (
     "converter.cli.validate:validate",
     "converter.cli.validate:bench",
     "converter.cli.imatrix:imatrix",
+    "converter.cli.sensitivity:sensitivity",
 )
 
 

@@ -36,6 +36,7 @@ from converter import __version__
 from converter.errors import OutputError, ReleaseError
 from converter.imatrix import Imatrix, load_imatrices
 from converter.pipeline import convert
+from converter.recipes import bpw_budget, read_sensitivity, size_budget
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.writer import ArtifactRecord
 from manifests import (
@@ -346,8 +347,13 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     ext_files = [f for ext in spec.extensions.values() for f in ext.files]
     names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in ext_files]
     imatrix = load_imatrices(spec.imatrix_paths) if spec.imatrix else None  # a source too: hashed, listed
-    ext_files = list(ext_files) + list(spec.imatrix_paths)
-    names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in spec.imatrix_paths]
+    sensitivity = read_sensitivity(spec.sensitivity_path) if spec.sensitivity_path is not None else None
+    inputs_too = list(spec.imatrix_paths) + ([spec.sensitivity_path] if spec.sensitivity_path is not None else [])
+    ext_files = list(ext_files) + inputs_too  # the sensitivity file is a source like the imatrix
+    names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in inputs_too]
+    if remote and spec.targets:
+        raise ReleaseError(f"{spec.spec_path}: size-targeted variants ({', '.join(spec.targets)}) need a local "
+                           "source for now; download it first (flux-gguf download)")
     transform = _compose([e.make_transform(shapes) for e in spec.extensions.values() if e.make_transform is not None])
 
     inputs = source_files + list(ext_files)
@@ -358,11 +364,20 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
             records, remote_sources = _convert_remote(spec, partial, threads, progress, transform, extra_metadata,
                                                        imatrix, before_quantize)
         else:
-            records = convert(spec.source_path, partial, list(spec.variants), name=spec.name,
-                              overrides=spec.overrides, threads=threads, progress=progress,
-                              tensor_transform=transform, extra_metadata=extra_metadata,
-                              before_quantize=before_quantize,
-                              imatrix=imatrix, imatrix_files=spec.imatrix_paths)
+            common = dict(name=spec.name, threads=threads, progress=progress, tensor_transform=transform,
+                          extra_metadata=extra_metadata, before_quantize=before_quantize, imatrix=imatrix,
+                          imatrix_files=spec.imatrix_paths)
+            by_variant = {}
+            if spec.fixed_variants:  # one pass for every fixed variant, one per size-targeted one
+                for r in convert(spec.source_path, partial, list(spec.fixed_variants), overrides=spec.overrides,
+                                 **common):
+                    by_variant[r.variant] = r
+            for label, (kind, value) in spec.targets.items():
+                budget = size_budget(value) if kind == "target_size" else bpw_budget(value)
+                (r,) = convert(spec.source_path, partial, [], sensitivity=sensitivity, budget=budget, mix_name=label,
+                               **common)
+                by_variant[label] = r
+            records = [by_variant[v] for v in spec.variants]
         try:
             digests = hasher.result()
         except OSError as e:
@@ -392,6 +407,8 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
 
     card = render_model_card(spec, files, [CardSource(s.name, s.size, s.sha256) for s in sources], quality,
                              extension_outputs=ext_outputs, imatrix=imatrix,
+                             mixes={r.variant: {t.name: t.type for t in r.tensors if len(t.shape) > 1}
+                                    for r in records if r.variant in spec.targets},
                              signature_section=card_section(signature) if signature else ())
     with _writing(out, f"write {partial / MODEL_CARD_NAME}"):
         card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))

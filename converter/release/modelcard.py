@@ -59,6 +59,21 @@ def card_file(path: str, variant: str, size: int, sha256: str, tensors: Sequence
     return CardFile(path, variant, size, sha256, nbytes * 8 / max(params, 1), ordered)
 
 
+def mix_tables(label: str, types: Mapping[str, str]) -> list[str]:
+    """A mix's quantized types as one table per block kind (rows: blocks; columns: tensors)."""
+    kinds: dict[str, dict[str, dict[str, str]]] = {}
+    for name, qt in types.items():
+        parts = name.removesuffix(".weight").split(".")
+        if parts[0] in ("double_blocks", "single_blocks") and len(parts) > 2:
+            kinds.setdefault(parts[0], {}).setdefault(parts[1], {})[".".join(parts[2:])] = qt
+    out = [f"Types of `{label}` per block:"]
+    for kind, blocks in kinds.items():
+        cols = list(dict.fromkeys(c for row in blocks.values() for c in row))
+        out += ["", f"| {kind} | " + " | ".join(f"`{c}`" for c in cols) + " |", "|--:|" + "---|" * len(cols)]
+        out += [f"| {b} | " + " | ".join(row.get(c, "") for c in cols) + " |" for b, row in blocks.items()]
+    return out
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -169,6 +184,7 @@ def render_model_card(
     extension_outputs: Mapping[str, Sequence[Any]] | None = None,
     imatrix: Any = None,
     signature_section: Sequence[str] = (),
+    mixes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """The full README.md text (front matter + body), deterministic for a given input."""
     quality = quality or {}
@@ -194,6 +210,12 @@ def render_model_card(
             ]
     if spec.imatrix:
         out.append(imatrix_card_line(spec.imatrix, imatrix))
+    for label, (kind, value) in spec.targets.items():
+        out.append(f"- `{label}` is a size-targeted mix ({kind.replace('_', ' ')} {value}): each quantized tensor's "
+                   "type (Q2_K to Q8_0 or the source precision) was chosen to minimise the output error predicted "
+                   f"from measured per-tensor sensitivity (`flux-gguf sensitivity`, file `{_cell(spec.sensitivity or '')}`,"
+                   " listed with its sha256 under the source files) within the budget; `flux_gguf.recipe_target` "
+                   "in the file records the choice. Its types per block are below.")
     if spec.overrides:
         out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
     sections: list[str] = []
@@ -204,6 +226,8 @@ def render_model_card(
             out.append(f"- `{key}` entries from the spec were applied; `manifest.json` records them.")
     if sections:
         out += [""] + sections
+    for label, types in (mixes or {}).items():
+        out += [""] + mix_tables(label, types)
     out += ["", "Source files:", "", "| File | Size | SHA-256 |", "|---|--:|---|"]
     out += [f"| {_cell(s.name)} | {human_size(s.size)} | `{s.sha256}` |" for s in sources]
     out += ["", "## Verify your download", "",

@@ -30,7 +30,7 @@ from converter.detect import detect_model
 from converter.errors import PlanError, ReleaseError
 from converter.imatrix import Imatrix, check_against, uses_imatrix
 from converter.pipeline import kernel_threads
-from converter.recipes import make_plan
+from converter.recipes import make_plan, mix_variant, mostly_file_type
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.sources import Source, open_source
 from manifests import BackgroundHasher, Manifest
@@ -149,12 +149,38 @@ def weight_changing_entries(manifest: Manifest) -> list[str]:
     return used
 
 
+def _target_names(manifest: Manifest) -> set[str]:
+    """Size-targeted variants of the spec (``{name = ..., target_size = ...}`` entries)."""
+    variants = manifest.spec.get("variants", [])
+    return {v["name"] for v in variants if isinstance(v, dict) and isinstance(v.get("name"), str)} \
+        if isinstance(variants, list) else set()
+
+
+def _plan_recorded(manifest: Manifest, art: Any, source: Source, family: str, overrides: list[str],
+                   targets: set[str]) -> Any:
+    """The plan a recorded file must match. A size-targeted mix's choice came from a sensitivity
+    file the release does not ship, so its recorded types are taken as the choice and checked
+    against the recipe's fixed rules (1-D F32, img_in F32, kept layers, rows the block divides)
+    and its file type against the "mostly" rule; its bytes are re-derived like any other."""
+    if art.variant in targets:
+        chosen = {t.name: t.type for t in art.tensors or ()}
+        plan = make_plan(mix_variant(art.variant), source.tensors, name=manifest.name, family=family, types=chosen)
+        params: dict[str, int] = {}
+        for e in plan.entries:
+            if e.rule == "target":
+                params[e.qtype] = params.get(e.qtype, 0) + e.n_params
+        return make_plan(mix_variant(art.variant, mostly_file_type(params)), source.tensors, name=manifest.name,
+                         family=family, types=chosen)
+    return make_plan(art.variant or "", source.tensors, name=manifest.name, family=family, overrides=overrides)
+
+
 def _check_recipe(manifest: Manifest, source: Source, report: RederiveReport) -> None:
     overrides = _recorded_overrides(manifest)
     family = detect_model(source).family
+    targets = _target_names(manifest)
     for art in manifest.ggufs:
         try:
-            plan = make_plan(art.variant or "", source.tensors, name=manifest.name, family=family, overrides=overrides)
+            plan = _plan_recorded(manifest, art, source, family, overrides, targets)
         except PlanError as e:
             report.recipe_problems.append(f"{art.path}: {e}")
             continue

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from converter.errors import PlanError, ReleaseError
-from converter.recipes import MAX_OVERRIDES, parse_override, resolve_variant
+from converter.recipes import MAX_OVERRIDES, bpw_budget, mix_variant, parse_override, resolve_variant, size_budget
 from manifests import CHECKSUMS_NAME, MANIFEST_NAME
 
 if sys.version_info >= (3, 11):
@@ -32,7 +32,9 @@ else:  # pragma: no cover - Python 3.10
 
 MODEL_CARD_NAME = "README.md"
 VALIDATION_NAME = "validation.json"
-TOP_KEYS = ("name", "source", "base_model", "variants", "overrides", "extra_files", "validation", "card", "imatrix")
+TOP_KEYS = ("name", "source", "base_model", "variants", "overrides", "extra_files", "validation", "card", "imatrix",
+            "sensitivity")
+TARGET_KEYS = ("name", "target_size", "target_bpw")
 EXTENSION_KEYS = ("lora",)
 CARD_KEYS = ("license", "license_name", "license_link", "quantized_by", "pipeline_tag", "tags", "title", "description")
 DEFAULT_TAGS = ("flux", "kontext", "gguf", "image-to-image")
@@ -135,6 +137,10 @@ class ReleaseSpec:
     validation: str | None = None
     extensions: Mapping[str, SpecExtension] = field(default_factory=dict)
     imatrix: tuple[str, ...] = ()  # importance matrices (relative paths), merged; K-quants use them
+    # size-targeted variants: name -> ("target_size" | "target_bpw", value as written); their names
+    # are in ``variants`` too, in spec order; ``sensitivity`` is the file they are chosen from
+    targets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    sensitivity: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -154,6 +160,14 @@ class ReleaseSpec:
         return tuple(self.base_dir / f for f in self.imatrix)
 
     @property
+    def sensitivity_path(self) -> Path | None:
+        return None if self.sensitivity is None else self.base_dir / self.sensitivity
+
+    @property
+    def fixed_variants(self) -> tuple[str, ...]:
+        return tuple(v for v in self.variants if v not in self.targets)
+
+    @property
     def validation_path(self) -> Path | None:
         return None if self.validation is None else self.base_dir / self.validation
 
@@ -164,7 +178,8 @@ class ReleaseSpec:
         """The spec as recorded in the manifest: normalized, relative paths as written, absolute
         paths reduced to their file name (never an absolute path)."""
         out: dict[str, Any] = {"name": self.name, "source": recorded_path(self.source), "base_model": self.base_model,
-                               "variants": list(self.variants)}
+                               "variants": [{"name": v, self.targets[v][0]: self.targets[v][1]}
+                                            if v in self.targets else v for v in self.variants]}
         if self.overrides:
             out["overrides"] = list(self.overrides)
         if self.extra_files:
@@ -173,6 +188,8 @@ class ReleaseSpec:
             out["validation"] = self.validation
         if self.imatrix:
             out["imatrix"] = [recorded_path(f) for f in self.imatrix]
+        if self.sensitivity is not None:
+            out["sensitivity"] = recorded_path(self.sensitivity)
         out["card"] = self.card.to_json()
         for key, ext in self.extensions.items():
             out[key] = ext.record
@@ -246,19 +263,44 @@ def _check_path(c: _Checker, key: str, value: str) -> str:
     return value
 
 
-def _parse_variants(c: _Checker, raw: tuple[str, ...] | None) -> tuple[str, ...]:
+def _parse_variants(c: _Checker, raw: Any) -> tuple[tuple[str, ...], dict[str, tuple[str, str]]]:
+    """``variants = ["Q4_K_M", {name = "Q3_K_A", target_size = "5.37GB"}]``: names in order, and the
+    size-targeted ones with their budget (``target_size`` or ``target_bpw``)."""
     if not raw:
         raise ReleaseError(f"{c.spec_name}: 'variants' must list at least one variant")
+    if not isinstance(raw, list):
+        raise c.error("variants", f"must be a list of variant names or {{name, target_size}} tables, got {raw!r}")
     names: list[str] = []
-    for v in raw:
-        try:
-            name = resolve_variant(v).name
-        except PlanError as e:
-            raise c.error("variants", str(e)) from None
+    targets: dict[str, tuple[str, str]] = {}
+    for i, v in enumerate(raw):
+        key = f"variants[{i}]"
+        if isinstance(v, dict):
+            c.unknown(v, TARGET_KEYS, key + ".")
+            label = c.string(v, "name", key + ".", required=True)
+            budgets = [k for k in ("target_size", "target_bpw") if k in v]
+            if len(budgets) != 1:
+                raise c.error(key, "needs exactly one of 'target_size' (e.g. \"5.37GB\") and 'target_bpw'")
+            value = v[budgets[0]]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise c.error(f"{key}.{budgets[0]}", f"must be a size or a number, got {value!r}")
+            try:
+                mix_variant(label)  # type: ignore[arg-type]
+                size_budget(str(value)) if budgets[0] == "target_size" else bpw_budget(str(value))
+            except PlanError as e:
+                raise c.error(key, str(e)) from None
+            name = str(label)
+            targets[name] = (budgets[0], str(value))
+        elif isinstance(v, str) and v.strip():
+            try:
+                name = resolve_variant(v).name
+            except PlanError as e:
+                raise c.error("variants", str(e)) from None
+        else:
+            raise c.error(key, f"must be a variant name or a table with 'name' and 'target_size', got {v!r}")
         if name in names:
             raise c.error("variants", f"lists {name} twice")
         names.append(name)
-    return tuple(names)
+    return tuple(names), targets
 
 
 def _parse_imatrix(c: _Checker, raw: Mapping[str, Any]) -> tuple[str, ...]:
@@ -324,6 +366,9 @@ def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
     for rel in spec.imatrix:
         if not (spec.base_dir / rel).is_file():
             raise c.error("imatrix", f"names {rel!r}, which is not an existing file (looked for {spec.base_dir / rel})")
+    if spec.sensitivity_path is not None and not spec.sensitivity_path.is_file():
+        raise c.error("sensitivity", f"names {spec.sensitivity!r}, which is not an existing file "
+                                     f"(looked for {spec.sensitivity_path})")
     if spec.validation is not None and not (spec.base_dir / spec.validation).is_file():
         raise c.error("validation", f"names {spec.validation!r}, which is not an existing file")
     link = spec.card.license_link
@@ -355,7 +400,15 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
     name = _check_name(c, c.string(raw, "name", required=True))  # type: ignore[arg-type]
     source = c.string(raw, "source", required=True)  # relative to the spec file, absolute, or hf://OWNER/REPO...
     base_model = c.string(raw, "base_model", required=True)
-    variants = _parse_variants(c, c.strings(raw, "variants"))
+    variants, targets = _parse_variants(c, raw.get("variants"))
+    sensitivity = c.string(raw, "sensitivity")
+    if sensitivity is not None:
+        _check_path(c, "sensitivity", sensitivity)
+    if targets and sensitivity is None:
+        raise c.error("sensitivity", f"is required by the size-targeted variant {next(iter(targets))}: name the file "
+                                     "flux-gguf sensitivity wrote")
+    if sensitivity is not None and not targets:
+        raise c.error("sensitivity", "is set but no variant has a target_size or target_bpw")
     extra_files = tuple(_check_path(c, "extra_files", f) for f in c.strings(raw, "extra_files") or ())
     imatrix = _parse_imatrix(c, raw)
     validation = c.string(raw, "validation")
@@ -372,6 +425,7 @@ def parse_release_spec(path: str | Path) -> ReleaseSpec:
         spec_path=spec_path, name=name, source=source, base_model=base_model,  # type: ignore[arg-type]
         variants=variants, card=_parse_card(c, raw.get("card")), overrides=overrides,
         extra_files=extra_files, validation=validation, extensions=extensions, imatrix=imatrix,
+        targets=targets, sensitivity=sensitivity,
     )
     _check_files(c, spec)
     return spec

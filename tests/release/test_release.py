@@ -118,14 +118,14 @@ CARD = '[card]\nlicense = "other"\n'
 
 @pytest.mark.parametrize(("text", "message"), [
     (BASE + 'flavour = "x"\n' + CARD,
-     "unknown key 'flavour'; expected one of name, source, base_model, variants, overrides, extra_files, validation, card, imatrix, lora"),
+     "unknown key 'flavour'; expected one of name, source, base_model, variants, overrides, extra_files, validation, card, imatrix, sensitivity, lora"),
     (BASE + CARD + 'color = "red"\n',
      "unknown key 'card.color'; expected one of card.license, card.license_name, card.license_link, card.quantized_by, "
      "card.pipeline_tag, card.tags, card.title, card.description"),
     ('source = "w.safetensors"\nbase_model = "b/m"\nvariants = ["Q4_K_M"]\n' + CARD, "missing required key 'name'"),
     (BASE, "missing required table [card] (at least card.license)"),
     (BASE + '[card]\nlicense_name = "x"\n', "missing required key 'card.license'"),
-    (BASE.replace('variants = ["Q4_K_M"]', 'variants = "Q4_K_M"') + CARD, "'variants' must be a list of non-empty strings, got 'Q4_K_M'"),
+    (BASE.replace('variants = ["Q4_K_M"]', 'variants = "Q4_K_M"') + CARD, "'variants' must be a list of variant names or {name, target_size} tables, got 'Q4_K_M'"),
     (BASE.replace('variants = ["Q4_K_M"]', "variants = []") + CARD, "'variants' must list at least one variant"),
     (BASE.replace('"Q4_K_M"]', '"Q4_K_M", "q4_k_m"]') + CARD, "'variants' lists Q4_K_M twice"),
     (BASE.replace('"Q4_K_M"]', '"Q9_K"]') + CARD, "'variants' unknown variant 'Q9_K'; valid variants: Q2_K, Q3_K_S"),
@@ -694,7 +694,7 @@ def test_cli_build_error_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["release", "build", str(tmp_path / "s.toml"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: {tmp_path / 's.toml'}: unknown key 'bogus'; expected one of name, "
-                                                   "source, base_model, variants, overrides, extra_files, validation, card, imatrix, lora"]
+                                                   "source, base_model, variants, overrides, extra_files, validation, card, imatrix, sensitivity, lora"]
 
 
 def _flip_tensor_byte(release: Path, path: str, tensor: str) -> None:
