@@ -37,7 +37,7 @@ from converter.errors import (
     HubRateLimitError,
 )
 
-from .network import Attempt, decoded_pieces, fetch_whole, hub_request, net_policy
+from .network import Attempt, ItemLimit, decoded_pieces, fetch_whole, hub_request, net_policy, within_one_window
 from .network import causes as _causes
 
 if TYPE_CHECKING:
@@ -165,7 +165,8 @@ def _hub_errors(api: "HfApi", action: str, repo_id: str, revision: str | None) -
 def _headers(api: "HfApi") -> dict[str, str]:
     from huggingface_hub.utils import build_hf_headers
 
-    return build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
+    return within_one_window(lambda: build_hf_headers(token=api.token, library_name="flux-gguf",
+                                                      library_version=__version__))
 
 
 def fetch_model_info(api: "HfApi", repo_id: str, revision: str | None, what: str) -> "ModelInfo":
@@ -176,12 +177,10 @@ def fetch_model_info(api: "HfApi", repo_id: str, revision: str | None, what: str
     url = f"{api.endpoint}/api/models/{repo_id}"
     if revision is not None:
         url += f"/revision/{quote(revision, safe='')}"
+    files = ItemLimit(b'"rfilename"', MAX_SIBLINGS,  # each file's key: an upper bound, counted as bytes arrive
+                      f"the Hub lists more than {MAX_SIBLINGS} files in {repo_id}, the most flux-gguf reads; refused")
     data = fetch_whole(url, headers=_headers(api), params={"blobs": "true"}, what=what, cap=MODEL_INFO_MAX_BYTES,
-                       compressed=True)
-    listed = data.count(b'"rfilename"')  # an upper bound on the files, before anything is built from them
-    if listed > MAX_SIBLINGS:
-        raise HubAnswerError(f"{what}: the Hub lists {listed} files in {repo_id}, more than the {MAX_SIBLINGS} "
-                             "flux-gguf reads; refused")
+                       compressed=True, items=files)
     try:
         info = ModelInfo(**json.loads(data))
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:

@@ -126,9 +126,6 @@ class Attempt:
         elif time.monotonic() > self._window_end:  # a stream whose reads were not bounded (see _trace)
             raise _Stalled()
 
-    def expired(self) -> bool:
-        return time.monotonic() >= self._window_end
-
     def stall_reason(self) -> str:
         t = self.policy.timeout
         if not self.answered:
@@ -170,6 +167,35 @@ def _bound_reads(stream: Any) -> None:
 
 
 @contextlib.contextmanager
+def _running(attempt: Attempt) -> Iterator[None]:
+    previous = getattr(_local, "attempt", None)
+    _local.attempt = attempt
+    try:
+        yield
+    finally:
+        _local.attempt = previous
+
+
+def _add_trace(request: "httpx.Request") -> None:
+    request.extensions.setdefault("trace", _trace)
+
+
+def within_one_window(call: Callable[[], Any]) -> Any:
+    """``call()``, any request it makes on huggingface_hub's shared client bounded by one window
+    in all. For ``build_hf_headers``: once a process it fetches the Hub's agent registry with
+    only a per-read timeout, which a trickling server would hold forever (its own errors are
+    swallowed there, so a stall only leaves the registry empty)."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    hooks = session.event_hooks
+    if _add_trace not in hooks["request"]:  # the client is shared: add, never replace
+        session.event_hooks = {**hooks, "request": [*hooks["request"], _add_trace]}
+    with _running(Attempt(net_policy())):
+        return call()
+
+
+@contextlib.contextmanager
 def hub_request(method: str, url: str, *, headers: dict[str, str], attempt: Attempt,
                 params: dict[str, str] | None = None, accept: tuple[int, ...] = ()) -> Iterator["httpx.Response"]:
     """One attempt of a streamed request through huggingface_hub's shared client, under ``attempt``.
@@ -179,18 +205,13 @@ def hub_request(method: str, url: str, *, headers: dict[str, str], attempt: Atte
     """
     from huggingface_hub.utils import get_session, httpx
 
-    previous = getattr(_local, "attempt", None)
-    _local.attempt = attempt
-    try:
-        with get_session().stream(method, url, headers=headers, params=params, follow_redirects=True,
-                                  timeout=httpx.Timeout(attempt.policy.timeout),
-                                  extensions={"trace": _trace}) as response:
-            attempt.answered = True
-            if response.status_code >= 400 and response.status_code not in accept:
-                _raise_for_status(response, attempt)
-            yield response
-    finally:
-        _local.attempt = previous
+    with _running(attempt), get_session().stream(method, url, headers=headers, params=params, follow_redirects=True,
+                                                 timeout=httpx.Timeout(attempt.policy.timeout),
+                                                 extensions={"trace": _trace}) as response:
+        attempt.answered = True
+        if response.status_code >= 400 and response.status_code not in accept:
+            _raise_for_status(response, attempt)
+        yield response
 
 
 def _raise_for_status(response: "httpx.Response", attempt: Attempt) -> None:
@@ -245,8 +266,19 @@ def decoded_pieces(response: "httpx.Response", attempt: Attempt | None = None, w
     raise _Truncated()
 
 
-def read_capped(response: "httpx.Response", attempt: Attempt, cap: int, what: str) -> bytes:
-    """The whole decoded body, refused once it passes ``cap`` bytes (before anything more is read)."""
+@dataclass(frozen=True)
+class ItemLimit:
+    """At most ``most`` occurrences of ``marker`` in an answer, counted as it arrives (the files of a
+    model info: ``"rfilename"``), so a long list is refused before it is parsed; ``refusal`` says so."""
+
+    marker: bytes
+    most: int
+    refusal: str
+
+
+def read_capped(response: "httpx.Response", attempt: Attempt, cap: int, what: str,
+                items: ItemLimit | None = None) -> bytes:
+    """The whole decoded body, refused once it passes ``cap`` bytes or ``items`` (before anything more is read)."""
     def too_large(detail: str) -> HubAnswerError:
         return HubAnswerError(f"{what}: the Hub's answer is larger than {cap} bytes{detail}, the most flux-gguf "
                               "reads for it; refused")
@@ -256,10 +288,16 @@ def read_capped(response: "httpx.Response", attempt: Attempt, cap: int, what: st
     if identity and declared.isdigit() and int(declared) > cap:
         raise too_large(f" (Content-Length {declared})")
     out = bytearray()
+    counted = 0
     for piece in decoded_pieces(response, attempt, what):
         if len(out) + len(piece) > cap:
             raise too_large("" if identity else " once decompressed")
+        scan_from = max(0, len(out) - len(items.marker) + 1) if items else 0  # a marker may straddle pieces
         out += piece
+        if items is not None:
+            counted += out.count(items.marker, scan_from)
+            if counted > items.most:
+                raise HubAnswerError(f"{what}: {items.refusal}")
     return bytes(out)
 
 
@@ -299,14 +337,14 @@ def _reason(exc: BaseException, attempt: Attempt) -> str:
     response = response_of(exc)
     if response is not None:
         return f"the Hub answered HTTP {response.status_code}"
-    if isinstance(exc, _Stalled) or (isinstance(exc, httpx.ReadTimeout) and attempt.expired()):
+    if isinstance(exc, (_Stalled, httpx.ReadTimeout)):  # a read waits at most what the window has left
         return attempt.stall_reason()
     if isinstance(exc, httpx.ConnectTimeout):
         return f"no connection within {t:g} s"
     if isinstance(exc, httpx.ConnectError):
         return f"could not connect ({exc})"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"nothing arrived for {t:g} s"
+    if isinstance(exc, httpx.TimeoutException):  # writing the request, or waiting for a pooled connection
+        return f"no progress for {t:g} s"
     return f"lost the connection mid-answer ({type(exc).__name__})"
 
 
@@ -371,7 +409,7 @@ class Retries:
 
 
 def fetch_whole(url: str, *, headers: dict[str, str], what: str, cap: int, params: dict[str, str] | None = None,
-                compressed: bool = False) -> bytes:
+                compressed: bool = False, items: ItemLimit | None = None) -> bytes:
     """GET a small answer whole (at most ``cap`` bytes decoded), retried under the policy.
     ``compressed``: ask for gzip (API answers); files are asked for as they are."""
     headers = {**headers, "Accept-Encoding": "gzip" if compressed else "identity"}
@@ -380,7 +418,7 @@ def fetch_whole(url: str, *, headers: dict[str, str], what: str, cap: int, param
         attempt = retries.attempt()
         try:
             with hub_request("GET", url, headers=headers, params=params, attempt=attempt) as response:
-                return read_capped(response, attempt, cap, what)
+                return read_capped(response, attempt, cap, what, items)
         except Exception as e:
             if not retries.again(e, attempt):
                 raise
