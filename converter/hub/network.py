@@ -61,9 +61,9 @@ class NetPolicy:
         return min(2.0 ** (failures - 1), self.timeout)
 
     def worst_case_s(self) -> float:
-        """The longest one request can take against a Hub that is silent or slower than ``min_rate``:
-        each attempt ends within two windows (connecting and a TLS handshake may take one each)."""
-        return (self.retries + 1) * 2 * self.timeout + sum(self.backoff(k) for k in range(1, self.retries + 1))
+        """The longest one request can take against a Hub that is silent or slower than ``min_rate``
+        (DNS lookups aside): every attempt ends within its first window, connecting included."""
+        return (self.retries + 1) * self.timeout + sum(self.backoff(k) for k in range(1, self.retries + 1))
 
     def describe(self) -> str:
         return (f"{TIMEOUT_ENV}={self.timeout:g} s, {MIN_RATE_ENV}={self.min_rate} bytes/s, "
@@ -137,15 +137,20 @@ _local = threading.local()  # .attempt: the attempt this thread's request runs u
 
 
 def _trace(event: str, info: dict[str, Any]) -> None:
-    """httpcore's trace hook: bound the reads of every stream a request of ours opens."""
+    """httpcore's trace hook: bound the reads of every stream a request of ours opens, and the
+    connection set-up by the window too (a redirect to a CDN opens a second connection)."""
     if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
         stream = info.get("return_value")
         if stream is not None:
             _bound_reads(stream)
-    elif event.endswith(".start_tls.started"):
+    elif event.endswith((".connect_tcp.started", ".start_tls.started")):
         attempt = getattr(_local, "attempt", None)
         if attempt is not None:
-            attempt.remaining()  # no handshake is begun once the window is over
+            left = attempt.remaining()  # nothing is begun once the window is over
+            # httpcore hands over the very keywords of the call; where it did not, the call keeps
+            # the client's own timeout (``timeout``), which still bounds it.
+            if isinstance(info.get("timeout"), (int, float)):
+                info["timeout"] = min(info["timeout"], left)
 
 
 def _bound_reads(stream: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import socket
 import struct
 
 import numpy as np
@@ -43,6 +44,7 @@ REASONS = {
     "one_byte": "lost the connection mid-answer (RemoteProtocolError)",
     "trickle": f"fewer than {POLICY.window_bytes} bytes in 1.5 s",
     "trickle_headers": "no answer within 1.5 s",
+    "connect": "no connection within 1.5 s",
 }
 BOMB = (b"{", b" " * (1 << 20), 4096, b"}")  # 4 GiB of JSON whitespace, about 4 MB on the wire
 INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
@@ -64,8 +66,8 @@ def checkpoint(tmp_path_factory) -> bytes:
                                 seed=7).read_bytes()
 
 
-def flux_gguf(hub: HubEmulator, tmp_path: pathlib.Path, *args: object):
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home"),
+def flux_gguf(hub: HubEmulator | str, tmp_path: pathlib.Path, *args: object):
+    env = {"HF_ENDPOINT": hub if isinstance(hub, str) else hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home"),
            "HF_TOKEN": TOKEN, "NO_PROXY": "127.0.0.1", TIMEOUT_ENV: str(POLICY.timeout),
            RETRIES_ENV: str(POLICY.retries), MIN_RATE_ENV: str(POLICY.min_rate)}
     return run_child(*args, env=env, timeout=TIMEOUT_S)
@@ -112,6 +114,25 @@ def test_a_bad_answer_to_the_file_list_is_one_line_after_the_policys_attempts(hu
         child_error(proc, gave_up(f"{spec}: reading the file list of alice/flux", mode, "re-run later"))
     assert len(hub.requests("GET", "/api/models/")) == ATTEMPTS
     assert finals(out) == []
+
+
+def test_a_hub_that_never_accepts_the_connection_is_one_line(checkpoint, tmp_path):
+    """A listening socket whose backlog is full: the kernel drops further SYNs, so connecting hangs."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        for s in queued:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        try:
+            proc = flux_gguf(f"http://127.0.0.1:{port}", tmp_path, "inspect", "hf://alice/flux/flux.safetensors")
+        finally:
+            for s in queued:
+                s.close()
+    child_error(proc, gave_up("hf://alice/flux/flux.safetensors: reading the file list of alice/flux", "connect",
+                              "re-run later"))
 
 
 @pytest.mark.parametrize("mode, command, skip", [("silent", "convert", 0), ("500", "inspect", 0),
