@@ -6,8 +6,9 @@ Why this shape:
   runs under a window rule (:class:`Attempt`): within ``timeout`` seconds of its start it must
   connect, answer and bring ``min_rate * timeout`` bytes of body (or the whole body), and so on
   for every further window. The requests carry httpcore's ``trace`` extension, which hands over
-  each network stream the request opens; its reads are bounded by the window's end, so a server
-  trickling its headers is cut off as surely as one trickling its body.
+  each network stream the request opens: connecting, a TLS handshake and every read are bounded
+  by the window's end, so a server trickling its headers is cut off as surely as one trickling
+  its body, and an attempt never outlasts its first window without the bytes it needs.
 - A failed attempt (refused, silent, too slow, dropped mid-answer, HTTP 408/429/5xx) is retried
   after a backoff wait, up to ``retries`` times in a row (:class:`Retries`). Only a transfer that
   resumes (a range read, a download) may restart the count, and only after an attempt that
