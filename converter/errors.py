@@ -92,6 +92,18 @@ class HubConnectionError(HubError):
     """The network went away mid-transfer; what already landed is kept, so a re-run resumes."""
 
 
+class HubStalledError(HubConnectionError):
+    """Every attempt a request was allowed failed: refused, silent, too slow, dropped, or HTTP 408/429/5xx."""
+
+    def __init__(self, message: str, *, attempts: int, reason: str) -> None:
+        super().__init__(message)
+        self.attempts, self.reason = attempts, reason
+
+
+class HubAnswerError(HubError):
+    """The Hub's answer cannot be used: larger than flux-gguf accepts, badly encoded, or not the JSON expected."""
+
+
 class HubFileTooLargeError(HubError):
     """A release file exceeds what the Hub accepts in one file; refused before anything is sent."""
 

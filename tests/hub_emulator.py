@@ -11,7 +11,10 @@ and logs every request so tests can assert on what was sent.
 Knobs for failure tests: :meth:`HubEmulator.corrupt` (damage stored bytes, metadata untouched),
 :meth:`HubEmulator.misreport_sha256` (metadata lies), :meth:`HubEmulator.drop_uploads` (the
 network goes away on the Nth LFS data request), :meth:`HubEmulator.fail` (answer a status such
-as 401/403/404/429 on matching requests).
+as 401/403/404/429 on matching requests). A hostile Hub: :meth:`HubEmulator.misbehave` (never
+answer, one byte then hang up, trickle the body or the headers a byte at a time) and
+:meth:`HubEmulator.answer_with` (any bytes and headers, e.g. :func:`gzip_bomb`); every such
+answer gives up by itself after a bounded time, and at once when the emulator stops.
 
 Never imported by production code.
 """
@@ -20,12 +23,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import fnmatch
+import functools
 import hashlib
+import io
 import json
 import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -49,6 +56,24 @@ def git_blob_id(data: bytes) -> str:
 
 def lfs_pointer(oid: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+@functools.lru_cache(maxsize=8)
+def gzip_bomb(prefix: bytes, unit: bytes, count: int, suffix: bytes = b"") -> bytes:
+    """A valid gzip member inflating to ``prefix + unit * count + suffix``, about 1/1000 of that on
+    the wire. After a full flush deflate starts afresh, so ``unit``'s compressed block is the same
+    every time: it is compressed once and repeated."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = deflate.compress(prefix) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(unit) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.compress(suffix) + deflate.flush(zlib.Z_FINISH)
+    crc = zlib.crc32(prefix)
+    for _ in range(count):
+        crc = zlib.crc32(unit, crc)
+    crc = zlib.crc32(suffix, crc)
+    size = len(prefix) + len(unit) * count + len(suffix)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + head + block * count + tail
+            + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
 
 
 @dataclass
@@ -113,6 +138,33 @@ class _FailRule:
     error_code: str | None
 
 
+MISBEHAVIOURS = ("silent", "one_byte", "trickle", "trickle_headers")
+
+
+@dataclass
+class _Misbehaviour:
+    mode: str  # one of MISBEHAVIOURS
+    method: str | None
+    path_re: re.Pattern[str] | None
+    interval: float
+    limit_s: float
+    skip: int  # matching requests still to answer properly first
+
+
+@dataclass
+class _Canned:
+    method: str | None
+    path_re: re.Pattern[str] | None
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+
+
+def _matches(rule: Any, method: str, path: str) -> bool:
+    return rule.method in (None, method) and (rule.path_re is None or bool(rule.path_re.search(path)))
+
+
 class _Dropped(Exception):
     """The handler cut the connection on purpose; nothing may be written back."""
 
@@ -149,9 +201,14 @@ class HubEmulator:
         self._download_count = 0
         self._download_drops: tuple[int, int | None, int] | None = None
         self.gated: dict[str, set[str]] = {}
+        # Hostile knobs: see misbehave(), answer_with(). _stopping ends every misbehaving answer.
+        self._misbehaviours: list[_Misbehaviour] = []
+        self._canned: list[_Canned] = []
+        self._stopping = threading.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "HubEmulator":
+        self._stopping.clear()
         handler = type("_BoundHandler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -161,6 +218,7 @@ class HubEmulator:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -271,6 +329,33 @@ class HubEmulator:
     def clear_failures(self) -> None:
         with self._lock:
             self._fail_rules.clear()
+            self._misbehaviours.clear()
+            self._canned.clear()
+
+    # ---- a hostile Hub ---------------------------------------------------------------------------
+    def misbehave(self, mode: str, *, method: str | None = "GET", path: str | None = None,
+                  interval: float = 0.05, limit_s: float = 20.0, skip: int = 0) -> None:
+        """Answer every request matching ``method`` and the ``path`` regex (after the first ``skip``) badly:
+
+        - ``silent``: read the request, never answer (the connection stays open);
+        - ``one_byte``: the status line, the headers (the real Content-Length) and one byte of the
+          body, then hang up;
+        - ``trickle``: the headers, then the body one byte per ``interval`` seconds;
+        - ``trickle_headers``: the status line and headers one byte per ``interval`` seconds.
+
+        Each answer gives up (and hangs up) after ``limit_s`` seconds, or at once on :meth:`stop`.
+        """
+        assert mode in MISBEHAVIOURS, mode
+        with self._lock:
+            rx = re.compile(path) if path is not None else None
+            self._misbehaviours.append(_Misbehaviour(mode, method, rx, interval, limit_s, skip))
+
+    def answer_with(self, body: bytes, *, path: str, method: str | None = "GET", status: int = 200,
+                    content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
+        """Answer requests matching ``method`` and the ``path`` regex with ``body`` and ``headers``
+        as given (``Content-Encoding: gzip`` and a :func:`gzip_bomb`, a huge JSON, ...)."""
+        with self._lock:
+            self._canned.append(_Canned(method, re.compile(path), status, body, content_type, dict(headers or {})))
 
     # ---- queries for assertions ------------------------------------------------------------
     def requests(self, method: str | None = None, path_contains: str = "") -> list[LoggedRequest]:
@@ -366,18 +451,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.log.append(self._record)
         self._cached_body: bytes | None = None
         self._deferred: tuple[int, bytes, dict[str, str], int | None] | None = None
+        self._hostile: tuple[_Misbehaviour, int, bytes, dict[str, str]] | None = None
         if not (method == "PUT" and self._record.path.startswith("/_lfs/")):
             self._body()  # read now, so an early error answer never leaves bytes on a kept-alive socket
         try:
-            self._user = self._authenticate()
-            self._apply_fail_rules(method, self._record.path)
-            self._route(method, url.path)
-            if self._deferred is not None:  # a file body: sent outside the lock, throttled/dropped as set
-                self._send_body(*self._deferred)
+            canned = self._canned_answer(method, self._record.path)
+            if canned is not None:
+                self._send(canned.status, canned.body, canned.content_type, canned.headers)
+            else:
+                self._user = self._authenticate()
+                self._apply_fail_rules(method, self._record.path)
+                self._route(method, url.path)
+                if self._deferred is not None:  # a file body: sent outside the lock, throttled/dropped as set
+                    self._send_body(*self._deferred)
         except _Dropped:
             self.close_connection = True
         except _HTTPFail as e:
             self._send_json(e.status, {"error": e.message, **e.extra}, error_code=e.error_code, error_message=e.message)
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up mid-answer (e.g. on a bomb)
+            self._hang_up()
+        if self._hostile is not None:  # outside the lock, which routing holds: other requests go on
+            self._misbehave(*self._hostile)
 
     def _body(self) -> bytes:
         if self._cached_body is None:
@@ -401,6 +495,8 @@ class _Handler(BaseHTTPRequestHandler):
         return json.loads(self._body() or b"{}")
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        if self._defer_if_hostile(status, body, {"Content-Type": content_type, **(headers or {})}):
+            return
         self._record.status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -421,6 +517,61 @@ class _Handler(BaseHTTPRequestHandler):
         if error_message:
             extra["X-Error-Message"] = error_message
         self._send(status, json.dumps(payload).encode(), "application/json", extra)
+
+    # ---- a hostile Hub ---------------------------------------------------------------------------
+    def _canned_answer(self, method: str, path: str) -> _Canned | None:
+        with self.hub._lock:
+            return next((c for c in self.hub._canned if _matches(c, method, path)), None)
+
+    def _defer_if_hostile(self, status: int, body: bytes, headers: dict[str, str]) -> bool:
+        """Keep the answer for :meth:`_misbehave` if a misbehaviour matches this request."""
+        with self.hub._lock:
+            rule = next((m for m in self.hub._misbehaviours if _matches(m, self.command, self._record.path)), None)
+            if rule is not None and rule.skip > 0:
+                rule.skip -= 1
+                return False
+        if rule is not None:
+            self._hostile = (rule, status, body, headers)
+        return rule is not None
+
+    def _misbehave(self, rule: _Misbehaviour, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self._hostile = None
+        self.close_connection = True
+        self._record.status = None  # logged as dropped: no whole answer went out
+        stopping = self.hub._stopping
+        deadline = time.monotonic() + rule.limit_s
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+                 *(f"{k}: {v}" for k, v in {"Content-Length": str(len(body)), **headers}.items())]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            if rule.mode == "silent":
+                stopping.wait(rule.limit_s)
+            elif rule.mode == "trickle_headers":
+                self._trickle(head + body, rule.interval, deadline)
+            else:
+                self.wfile.write(head)
+                if rule.mode == "one_byte":
+                    self.wfile.write(body[:1])
+                    self.wfile.flush()
+                else:
+                    self._trickle(body, rule.interval, deadline)
+        except OSError:  # the client hung up
+            pass
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.wfile = io.BytesIO()  # what a failed write left buffered is never flushed into the dead socket
+
+    def _trickle(self, data: bytes, interval: float, deadline: float) -> None:
+        for i in range(len(data)):
+            if self.hub._stopping.is_set() or time.monotonic() > deadline:
+                return
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            self.hub._stopping.wait(interval)
 
     def _authenticate(self) -> str | None:
         auth = self.headers.get("Authorization")
@@ -760,6 +911,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_body(self, status: int, data: bytes, headers: dict[str, str], drop_after: int | None) -> None:
         """Headers, then the body in 64 KiB pieces at the emulated link's pace; cut after ``drop_after`` bytes."""
+        if self._defer_if_hostile(status, data, {"Content-Type": "application/octet-stream", **headers}):
+            return self._misbehave(*self._hostile)  # type: ignore[misc]
         self._record.status = status
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")

@@ -2,9 +2,11 @@
 
 Why this shape:
 - All Hub access goes through ``huggingface_hub``'s public API (``HfApi``, ``get_token``,
-  ``build_hf_headers``, ``http_stream_backoff``), so retries, auth lookup and Xet/LFS choice are
-  the client's. The endpoint is read when a client is made (:func:`hub_api`), not when
-  ``huggingface_hub`` is imported, so callers and tests may point it anywhere at any time.
+  ``build_hf_headers``, its shared HTTP client), so auth lookup and Xet/LFS choice are the
+  client's. The requests flux-gguf makes itself (model info, files read whole, downloads, range
+  reads) run under one deadline and retry policy with capped answers (:mod:`.network`). The
+  endpoint is read when a client is made (:func:`hub_api`), not when ``huggingface_hub`` is
+  imported, so callers and tests may point it anywhere at any time.
 - A release is checked locally (``manifests.verify_release``) before a byte is sent, and the
   Hub's metadata is read back after the commit: the manifest is the contract at both ends.
 - The Hub reports a sha256 for LFS/Xet files only; small regular files (README.md,
@@ -18,6 +20,7 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import quote
@@ -25,6 +28,7 @@ from urllib.parse import quote
 from converter import __version__
 from converter.errors import (
     FluxGGUFError,
+    HubAnswerError,
     HubAuthError,
     HubConnectionError,
     HubError,
@@ -33,14 +37,23 @@ from converter.errors import (
     HubRateLimitError,
 )
 
+from .network import Attempt, ItemLimit, decoded_pieces, fetch_whole, hub_request, net_policy, within_one_window
+from .network import causes as _causes
+
 if TYPE_CHECKING:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelInfo
 
 GB = 1000**3
 LFS_MAX_FILE_BYTES = 50 * GB  # historical hard limit per file, still what plain Git LFS uploads get
 XET_MAX_FILE_BYTES = 200 * GB  # the Hub's recommended per-file ceiling with Xet storage
 HUB_MANAGED_FILES = frozenset({".gitattributes"})  # the Hub writes these itself
 _CHUNK = 8 << 20
+# Answers read whole, decoded: a FLUX repo's model info is kilobytes (a repo of thousands of files,
+# a few MB), a diffusers index ~100 kB, a release's manifest.json ~200 kB per variant; regular
+# (non-LFS) files on the Hub are at most 10 MB.
+MODEL_INFO_MAX_BYTES = 16 << 20
+MAX_SIBLINGS = 50_000
+SMALL_FILE_MAX_BYTES = 16 << 20
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_just_done, total_bytes)``, the same shape ``manifests.verify_release`` uses."""
@@ -55,6 +68,7 @@ def hub_api(endpoint: str | None = None, token: str | None = None) -> "HfApi":
     from huggingface_hub import HfApi, constants, get_token
 
     _check_token_text(token if token is not None else get_token())
+    net_policy()  # a bad FLUX_GGUF_HUB_* value is refused before anything is sent
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     return HfApi(endpoint=endpoint.rstrip("/"), token=token, library_name="flux-gguf", library_version=__version__)
 
@@ -90,15 +104,6 @@ def _require_token(api: "HfApi") -> None:
 
     if not (api.token or get_token()):
         raise HubAuthError("no Hugging Face token found: set HF_TOKEN or log in with `hf auth login`")
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _translate(exc: BaseException, action: str, repo_id: str, revision: str | None, endpoint: str) -> HubError | None:
@@ -157,41 +162,61 @@ def _hub_errors(api: "HfApi", action: str, repo_id: str, revision: str | None) -
         raise translated from exc
 
 
+def _headers(api: "HfApi") -> dict[str, str]:
+    from huggingface_hub.utils import build_hf_headers
+
+    return within_one_window(lambda: build_hf_headers(token=api.token, library_name="flux-gguf",
+                                                      library_version=__version__))
+
+
+def fetch_model_info(api: "HfApi", repo_id: str, revision: str | None, what: str) -> "ModelInfo":
+    """``model_info(files_metadata=True)``, fetched here so the policy and a cap apply: the client
+    would read and decode any answer whole. ``what`` names the request in errors."""
+    from huggingface_hub import ModelInfo
+
+    url = f"{api.endpoint}/api/models/{repo_id}"
+    if revision is not None:
+        url += f"/revision/{quote(revision, safe='')}"
+    files = ItemLimit(b'"rfilename"', MAX_SIBLINGS,  # each file's key: an upper bound, counted as bytes arrive
+                      f"the Hub lists more than {MAX_SIBLINGS} files in {repo_id}, the most flux-gguf reads; refused")
+    data = fetch_whole(url, headers=_headers(api), params={"blobs": "true"}, what=what, cap=MODEL_INFO_MAX_BYTES,
+                       compressed=True, items=files)
+    try:
+        info = ModelInfo(**json.loads(data))
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError) as e:
+        raise HubAnswerError(f"{what}: the Hub's model info for {repo_id} is not the JSON expected "
+                             f"({type(e).__name__})") from None
+    if not isinstance(info.sha, str) or not info.sha:
+        raise HubAnswerError(f"{what}: the Hub's model info for {repo_id} names no commit")
+    return info
+
+
 @contextlib.contextmanager
-def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int = 0) -> Iterator[Any]:
-    """A streamed GET of one file at one commit (``Range`` from ``start``), errors raised as huggingface_hub's.
+def _open_remote(api: "HfApi", repo_id: str, commit: str, path: str, start: int, attempt: Attempt) -> Iterator[Any]:
+    """One attempt (see :class:`.network.Retries`) of a streamed GET of one file at one commit
+    (``Range`` from ``start``), errors raised as huggingface_hub's.
 
     With ``start``, an HTTP 416 (range not satisfiable: the file is not longer than ``start``) is
     yielded, not raised, so the caller can start over from 0.
     """
-    from huggingface_hub.utils import (
-        build_hf_headers,
-        hf_raise_for_status,
-        http_stream_backoff,
-    )
-
     # Built here, not with hf_hub_url: that one starts from the endpoint read at import time.
     url = f"{api.endpoint}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(path)}"
-    headers = build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
+    headers = _headers(api)
     headers["Accept-Encoding"] = "identity"  # the bytes hashed must be the file's bytes
     if start:
         headers["Range"] = f"bytes={start}-"
-    with http_stream_backoff("GET", url, headers=headers) as response:
-        if response.status_code >= 400:
-            response.read()  # so the error can quote the body
-            if not (start and response.status_code == 416):
-                hf_raise_for_status(response)
+    with hub_request("GET", url, headers=headers, attempt=attempt, accept=(416,) if start else ()) as response:
         yield response
 
 
 def _chunks(response: Any) -> Iterator[bytes]:
-    """The body as sent: ``iter_raw`` is ~4x faster than ``iter_bytes`` (no decoder, no re-chunking),
-    and is the file itself unless the server encoded it anyway despite ``Accept-Encoding: identity``."""
-    if response.headers.get("Content-Encoding", "identity").lower() in ("", "identity"):
-        return response.iter_raw()
-    return response.iter_bytes(_CHUNK)
+    """The body as sent (the file itself), decoded only if the server encoded it anyway despite
+    ``Accept-Encoding: identity``; counted against the deadlines of the attempt it arrives in."""
+    return decoded_pieces(response, what=str(response.url))
 
 
 def _fetch_bytes(api: "HfApi", repo_id: str, commit: str, path: str) -> bytes:
-    with _hub_errors(api, f"downloading {path}", repo_id, commit), _open_remote(api, repo_id, commit, path) as r:
-        return b"".join(_chunks(r))
+    """A small file (manifest.json, SHA256SUMS, model.sig, a README), read whole and capped."""
+    url = f"{api.endpoint}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(path)}"
+    with _hub_errors(api, f"downloading {path}", repo_id, commit):
+        return fetch_whole(url, headers=_headers(api), what=f"{repo_id}@{commit[:12]}/{path}", cap=SMALL_FILE_MAX_BYTES)

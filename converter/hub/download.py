@@ -52,6 +52,7 @@ from .client import (
     hub_api,
     parse_repo_spec,
 )
+from .network import Retries
 from .remote import MISMATCH, MISSING, _compare, _describe, _model_info
 
 
@@ -215,9 +216,10 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
                     os.replace(pname, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
                     return
                 start_over()
+        retries = Retries(f"{repo_id}@{commit[:12]}/{path}", then="re-run to resume")
         while True:
-            with _hub_errors(api, f"downloading {path}", repo_id, commit), \
-                    _open_remote(api, repo_id, commit, path, have) as r:
+            with _hub_errors(api, f"downloading {path}", repo_id, commit), retries.trying(lambda: have) as attempt, \
+                    _open_remote(api, repo_id, commit, path, have, attempt) as r:
                 if have and r.status_code == 416:  # nothing past what we have: ask for the whole file
                     start_over()
                     continue
@@ -234,7 +236,8 @@ def _download_into(api: "HfApi", repo_id: str, commit: str, path: str, want: Fil
                         break
                 out.flush()
                 os.fsync(out.fileno())
-            break
+            if not retries.failed:  # else: resumed from what landed, after the backoff wait
+                break
     except OSError as e:  # the local side: disk full, permissions (Hub errors arrive translated)
         if not resumable:
             _unlink(pname, dfd)

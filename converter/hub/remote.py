@@ -28,6 +28,7 @@ from .client import (
     HUB_MANAGED_FILES,
     _fetch_bytes,
     _hub_errors,
+    fetch_model_info,
     hub_api,
     parse_repo_spec,
 )
@@ -128,7 +129,7 @@ def _compare(
 
 def _model_info(api: "HfApi", repo_id: str, revision: str | None) -> "ModelInfo":
     with _hub_errors(api, f"reading the file list of {repo_id}", repo_id, revision):
-        return api.model_info(repo_id, revision=revision, files_metadata=True)
+        return fetch_model_info(api, repo_id, revision, f"{repo_id}@{revision or 'main'}: reading the file list")
 
 
 def verify_remote(

@@ -9,8 +9,10 @@ Why this shape:
   byte window (:data:`WINDOW_BYTES`), so memory stays bounded as for local files.
 - The revision is resolved to a commit first and every range is read at that commit, so a
   branch moving mid-conversion cannot mix two versions of a file.
-- A dropped connection is resumed from the last byte received (a new ``Range`` request), with
-  backoff; only after :data:`MAX_STALLS` attempts in a row that bring no byte does it fail.
+- Every request runs under the Hub client's deadline policy (:mod:`.network`): a connection that
+  is silent, trickles below the minimum rate or drops mid-body is a failed attempt, resumed from
+  the last byte received (a new ``Range`` request) after a backoff wait; the run fails once the
+  policy's retries in a row are spent (an attempt that delivered a window's bytes restarts the count).
 - The sha256 of every file is computed from the bytes as they arrive, in file order: a range
   that arrives ahead of the hash (connections finish in any order; a reader may ignore the file
   order) is held (within :data:`HASH_HOLD_BYTES`) or, past that, fetched again at the end. :meth:`RemoteSource.check_complete` (which the pipeline calls before any
@@ -34,18 +36,15 @@ import os
 import pathlib
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from urllib.parse import quote
 
 import numpy as np
 
-from converter import __version__
 from converter.errors import (
     FluxGGUFError,
     HubAuthError,
-    HubConnectionError,
     HubError,
     HubNotFoundError,
     HubPermissionError,
@@ -81,7 +80,8 @@ from manifests.errors import UnsafePathError
 from manifests.hashing import hash_stream, open_partial, partial_path, pwrite_all
 from manifests.paths import check_relative_path, open_dir_inside, open_inside
 
-from .client import _causes, _translate, hub_api
+from .client import SMALL_FILE_MAX_BYTES, _headers, _translate, fetch_model_info, hub_api
+from .network import Attempt, Retries, body_pieces, fetch_whole, hub_request, response_of, transient
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -92,7 +92,6 @@ RANGE_BYTES = 64 << 20  # tensors contiguous in the file are merged into request
 WINDOW_BYTES = 512 << 20  # fetched-but-unconsumed bytes, at most (one range always may be fetched)
 HASH_HOLD_BYTES = 256 << 20  # bytes held for the hash when they arrive ahead of it; beyond: re-fetched
 CONNECTIONS = 4
-MAX_STALLS = 6  # attempts in a row that bring no byte before a range fails
 
 
 # ---- SRC strings ------------------------------------------------------------------------------
@@ -155,11 +154,10 @@ def open_any_source(spec: str | os.PathLike[str], *, keep_source: str | os.PathL
 
 # ---- errors -----------------------------------------------------------------------------------
 def _status(exc: BaseException) -> tuple[int | None, str | None]:
-    for e in _causes(exc):
-        response = getattr(e, "response", None)
-        if response is not None and getattr(response, "status_code", None):
-            return int(response.status_code), response.headers.get("X-Error-Code")
-    return None, None
+    response = response_of(exc)
+    if response is None:
+        return None, None
+    return int(response.status_code), response.headers.get("X-Error-Code")
 
 
 @contextlib.contextmanager
@@ -497,26 +495,21 @@ class RemoteFile:
         """Bytes [start, end) at the resolved commit, resuming a dropped body from the last byte."""
         buf = bytearray(end - start)
         view = memoryview(buf)
-        received, stalls = [0], 0  # read_range counts the bytes it lands, also when the body breaks off
+        received = [0]  # read_range counts the bytes it lands, also when the body breaks off
+        retries = Retries(f"{self.label}: reading bytes {start}-{end - 1}", then="nothing was written: re-run")
         while received[0] < len(buf):
             before = received[0]
+            attempt = retries.attempt()
             try:
-                self.client.read_range(self.repo_path, start + before, end, view[before:], received)
+                self.client.read_range(self.repo_path, start + before, end, view[before:], received, attempt)
                 if received[0] < len(buf):
                     raise _ShortBody()
             except FluxGGUFError:
                 raise
             except Exception as e:  # a dropped connection: resume from the last byte
-                if not _transient(e):
+                if not retries.again(e, attempt, received[0] - before):
                     raise
-                got = received[0]
-                stalls = 0 if got > before else stalls + 1
                 self.client.count(resumes=1)
-                if stalls >= MAX_STALLS:
-                    raise HubConnectionError(
-                        f"{self.label}: lost the connection at byte {start + got} and {MAX_STALLS} attempts to "
-                        f"resume brought nothing ({type(e).__name__}); nothing was written: re-run") from None
-                time.sleep(min(0.25 * 2 ** stalls, 8.0))
         self.client.count(bytes=len(buf))
         if self.kept is not None:
             self.kept.write(start, view)
@@ -542,12 +535,7 @@ class RemoteFile:
 
 
 def _transient(e: BaseException) -> bool:
-    from huggingface_hub.utils import httpx
-
-    if isinstance(e, (_ShortBody, ConnectionError, TimeoutError, httpx.TransportError)):
-        return True
-    status, _ = _status(e)
-    return status in (408, 429, 500, 502, 503, 504)
+    return isinstance(e, _ShortBody) or transient(e)
 
 
 class _Client:
@@ -563,30 +551,22 @@ class _Client:
     def url(self, path: str) -> str:
         return f"{self.api.endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
 
-    def read_range(self, path: str, start: int, end: int, into: memoryview, received: list[int]) -> None:
-        """GET bytes [start, end) into ``into``, adding each chunk's length to ``received[0]`` as it lands
-        (a body that breaks off raises, with what arrived counted)."""
-        from huggingface_hub.utils import (
-            build_hf_headers,
-            get_session,
-            hf_raise_for_status,
-        )
-
-        headers = build_hf_headers(token=self.api.token, library_name="flux-gguf", library_version=__version__)
+    def read_range(self, path: str, start: int, end: int, into: memoryview, received: list[int],
+                   attempt: Attempt) -> None:
+        """One attempt to GET bytes [start, end) into ``into``, adding each chunk's length to
+        ``received[0]`` as it lands (a body that breaks off or stalls raises, with what arrived counted)."""
+        headers = _headers(self.api)
         headers["Accept-Encoding"] = "identity"
         headers["Range"] = f"bytes={start}-{end - 1}"
         self.count(requests=1)
         with _reading(self.api, dataclasses.replace(self.spec, path=path), f"reading bytes {start}-{end - 1} of {path}",
-                      self.has_token, resumable=True), get_session().stream("GET", self.url(path), headers=headers,
-                                                            follow_redirects=True) as r:
-            if r.status_code >= 400:
-                r.read()
-                hf_raise_for_status(r)
+                      self.has_token, resumable=True), hub_request("GET", self.url(path), headers=headers,
+                                                                   attempt=attempt) as r:
             if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
                 raise HubError(f"{HF_PREFIX}{self.repo_id}/{path}: the server ignored the byte range "
                                f"(HTTP {r.status_code}, Content-Range {r.headers.get('Content-Range')!r})")
             pos = 0
-            for chunk in r.iter_raw():
+            for chunk in body_pieces(r, attempt):
                 n = min(len(chunk), len(into) - pos)
                 into[pos:pos + n] = chunk[:n]
                 pos += n
@@ -707,6 +687,8 @@ class RemoteSource(Source):
         self._ranges: list[_Range] = []
         self._slices: dict[str, list[_Slice]] = {}
         schedule = self.read_order(list(self.tensors))
+        self._schedule = schedule
+        self._passed = 0  # every tensor before this index of the schedule has been read or passed over
         self._position = {name: i for i, name in enumerate(schedule)}
         for name in schedule:
             out: list[_Slice] = []
@@ -816,11 +798,14 @@ class RemoteSource(Source):
             again = name in self._consumed
             self._consumed.add(name)
             pos = self._position[name]
-            for other, q in self._position.items():  # tensors passed over are not coming back
-                if q < pos and other not in self._consumed:
+            # Tensors passed over are not coming back. Everything before _passed is consumed already,
+            # so each tensor is looked at once over the whole run (a scan of all per read was quadratic).
+            for other in self._schedule[self._passed:pos]:
+                if other not in self._consumed:
                     self._consumed.add(other)
                     for s in self._slices[other]:
                         self._release(s.rng)
+            self._passed = max(self._passed, pos)
         for s in self._slices[name]:
             r = self._ranges[s.rng]
             width = DTYPE_SIZES[s.dtype]
@@ -884,7 +869,7 @@ def open_hub_source(spec: HubSpec, *, keep_source: str | os.PathLike[str] | None
     window = WINDOW_BYTES if window is None else window
     has_token = bool(api.token or get_token())
     with _reading(api, spec, f"reading the file list of {spec.repo_id}", has_token):
-        info = api.model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
+        info = fetch_model_info(api, spec.repo_id, spec.revision, f"{spec}: reading the file list of {spec.repo_id}")
     commit = str(info.sha)
     siblings = {s.rfilename: s for s in info.siblings or []}
     client = _Client(api, spec, commit, has_token)
@@ -960,15 +945,11 @@ def _join(folder: str, name: str) -> str:
 
 def _read_remote_index(api: "HfApi", client: _Client, spec: HubSpec, path: str, has_token: bool
                        ) -> tuple[dict[str, str], int, str]:
-    """The index's weight map, and its size and sha256 (a small regular file: fetched whole and hashed)."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    headers = build_hf_headers(token=api.token, library_name="flux-gguf", library_version=__version__)
-    with _reading(api, spec, f"reading {path}", has_token):
-        r = get_session().get(client.url(path), headers=headers, follow_redirects=True)
-        hf_raise_for_status(r)
+    """The index's weight map, and its size and sha256 (a small regular file: fetched whole, capped, and hashed)."""
     label = f"{HF_PREFIX}{spec.repo_id}@{client.commit[:12]}/{path}"
-    return parse_index(r.content, label), len(r.content), hashlib.sha256(r.content).hexdigest()
+    with _reading(api, spec, f"reading {path}", has_token):
+        content = fetch_whole(client.url(path), headers=_headers(api), what=label, cap=SMALL_FILE_MAX_BYTES)
+    return parse_index(content, label), len(content), hashlib.sha256(content).hexdigest()
 
 
 def _single(spec: HubSpec, client: _Client, f: RemoteFile, files: list[SourceFile], connections: int,

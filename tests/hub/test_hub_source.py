@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 from hub_emulator import HubEmulator, emulated_hub
 
+import converter.hub.network as hub_network
 import converter.hub.source as hub_source
 from converter.cli import main
 from converter.errors import HubError
@@ -38,7 +39,7 @@ def emulator(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path):
         monkeypatch.setattr(hub_source, "RANGE_BYTES", 64 << 10)
         monkeypatch.setattr(hub_source, "WINDOW_BYTES", 256 << 10)
         monkeypatch.setattr(hub_source, "HEADER_PROBE_BYTES", 16384)  # the test header is 8560 bytes
-        monkeypatch.setattr(hub_source.time, "sleep", lambda s: None)
+        monkeypatch.setattr(hub_network.time, "sleep", lambda s: None)
         yield hub_
 
 
