@@ -21,6 +21,7 @@ from converter.pipeline import ProgressFn
 from converter.recipes import Plan
 from converter.writer import ArtifactRecord
 from manifests import ManifestError
+from manifests.paths import character_problem
 import quant_kernels
 from quant_kernels.errors import QuantError
 
@@ -30,13 +31,14 @@ LIBRARY_ERRORS = (FluxGGUFError, QuantError, ManifestError)
 
 
 def one_line(message: object) -> str:
-    """Collapse a (possibly multi-line) message into one line for ``Error: ...``; control characters
-    and lone surrogates (from crafted file names or headers) are shown escaped, never sent raw."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+    """Collapse a (possibly multi-line) message into one line for ``Error: ...``; control, bidi and
+    other invisible characters and lone surrogates (from crafted file names or headers) are shown
+    escaped, never sent raw to the terminal."""
+    text = " ".join(part.strip() for part in _LINE_BREAK.split(str(message)) if part.strip())
+    return "".join(ascii(ch)[1:-1] if character_problem(ch) is not None else ch for ch in text)
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_LINE_BREAK = re.compile("\r\n|[\r\n]")  # only real line ends: U+2028 or U+0085 are shown escaped
 
 
 def describe_unexpected(e: BaseException) -> str:
