@@ -10,7 +10,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from manifests.hashing import open_regular
 
@@ -102,6 +102,8 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
 MAX_GGUF_ARRAY_DEPTH = 4
+_U32 = 4
+_DEFAULT_ALIGNMENT = 32  # GGUF's, when general.alignment is absent
 
 
 class GGUFStructureError(SourceError):
@@ -195,15 +197,52 @@ def check_gguf_structure(path: pathlib.Path) -> None:
         r.pos = 8
         n_tensors = r.count("the tensor count", 8 + 4 + 8 + 4 + 8)
         n_kv = r.count("the metadata entry count", 8 + 4 + 1)
+        alignment = _DEFAULT_ALIGNMENT
         for i in range(n_kv):
             key = r.string(f"the key of metadata entry {i}")
-            r.value(r.u32(f"the value type of {key!r}"), f"the value of {key!r}")
+            vtype = r.u32(f"the value type of {key!r}")
+            if key == "general.alignment":  # gguf-py divides by it: 0 would be a ZeroDivisionError
+                if vtype != _U32:
+                    raise r.fail(f"general.alignment has value type {vtype}; expected {_U32} (u32)")
+                alignment = r.u32("the value of 'general.alignment'")
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise r.fail(f"general.alignment is {alignment}; expected a power of two")
+                continue
+            r.value(vtype, f"the value of {key!r}")
+        infos = []
         for i in range(n_tensors):
             name = r.string(f"the name of tensor {i}")
             n_dims = r.u32(f"the dimension count of tensor {name!r}")
             if n_dims > MAX_GGUF_DIMS:
                 raise r.fail(f"tensor {name!r} has {n_dims} dimensions; at most {MAX_GGUF_DIMS} are allowed")
-            r.skip(8 * n_dims + 4 + 8, f"the info of tensor {name!r}")
+            dims = [r.u64(f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
+            infos.append((name, dims, r.u32(f"the type of tensor {name!r}"), r.u64(f"the data offset of tensor {name!r}")))
+        data_start = r.pos + (-r.pos % alignment)
+        for name, dims, ttype, offset in infos:
+            _check_tensor_extent(path, size, name, dims, ttype, data_start + offset)
+
+
+def _check_tensor_extent(path: pathlib.Path, size: int, name: str, dims: list[int], ttype: int, start: int) -> None:
+    """A tensor's type is one GGML knows, its rows fill whole blocks and its bytes lie inside the
+    file: what gguf-py would otherwise trip over with numpy's own errors (reshape, dtype views)."""
+    try:
+        qtype = GGMLQuantizationType(ttype)
+    except ValueError:
+        raise GGUFStructureError(path, f"tensor {name!r} has unknown type {ttype}") from None
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    shape = list(reversed(dims))  # GGUF stores ne0 (the row length) first
+    if any(d >= 1 << 63 for d in dims):
+        raise GGUFStructureError(path, f"tensor {name!r} has shape {shape}; no dimension may reach 2^63")
+    if dims and dims[0] % block:
+        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) has rows of {dims[0]} values, "
+                                       f"not a multiple of the {qtype.name} block of {block}")
+    elements = 1
+    for d in dims:
+        elements *= d
+    end = start + elements // block * type_size
+    if end > size:
+        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) needs bytes {start} to {end}, "
+                                       f"past the end of the {size}-byte file")
 
 
 def _field_value(reader: GGUFReader, key: str) -> Any:
