@@ -8,7 +8,7 @@ import click
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.inspect_files import inspect_path, inspect_source
 
-from .output import GB
+from .output import GB, shown
 
 
 @click.command("inspect")
@@ -31,26 +31,31 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return
-    click.echo(f"path:         {report.path}")
-    click.echo(f"kind:         {report.kind}" + (f" ({report.layout} layout)" if report.layout else ""))
-    click.echo(f"size:         {report.size / GB:.3f} GB ({report.size:,} bytes)")
-    click.echo(f"architecture: {report.architecture or 'unknown'}")
-    click.echo(f"family:       {report.family or 'unknown'}")
+    echo(f"path:         {report.path}")
+    echo(f"kind:         {report.kind}" + (f" ({report.layout} layout)" if report.layout else ""))
+    echo(f"size:         {report.size / GB:.3f} GB ({report.size:,} bytes)")
+    echo(f"architecture: {report.architecture or 'unknown'}")
+    echo(f"family:       {report.family or 'unknown'}")
     if report.kind == "gguf":
-        click.echo(f"variant:      {report.variant or 'unknown'} (general.file_type {report.file_type})")
-        shown = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
+        echo(f"variant:      {report.variant or 'unknown'} (general.file_type {report.file_type})")
+        listed = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
                  "flux_gguf.overrides", "flux_gguf.source")
-        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in shown)
-        for key in (*shown, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
+        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in listed)
+        for key in (*listed, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
             if key in report.metadata:
-                click.echo(f"{key}: {report.metadata[key]}")
+                echo(f"{key}: {report.metadata[key]}")
     if report.problem:
-        click.echo(f"problem:      {report.problem}")
-    click.echo(f"tensors:      {len(report.tensors)} ({report.n_params:,} parameters)")
-    click.echo("types:        " + " ".join(f"{k}:{v}" for k, v in report.type_counts.items()))
+        echo(f"problem:      {report.problem}")
+    echo(f"tensors:      {len(report.tensors)} ({report.n_params:,} parameters)")
+    echo("types:        " + " ".join(f"{k}:{v}" for k, v in report.type_counts.items()))
     width = max((len(t.name) for t in report.tensors), default=4)
-    click.echo("")
-    click.echo(f"{'name':<{width}}  {'type':<7} {'shape':<16} {'bytes':>12}")
+    echo("")
+    echo(f"{'name':<{width}}  {'type':<7} {'shape':<16} {'bytes':>12}")
     for t in report.tensors:
         shape = "[" + ", ".join(str(d) for d in t.shape) + "]"
-        click.echo(f"{t.name:<{width}}  {t.type:<7} {shape:<16} {t.nbytes:>12,}")
+        echo(f"{t.name:<{width}}  {t.type:<7} {shape:<16} {t.nbytes:>12,}")
+
+
+def echo(line: str) -> None:
+    """Names and metadata come from the file: a crafted one must not drive the terminal."""
+    click.echo(shown(line))

@@ -34,8 +34,13 @@ def one_line(message: object) -> str:
     """Collapse a (possibly multi-line) message into one line for ``Error: ...``; control, bidi and
     other invisible characters and lone surrogates (from crafted file names or headers) are shown
     escaped, never sent raw to the terminal."""
-    text = " ".join(part.strip() for part in _LINE_BREAK.split(str(message)) if part.strip())
-    return "".join(ascii(ch)[1:-1] if character_problem(ch) is not None else ch for ch in text)
+    return shown(" ".join(part.strip() for part in _LINE_BREAK.split(str(message)) if part.strip()))
+
+
+def shown(text: object) -> str:
+    """``text`` as a terminal may receive it: control, bidirectional and other invisible characters
+    and lone surrogates (names read from crafted files or folders) escaped (``\\u202e``), never raw."""
+    return "".join(ascii(ch)[1:-1] if character_problem(ch) is not None else ch for ch in str(text))
 
 
 _LINE_BREAK = re.compile("\r\n|[\r\n]")  # only real line ends: U+2028 or U+0085 are shown escaped

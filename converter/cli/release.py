@@ -8,7 +8,7 @@ import click
 from converter.release.build import build_release
 from manifests import ManifestError
 
-from .output import GB, check_threads, prepare_kernels, progress_bar
+from .output import GB, check_threads, one_line, prepare_kernels, progress_bar
 from .signing_options import request_from, sign_options
 
 
@@ -52,7 +52,7 @@ def build(spec: pathlib.Path, out_dir: pathlib.Path, threads: int | None, **sign
             result = build_release(spec, out_dir, threads=threads, progress=progress, sign=sign,
                                    before_quantize=prepare_kernels)
     except ManifestError as e:  # manifests/ has its own exception family
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(one_line(e)) from e
     for a in result.manifest.artifacts:
         size = f"{a.size / GB:.3f} GB" if a.size >= GB / 10 else f"{a.size:,} B"
         click.echo(f"{a.path}  {size}  sha256 {a.sha256}")

@@ -14,11 +14,12 @@ from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, prepare_kernels, progress_bar
+from .output import increment_bar, one_line, prepare_kernels, progress_bar, shown
 from .signing_options import signature_line, trust_from, trust_options
 
 
 def describe_verify(report: VerifyReport) -> str:
+    """The text report; names from the folder and the manifest are shown escaped (see ``shown``)."""
     lines = []
     for f in report.files:
         line = f"{f.status:<10}  {f.path}"
@@ -30,7 +31,7 @@ def describe_verify(report: VerifyReport) -> str:
     c = report.counts()
     summary = ", ".join(f"{n} {s}" for s, n in c.items() if n)
     lines.append(f"{len(report.files)} files: {summary}")
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))
 
 
 def describe_rederive(r: RederiveReport) -> str:
@@ -45,7 +46,7 @@ def describe_rederive(r: RederiveReport) -> str:
     else:
         diffs = ", ".join(f"{f.name} {f.status}" for f in r.source_files if f.status != "ok")
         lines.append(f"source files differ from those the manifest lists ({diffs}); tensors decide the check")
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))
 
 
 @click.command("verify")
@@ -108,7 +109,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
         with increment_bar("verifying") as progress:
             report = verify_release(directory, tensors=tensors, ignore=ignore + (SIGNATURE_NAME,), progress=progress)
     except ManifestError as e:  # manifests/ has its own exception family
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(one_line(e)) from e
     # the signature (model.sig against the trusted key/chain/identity, then every file against what it signs),
     # reusing the digests just computed, so a signed release is read once
     signature = check_signature(directory, trust, require=require_signature, declared=report.manifest.signature,
