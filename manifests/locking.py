@@ -144,7 +144,10 @@ def _refuse_unopenable(e: OSError, path: Path, target: Path) -> None:
 
 def _check_found(fd: int, st: os.stat_result, path: Path, target: Path) -> None:
     """A lock file found in place (not created by this run) must be one a run of ours left: checked
-    under the flock, so no run of ours is writing it, and before any byte is written."""
+    under the flock, so no run of ours is writing it, and before any byte is written.
+
+    It may be one another run created a moment ago and has not locked yet: that file is empty, so
+    it passes, and whichever run flocks it first holds the lock; the other gets OutputBusyError."""
     if st.st_nlink != 1:
         raise ForeignLockFileError(str(path), str(target), f"it has {st.st_nlink} hard links, so another name shares "
                                                            "its content")
