@@ -201,7 +201,7 @@ def check_gguf_structure(path: pathlib.Path) -> None:
         for i in range(n_kv):
             key = r.string(f"the key of metadata entry {i}")
             vtype = r.u32(f"the value type of {key!r}")
-            if key == "general.alignment":  # gguf-py divides by it: 0 would be a ZeroDivisionError
+            if key == "general.alignment":  # gguf-py pads by it; checked here so the message says where
                 if vtype != _U32:
                     raise r.fail(f"general.alignment has value type {vtype}; expected {_U32} (u32)")
                 alignment = r.u32("the value of 'general.alignment'")
