@@ -171,6 +171,7 @@ def lora_spec_hook(raw: Any, spec_dir: Path, where: str) -> SpecExtension:
         card_section=lambda outputs: _card_section(entries, outputs),
         gguf_metadata=merged_lora_metadata([(e.name, e.sha256, e.strength, e.lora.format)
                                             for e in entries if e.mode == "merge"]),
+        output_names=lambda release_name: [e.sidecar_name(release_name) for e in entries if e.mode == "sidecar"],
     )
 
 

@@ -56,7 +56,8 @@ class SpecExtension:
     before quantization (see :data:`TransformFactory`); ``write_outputs``: writes extra release
     files (listed in the manifest and SHA256SUMS); ``card_section``: the model card's Markdown
     lines for this key, given those outputs; ``gguf_metadata``: ``flux_gguf.*`` string entries
-    added to every GGUF header.
+    added to every GGUF header; ``output_names``: the file names ``write_outputs`` will write, given
+    the release name (checked against the other files of the release before any work).
     """
 
     record: Any
@@ -65,6 +66,7 @@ class SpecExtension:
     write_outputs: OutputWriter | None = None
     card_section: Callable[[Sequence[ExtensionOutput]], list[str]] | None = None
     gguf_metadata: Mapping[str, str] = field(default_factory=dict)
+    output_names: Callable[[str], Sequence[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,12 @@ def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
     if not spec.source.startswith("hf://") and not src.exists():  # an hf:// source is checked when opened
         raise c.error("source", f"names {spec.source!r}, which does not exist (looked for {src})")
     reserved = {MANIFEST_NAME, CHECKSUMS_NAME, MODEL_CARD_NAME, VALIDATION_NAME} | {spec.gguf_name(v) for v in spec.variants}
+    for key, ext in spec.extensions.items():
+        for out_name in ext.output_names(spec.name) if ext.output_names else ():
+            if len(out_name.encode("utf-8")) > 255:  # found before converting, not when the file is written
+                raise c.error(key, f"entries would write {out_name[:60]!r}..., a file name of "
+                                   f"{len(out_name.encode('utf-8'))} bytes; file names hold 255")
+            reserved.add(out_name)
     seen: set[str] = set()
     # Compared by name_key: on macOS/Windows file systems README.md and readme.md are one file, and
     # fullwidth or ligature look-alikes would be two files a reader cannot tell apart.

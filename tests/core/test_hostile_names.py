@@ -475,3 +475,19 @@ def test_a_merge_that_overflows_float32_prints_no_numpy_warning(src, tmp_path, l
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Warning" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"Error: {tmp_path / 'out' / 'tiny-Q8_0.gguf'} was not written: tensor ")
     assert "non-finite values (NaN or inf)" in r.stderr
+
+
+def test_an_extra_file_named_like_a_lora_side_car_collides_before_any_conversion(src, tmp_path, lora_file):
+    entry = '[[lora]]\npath = "style.safetensors"\nname = "{}"\nmode = "sidecar"\n'
+    spec = project(tmp_path / "p", src, extra=["docs/tiny-lora-Style.safetensors"], lora=entry.format("style"))
+    shutil.copy(lora_file, tmp_path / "p" / "style.safetensors")
+    assert_error(run("release", "build", spec, "-o", tmp_path / "out"),
+                 f"{spec}: 'extra_files' names 'docs/tiny-lora-Style.safetensors', whose file name "
+                 "'tiny-lora-Style.safetensors' (the same as 'tiny-lora-style.safetensors' where case does not count) "
+                 "the release itself writes")
+    spec = project(tmp_path / "q", src, lora=entry.format("s" * 250))
+    shutil.copy(lora_file, tmp_path / "q" / "style.safetensors")
+    assert_error(run("release", "build", spec, "-o", tmp_path / "out"),
+                 f"{spec}: 'lora' entries would write 'tiny-lora-{'s' * 50}'..., a file name of 272 bytes; file "
+                 "names hold 255")
+    assert not (tmp_path / "out").exists()
