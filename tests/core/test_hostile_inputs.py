@@ -9,59 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from converter.cli import main
 from converter.layout import FluxGeometry
 from converter.synthetic import write_synthetic_flux
+from hostile_cli import assert_error, child_error, run, run_child
 from manifests.locking import acquire
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
-CHILD_TIMEOUT_S = 120  # generous: a loaded 2-core box needs ~4 s just to import numba
-MEMORY_LIMIT = 2 << 30
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return write_synthetic_flux(tmp_path_factory.mktemp("src") / "tiny.safetensors", GEO, seed=5)
-
-
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_error(result, line: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    assert result.stderr == f"Error: {line}\n"
-
-
-def _limit_memory() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
-def run_child(*args: object) -> subprocess.CompletedProcess:
-    """``flux-gguf ARGS`` in a child with a timeout and a memory cap (raises TimeoutExpired on a hang)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env,
-                          preexec_fn=_limit_memory)
-
-
-def child_error(proc: subprocess.CompletedProcess, line: str) -> None:
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stdout == ""
-    assert proc.stderr == f"Error: {line}\n"
 
 
 def safetensors_bytes(header: str | bytes, data: bytes = b"") -> bytes:

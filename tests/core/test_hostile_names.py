@@ -3,29 +3,25 @@ nothing. Every input is generated here; each refusal is one exact ``Error:`` lin
 nothing the run did not create is written, truncated or removed.
 
 Cases that could hang (a backtracking regex) run in a child process with a timeout and a memory
-cap, as in test_hostile_inputs.py; there are no timed assertions.
+cap (tests/hostile_cli.py, shared with test_hostile_inputs.py); there are no timed assertions.
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import struct
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors import safe_open
 
-from converter.cli import main
 from converter.cli.output import one_line
 from converter.layout import FluxGeometry
 from converter.synthetic import write_synthetic_flux
+from hostile_cli import assert_error, run, run_child
 from lora_fixtures import make_truth, write_diffusers, write_raw
 from manifests import SchemaError, UnsafePathError, load_manifest, parse_sha256sums
 from manifests.errors import ChecksumsFormatError
@@ -33,33 +29,11 @@ from manifests.locking import ForeignLockFileError, OutputBusyError, acquire, lo
 from manifests.paths import name_key, name_problem
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
-CHILD_TIMEOUT_S = 120
-MEMORY_LIMIT = 2 << 30
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
     return write_synthetic_flux(tmp_path_factory.mktemp("src") / "tiny.safetensors", GEO, seed=5)
-
-
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_error(result, line: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    assert result.stderr == f"Error: {line}\n"
-
-
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
-def run_child(*args: object) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, preexec_fn=_limit_memory)
 
 
 def project(root: Path, src: Path, name: str = "tiny", extra: list[str] | None = None, lora: str = "") -> Path:
