@@ -299,7 +299,32 @@ def read_gguf_header(fh: Any, size: int, path: pathlib.Path, *, keep: Callable[[
 def check_gguf_structure(path: pathlib.Path) -> None:
     """Walk the header, KV metadata and tensor infos with every count checked against the file size."""
     with open_regular(path) as raw, io.BufferedReader(raw) as fh:
-        read_gguf_header(fh, os.fstat(raw.fileno()).st_size, path, keep=lambda _key: False)
+        header = read_gguf_header(fh, os.fstat(raw.fileno()).st_size, path, keep=lambda _key: False)
+    for t in header.tensors:
+        _check_tensor_extent(path, header.size, t.name, list(t.dims), t.ggml_type, header.data_start + t.offset)
+
+
+def _check_tensor_extent(path: pathlib.Path, size: int, name: str, dims: list[int], ttype: int, start: int) -> None:
+    """A tensor's type is one GGML knows, its rows fill whole blocks and its bytes lie inside the
+    file: what gguf-py would otherwise trip over with numpy's own errors (reshape, dtype views)."""
+    try:
+        qtype = GGMLQuantizationType(ttype)
+    except ValueError:
+        raise GGUFStructureError(path, f"tensor {name!r} has unknown type {ttype}") from None
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    shape = list(reversed(dims))  # GGUF stores ne0 (the row length) first
+    if any(d >= 1 << 63 for d in dims):
+        raise GGUFStructureError(path, f"tensor {name!r} has shape {shape}; no dimension may reach 2^63")
+    if dims and dims[0] % block:
+        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) has rows of {dims[0]} values, "
+                                       f"not a multiple of the {qtype.name} block of {block}")
+    elements = 1
+    for d in dims:
+        elements *= d
+    end = start + elements // block * type_size
+    if end > size:
+        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) needs bytes {start} to {end}, "
+                                       f"past the end of the {size}-byte file")
 
 
 def tensor_nbytes(info: GGUFTensorInfo, path: pathlib.Path) -> int:

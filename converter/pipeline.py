@@ -48,6 +48,7 @@ import pathlib
 import queue
 import threading
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -105,12 +106,15 @@ _FILE_HASH_BUDGET = 128 << 20  # bytes a file's sha256 may fall behind the tenso
 
 def default_name(path: str | os.PathLike[str]) -> str:
     """Output name stem from the source: the file stem, or the folder name (its parent's for a
-    diffusers ``transformer/`` folder)."""
+    diffusers ``transformer/`` folder), in Unicode NFC form (macOS may hand names over decomposed;
+    output names must be NFC, and this one the user did not write)."""
     p = pathlib.Path(path)
     if p.is_dir():
         p = p.resolve()
-        return p.parent.name if p.name == "transformer" and p.parent.name else p.name
-    return p.name.removesuffix(".safetensors") or p.stem
+        stem = p.parent.name if p.name == "transformer" and p.parent.name else p.name
+    else:
+        stem = p.name.removesuffix(".safetensors") or p.stem
+    return unicodedata.normalize("NFC", stem)
 
 
 def source_refs(source: Source, sha256: Mapping[str, str] | None = None) -> list[SourceRef]:

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from gguf import GGUFValueType
 
+from manifests.paths import name_problem
+
 from quant_kernels import resolve, supported_type_names
 from quant_kernels.errors import UnsupportedTypeError
 
@@ -482,6 +484,9 @@ def make_plans(
 def _check_name(name: str) -> None:
     if not name or name.strip() != name or any(c in name for c in "/\\\0") or name in (".", ".."):
         raise PlanError(f"output name {name!r} must be a plain file-name stem (no slashes, not empty)")
+    problem = name_problem(name)  # the name policy every file name we write follows (manifests.paths)
+    if problem is not None:
+        raise PlanError(f"output name {name!r} must be a plain file-name stem, but it {problem}")
 
 
 # =========================================================================== size-targeted mixes

@@ -235,8 +235,10 @@ def parse_index(content: bytes, label: str) -> dict[str, str]:
     folder), from a local file or a Hub repo (``label`` names it in errors)."""
     try:
         data = json.loads(content.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{label}: not a diffusers index (not JSON: {e})") from None
+    except RecursionError:
+        raise SourceError(f"{label}: not a diffusers index (JSON nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer past the digit limit
+        raise SourceError(f"{label}: not a diffusers index (not JSON: {str(e).split(';')[0]})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import SchemaError
-from .paths import check_relative_path
+from .paths import check_relative_path, name_key, twin_difference
 from .schema import validate
 
 MANIFEST_NAME = "manifest.json"
@@ -151,6 +151,8 @@ def parse_json(data: bytes, source: str) -> Any:
         raise SchemaError(source, "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise SchemaError(source, "", "JSON nested too deeply") from None
+    except SchemaError:  # raised by our own hooks (a duplicate key, NaN): already says what and where
+        raise
     except ValueError as e:  # an integer beyond Python's digit limit
         raise SchemaError(source, "", f"not usable JSON: {str(e).split(';')[0]}") from None
 
@@ -164,9 +166,11 @@ def _check_rules(doc: dict[str, Any], source: str) -> None:
         path = check_relative_path(art["path"])
         if path in RESERVED_NAMES:
             raise SchemaError(source, f"{where}.path", f"{path!r} is reserved (the manifest does not list itself or {CHECKSUMS_NAME})")
-        folded = path.casefold()
+        folded = name_key(path)  # README.md and readme.md are one file on macOS and Windows; look-alikes confuse
         if folded in seen:
-            raise SchemaError(source, f"{where}.path", f"{path!r} is listed twice (or differs from {seen[folded]!r} only by case)")
+            other = seen[folded]
+            raise SchemaError(source, f"{where}.path", f"{path!r} is listed twice" if other == path else
+                              f"{path!r} is listed twice (or differs from {other!r} {twin_difference(path, other)})")
         seen[folded] = path
         paths.append(path)
         if art["kind"] == GGUF_KIND:
@@ -181,9 +185,9 @@ def _check_rules(doc: dict[str, Any], source: str) -> None:
             if t["offset"] + t["nbytes"] > art["size"]:
                 raise SchemaError(source, f"{where}.tensors[{j}]",
                                   f"tensor {t['name']!r} ends at byte {t['offset'] + t['nbytes']}, past the file size {art['size']}")
-    folders = {q.casefold()[: i + 1] for q in paths for i, ch in enumerate(q) if ch == "/"}
+    folders = {name_key(q[: i + 1]) for q in paths for i, ch in enumerate(q) if ch == "/"}
     for p in paths:
-        if p.casefold() + "/" in folders:
+        if name_key(p + "/") in folders:
             raise SchemaError(source, "artifacts", f"{p!r} is listed as a file and as a folder of other files")
 
 

@@ -4,6 +4,13 @@ A manifest comes from the network; trusting its paths would let a crafted releas
 ``verify`` read (or a downloader write) anywhere. So every path must be relative, POSIX,
 free of ``.``/``..``/empty components and of characters SHA256SUMS cannot carry, and no
 component on disk may be a symbolic link. These checks run before any listed file is opened.
+
+One name policy for every name that becomes a file name (manifest paths, release and LoRA names,
+extra files, ``convert --name``): no character that is invisible or reorders the text around it
+(:func:`name_problem`: controls, format characters such as U+202E or U+200B, separators, spaces
+other than U+0020, private-use and unassigned code points), NFC form only, and two names are one
+when they match after NFKC and case folding (:func:`name_key`), so ``README.md``/``readme.md``,
+``café`` composed/decomposed and fullwidth look-alikes never become two files that look the same.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import io
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path
 
 from .errors import UnsafePathError
@@ -23,6 +31,66 @@ MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
 MAX_DEPTH = 32
 _FORBIDDEN_CHARS = {"\\": "a backslash", "\n": "a newline", "\r": "a carriage return", "\0": "a NUL byte"}
+
+_CATEGORY_PROBLEMS = {
+    "Cc": "a control character",
+    "Cf": "an invisible format character",
+    "Cs": "a lone surrogate",
+    "Co": "a private-use character",
+    "Cn": f"a code point unassigned in Unicode {unicodedata.unidata_version}",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+    "Zs": "a space other than U+0020",
+}
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Default-ignorable code points (Unicode DerivedCoreProperties) outside the categories above: marks
+# and letters that render as nothing (fillers, variation selectors), plus the blank braille cell.
+_INVISIBLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2800, 0x2800),
+                     (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
+
+
+def character_problem(ch: str) -> str | None:
+    """Why character ``ch`` may not appear in a name (one that is invisible, or that changes how the
+    text around it is shown), or None."""
+    if ch == " ":
+        return None
+    if ch in _BIDI_CONTROLS:
+        return "a bidirectional control character, which reorders how the text around it is shown"
+    problem = _CATEGORY_PROBLEMS.get(unicodedata.category(ch))
+    if problem is None and any(lo <= ord(ch) <= hi for lo, hi in _INVISIBLE_RANGES):
+        problem = "an invisible character"
+    return problem
+
+
+def describe_character(ch: str) -> str:
+    """``U+202E RIGHT-TO-LEFT OVERRIDE``: a character shown by code point, never raw."""
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X}" + (f" {name}" if name else "")
+
+
+def name_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a name we turn into a file name (see the module's name policy), or None."""
+    for ch in text:
+        problem = character_problem(ch)
+        if problem is not None:
+            return f"contains {describe_character(ch)} ({problem})"
+    if not unicodedata.is_normalized("NFC", text):
+        return (f"is not in Unicode NFC form (it is {ascii(text)}; composed it would be "
+                f"{ascii(unicodedata.normalize('NFC', text))})")
+    return None
+
+
+def name_key(text: str) -> str:
+    """What two names must not share: equal after NFKC and case folding, they look like one name
+    (and are one file on case- or normalization-insensitive file systems)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def twin_difference(a: str, b: str) -> str:
+    """How two names with one :func:`name_key` differ, for messages."""
+    if a.casefold() == b.casefold():
+        return "only by case"
+    return "only by case or Unicode compatibility forms (fullwidth letters, ligatures and the like)"
 
 
 def check_relative_path(path: object) -> str:
@@ -57,6 +125,9 @@ def check_relative_path(path: object) -> str:
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise UnsafePathError(path, f"a component is {len(part.encode('utf-8'))} bytes long; at most "
                                         f"{MAX_COMPONENT_BYTES} are allowed")
+    problem = name_problem(path)
+    if problem is not None:
+        raise UnsafePathError(path, problem)
     return path
 
 

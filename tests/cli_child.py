@@ -1,6 +1,8 @@
-"""The CLI in a child process, for hostile-input tests: a wall-clock timeout (a hang raises
-``subprocess.TimeoutExpired`` and fails the test) and a 2 GiB address-space cap (``RLIMIT_AS``),
-so a regression fails instead of stalling the suite or exhausting the machine. No timed assertions."""
+"""The CLI as the hostile-input tests drive it (test helper, never imported by code): in process
+with CliRunner (:func:`run`), or in a child process (:func:`run_child`) with a wall-clock timeout
+(a hang raises ``subprocess.TimeoutExpired`` and fails the test) and a 2 GiB address-space cap
+(``RLIMIT_AS``), so a regression fails instead of stalling the suite or exhausting the machine; and
+the one exact ``Error:`` line they assert. No timed assertions."""
 from __future__ import annotations
 
 import os
@@ -10,9 +12,25 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from click.testing import CliRunner
+
+from converter.cli import main
+
 CHILD_TIMEOUT_S = 120  # generous: a loaded 2-core box needs ~4 s just to import numba
 MEMORY_LIMIT = 2 << 30
 REPO_ROOT = Path(__file__).parents[1]
+
+
+def run(*args: object):
+    """``flux-gguf ARGS`` in this process (CliRunner): for cases that cannot hang."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_error(result, line: str) -> None:
+    """A CliRunner result that is exactly ``Error: LINE`` on stderr, nothing on stdout, exit status 1."""
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr == f"Error: {line}\n"
 
 
 def limit_memory() -> None:  # runs in the child before exec

@@ -41,10 +41,10 @@ def inspect(path: str, as_json: bool) -> None:
     if report.kind == "gguf":
         click.echo(f"variant:      {printable(report.variant or 'unknown')} (general.file_type "
                    f"{printable(report.file_type)})")
-        shown = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
+        listed = ("general.name", "flux_gguf.tool_version", "flux_gguf.recipe", "flux_gguf.model_family",
                  "flux_gguf.overrides", "flux_gguf.source")
-        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in shown)
-        for key in (*shown, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
+        extra = sorted(k for k in report.metadata if k.startswith("flux_gguf.") and k not in listed)
+        for key in (*listed, *extra):  # every flux_gguf.* key; extra: e.g. flux_gguf.loras (merged LoRAs)
             if key in report.metadata:
                 click.echo(f"{printable(key)}: {printable(report.metadata[key])}")
     if report.problem:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import pathlib
+import re
 import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -20,6 +21,7 @@ from converter.pipeline import ProgressFn
 from converter.recipes import Plan
 from converter.writer import ArtifactRecord
 from manifests import ManifestError
+from manifests.paths import character_problem
 import quant_kernels
 from quant_kernels.errors import QuantError
 
@@ -34,15 +36,19 @@ def printable(text: object) -> str:
     surrogates, line separators) is shown as its escape (``\\x1b``, ``\\n``, ``\\u202e``), so a name
     read from a file cannot move the cursor, recolour the screen or fake an ``Error:`` line."""
     s = str(text)
-    if s.isprintable():
+    if s.isprintable() and not any(character_problem(c) for c in s):
         return s
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+    # isprintable: what Python cannot show; character_problem: the name policy's invisible ones too
+    return "".join(c if c.isprintable() and character_problem(c) is None else ascii(c)[1:-1] for c in s)
 
 
 def one_line(message: object) -> str:
     """Collapse a (possibly multi-line) message into one line for ``Error: ...``; characters that are
     not printable (from crafted file names or headers) are shown escaped (:func:`printable`)."""
-    return printable(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
+    return printable(" ".join(part.strip() for part in _LINE_BREAK.split(str(message)) if part.strip()))
+
+
+_LINE_BREAK = re.compile("\r\n|[\r\n]")  # only real line ends: U+2028 or U+0085 are shown escaped
 
 
 def describe_unexpected(e: BaseException) -> str:

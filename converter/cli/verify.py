@@ -19,6 +19,7 @@ from .signing_options import signature_line, trust_from, trust_options
 
 
 def describe_verify(report: VerifyReport) -> str:
+    """The text report; names from the folder and the manifest are shown escaped (see ``printable``)."""
     lines = []
     for f in report.files:
         line = f"{f.status:<10}  {printable(f.path)}"  # paths, details and tensor names come from the release: escaped

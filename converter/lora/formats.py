@@ -37,6 +37,7 @@ import numpy as np
 
 from converter.errors import LoraError
 from converter.layout import MLP_RATIO
+from converter.recipes import compile_override
 from converter.safetensors_io import DTYPE_SIZES, upcast_into
 
 _FLOAT_DTYPES = frozenset(DTYPE_SIZES) | {"F64"}
@@ -331,22 +332,65 @@ def _tensor(handle: _LoraFile, path, key: str) -> np.ndarray:
     return arr
 
 
+_PEFT_METADATA = "lora_adapter_metadata"
+
+
 def _peft_config(metadata: dict[str, str], path) -> dict | None:
-    """The PEFT LoraConfig dict diffusers stores in ``lora_adapter_metadata``, if any."""
-    raw = metadata.get("lora_adapter_metadata")
+    """The PEFT LoraConfig dict diffusers stores in ``lora_adapter_metadata``, if any; the keys read
+    here (``lora_alpha``, ``alpha_pattern``) are checked, each problem a LoraError naming the key."""
+    raw = metadata.get(_PEFT_METADATA)
     if not raw:
         return None
     try:
         cfg = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise LoraError(f"{path}: metadata lora_adapter_metadata is not valid JSON ({exc.msg})") from None
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA} is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA} is JSON nested too deeply") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA} is not usable JSON ({str(exc).split(';')[0]})") from None
     if not isinstance(cfg, dict):
-        raise LoraError(f"{path}: metadata lora_adapter_metadata must be a JSON object")
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA} must be a JSON object")
     prefixed = {k.removeprefix("transformer."): v for k, v in cfg.items() if k.startswith("transformer.")}
     cfg = prefixed or cfg
     if cfg.get("use_dora"):
-        raise LoraError(f"{path}: DoRA adapters (use_dora in lora_adapter_metadata) are not supported; only plain LoRA")
+        raise LoraError(f"{path}: DoRA adapters (use_dora in {_PEFT_METADATA}) are not supported; only plain LoRA")
+    if cfg.get("lora_alpha") is not None:
+        cfg["lora_alpha"] = _peft_number(cfg["lora_alpha"], path, "lora_alpha")
+    patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA}: alpha_pattern must be an object of regular expression "
+                        f"-> alpha, got {_shown(patterns)}")
+    cfg["alpha_pattern"] = {pattern: (_peft_pattern(pattern, path), _peft_number(value, path, f"alpha_pattern[{pattern!r}]"))
+                            for pattern, value in patterns.items()}
     return cfg
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _peft_number(value: object, path, key: str) -> float:
+    """A PEFT alpha as a float whose alpha/rank scale float32 can hold (numeric strings accepted)."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except (ValueError, OverflowError):
+        number = None
+    if number is None or not math.isfinite(number) or abs(number) > float(np.finfo(np.float32).max):
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA}: {key} must be a finite number within float32's range, "
+                        f"got {_shown(value)}")
+    return number
+
+
+def _peft_pattern(pattern: str, path) -> object:
+    """PEFT matches ``(.*\\.)?(PATTERN)$`` from the start of the module name; compiled with the
+    override compiler (RE2, linear time), so a pattern crafted to backtrack cannot hang a load."""
+    try:
+        return compile_override(rf"^(.*\.)?({pattern})$")
+    except ValueError as exc:
+        raise LoraError(f"{path}: metadata {_PEFT_METADATA}: alpha_pattern {_shown(pattern)} is not a usable "
+                        f"regular expression: {exc}") from None
 
 
 def _peft_alpha(cfg: dict | None, module: str, rank: int) -> float | None:
@@ -354,13 +398,12 @@ def _peft_alpha(cfg: dict | None, module: str, rank: int) -> float | None:
     if not cfg:
         return None
     alpha = cfg.get("lora_alpha")
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+    for search, value in cfg.get("alpha_pattern", {}).values():
+        if search(module):
             alpha = value
             break
     if alpha is None:
         return None
-    alpha = float(alpha)
     # rsLoRA scales by alpha / sqrt(r); store the alpha that gives that scale as alpha / r.
     return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha
 

@@ -132,6 +132,22 @@ def _shape_problems(lora: CanonicalLora, base_shapes: Shapes) -> tuple[list[str]
     return missing, wrong
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_scales(lora: CanonicalLora, strength: float) -> None:
+    """Each factor the merge multiplies by in float32 (strength, strength * alpha / rank) must be a
+    float32: one beyond it would turn every weight it touches into inf."""
+    if abs(strength) > _F32_MAX:
+        raise LoraError(f"{_where(lora)}: strength {strength:g} is beyond float32's range ({_F32_MAX:.4g})")
+    for parts in lora.modules.values():
+        for part in parts:
+            factor = strength * part.scale
+            if not math.isfinite(factor) or abs(factor) > _F32_MAX:
+                raise LoraError(f"{_where(lora)}: {part.key}: strength {strength:g} x alpha/rank {part.scale:g} = "
+                                f"{factor:g} is beyond float32's range ({_F32_MAX:.4g})")
+
+
 def validate_loras(loras: Sequence[tuple[CanonicalLora, float]], base_shapes: Shapes) -> None:
     """Check every LoRA against the base before any work; raise LoraError on the first bad one.
 
@@ -142,6 +158,7 @@ def validate_loras(loras: Sequence[tuple[CanonicalLora, float]], base_shapes: Sh
     for lora, strength in loras:
         if not math.isfinite(strength):
             raise LoraError(f"{_where(lora)}: strength must be a finite number, got {strength}")
+        _check_scales(lora, strength)
         missing, wrong = _shape_problems(lora, base_shapes)
         if missing:
             raise LoraError(
@@ -175,11 +192,13 @@ def _lora_delta(lora: CanonicalLora, name: str, shape: tuple[int, ...], strength
             r0, r1 = part.rows or (0, shape[0])
             block = out[r0:r1]
             lowrank_product(part.b, part.a, out=block)  # same bits on every machine
-            block *= np.float32(strength * part.scale)
+            with np.errstate(over="ignore", invalid="ignore"):  # inf is refused, naming the tensor, when quantized
+                block *= np.float32(strength * part.scale)
     full = lora.full_deltas.get(name)
     if full is not None:
-        scaled = full * np.float32(strength)
-        out = scaled if out is None else np.add(out, scaled, out=out)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = full * np.float32(strength)
+            out = scaled if out is None else np.add(out, scaled, out=out)
     return out
 
 
@@ -234,7 +253,8 @@ class LoraMerger:
         delta = self.delta(name)
         if delta is None:
             return out.copy()
-        return np.add(out, delta, out=delta)  # == out + delta bit for bit; reuses our own buffer
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is refused when quantized
+            return np.add(out, delta, out=delta)  # == out + delta bit for bit; reuses our own buffer
 
 
 def build_merger(specs: Sequence[LoraSpec], base_shapes: Shapes) -> LoraMerger:

@@ -414,8 +414,11 @@ def write_validation_json(report: ValidationReport, path: str | os.PathLike[str]
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "variants": {}}
     if path.exists():
         try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise ValidationError(f"{path}: existing file is JSON nested too deeply; move it away or pick another "
+                                  "--output") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or a huge integer
             raise ValidationError(
                 f"{path}: existing file is not valid JSON ({exc}); move it away or pick another --output"
             ) from None

@@ -28,6 +28,7 @@ from converter.lora.export import SIDECAR_DTYPES, export_kohya
 from converter.lora.formats import CanonicalLora, load_lora
 from converter.lora.merge import LoraMerger, merged_lora_metadata, validate_loras
 from manifests.hashing import FileDigest, hash_file
+from manifests.paths import name_key, name_problem, twin_difference
 
 from .spec import ExtensionOutput, ReleaseSpec, SpecExtension, recorded_path, register_spec_hook
 
@@ -86,8 +87,11 @@ def _entry(raw: Any, i: int, spec_dir: Path, where: str) -> LoraEntry:
     if not full.is_file():
         raise ReleaseError(f"{prefix}: LoRA file not found: {full}")
     name = raw.get("name", Path(path).stem)
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0 "):
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0 ") or name in (".", ".."):
         raise ReleaseError(f"{prefix}: name must be a plain word (no spaces or slashes), got {name!r}")
+    problem = name_problem(name)  # it names a side-car file and shows in every GGUF header and the card
+    if problem is not None:
+        raise ReleaseError(f"{prefix}: name {name!r} must be a plain word, but it {problem}")
     lora = load_lora(full)
     # An absolute path is recorded by its file name only (with its sha256): no local paths in manifests.
     return LoraEntry(full, recorded_path(path), name, float(strength), mode, dtype, hash_file(full).sha256, lora)
@@ -98,10 +102,15 @@ def parse_lora_section(raw: Any, spec_dir: Path, where: str) -> list[LoraEntry]:
     if not isinstance(raw, list) or not raw:
         raise ReleaseError(f"{where}: 'lora' must be a non-empty array of tables ([[lora]])")
     entries = [_entry(r, i, spec_dir, where) for i, r in enumerate(raw, 1)]
-    names = [e.name for e in entries]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise ReleaseError(f"{where}: two [[lora]] entries are named {dup!r}; names must be unique")
+    seen: dict[str, str] = {}
+    for e in entries:  # side-car names differing only by case are one file on macOS and Windows
+        key = name_key(e.name)
+        if key in seen:
+            first = seen[key]
+            raise ReleaseError(f"{where}: two [[lora]] entries are named {first!r}; names must be unique" if first == e.name
+                               else f"{where}: [[lora]] entries named {first!r} and {e.name!r} differ "
+                                    f"{twin_difference(first, e.name)}; names must be unique")
+        seen[key] = e.name
     return entries
 
 
@@ -162,6 +171,7 @@ def lora_spec_hook(raw: Any, spec_dir: Path, where: str) -> SpecExtension:
         card_section=lambda outputs: _card_section(entries, outputs),
         gguf_metadata=merged_lora_metadata([(e.name, e.sha256, e.strength, e.lora.format)
                                             for e in entries if e.mode == "merge"]),
+        output_names=lambda release_name: [e.sidecar_name(release_name) for e in entries if e.mode == "sidecar"],
     )
 
 

@@ -13,7 +13,6 @@ shown; anything else is ignored.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from huggingface_hub import ModelCardData
 
 from converter import __version__
 from converter.errors import ReleaseError
+from manifests.errors import SchemaError
+from manifests.manifest import parse_json
 
 from .spec import ReleaseSpec
 
@@ -75,15 +76,22 @@ def mix_tables(label: str, types: Mapping[str, str]) -> list[str]:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 def read_validation_report(path: Path, files: Sequence[CardFile]) -> dict[str, dict[str, float]]:
     """Quality figures per variant from a validation report; :class:`ReleaseError` if unreadable."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReleaseError(f"{path}: cannot read the validation report: {e}") from None
+        doc = parse_json(path.read_bytes(), str(path))  # strict: also NaN, duplicate keys, deep nesting, huge integers
+    except OSError as e:
+        raise ReleaseError(f"{path}: cannot read the validation report: {e.strerror or e}") from None
+    except SchemaError as e:
+        raise ReleaseError(f"{path}: cannot read the validation report: {e.problem}") from None
     entries = doc.get("variants") if isinstance(doc, dict) else None
     if isinstance(entries, dict):
         items = [(k, v) for k, v in entries.items()]

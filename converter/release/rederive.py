@@ -35,6 +35,7 @@ from converter.hub.source import is_hub_spec, open_any_source
 from converter.sources import Source, open_source
 from manifests import BackgroundHasher, Manifest
 from manifests.hashing import FileDigest
+from quant_kernels.errors import QuantError
 
 from .lora import is_merge, manifest_lora_records
 from .spec import EXTENSION_KEYS, TensorTransform
@@ -266,8 +267,9 @@ def rederive_release(
         with BackgroundHasher([Path(f.path) for f in source.files]) as hasher:
             _check_recipe(manifest, source, report)
             if before_quantize is not None:
-                before_quantize(sorted({t.type for art in manifest.ggufs for t in art.tensors or ()}),
-                                imatrix=imatrix is not None)
+                # a recorded type we cannot encode is reported per tensor below, not compiled here
+                before_quantize(sorted({t.type for art in manifest.ggufs for t in art.tensors or ()}
+                                       & set(quant_kernels.supported_type_names())), imatrix=imatrix is not None)
             _rederive_tensors(manifest, source, report, progress, tensor_transform, imatrix)
             digests = hasher.result()
         report.source_files = _source_file_checks(manifest, src, digests, extra_source_files)
@@ -306,7 +308,13 @@ def _rederive_tensors(manifest: Manifest, source: Source, report: RederiveReport
                 if not uses:
                     continue
             qw = imatrix.importance(name) if imatrix is not None and x.ndim > 1 and uses_imatrix(qtype) else None
-            digest = hashlib.sha256(memoryview(encode_tensor(x, qtype, qw)).cast("B")).hexdigest()
+            try:
+                encoded = encode_tensor(x, qtype, qw)
+            except QuantError as e:  # a type we cannot write, rows it cannot hold, values it overflows
+                report.problems.extend(TensorProblem(path, name, qtype, MISMATCH, f"cannot be re-encoded as the "
+                                                     f"recorded type: {e}") for path, _ in uses)
+                continue
+            digest = hashlib.sha256(memoryview(encoded).cast("B")).hexdigest()
             report.encodings += 1
             for path, t in uses:
                 report.tensors_checked += 1

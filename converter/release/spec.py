@@ -24,6 +24,7 @@ import numpy as np
 from converter.errors import PlanError, ReleaseError
 from converter.recipes import MAX_OVERRIDES, bpw_budget, mix_variant, parse_override, resolve_variant, size_budget
 from manifests import CHECKSUMS_NAME, MANIFEST_NAME
+from manifests.paths import name_key, name_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +58,8 @@ class SpecExtension:
     before quantization (see :data:`TransformFactory`); ``write_outputs``: writes extra release
     files (listed in the manifest and SHA256SUMS); ``card_section``: the model card's Markdown
     lines for this key, given those outputs; ``gguf_metadata``: ``flux_gguf.*`` string entries
-    added to every GGUF header.
+    added to every GGUF header; ``output_names``: the file names ``write_outputs`` will write, given
+    the release name (checked against the other files of the release before any work).
     """
 
     record: Any
@@ -66,6 +68,7 @@ class SpecExtension:
     write_outputs: OutputWriter | None = None
     card_section: Callable[[Sequence[ExtensionOutput]], list[str]] | None = None
     gguf_metadata: Mapping[str, str] = field(default_factory=dict)
+    output_names: Callable[[str], Sequence[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +238,9 @@ class _Checker:
 def _check_name(c: _Checker, name: str) -> str:
     if name.strip() != name or any(ch in name for ch in "/\\\0\n\r") or name in (".", ".."):
         raise c.error("name", "must be a plain file-name stem (no slashes or surrounding spaces)")
-    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or 0xD800 <= ord(ch) < 0xE000 for ch in name):
-        raise c.error("name", "must be a plain file-name stem (no control characters)")
+    problem = name_problem(name)  # the one name policy of manifests.paths: every release file carries it
+    if problem is not None:
+        raise c.error("name", f"must be a plain file-name stem, but it {problem}")
     if len(name.encode("utf-8")) > 200:
         raise c.error("name", f"is {len(name.encode('utf-8'))} bytes long; at most 200 (file names hold 255)")
     return name
@@ -260,7 +264,17 @@ def _check_path(c: _Checker, key: str, value: str) -> str:
     if not Path(value).is_absolute() and ".." in Path(value).parts:
         raise c.error(key, f"must be a path inside the spec's folder or an absolute path, got {value!r} "
                            "('..' leaves the folder)")
+    # What the release records (the relative path as written, or the file name) follows the name policy.
+    problem = name_problem(recorded_path(value))
+    if problem is not None:
+        raise c.error(key, f"names {value!r}, which {problem}")
     return value
+
+
+def _same_where(a: str, b: str) -> str:
+    """Where two names with one :func:`~manifests.paths.name_key` are the same, for messages."""
+    return "where case does not count" if a.casefold() == b.casefold() else \
+        "where case and Unicode compatibility forms (fullwidth letters, ligatures) do not count"
 
 
 def _parse_variants(c: _Checker, raw: Any) -> tuple[tuple[str, ...], dict[str, tuple[str, str]]]:
@@ -344,25 +358,33 @@ def _check_files(c: _Checker, spec: ReleaseSpec) -> None:
     if not spec.source.startswith("hf://") and not src.exists():  # an hf:// source is checked when opened
         raise c.error("source", f"names {spec.source!r}, which does not exist (looked for {src})")
     reserved = {MANIFEST_NAME, CHECKSUMS_NAME, MODEL_CARD_NAME, VALIDATION_NAME} | {spec.gguf_name(v) for v in spec.variants}
+    for key, ext in spec.extensions.items():
+        for out_name in ext.output_names(spec.name) if ext.output_names else ():
+            if len(out_name.encode("utf-8")) > 255:  # found before converting, not when the file is written
+                raise c.error(key, f"entries would write {out_name[:60]!r}..., a file name of "
+                                   f"{len(out_name.encode('utf-8'))} bytes; file names hold 255")
+            reserved.add(out_name)
     seen: set[str] = set()
-    # Compared case-insensitively: on macOS/Windows file systems README.md and readme.md are one file.
-    reserved_folded = {r.casefold(): r for r in reserved}
+    # Compared by name_key: on macOS/Windows file systems README.md and readme.md are one file, and
+    # fullwidth or ligature look-alikes would be two files a reader cannot tell apart.
+    reserved_folded = {name_key(r): r for r in reserved}
     seen_folded: dict[str, str] = {}
     for rel in spec.extra_files:
         path = spec.base_dir / rel
         if not path.is_file():
             raise c.error("extra_files", f"names {rel!r}, which is not an existing file (looked for {path})")
         name = path.name
-        if name.casefold() in reserved_folded:
-            mine = reserved_folded[name.casefold()]
-            same = f"{name!r}" if mine == name else f"{name!r} (the same as {mine!r} where case does not count)"
+        key = name_key(name)
+        if key in reserved_folded:
+            mine = reserved_folded[key]
+            same = f"{name!r}" if mine == name else f"{name!r} (the same as {mine!r} {_same_where(name, mine)})"
             raise c.error("extra_files", f"names {rel!r}, whose file name {same} the release itself writes")
-        if name.casefold() in seen_folded:
-            other = seen_folded[name.casefold()]
+        if key in seen_folded:
+            other = seen_folded[key]
             raise c.error("extra_files", f"lists two files named {name!r}" if other == name else
-                          f"lists {other!r} and {name!r}, which are one file where case does not count")
+                          f"lists {other!r} and {name!r}, which are one file {_same_where(name, other)}")
         seen.add(name)
-        seen_folded[name.casefold()] = name
+        seen_folded[key] = name
     for rel in spec.imatrix:
         if not (spec.base_dir / rel).is_file():
             raise c.error("imatrix", f"names {rel!r}, which is not an existing file (looked for {spec.base_dir / rel})")

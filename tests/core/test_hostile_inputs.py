@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_child import child_error, run_child
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from converter.cli import main
 from converter.layout import FluxGeometry
 from converter.synthetic import write_synthetic_flux
+from cli_child import assert_error, child_error, run, run_child
 from manifests.locking import acquire
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
@@ -31,16 +29,6 @@ GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return write_synthetic_flux(tmp_path_factory.mktemp("src") / "tiny.safetensors", GEO, seed=5)
-
-
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_error(result, line: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    assert result.stderr == f"Error: {line}\n"
 
 
 def safetensors_bytes(header: str | bytes, data: bytes = b"") -> bytes:

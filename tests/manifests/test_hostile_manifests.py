@@ -14,7 +14,7 @@ import manifests.verify as mv
 from converter.cli import main
 from manifests import MANIFEST_NAME, SchemaError, UnsafePathError, load_manifest, verify_release
 from manifests.hashing import copy_file_hashed, is_partial_name, partial_path, resumable_partial_path, write_bytes_atomic
-from manifests.locking import OutputBusyError, acquire, lock_path_for, locked
+from manifests.locking import ForeignLockFileError, OutputBusyError, acquire, lock_path_for, locked
 from manifests.paths import MAX_DEPTH, check_relative_path, open_inside
 
 
@@ -77,7 +77,7 @@ def test_a_planted_lock_symlink_is_not_followed(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     lock_path_for(tmp_path / "out").symlink_to(victim)
-    with pytest.raises(OSError):
+    with pytest.raises(ForeignLockFileError, match="it is a symbolic link"):
         acquire(tmp_path / "out")
     assert victim.read_text() == "precious"
 

@@ -84,11 +84,11 @@ def test_an_extra_file_that_is_a_symlink_to_outside_is_refused_when_opened(tmp_p
     assert not out.exists() and ours(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["tiny\x1b[31m", "tiny\x07", "ti\u0085ny"])
-def test_control_characters_in_the_release_name_are_refused_and_never_echoed_raw(tmp_path, weights, name):
+@pytest.mark.parametrize(("name", "shown"), [("tiny\x1b[31m", "U+001B"), ("tiny\x07", "U+0007"), ("ti\u0085ny", "U+0085")])
+def test_control_characters_in_the_release_name_are_refused_and_never_echoed_raw(tmp_path, weights, name, shown):
     spec = project(tmp_path / "p", weights, spec_text(name=name))
     r = build(spec, "-o", tmp_path / "out")
-    assert_error(r, f"{spec}: 'name' must be a plain file-name stem (no control characters)")
+    assert_error(r, f"{spec}: 'name' must be a plain file-name stem, but it contains {shown} (a control character)")
     assert "\x1b" not in r.output and "\x07" not in r.output
 
 
