@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import ManifestError
+from .hashing import pwrite_all
 
 try:
     import fcntl
@@ -193,7 +194,7 @@ def acquire(target: str | os.PathLike[str], lock_file: str | os.PathLike[str] | 
             if not created:
                 _check_found(fd, os.fstat(fd), path, tgt)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            pwrite_all(fd, f"{os.getpid()}\n".encode(), 0, path)  # every write checked, this one too
             return OutputLock(tgt, path, fd)
         except BaseException:
             with contextlib.suppress(OSError):

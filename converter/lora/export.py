@@ -152,7 +152,7 @@ def export_kohya(
     base_model: str,
     strength: float,
 ) -> ExportRecord:
-    """Write ``lora`` as a kohya side-car safetensors at ``path`` (via ``path.partial``).
+    """Write ``lora`` as a kohya side-car safetensors at ``path`` (via a hidden unique partial name).
 
     The metadata names the base model and the recommended strength; the strength is not folded
     into the weights, so users keep it adjustable.

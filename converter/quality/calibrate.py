@@ -462,7 +462,7 @@ def capture_transformer_inputs(transformer: Any) -> Iterator[list[dict[str, Any]
 
 
 def write_inputs_file(calls: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> pathlib.Path:
-    """Stack captured calls (same token counts) into an inputs file; written to .partial and renamed."""
+    """Stack captured calls (same token counts) into an inputs file; written under a hidden unique partial name and renamed."""
     import torch
     from safetensors.torch import save_file
 
