@@ -277,8 +277,10 @@ def read_gguf_header(fh: Any, size: int, path: pathlib.Path, *, keep: Callable[[
             raise r.fail(f"metadata key {key!r} appears twice")
         seen.add(key)
         if key == KEY_ALIGNMENT:
-            if vtype != _UINT32 or not value or value & (value - 1):
-                raise r.fail(f"{KEY_ALIGNMENT} is {value!r}; expected a power of two (uint32)")
+            if vtype != _UINT32:
+                raise r.fail(f"{KEY_ALIGNMENT} has value type {vtype}; expected {_UINT32} (u32)")
+            if not value or value & (value - 1):
+                raise r.fail(f"{KEY_ALIGNMENT} is {value!r}; expected a power of two")
             alignment = value
         if wanted:
             metadata[key] = value
@@ -301,44 +303,29 @@ def check_gguf_structure(path: pathlib.Path) -> None:
     with open_regular(path) as raw, io.BufferedReader(raw) as fh:
         header = read_gguf_header(fh, os.fstat(raw.fileno()).st_size, path, keep=lambda _key: False)
     for t in header.tensors:
-        _check_tensor_extent(path, header.size, t.name, list(t.dims), t.ggml_type, header.data_start + t.offset)
+        tensor_nbytes(t, path, header)
 
 
-def _check_tensor_extent(path: pathlib.Path, size: int, name: str, dims: list[int], ttype: int, start: int) -> None:
-    """A tensor's type is one GGML knows, its rows fill whole blocks and its bytes lie inside the
-    file: what gguf-py would otherwise trip over with numpy's own errors (reshape, dtype views)."""
-    try:
-        qtype = GGMLQuantizationType(ttype)
-    except ValueError:
-        raise GGUFStructureError(path, f"tensor {name!r} has unknown type {ttype}") from None
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    shape = list(reversed(dims))  # GGUF stores ne0 (the row length) first
-    if any(d >= 1 << 63 for d in dims):
-        raise GGUFStructureError(path, f"tensor {name!r} has shape {shape}; no dimension may reach 2^63")
-    if dims and dims[0] % block:
-        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) has rows of {dims[0]} values, "
-                                       f"not a multiple of the {qtype.name} block of {block}")
-    elements = 1
-    for d in dims:
-        elements *= d
-    end = start + elements // block * type_size
-    if end > size:
-        raise GGUFStructureError(path, f"tensor {name!r} ({qtype.name}, shape {shape}) needs bytes {start} to {end}, "
-                                       f"past the end of the {size}-byte file")
-
-
-def tensor_nbytes(info: GGUFTensorInfo, path: pathlib.Path) -> int:
-    """Bytes of one tensor's data, from its ggml type's block size (a type gguf-py does not know is refused)."""
+def tensor_nbytes(info: GGUFTensorInfo, path: pathlib.Path, header: GGUFHeader | None = None) -> int:
+    """Bytes of one tensor's data, from its ggml type's block size, after checking what gguf-py would
+    otherwise trip over with numpy's own words (reshape, dtype views): a type ggml knows, rows that
+    fill whole blocks, no dimension of 2^63 or more, and (given ``header``) bytes inside the file."""
     try:
         qtype = GGMLQuantizationType(info.ggml_type)
         block, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise GGUFStructureError(path, f"tensor {info.name!r} has unknown type {info.ggml_type}") from None
-    n = math.prod(info.dims)
-    if n % block:
-        raise GGUFStructureError(path, f"tensor {info.name!r} has {n} elements, not a multiple of the "
-                                       f"{block}-element blocks of {qtype.name}")
-    return n // block * type_size
+    shape = list(reversed(info.dims))  # GGUF stores ne0 (the row length) first
+    if any(d >= 1 << 63 for d in info.dims):
+        raise GGUFStructureError(path, f"tensor {info.name!r} has shape {shape}; no dimension may reach 2^63")
+    if info.dims and info.dims[0] % block:
+        raise GGUFStructureError(path, f"tensor {info.name!r} ({qtype.name}, shape {shape}) has rows of "
+                                       f"{info.dims[0]} values, not a multiple of the {qtype.name} block of {block}")
+    nbytes = math.prod(info.dims) // block * type_size
+    if header is not None and header.data_start + info.offset + nbytes > header.size:
+        raise GGUFStructureError(path, f"tensor {info.name!r} needs bytes up to {header.data_start + info.offset + nbytes} "
+                                       f"but the file has {header.size}")
+    return nbytes
 
 
 def _inspect_gguf(path: pathlib.Path) -> FileReport:
@@ -347,10 +334,7 @@ def _inspect_gguf(path: pathlib.Path) -> FileReport:
         header = read_gguf_header(fh, size, path)
     tensors = []
     for t in header.tensors:
-        nbytes = tensor_nbytes(t, path)
-        if header.data_start + t.offset + nbytes > size:
-            raise GGUFStructureError(path, f"tensor {t.name!r} needs bytes up to {header.data_start + t.offset + nbytes} "
-                                           f"but the file has {size}")
+        nbytes = tensor_nbytes(t, path, header)
         tensors.append(TensorRow(t.name, GGMLQuantizationType(t.ggml_type).name, tuple(reversed(t.dims)), nbytes))
     meta = header.metadata
     file_type = meta.get("general.file_type")
