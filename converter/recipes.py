@@ -30,6 +30,7 @@ back: a type that does not fit the row is an error naming the tensor.
 from __future__ import annotations
 
 import decimal
+import errno
 import functools
 import json
 import math
@@ -545,16 +546,15 @@ def read_sensitivity(path: str | pathlib.Path) -> Sensitivity:
     """Load and check a sensitivity file; any problem is one SensitivityError naming the file."""
     import hashlib
 
-    from manifests.hashing import open_regular
+    from manifests.hashing import read_regular
 
     p = pathlib.Path(path)
     try:
-        with open_regular(p) as f:
-            data = f.read(MAX_SENSITIVITY_BYTES + 1)
+        data = read_regular(p, MAX_SENSITIVITY_BYTES)  # regular files only; an oversized one refused unread
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise SensitivityError(f"{p}: larger than {MAX_SENSITIVITY_BYTES} bytes; not a sensitivity file", str(p)) from None
         raise SensitivityError(f"{p}: cannot read the sensitivity file: {e.strerror or e}", str(p)) from None
-    if len(data) > MAX_SENSITIVITY_BYTES:
-        raise SensitivityError(f"{p}: larger than {MAX_SENSITIVITY_BYTES} bytes; not a sensitivity file", str(p))
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
