@@ -31,12 +31,11 @@ import time
 from typing import Any
 
 import click
-import numpy as np
 from tqdm import tqdm
 
 import quant_kernels
 from converter.errors import TargetRangeError
-from converter.imatrix import uses_imatrix
+from converter.imatrix import read_imatrix, uses_imatrix, write_imatrix
 from converter.layout import FluxGeometry
 from converter.pipeline import plan_source_target
 from converter.quality.calibrate import (
@@ -58,10 +57,20 @@ from eval_imatrix import EVAL_SEED, _outputs, evaluation_setup  # noqa: E402 - t
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 
 
-def _load(model: Any, source: Any, entries: Any, im: Any, device: str) -> None:
-    """Every tensor the plan quantizes, quantized (imatrix where given and taken) and put in the model."""
+def _load(model: Any, source: Any, entries: Any, im: Any, device: str, dirty: set[str]) -> None:
+    """Every tensor the plan quantizes, quantized (imatrix where given and taken) and put in the model.
+
+    ``dirty``: the tensors an earlier file left quantized in the model. Those this plan does not
+    quantize (kept in the source precision) are put back from the source; the others are simply
+    overwritten, which halves the time per file at full size (each full-model reload of source
+    weights was about as long as quantizing it)."""
     from converter.quality.diffusers_model import compute_dtype
 
+    targeted = {e.name for e in entries if e.targeted}
+    for name in sorted(dirty - targeted):
+        model.load_state_dict(diffusers_state_dict({name: source.read(name)}, device, compute_dtype(device)),
+                              strict=False)
+    dirty.clear()
     for e in entries:
         if not e.targeted:
             continue
@@ -69,6 +78,7 @@ def _load(model: Any, source: Any, entries: Any, im: Any, device: str) -> None:
         qw = im.importance(e.name) if im is not None and uses_imatrix(e.qtype) else None
         q = quant_kernels.dequantize(quant_kernels.quantize(x, e.qtype, imatrix=qw), e.qtype, e.shape)
         model.load_state_dict(diffusers_state_dict({e.name: q}, device, compute_dtype(device)), strict=False)
+        dirty.add(e.name)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,11 +98,13 @@ def _load(model: Any, source: Any, entries: Any, im: Any, device: str) -> None:
 @click.option("--threads", default=None, type=click.IntRange(1), help="Quantization kernel and torch threads.")
 @click.option("--sensitivity", "sensitivity_path", type=click.Path(path_type=pathlib.Path, dir_okay=False), default=None,
               help="Reuse a sensitivity file an earlier run of the same arguments kept (JSON.sensitivity.json).")
+@click.option("--imatrix", "imatrix_path", type=click.Path(path_type=pathlib.Path, dir_okay=False, exists=True),
+              default=None, help="Reuse the imatrix an earlier run kept (JSON.imatrix.gguf) instead of collecting.")
 @click.option("--json", "json_path", type=click.Path(path_type=pathlib.Path, dir_okay=False), default=None)
 def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathlib.Path | None, recipes: str,
          calibration_probes: int, evaluation_probes: int, size: int, text_tokens: int, check_tensors: int,
          plain: bool, seed: int, device: str, threads: int | None, sensitivity_path: pathlib.Path | None,
-         json_path: pathlib.Path | None) -> None:
+         imatrix_path: pathlib.Path | None, json_path: pathlib.Path | None) -> None:
     """Measure output rel-L2 vs file size for static, imatrix and target-size files."""
     import torch
 
@@ -121,13 +133,19 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
             model = build_transformer(geometry, source.read, device)
             t0 = time.perf_counter()
             shapes = {n: tuple(t.shape) for n, t in source.tensors.items()}
-            with ImatrixCollector(model, quantized_weight_names(shapes)) as collector:
-                with torch.inference_mode():
-                    for sample in probe_samples(calibration_probes, calib, device, compute_dtype(device),
-                                                geometry.guidance):
-                        model(**sample.kwargs, return_dict=False)
-                im = collector.imatrix([probes_dataset(calibration_probes, calib)], calibration_probes,
-                                       calib.image_tokens + calib.text_tokens)
+            if imatrix_path is not None:
+                im = read_imatrix(imatrix_path)
+            else:
+                with ImatrixCollector(model, quantized_weight_names(shapes)) as collector:
+                    with torch.inference_mode():
+                        for sample in probe_samples(calibration_probes, calib, device, compute_dtype(device),
+                                                    geometry.guidance):
+                            model(**sample.kwargs, return_dict=False)
+                    im = collector.imatrix([probes_dataset(calibration_probes, calib)], calibration_probes,
+                                           calib.image_tokens + calib.text_tokens)
+                if json_path is not None:  # kept, so that a later run can reuse the same imatrix
+                    json_path.parent.mkdir(parents=True, exist_ok=True)
+                    write_imatrix(im, json_path.with_suffix(".imatrix.gguf"))
             imatrix_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             if sensitivity_path is not None:
@@ -155,7 +173,7 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
                                "seeds": f"{EVAL_SEED}..{EVAL_SEED + evaluation_probes - 1}"},
                 "imatrix_seconds": imatrix_seconds, "sensitivity_seconds": sensitivity_seconds,
                 "check": {k: v for k, v in document["check"].items() if k != "rows"},
-                "sensitivity_reused": sensitivity_path is not None,
+                "sensitivity_reused": sensitivity_path is not None, "imatrix_reused": imatrix_path is not None,
                 "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 "threads": quant_kernels.get_threads(),
             })
@@ -168,16 +186,14 @@ def main(hidden: int, double_blocks: int, single_blocks: int, source_path: pathl
                     mix = plan_source_target(source, sens, size_budget(str(int(e.low) + 64)), imatrix=im)
                 jobs += [(recipe, "static", static, None, None), (recipe, "imatrix", static, im, None),
                          (recipe, "target", mix.plan, im, mix.predicted_rel_l2)]
+            dirty: set[str] = set()
             for recipe, mode, plan, imx, predicted in tqdm(jobs, desc="quantize + evaluate", unit=" models"):
-                _load(model, source, plan.entries, imx, device)
+                t_model = time.perf_counter()
+                _load(model, source, plan.entries, imx, device, dirty)
                 cmp = compare_outputs(reference, _outputs(model, eval_probes, device))
                 result["rows"].append({"recipe": recipe, "mode": mode, "file_bytes": plan.file_size,
                                        "rel_l2": cmp.rel_l2, "predicted_rel_l2": predicted,
-                                       "types": plan.type_counts})
-                for e in plan.entries:  # back to the source weights before the next file
-                    if e.targeted:
-                        model.load_state_dict(diffusers_state_dict({e.name: source.read(e.name)}, device,
-                                                                   compute_dtype(device)), strict=False)
+                                       "types": plan.type_counts, "seconds": time.perf_counter() - t_model})
                 save()
     result["seconds"] = time.perf_counter() - started
     save()
