@@ -14,7 +14,6 @@ from converter.errors import PlanError, SensitivityError, TargetRangeError
 from converter.layout import FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from converter.pipeline import KV_TARGET, plan_source, plan_source_target
 from converter.recipes import (
-    CANDIDATE_TYPES,
     Option,
     allocate,
     bpw_budget,
@@ -24,14 +23,11 @@ from converter.recipes import (
 )
 from converter.safetensors_io import encode_header
 from converter.sources import open_source
+from sensitivity_fixtures import sensitivity_doc
 
 # Published file sizes (GB) the issue targets; Q2_K's 4.024 is the all-Q2_K file itself, which the
 # mix's larger header (its per-tensor record, ~12 KB) cannot reach: 4.03 instead.
 PUBLISHED = {"Q2_K": 4.03, "Q3_K_S": 5.23, "Q3_K_M": 5.37, "Q4_K_S": 6.80, "Q4_K_M": 6.93, "Q5_K_M": 8.42}
-# Relative weight error per type (roughly 4x per bit, as K-quants behave).
-RELATIVE = {"Q2_K": 1.0, "Q3_K": 0.26, "Q4_K": 0.065, "Q5_K": 0.016, "Q6_K": 0.004, "Q8_0": 0.0003, "BF16": 0.0}
-
-
 def sparse_source(path, geometry=FluxGeometry()):
     shapes = bfl_tensor_shapes(geometry)
     header = encode_header([(n, "BF16", s) for n, s in shapes.items()], {"format": "pt"})
@@ -39,20 +35,6 @@ def sparse_source(path, geometry=FluxGeometry()):
         f.write(header)
         f.truncate(len(header) + sum(math.prod(s) * 2 for s in shapes.values()))
     return path
-
-
-def sensitivity_doc(geometry=FluxGeometry(), seed=0, reverse=False):
-    """Seeded gains spanning 50x (early double blocks most sensitive, as measured on FLUX.1-dev)."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    items = [(n, s) for n, s in bfl_tensor_shapes(geometry).items() if len(s) == 2 and not is_kept_unquantized(n)]
-    for n, s in items:
-        gain = float(np.exp(rng.uniform(0, math.log(50)))) * math.prod(s) / 1e9
-        fits = [t for t in CANDIDATE_TYPES if s[-1] % (32 if t == "Q8_0" else 256) == 0] + ["BF16"]
-        tensors[n] = {"shape": list(s), "predicted": {t: gain * RELATIVE[t] for t in fits}}
-    if reverse:
-        tensors = dict(reversed(list(tensors.items())))
-    return {"format": "flux-gguf-sensitivity", "version": 1, "tensors": tensors}
 
 
 @pytest.fixture(scope="module")

@@ -177,3 +177,67 @@ def test_f32_img_in_keeps_diffusers_variant_detection_right(tmp_path, monkeypatc
     [bf16] = convert(src, tmp_path / "bf16", ["Q8_0"], overrides=[r"^img_in\.weight$=BF16"])
     assert infer_diffusers_model_type(load_gguf_checkpoint(str(ours.path))) == "flux-dev"
     assert infer_diffusers_model_type(load_gguf_checkpoint(str(bf16.path))) == "flux-depth"
+
+
+def test_diffusers_loads_and_runs_a_target_size_mix(work, reference_output, tmp_path):
+    """A size-targeted mix (several K-quant types and Q8_0/BF16 side by side, chosen per tensor) loads
+    in diffusers like the uniform recipes: every tensor under its diffusers name with our bytes, and
+    the forward pass is close to the safetensors model's."""
+    import gguf
+
+    from converter.recipes import parse_sensitivity, size_budget
+    from sensitivity_fixtures import sensitivity_doc
+
+    src, config, records = work
+    sens = parse_sensitivity(sensitivity_doc(GEO, seed=1), "mini.sensitivity.json", "ab" * 32)
+    budget = size_budget(str(records["Q4_K_M"].path.stat().st_size))
+    [rec] = convert(src, tmp_path, [], sensitivity=sens, budget=budget, mix_name="Q4_K_A")
+    quantized = {t.type for t in rec.tensors} - {"F32"}
+    assert len(quantized) >= 3, f"the mix should hold several types, got {sorted(quantized)}"
+    assert rec.path.stat().st_size <= budget.value
+    reader = gguf.GGUFReader(rec.path)
+    field = reader.fields["general.file_type"]
+    file_type = int(field.parts[field.data[0]][0])
+    # llama.cpp's "mostly X" of the type holding most parameters, as ComfyUI-GGUF and sd.cpp read it
+    # (they take each tensor's own type; general.file_type is informative only).
+    params: dict[str, int] = {}
+    for t in rec.tensors:
+        params[t.type] = params.get(t.type, 0) + int(np.prod(t.shape))
+    top = max(params, key=params.get)
+    assert file_type == {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7, "BF16": 32}[top]
+
+    model = FluxTransformer2DModel.from_single_file(
+        str(rec.path), config=str(config),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32)
+    assert_diffusers_holds_our_bytes(model, rec.path, rec)
+    with torch.no_grad():
+        out = model(**flux_inputs())[0]
+    del model
+    gc.collect()
+    assert torch.isfinite(out).all()
+
+    # The same function as our own decoding of the file: a float32 model built from the tensors
+    # quant_kernels decodes from the file's bytes. (The seeded sensitivity document is not this
+    # model's, so the mix's distance from the source says nothing; what diffusers runs must be
+    # exactly the mix.) diffusers decodes K-quant blocks in float16, hence not bit-equal.
+    from converter.quality.calibrate import build_transformer
+
+    raw = rec.path.read_bytes()
+    by_name = {t.name: t for t in rec.tensors}
+
+    def decoded(name: str) -> np.ndarray:
+        t = by_name[name]
+        data = np.frombuffer(raw, np.uint8, t.nbytes, t.offset)
+        if t.type == "F32":
+            return data.view(np.float32).reshape(t.shape).copy()
+        return quant_kernels.dequantize(data, t.type, tuple(t.shape))
+
+    ours = build_transformer(GEO, decoded, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = ours(**flux_inputs())[0]
+    del ours
+    gc.collect()
+    cos = F.cosine_similarity(out.flatten().double(), expected.flatten().double(), dim=0).item()
+    assert cos >= 0.9999, f"mix: diffusers' output vs our decoding of the same file: cosine {cos:.6f}"
+    cos_src = F.cosine_similarity(out.flatten().double(), reference_output.flatten().double(), dim=0).item()
+    assert cos_src > 0.9, f"mix vs the source: cosine {cos_src:.6f}"

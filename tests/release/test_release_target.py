@@ -4,21 +4,20 @@ verify and verify --source pass."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from converter.errors import ReleaseError
-from converter.layout import FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
+from converter.layout import FluxGeometry
 from converter.pipeline import KV_TARGET
 from converter.release.build import build_release
 from converter.release.rederive import rederive_release
 from converter.release.spec import parse_release_spec
 from converter.synthetic import write_synthetic_flux
 from manifests import load_manifest, verify_release
+from sensitivity_fixtures import sensitivity_doc
 
 GEO = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
 SPEC = """\
@@ -33,24 +32,13 @@ license = "other"
 """
 
 
-def sensitivity_doc() -> dict:
-    rng = np.random.default_rng(3)
-    tensors = {}
-    for n, s in bfl_tensor_shapes(GEO).items():
-        if len(s) == 2 and not is_kept_unquantized(n):
-            g = float(np.exp(rng.uniform(0, math.log(50))))
-            tensors[n] = {"shape": list(s), "predicted": {t: g * r for t, r in zip(
-                ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16"), (1, 0.26, 0.065, 0.016, 0.004, 3e-4, 0))}}
-    return {"format": "flux-gguf-sensitivity", "version": 1, "tensors": tensors}
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixproject")
     (root / "weights").mkdir()
     write_synthetic_flux(root / "weights" / "tiny.safetensors", GEO)
     (root / "calib").mkdir()
-    (root / "calib" / "tiny.sensitivity.json").write_text(json.dumps(sensitivity_doc()))
+    (root / "calib" / "tiny.sensitivity.json").write_text(json.dumps(sensitivity_doc(GEO, 3, per_weight=False)))
     (root / "release.toml").write_text(SPEC)
     return root / "release.toml"
 
