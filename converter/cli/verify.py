@@ -1,7 +1,6 @@
 """``flux-gguf verify DIR``: re-hash a release, and with --source re-derive it from the weights."""
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -14,7 +13,7 @@ from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, one_line, prepare_kernels, printable, progress_bar
+from .output import echo_json, increment_bar, one_line, prepare_kernels, printable, progress_bar
 from .signing_options import signature_line, trust_from, trust_options
 
 
@@ -132,7 +131,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
             doc["ok"] = report.ok and rederived.ok
         doc["signature"] = signature.to_json()
         doc["ok"] = doc["ok"] and signature.ok
-        click.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
     else:
         click.echo(signature_line(signature))
         click.echo(describe_verify(report))
