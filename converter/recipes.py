@@ -148,13 +148,27 @@ def compile_override(pattern: str) -> Callable[[str], object]:
             return _re2.compile(pattern, options).search
         except _re2.error as e:
             msg = e.args[0] if e.args else e
-            raise ValueError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)) from None
+            text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+            if _python_accepts(pattern):  # valid for Python's re: a feature RE2 does not have
+                text += (" (backreferences such as \\1 and lookaround such as (?=...) are not supported: "
+                         "patterns are matched by RE2, in linear time)")
+            raise ValueError(text) from None
         except (TypeError, UnicodeError) as e:
             raise ValueError(str(e)) from None
     try:
         return re.compile(pattern).search
     except (re.error, OverflowError, RecursionError) as e:
         raise ValueError(str(e)) from None
+
+
+def _python_accepts(pattern: str) -> bool:
+    """Whether Python's ``re`` compiles ``pattern`` (compiling only, never matching: no pattern of
+    at most MAX_OVERRIDE_PATTERN characters can hang it)."""
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return False
+    return True
 
 
 def parse_overrides(texts: Iterable[str | Override], *, option: str = "") -> tuple[Override, ...]:

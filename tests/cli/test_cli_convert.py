@@ -79,6 +79,12 @@ def test_unknown_variant(src, tmp_path):
 
 @pytest.mark.parametrize("override, line", [
     ("a[=Q4_K", "override 'a[=Q4_K': bad regular expression: missing ]: ["),
+    ("(qkv)\\1=Q4_K", "override '(qkv)\\1=Q4_K': bad regular expression: invalid escape sequence: \\1 (backreferences "
+                      "such as \\1 and lookaround such as (?=...) are not supported: patterns are matched by RE2, in "
+                      "linear time)"),
+    ("(?<!txt_)attn=Q4_K", "override '(?<!txt_)attn=Q4_K': bad regular expression: invalid perl operator: (?<! "
+                           "(backreferences such as \\1 and lookaround such as (?=...) are not supported: patterns "
+                           "are matched by RE2, in linear time)"),
     ("qkv=IQ4_XS", "override 'qkv=IQ4_XS': unknown type 'IQ4_XS'; valid types: F32, F16, BF16, Q8_0, Q2_K, "
                    "Q3_K, Q4_K, Q5_K, Q6_K"),
     ("qkv", "override 'qkv' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')"),
