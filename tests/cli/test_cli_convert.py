@@ -221,6 +221,7 @@ def test_inspect_reports_a_non_flux_checkpoint(tmp_path):
 
 
 def test_example_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the suggested release folder is the first free dist/example[-N] here
     r = run("example", "-o", tmp_path / "ex")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
@@ -231,7 +232,6 @@ def test_example_command(tmp_path, monkeypatch):
         assert reader.fields["flux_gguf.recipe"].contents() == v
         assert len(reader.tensors) == 84  # 52 for 1 + 1 blocks, 24 per double and 8 per single block more
     # The README's next commands, run as written from the folder the example ran in.
-    monkeypatch.chdir(tmp_path)
     assert f"  flux-gguf release build {tmp_path / 'ex' / 'release.toml'} -o dist/example" in r.stdout
     r = run("release", "build", "ex/release.toml", "-o", "dist/example")
     assert r.exit_code == 0, r.output

@@ -19,7 +19,7 @@ from converter.cli.output import VERSION_KEY
 
 TESTS = Path(__file__).parents[1]
 
-# command -> the test module that runs it with --json and checks VERSION_KEY there
+# command -> the test module that runs it with --json and checks VERSION_KEY there (Hub, torch, slow)
 HEAVY = {
     "upload": "hub/test_hub.py",
     "download": "hub/test_hub.py",
@@ -27,6 +27,7 @@ HEAVY = {
     "bench": "quality/test_bench.py",
     "imatrix": "quality/test_calibrate.py",
     "sensitivity": "quality/test_sensitivity.py",
+    "warmup": "cli/test_first_run.py",
 }
 
 
