@@ -37,3 +37,11 @@ def test_inspect_on_a_text_file_says_what_inspect_reads():
                  f"{readme}: neither a GGUF file (it does not start with GGUF) nor a safetensors file (its first 8 "
                  f"bytes, {head!r}, are no header length that fits the {size:,}-byte file); inspect reads .gguf and "
                  ".safetensors files and diffusers folders")
+
+
+def test_verify_threads_out_of_range_is_one_line(tmp_path):
+    import numba
+
+    # checked in the command (as convert does), so --help shows no machine-dependent range
+    assert_error(run("verify", tmp_path, "--threads", "0"),
+                 f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (the cores numba may use), got 0")
