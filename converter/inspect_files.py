@@ -89,11 +89,16 @@ def inspect_path(path: str | os.PathLike[str]) -> FileReport:
     if not p.is_dir():
         try:
             with open_regular(p) as fh:  # a FIFO or device is refused at once, never waited on
-                magic = fh.read(4)
+                head = fh.read(8)
         except OSError as e:
             raise SourceError(f"{p}: cannot read ({e.strerror or e})") from None
-        if magic == GGUF_MAGIC:
+        if head[:4] == GGUF_MAGIC:
             return _inspect_gguf(p)
+        size = p.stat().st_size
+        if len(head) == 8 and int.from_bytes(head, "little") > size - 8:  # no safetensors header length either
+            raise SourceError(f"{p}: neither a GGUF file (it does not start with GGUF) nor a safetensors file (its "
+                              f"first 8 bytes, {head!r}, are no header length that fits the {size:,}-byte file); "
+                              "inspect reads .gguf and .safetensors files and diffusers folders")
     return _inspect_safetensors(p)
 
 

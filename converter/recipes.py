@@ -135,6 +135,10 @@ except ImportError:  # pragma: no cover - google-re2 is a dependency
     _re2 = None
 
 
+# RE2's errors for the Python syntax it lacks: a backreference (\1, (?P=name)) or lookaround.
+_RE2_LACKS = re.compile(r"invalid escape sequence: \\[1-9]|invalid perl operator: \(\?(=|!|<=|<!|P=|P$)")
+
+
 @functools.lru_cache(maxsize=256)
 def compile_override(pattern: str) -> Callable[[str], object]:
     """The ``search`` function of ``pattern`` (RE2 when available); raises ValueError when it does not compile."""
@@ -148,7 +152,11 @@ def compile_override(pattern: str) -> Callable[[str], object]:
             return _re2.compile(pattern, options).search
         except _re2.error as e:
             msg = e.args[0] if e.args else e
-            raise ValueError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)) from None
+            text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+            if _RE2_LACKS.search(text):  # Python syntax RE2 does not have: say so, not just "invalid"
+                text += (" (backreferences such as \\1 and lookaround such as (?=...) are not supported: "
+                         "patterns are matched by RE2, in linear time)")
+            raise ValueError(text) from None
         except (TypeError, UnicodeError) as e:
             raise ValueError(str(e)) from None
     try:

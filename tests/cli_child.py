@@ -37,13 +37,14 @@ def limit_memory() -> None:  # runs in the child before exec
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
-def run_child(*args: object, env: Mapping[str, str] | None = None,
-              timeout: float = CHILD_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``flux-gguf ARGS`` from this checkout, with ``env`` added to the environment."""
+def run_child(*args: object, env: Mapping[str, str] | None = None, timeout: float = CHILD_TIMEOUT_S,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``flux-gguf ARGS`` from this checkout, with ``env`` added to the environment, in ``cwd``."""
     full = dict(os.environ, **(env or {}))
     full["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", "from converter.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=full, preexec_fn=limit_memory)
+                          capture_output=True, text=True, timeout=timeout, env=full, preexec_fn=limit_memory,
+                          cwd=cwd)
 
 
 def child_error(proc: subprocess.CompletedProcess, line: str) -> None:

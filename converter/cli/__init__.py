@@ -39,6 +39,7 @@ COMMANDS = (
     "converter.cli.validate:bench",
     "converter.cli.imatrix:imatrix",
     "converter.cli.sensitivity:sensitivity",
+    "converter.cli.warmup:warmup",
 )
 
 

@@ -1,7 +1,6 @@
 """``flux-gguf convert``: plan (``--dry-run``) or write one GGUF file per variant."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import time
@@ -19,7 +18,8 @@ from converter.pipeline import convert as run_convert
 from converter.recipes import Budget, bpw_budget, mix_variant, parse_overrides, read_sensitivity, resolve_variant, size_budget
 from manifests.hashing import hash_file
 
-from .output import check_threads, describe_artifacts, describe_plans, prepare_kernels, printable, progress_bar
+from .output import (check_threads, describe_artifacts, describe_plans, echo_json, prepare_kernels, printable,
+                     progress_bar)
 
 
 def imatrix_json(imatrix, files: Sequence[pathlib.Path]) -> dict | None:
@@ -170,7 +170,7 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
             doc = {"source": str(src), "family": mix.plan.family, "plans": [mix.plan.to_dict()],
                    "target": {"budget": budget.to_dict(), "reachable": list(mix.reachable),
                               "predicted_rel_l2": mix.predicted_rel_l2, "sensitivity": str(sensitivity_file)}}
-            click.echo(json.dumps(doc, indent=2))
+            echo_json(doc)
         else:
             click.echo(describe_plans([mix.plan], out_dir))
             click.echo(describe_mix(mix, sensitivity_file))
@@ -185,7 +185,7 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
                    "plans": [p.to_dict() for p in plans]}
             if imatrix is not None:
                 doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
-            click.echo(json.dumps(doc, indent=2))
+            echo_json(doc)
         else:
             click.echo(f"{printable(src)} ({layout} layout, {plans[0].family}): {len(plans[0].entries)} tensors, "
                        f"{plans[0].n_params:,} parameters")
@@ -207,7 +207,7 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
         doc = {"artifacts": [r.to_dict() for r in records]}
         if imatrix is not None:
             doc["imatrix"] = imatrix_json(imatrix, imatrix_files)
-        click.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
     else:
         click.echo(describe_artifacts(records))
         if imatrix is not None:

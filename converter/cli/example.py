@@ -19,7 +19,7 @@ from converter.sources import open_source
 from converter.synthetic import write_synthetic_flux
 from manifests.hashing import write_bytes_atomic
 
-from .output import describe_artifacts, describe_plans, prepare_kernels, progress_bar
+from .output import describe_artifacts, describe_plans, prepare_kernels, printable, progress_bar
 
 EXAMPLE_GEOMETRY = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512)
 EXAMPLE_VARIANTS = ("Q8_0", "Q4_K_M")
@@ -64,12 +64,16 @@ def example(out_dir: pathlib.Path) -> None:
       flux-gguf example -o example-out
     """
     start = time.perf_counter()
+    earlier = [f.name for f in example_files(out_dir) if f.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise click.ClickException(f"cannot create {out_dir}: {e.strerror or e}") from None
     src = write_synthetic_flux(out_dir / f"{EXAMPLE_NAME}.safetensors", EXAMPLE_GEOMETRY, dtype="BF16", seed=0)
     g = EXAMPLE_GEOMETRY
+    if earlier:  # the same files again (same seed: same bytes), but never silently
+        click.echo(f"note: replacing the files of an earlier `flux-gguf example` in {printable(out_dir)}: "
+                   f"{', '.join(map(printable, earlier))}")
     click.echo(f"1. wrote {src} ({src.stat().st_size / 1e6:.1f} MB): a synthetic FLUX.1 [dev]-layout checkpoint, "
                f"BF16, {g.double_blocks} double + {g.single_blocks} single blocks, hidden size {g.hidden}")
     with open_source(src) as source:
@@ -86,5 +90,22 @@ def example(out_dir: pathlib.Path) -> None:
     click.echo(f"4. wrote {spec}: a release spec for this checkpoint")
     click.echo(f"done in {time.perf_counter() - start:.1f} s; try:")
     click.echo(f"  flux-gguf inspect {records[-1].path}")
-    click.echo(f"  flux-gguf release build {spec} -o dist/example")
-    click.echo("  flux-gguf verify dist/example")
+    dist = free_folder(pathlib.Path("dist") / "example")
+    click.echo(f"  flux-gguf release build {printable(spec)} -o {printable(dist)}")
+    click.echo(f"  flux-gguf verify {printable(dist)}")
+
+
+def example_files(out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files ``flux-gguf example -o OUT_DIR`` writes."""
+    names = [f"{EXAMPLE_NAME}.safetensors", *(f"{EXAMPLE_NAME}-{v}.gguf" for v in EXAMPLE_VARIANTS), EXAMPLE_SPEC_NAME]
+    return [out_dir / n for n in names]
+
+
+def free_folder(base: pathlib.Path) -> pathlib.Path:
+    """``base``, or ``base-2``, ``base-3`` ... : the first that does not exist yet (``release build``
+    refuses a folder that exists and is not empty)."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate

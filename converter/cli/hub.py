@@ -6,7 +6,6 @@ The Hub token is never accepted on the command line or printed: huggingface_hub 
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Iterator
 
@@ -17,12 +16,8 @@ from converter.hub.remote import UNEXPECTED, RemoteReport, verify_remote_release
 from converter.hub.upload import plan_upload, upload_release
 from manifests import ManifestError
 
-from .output import GB, errors_as_click, increment_bar, one_line, printable
+from .output import GB, echo_json, errors_as_click, increment_bar, one_line, printable
 from .signing_options import trust_from, trust_options
-
-
-def _echo_json(payload: Any) -> None:
-    click.echo(json.dumps(payload, indent=2))
 
 
 @click.command("upload")
@@ -58,7 +53,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
     target = f"{plan.repo_id} ({'pull request against main' if create_pr else 'branch ' + (revision or 'main')})"
     if dry_run:
         if as_json:
-            return _echo_json({"dry_run": True, **plan.to_json()})
+            return echo_json({"dry_run": True, **plan.to_json()})
         click.echo(f"Would upload {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB) from {release_dir} "
                    f"to {target} via {plan.transfer.upper()}:")
         for f in plan.files:
@@ -68,7 +63,7 @@ def upload(release_dir: pathlib.Path, repo_id: str, revision: str | None, privat
         click.echo(f"Verified {len(plan.files)} files ({plan.total_bytes / GB:.3f} GB); uploading to {target}")
     result = upload_release(plan, message=message)
     if as_json:
-        return _echo_json(result.to_json())
+        return echo_json(result.to_json())
     click.echo(f"URL:    {printable(result.url)}")  # what the Hub answered, and file names: escaped
     click.echo(f"Commit: {printable(result.commit_url)}")
     if result.pr_url:
@@ -122,7 +117,7 @@ def download(repo_id: str, revision: str | None, include: tuple[str, ...], outpu
             result = download_release(repo_id, output, revision=revision, include=include, progress=progress,
                                       force=force)
     if as_json:
-        return _echo_json(result.to_json() | ({"signature": signature.to_json()} if signature else {}))
+        return echo_json(result.to_json() | ({"signature": signature.to_json()} if signature else {}))
     if signature is not None:
         click.echo(f"signature   {printable(signature.detail)}")
     for f in result.files:  # names from the release's manifest: escaped
@@ -147,7 +142,7 @@ def run_remote_verify(release_dir: pathlib.Path, remote: str, as_json: bool = Fa
     metadata (no large file is downloaded), print one line per file, fail if anything differs."""
     report = verify_remote_release(release_dir, remote)
     if as_json:
-        _echo_json(report.to_json())
+        echo_json(report.to_json())
     else:
         for line in _remote_report_lines(report):
             click.echo(line)

@@ -1,7 +1,6 @@
 """``flux-gguf imatrix``: collect an importance matrix for calibrated quantization (``convert --imatrix``)."""
 from __future__ import annotations
 
-import json
 import pathlib
 
 import click
@@ -9,7 +8,7 @@ import click
 from converter.errors import CalibrationError
 from converter.quality.probes import ProbeSpec
 
-from .output import printable, progress_bar
+from .output import echo_json, printable, progress_bar
 from .validate import _DEVICE, _log, _quiet_libraries
 
 
@@ -85,7 +84,7 @@ def imatrix(source: str, output: pathlib.Path, inputs_file: pathlib.Path | None,
     write_imatrix(report.imatrix, output)
     summary = {"file": str(output), **report.to_dict()}
     if as_json:
-        click.echo(json.dumps(summary, indent=2, allow_nan=False))
+        echo_json(summary, allow_nan=False)
         return
     click.echo(f"wrote {printable(output)}: {summary['tensors']} tensors, {report.samples} transformer calls, "
                f"{report.tokens} tokens, {report.seconds:.1f} s on {report.device} "

@@ -1,14 +1,13 @@
 """``flux-gguf inspect``: what a checkpoint or GGUF file holds (headers only)."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.inspect_files import inspect_path, inspect_source
 
-from .output import GB, printable
+from .output import GB, echo_json, printable
 
 
 @click.command("inspect")
@@ -29,7 +28,7 @@ def inspect(path: str, as_json: bool) -> None:
     else:
         report = inspect_path(path)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        echo_json(report.to_dict(), default=str)
         return
     # every string below may come from the file (names, metadata, the detector's message): escaped
     click.echo(f"path:         {printable(report.path)}")

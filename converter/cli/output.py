@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import pathlib
 import re
 import sys
@@ -16,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import click
 from tqdm import tqdm
 
+from converter import __version__
 from converter.errors import FluxGGUFError, PlanError
 from converter.pipeline import ProgressFn
 from converter.recipes import Plan
@@ -94,6 +97,15 @@ def errors_as_click(fn: F) -> F:
 
 GB = 1e9
 
+VERSION_KEY = "flux_gguf_version"
+"""The key every ``--json`` document carries the version of flux-gguf that wrote it under."""
+
+
+def echo_json(doc: dict[str, Any], **dumps: Any) -> None:
+    """Print a command's ``--json`` document on stdout, with the flux-gguf version first
+    (``VERSION_KEY``); ``dumps``: json.dumps options (``allow_nan=False``, ``default=str``)."""
+    click.echo(json.dumps({VERSION_KEY: __version__, **doc}, indent=2, **dumps))
+
 
 def check_threads(threads: int | None) -> None:
     """``--threads`` out of range is one ``Error:`` line (click's IntRange printed usage and exit 2)."""
@@ -104,11 +116,36 @@ def check_threads(threads: int | None) -> None:
                         f"may use), got {threads}")
 
 
+FALLBACK_COLUMNS, FALLBACK_ROWS = 80, 24
+"""The size assumed for a terminal that reports none (a fresh pty, some CI runners and containers:
+``stty size`` says 0 0), where tqdm's own sizing draws nothing at all (it takes the rows for -1)."""
+
+
+def terminal_columns(stream: Any = None) -> int:
+    """The width of the terminal behind ``stream`` (stderr by default): ``COLUMNS`` if set, else
+    what the terminal reports; 0 when neither says (unset size, or not a terminal)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return os.get_terminal_size((stream or sys.stderr).fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def new_bar(**kwargs: Any) -> tqdm:
+    """Every bar the commands draw: on stderr, only when it is a terminal (``disable=None``), as wide
+    as the terminal and following its resizes; on a terminal whose size is unset, FALLBACK_COLUMNS
+    wide (tqdm would otherwise draw nothing: a long conversion would look hung)."""
+    if terminal_columns() > 0:
+        return tqdm(disable=None, dynamic_ncols=True, file=sys.stderr, **kwargs)
+    return tqdm(disable=None, ncols=FALLBACK_COLUMNS, nrows=FALLBACK_ROWS, file=sys.stderr, **kwargs)
+
+
 @contextlib.contextmanager
 def increment_bar(desc: str, *, leave: bool = False) -> Iterator[ProgressFn]:
     """A byte bar on stderr fed by ``progress(bytes_just_done, total)`` increments (verify, the Hub)."""
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
-               dynamic_ncols=True, leave=leave)
+    bar = new_bar(total=0, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, leave=leave)
 
     def update(n: int, total: int) -> None:
         if bar.total != total:
@@ -125,8 +162,7 @@ def increment_bar(desc: str, *, leave: bool = False) -> Iterator[ProgressFn]:
 def progress_bar(desc: str, unit: str = "B") -> Iterator[ProgressFn]:
     """A tqdm bar on stderr (by default bytes of source processed, with rate and ETA) fed by a
     ``progress(done, total)`` callback."""
-    bar = tqdm(total=0, unit=unit, unit_scale=True, unit_divisor=1000, desc=desc, disable=None,
-               dynamic_ncols=True, leave=True)
+    bar = new_bar(total=0, unit=unit, unit_scale=True, unit_divisor=1000, desc=desc, leave=True)
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
@@ -165,22 +201,23 @@ def describe_artifacts(records: Sequence[ArtifactRecord]) -> str:
 
 
 # Seconds numba takes to compile one kernel on the 2-core development machine (quiet, cold cache;
-# measured with `flux-gguf example` after deleting quant_kernels/__pycache__, see README Figures).
+# measured with `flux-gguf example` and `flux-gguf warmup` on an empty NUMBA_CACHE_DIR, see README Figures).
 COMPILE_SECONDS_PER_KERNEL = 5
 
 
-def prepare_kernels(types: Iterable[str], *, imatrix: bool = False, sources: Iterable[str] = ()) -> None:
-    """The library's ``before_quantize`` hook: if numba's cache lacks kernels for these storage types,
-    say so once on stderr and compile them with a progress bar (refreshed while a kernel compiles),
-    so the first run after an install never sits silent for 20 s. Silent when all are cached (ms)."""
-    missing = quant_kernels.uncompiled_kernels(list(types), imatrix=imatrix, sources=list(sources))
-    if not missing:
-        return
+def compile_notice(missing: Sequence[str]) -> str:
+    """What the first run of a new set of kernels says before compiling them: how many, about how
+    long, that they are cached afterwards, and that ``flux-gguf warmup`` compiles every one at once."""
     seconds = COMPILE_SECONDS_PER_KERNEL * len(missing)
-    # tqdm.write: above any bar already on screen (the command's own progress bar is open)
-    tqdm.write(f"compiling quantization kernels (once per install, about {seconds} s): {', '.join(missing)}",
-               file=sys.stderr)
-    bar = tqdm(total=len(missing), desc="compiling", unit="kernel", disable=None, dynamic_ncols=True, leave=False)
+    return (f"compiling {len(missing)} quantization kernel{'s' if len(missing) != 1 else ''} this run needs "
+            f"(about {seconds} s, cached for later runs; `flux-gguf warmup` compiles all of them at once): "
+            f"{', '.join(missing)}")
+
+
+def compile_kernels(missing: Sequence[str], *, leave: bool = False) -> None:
+    """Compile the kernels ``quant_kernels.uncompiled_kernels`` named, one by one, with a bar whose
+    elapsed time keeps moving while numba holds the main thread."""
+    bar = new_bar(total=len(missing), desc="compiling", unit="kernel", leave=leave)
     stop = threading.Event()
 
     def tick() -> None:  # numba holds the main thread while it compiles; keep the elapsed time moving
@@ -198,3 +235,15 @@ def prepare_kernels(types: Iterable[str], *, imatrix: bool = False, sources: Ite
         stop.set()
         ticker.join()
         bar.close()
+
+
+def prepare_kernels(types: Iterable[str], *, imatrix: bool = False, sources: Iterable[str] = ()) -> None:
+    """The library's ``before_quantize`` hook: if numba's cache lacks kernels for these storage types,
+    say so once on stderr and compile them with a progress bar (refreshed while a kernel compiles),
+    so the first run after an install never sits silent for 20 s. Silent when all are cached (ms)."""
+    missing = quant_kernels.uncompiled_kernels(list(types), imatrix=imatrix, sources=list(sources))
+    if not missing:
+        return
+    # tqdm.write: above any bar already on screen (the command's own progress bar is open)
+    tqdm.write(compile_notice(missing), file=sys.stderr)
+    compile_kernels(missing)

@@ -8,7 +8,7 @@ import click
 
 from converter.quality.probes import ProbeSpec
 
-from .output import progress_bar
+from .output import echo_json, progress_bar
 from .validate import _DEVICE, _quiet_libraries
 
 
@@ -70,7 +70,7 @@ def sensitivity(source: pathlib.Path, output: pathlib.Path, imatrix_file: pathli
                "spearman_by_type": check["spearman_by_type"],
                "median_predicted_over_measured": check["median_predicted_over_measured"]}
     if as_json:
-        click.echo(json.dumps(summary, indent=2, allow_nan=False))
+        echo_json(summary, allow_nan=False)
         return
     rho = "n/a" if check["spearman"] is None else f"{check['spearman']:.3f}"
     by_type = ", ".join(f"{k} {v:.3f}" for k, v in check["spearman_by_type"].items()) or "n/a"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import pathlib
 
 import click
@@ -16,7 +15,7 @@ from converter.quality.validate import (
 )
 from converter.quality.validate import validate as run_validate
 
-from .output import GB, printable, progress_bar
+from .output import GB, echo_json, printable, progress_bar
 
 _DEVICE = click.Choice(["cpu", "cuda"])
 
@@ -151,7 +150,7 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
         report = report.with_pipeline(result.to_dict())
     path = write_validation_json(report, output or gguf.parent / VALIDATION_FILE)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        echo_json(report.to_dict(), allow_nan=False)
     else:
         click.echo(describe_report(report))
         click.echo(f"wrote {path}")
@@ -196,7 +195,7 @@ def bench(ggufs: tuple[pathlib.Path, ...], baseline: pathlib.Path | None, height
         for p in write_bench(report, out_dir):
             _log(f"wrote {p}")
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        echo_json(report.to_dict(), allow_nan=False)
     else:
         # the table holds each GGUF's quantize.imatrix.file: control characters escaped line by line
         click.echo("".join(printable(line) + "\n" for line in markdown_table(report).splitlines()), nl=False)

@@ -1,12 +1,10 @@
 """``flux-gguf verify DIR``: re-hash a release, and with --source re-derive it from the weights."""
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
 import click
-import numba
 
 from converter.release.rederive import RederiveReport, rederive_release
 from converter.release.signing import check_signature
@@ -14,7 +12,7 @@ from manifests import SIGNATURE_NAME, ManifestError, verify_release
 from manifests.verify import VerifyReport
 
 from .hub import remote_option, run_remote_verify
-from .output import increment_bar, one_line, prepare_kernels, printable, progress_bar
+from .output import check_threads, echo_json, increment_bar, one_line, prepare_kernels, printable, progress_bar
 from .signing_options import signature_line, trust_from, trust_options
 
 
@@ -66,7 +64,7 @@ def describe_rederive(r: RederiveReport) -> str:
                                    "(checked against the manifest by sha256); repeat for each file it lists.")
 @click.option("--ignore", "ignore", multiple=True, metavar="GLOB",
               help="Tolerate extra files matching GLOB (e.g. '.cache/huggingface/*'); repeatable.")
-@click.option("--threads", type=click.IntRange(1, numba.config.NUMBA_NUM_THREADS), default=None,
+@click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
               help="Threads for re-encoding with --source (default: all cores).")
 @remote_option
 @trust_options
@@ -96,6 +94,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
     and bytes, besides every manifest check (one read of each file serves both). Without them a
     signature is reported "present, not checked"; --require-signature fails unless it verifies.
     """
+    check_threads(threads)
     trust = trust_from(**trust_opts)
     if loras and source is None:
         raise click.UsageError("--lora only applies with --source (re-deriving a release that merged LoRAs)")
@@ -132,7 +131,7 @@ def verify(directory: pathlib.Path, as_json: bool, tensors: bool, source: str | 
             doc["ok"] = report.ok and rederived.ok
         doc["signature"] = signature.to_json()
         doc["ok"] = doc["ok"] and signature.ok
-        click.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
     else:
         click.echo(signature_line(signature))
         click.echo(describe_verify(report))

@@ -636,7 +636,7 @@ def check_signature(folder: str | os.PathLike[str], trust: Trust | None, *, requ
             return SignatureCheck(INVALID, f"manifest.json says the release is signed, but {SIGNATURE_NAME} is missing")
         if trust is not None or require:
             return SignatureCheck(INVALID, f"unsigned: no {SIGNATURE_NAME}, and a signature is required")
-        return SignatureCheck(UNSIGNED, f"unsigned (no {SIGNATURE_NAME})")
+        return SignatureCheck(UNSIGNED, f"no {SIGNATURE_NAME} in the folder")
     if declared is None:
         return SignatureCheck(INVALID, f"manifest.json says the release is unsigned, but the folder holds "
                                        f"{SIGNATURE_NAME}: the manifest and the folder disagree")

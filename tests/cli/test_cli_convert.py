@@ -79,6 +79,12 @@ def test_unknown_variant(src, tmp_path):
 
 @pytest.mark.parametrize("override, line", [
     ("a[=Q4_K", "override 'a[=Q4_K': bad regular expression: missing ]: ["),
+    ("(qkv)\\1=Q4_K", "override '(qkv)\\1=Q4_K': bad regular expression: invalid escape sequence: \\1 (backreferences "
+                      "such as \\1 and lookaround such as (?=...) are not supported: patterns are matched by RE2, in "
+                      "linear time)"),
+    ("(?<!txt_)attn=Q4_K", "override '(?<!txt_)attn=Q4_K': bad regular expression: invalid perl operator: (?<! "
+                           "(backreferences such as \\1 and lookaround such as (?=...) are not supported: patterns "
+                           "are matched by RE2, in linear time)"),
     ("qkv=IQ4_XS", "override 'qkv=IQ4_XS': unknown type 'IQ4_XS'; valid types: F32, F16, BF16, Q8_0, Q2_K, "
                    "Q3_K, Q4_K, Q5_K, Q6_K"),
     ("qkv", "override 'qkv' must look like REGEX=TYPE (for example 'txt_attn\\.qkv=Q8_0')"),
@@ -215,6 +221,7 @@ def test_inspect_reports_a_non_flux_checkpoint(tmp_path):
 
 
 def test_example_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the suggested release folder is the first free dist/example[-N] here
     r = run("example", "-o", tmp_path / "ex")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
@@ -225,7 +232,6 @@ def test_example_command(tmp_path, monkeypatch):
         assert reader.fields["flux_gguf.recipe"].contents() == v
         assert len(reader.tensors) == 84  # 52 for 1 + 1 blocks, 24 per double and 8 per single block more
     # The README's next commands, run as written from the folder the example ran in.
-    monkeypatch.chdir(tmp_path)
     assert f"  flux-gguf release build {tmp_path / 'ex' / 'release.toml'} -o dist/example" in r.stdout
     r = run("release", "build", "ex/release.toml", "-o", "dist/example")
     assert r.exit_code == 0, r.output

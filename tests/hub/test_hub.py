@@ -19,7 +19,9 @@ from click.testing import CliRunner
 from hub_emulator import emulated_hub
 from huggingface_hub.utils import http_backoff
 
+from converter import __version__
 from converter.cli import main
+from converter.cli.output import VERSION_KEY
 from converter.errors import (
     HubConnectionError,
     HubError,
@@ -143,6 +145,7 @@ def test_upload_json_output_and_rerun_sends_nothing_again(emulator, tmp_path):
     first = run("upload", rel, "alice/demo", "--json", "-m", "first release")
     assert first.exit_code == 0, first.output
     doc = json.loads(first.stdout)
+    assert doc[VERSION_KEY] == __version__
     assert doc["commit_oid"] == emulator.repos["alice/demo"].refs["main"]
     assert doc["verified"]["ok"] and doc["verified"]["counts"]["ok"] == 5
     assert emulator.repos["alice/demo"].commits[doc["commit_oid"]].message == "first release"
@@ -360,6 +363,7 @@ def test_download_verifies_everything_and_a_rerun_keeps_present_files(emulator, 
     before = len(emulator.requests("GET", "/resolve/"))
     again = run("download", "alice/demo", "-o", out, "--json")
     doc = json.loads(again.stdout)
+    assert doc[VERSION_KEY] == __version__
     assert {f["action"] for f in doc["files"]} == {"present"}
     fetched = [r.path for r in emulator.requests("GET", "/resolve/")[before:]]
     assert not [p for p in fetched if p.endswith(".gguf")]

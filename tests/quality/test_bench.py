@@ -10,7 +10,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from converter import __version__
 from converter.cli import main
+from converter.cli.output import VERSION_KEY
 from converter.errors import ValidationError
 from converter.quality.bench import (
     BenchRecord,
@@ -100,6 +102,15 @@ def test_cli_bench_without_baseline(small, tmp_path):
     assert rows[0].startswith("| file | type |") and len(rows) == 3
     assert rows[2].startswith(f"| {small.q8_0.name} | Q8_0 | ") and rows[2].endswith("| n/a | n/a |")
     assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench.md").read_text() == res.stdout
+
+
+def test_cli_bench_json(small):
+    res = CliRunner().invoke(main, ["bench", str(small.q8_0), "--device", "cpu", "--height", "32", "--width", "32",
+                                    "--text-tokens", "16", "--steps", "1", "--warmup", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc[VERSION_KEY] == __version__
+    assert [r["label"] for r in doc["records"]] == ["Q8_0"] and doc["schema_version"] == 1
 
 
 def test_cli_bench_error_line():

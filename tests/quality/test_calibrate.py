@@ -7,7 +7,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from converter import __version__
 from converter.cli import main
+from converter.cli.output import VERSION_KEY
 from converter.errors import CalibrationError
 from converter.imatrix import read_imatrix
 from converter.layout import FluxGeometry, bfl_tensor_shapes
@@ -216,6 +218,7 @@ def test_cli_writes_an_imatrix_file_and_a_json_summary(src, tmp_path):
     import json
 
     summary = json.loads(res.stdout)
+    assert summary[VERSION_KEY] == __version__
     assert summary["tensors"] == 13 and summary["samples"] == 1 and summary["tokens"] == 16
     assert summary["smoke_default"] is True and summary["file"] == str(out)
     im = read_imatrix(out)

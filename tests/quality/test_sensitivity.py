@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 
 import quant_kernels
+from converter import __version__
 from converter.cli import main
+from converter.cli.output import VERSION_KEY
 from converter.imatrix import read_imatrix
 from converter.layout import FluxGeometry
 from converter.pipeline import KV_TARGET
@@ -103,6 +105,17 @@ def test_prediction_check_is_recorded_and_ranks_like_the_measurement(measured):
     assert min(check["spearman_by_type"].values()) > 0.8
     assert 0.5 < check["median_predicted_over_measured"] < 2.0
     assert f"Spearman {check['spearman']:.3f}" in output
+
+
+def test_json_summary_names_the_file_and_the_version(measured, tmp_path):
+    d, src, _, _ = measured
+    out = tmp_path / "again.sensitivity.json"
+    r = run("sensitivity", src, "-o", out, "--check-tensors", "0", "--json", *PROBE)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary[VERSION_KEY] == __version__
+    assert summary["file"] == str(out) and summary["tensors"] == 13 and summary["check_pairs"] == 0
+    assert len(json.loads(out.read_text())["tensors"]) == 13
 
 
 def test_spearman_handles_ties_and_short_input():

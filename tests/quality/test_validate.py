@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from converter import __version__
 from converter.cli import main
+from converter.cli.output import VERSION_KEY
 from converter.errors import ValidationError
 from converter.layout import bfl_tensor_shapes, is_kept_unquantized
 from converter.quality.probes import ProbeSpec, make_kontext_probe
@@ -372,6 +374,7 @@ def test_cli_end_to_end_bf16_is_identical(small, tmp_path):
                                     "-o", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
+    assert doc.pop(VERSION_KEY) == __version__
     # The BF16 GGUF holds the source's exact values: diffusers computes the same output bit for bit.
     assert doc["outputs"] == {"rel_l2": 0.0, "cosine": 1.0, "psnr_db": None, "max_abs": 0.0}
     assert doc["metrics"] == {"cosine": 1.0, "rel_l2": 0.0}
