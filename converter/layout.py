@@ -56,12 +56,13 @@ class Flux2Size:
     hidden: int
     context_dim: int
     guidance: bool
+    base_model: str  # the Hub repository of the original weights (a release's ``base_model``)
 
 
 FLUX2_SIZES = (
-    Flux2Size("flux2-dev", 8, 48, 6144, 15360, True),
-    Flux2Size("flux2-klein-4b", 5, 20, 3072, 7680, False),
-    Flux2Size("flux2-klein-9b", 8, 24, 4096, 12288, False),
+    Flux2Size("flux2-dev", 8, 48, 6144, 15360, True, "black-forest-labs/FLUX.2-dev"),
+    Flux2Size("flux2-klein-4b", 5, 20, 3072, 7680, False, "black-forest-labs/FLUX.2-klein-4B"),
+    Flux2Size("flux2-klein-9b", 8, 24, 4096, 12288, False, "black-forest-labs/FLUX.2-klein-9B"),
 )
 FLUX2_FAMILIES = {s.family: s for s in FLUX2_SIZES}
 
