@@ -226,6 +226,9 @@ def run_probe(model: Any, probe: KontextProbe, device: str) -> np.ndarray:
     """
     import torch
 
+    if type(model).__name__ == "Flux2Transformer2DModel":
+        raise ValidationError("the validate/bench probe is FLUX.1 Kontext's (T5 and CLIP inputs, 64 latent channels); "
+                              "FLUX.2 models load, but have no probe yet")
     kwargs = probe.transformer_kwargs(device, compute_dtype(device), guidance_embeds=model.config.guidance_embeds)
     with torch.inference_mode():
         out = model(**kwargs, return_dict=False)[0]
