@@ -1,4 +1,4 @@
-"""Open a FLUX.1 checkpoint in any layout users have, and present it in BFL naming.
+"""Open a FLUX.1 or FLUX.2 checkpoint in any layout users have, and present it in BFL naming.
 
 Three layouts reach us: BFL single files, ComfyUI-saved single files (keys prefixed
 ``model.diffusion_model.`` or ``diffusion_model.``), and diffusers folders (a folder holding
@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .diffusers_names import bfl_name_for, diffusers_parts
+from .diffusers_names import bfl_name_for, diffusers_arch, diffusers_parts
 from .errors import SourceError
-from .layout import FluxGeometry, bfl_tensor_shapes
+from .layout import FLUX1, FLUX2, FLUX2_MARKER, FluxGeometry, bfl_tensor_shapes
 from .safetensors_io import DTYPE_SIZES, RawTensor, SafetensorsFile
 
 COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -67,26 +67,33 @@ def _whole(file: SafetensorsFile, raw: RawTensor) -> list[_Piece]:
 # ---------------------------------------------------------------------------------------------
 # BFL logical order, for any block count, without building an inventory per index.
 
-_TEMPLATE = list(bfl_tensor_shapes(FluxGeometry(double_blocks=1, single_blocks=1)))
 _BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
-_FIRST_BLOCK = _TEMPLATE.index("double_blocks.0.img_mod.lin.weight")
-_POS = {name: i for i, name in enumerate(_TEMPLATE)}
 
 
-def _order_key(name: str) -> tuple[int, int, int]:
+def _positions(arch: str) -> tuple[dict[str, int], int]:
+    template = list(bfl_tensor_shapes(FluxGeometry(double_blocks=1, single_blocks=1, arch=arch)))
+    return {name: i for i, name in enumerate(template)}, template.index("double_blocks.0.img_attn.qkv.weight")
+
+
+_POSITIONS = {arch: _positions(arch) for arch in (FLUX1, FLUX2)}
+
+
+def _order_key(name: str, arch: str = FLUX1) -> tuple[int, int, int]:
+    pos_of, first_block = _POSITIONS[arch]
     m = _BLOCK.match(name)
     if m is not None:
         kind, index, rest = m.groups()
-        pos = _POS.get(f"{kind}.0.{rest}")
+        pos = pos_of.get(f"{kind}.0.{rest}")
         if pos is not None:
             return (1 if kind == "double_blocks" else 2, int(index) if len(index) <= 9 else 10**9, pos)
-    elif name in _POS:
-        return (0 if _POS[name] < _FIRST_BLOCK else 3, 0, _POS[name])
-    return (4, 0, 0)  # not a FLUX.1 tensor: after the known ones, in file order (sort is stable)
+    elif name in pos_of:
+        return (0 if pos_of[name] < first_block else 3, 0, pos_of[name])
+    return (4, 0, 0)  # not a FLUX tensor: after the known ones, in file order (sort is stable)
 
 
 def _in_bfl_order(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-    return {name: tensors[name] for name in sorted(tensors, key=_order_key)}
+    arch = FLUX2 if FLUX2_MARKER in tensors else FLUX1
+    return {name: tensors[name] for name in sorted(tensors, key=lambda n: _order_key(n, arch))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,17 +291,19 @@ def _assemble_diffusers(raw: dict[str, tuple[SafetensorsFile, RawTensor]]
                         ) -> tuple[dict[str, TensorInfo], dict[str, list[_Piece]]]:
     """Group diffusers keys into BFL tensors: rows stacked in part order, halves swapped back."""
     groups: dict[str, None] = {}
-    unknown = [k for k in raw if bfl_name_for(k) is None]
+    arch = diffusers_arch(raw)
+    unknown = [k for k in raw if bfl_name_for(k, arch) is None]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        what = "FLUX.2" if arch == FLUX2 else "FLUX.1"
         raise SourceError(f"{raw[unknown[0]][0].path}: unknown diffusers key {unknown[0]}{more}: "
-                          "it maps to no FLUX.1 transformer tensor")
+                          f"it maps to no {what} transformer tensor")
     for key in raw:
-        groups[bfl_name_for(key)[0]] = None  # type: ignore[index]
+        groups[bfl_name_for(key, arch)[0]] = None  # type: ignore[index]
     tensors: dict[str, TensorInfo] = {}
     pieces: dict[str, list[_Piece]] = {}
     for bfl in groups:
-        mapping = diffusers_parts(bfl)
+        mapping = diffusers_parts(bfl, arch)
         assert mapping is not None
         present = [p for p in mapping.parts if p in raw]
         missing = [p for p in mapping.parts if p not in raw]

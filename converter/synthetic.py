@@ -1,4 +1,4 @@
-"""Synthetic FLUX.1 checkpoints: real key names, shapes and dtypes, made-up weights, any size.
+"""Synthetic FLUX.1 and FLUX.2 checkpoints (``layout.flux2_geometry``): real key names, shapes and dtypes, made-up weights, any size.
 
 Tests, benchmarks and the CLI's built-in example need FLUX-shaped files without downloading 24 GB
 of someone's weights. These files are written the way the real ones are laid out (BFL single
@@ -47,7 +47,10 @@ from .diffusers_names import diffusers_parts, part_rows
 from .errors import OutputError
 from .layout import (
     CONTEXT_DIM,
+    FLUX2,
+    FLUX2_MLP_RATIO,
     HEAD_DIM,
+    TIME_DIM,
     OUT_CHANNELS,
     VEC_DIM,
     FluxGeometry,
@@ -62,6 +65,7 @@ BIAS_STD_FACTOR = 0.1
 CHUNK_ELEMENTS = 1 << 22  # elements generated per kernel call: the writer's whole working memory
 DEFAULT_SHARD_BYTES = 10_000_000_000  # diffusers' save_pretrained default ("10GB")
 FULL_SIZE = FluxGeometry()  # FLUX.1 dev / Kontext: 19 + 38 blocks, hidden 3072
+FLUX2_AXES_DIMS_ROPE = (32, 32, 32, 32)  # diffusers' and sd.cpp's FLUX.2 default
 PARTIAL_MARKER = ".flux-gguf-partial"  # put in a NAME.partial folder by this writer: only such a folder is ever removed
 # structured=True (see the module docstring)
 STRUCTURE_SIGMA = 1.2  # log-normal spread of the modulation scales
@@ -195,7 +199,7 @@ def _plan(geometry: FluxGeometry, layout: str) -> list[_Stored]:
             key = COMFYUI_PREFIX + name if layout == "comfyui" else name
             out.append(_Stored(key, name, shape, ((0, count),)))
             continue
-        mapping = diffusers_parts(name)
+        mapping = diffusers_parts(name, geometry.arch)
         assert mapping is not None
         width = count // shape[0]
         if mapping.swap_halves:  # diffusers holds (scale, shift); BFL (shift, scale)
@@ -203,7 +207,7 @@ def _plan(geometry: FluxGeometry, layout: str) -> list[_Stored]:
             out.append(_Stored(mapping.parts[0], name, shape, ((half, count), (0, half))))
             continue
         row = 0
-        for part, rows in zip(mapping.parts, part_rows(name, shape[0]), strict=True):
+        for part, rows in zip(mapping.parts, part_rows(name, shape[0], geometry.arch), strict=True):
             out.append(_Stored(part, name, (rows, *shape[1:]), ((row * width, (row + rows) * width),)))
             row += rows
     return out
@@ -223,8 +227,31 @@ def _shards(stored: list[_Stored], dtype: str, shard_bytes: int) -> list[list[_S
     return shards
 
 
+def flux2_diffusers_config(geometry: FluxGeometry) -> dict[str, object]:
+    """The Flux2Transformer2DModel config.json diffusers needs to build this FLUX.2 geometry."""
+    return {
+        "_class_name": "Flux2Transformer2DModel",
+        "attention_head_dim": HEAD_DIM,
+        "axes_dims_rope": list(FLUX2_AXES_DIMS_ROPE),
+        "eps": 1e-6,
+        "guidance_embeds": geometry.guidance,
+        "in_channels": geometry.img_in_channels,
+        "joint_attention_dim": geometry.context_dim,
+        "mlp_ratio": float(FLUX2_MLP_RATIO),
+        "num_attention_heads": geometry.hidden // HEAD_DIM,
+        "num_layers": geometry.double_blocks,
+        "num_single_layers": geometry.single_blocks,
+        "out_channels": None,
+        "patch_size": 1,
+        "rope_theta": 2000,
+        "timestep_guidance_channels": TIME_DIM,
+    }
+
+
 def diffusers_config(geometry: FluxGeometry) -> dict[str, object]:
-    """The FluxTransformer2DModel config.json diffusers needs to build this geometry."""
+    """The FluxTransformer2DModel (FLUX.2: Flux2Transformer2DModel) config.json diffusers needs to build this geometry."""
+    if geometry.arch == FLUX2:
+        return flux2_diffusers_config(geometry)
     return {
         "_class_name": "FluxTransformer2DModel",
         "attention_head_dim": HEAD_DIM,

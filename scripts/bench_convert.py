@@ -204,16 +204,35 @@ def free_bytes(path: pathlib.Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def ensure_source(work: pathlib.Path, geo) -> tuple[pathlib.Path, float | None]:
-    from converter.layout import FluxGeometry
+def write_sparse_source(path: pathlib.Path, geo) -> pathlib.Path:
+    """A BF16 checkpoint of ``geo`` whose data region is a hole (all zeros, no disk used)."""
+    import math
+
+    from converter.layout import bfl_tensor_shapes
+    from converter.safetensors_io import encode_header
+
+    shapes = bfl_tensor_shapes(geo)
+    header = encode_header([(n, "BF16", s) for n, s in shapes.items()], {})
+    with open(path, "wb") as f:
+        f.write(header)
+    os.truncate(path, len(header) + sum(math.prod(s) for s in shapes.values()) * 2)
+    return path
+
+
+def ensure_source(work: pathlib.Path, geo, sparse: bool = False) -> tuple[pathlib.Path, float | None]:
+    from converter.layout import FLUX2, FluxGeometry, flux2_size_of
     from converter.synthetic import synthetic_nbytes, write_synthetic_flux
 
+    size = flux2_size_of(geo) if geo.arch == FLUX2 else None
     stem = ("flux1-synthetic-full" if geo == FluxGeometry()
-            else f"flux1-synthetic-{geo.double_blocks}d{geo.single_blocks}s{geo.hidden}")
-    src = work / f"{stem}.safetensors"
+            else f"{size.family}-synthetic-full" if size is not None and size.hidden == geo.hidden
+            else f"{geo.arch}-synthetic-{geo.double_blocks}d{geo.single_blocks}s{geo.hidden}")
+    src = work / f"{stem}{'-sparse' if sparse else ''}.safetensors"
     need = synthetic_nbytes(geo, "BF16")
     if src.exists() and src.stat().st_size >= need:
         return src, None
+    if sparse:
+        return write_sparse_source(src, geo), None
     if free_bytes(work) < need * 1.05:
         sys.exit(f"bench: need {need / GB:.1f} GB free in {work} for the source, have {free_bytes(work) / GB:.1f} GB")
     start = time.perf_counter()
@@ -355,6 +374,11 @@ def main() -> None:
     ap.add_argument("--double-blocks", type=int, default=None)
     ap.add_argument("--single-blocks", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None, help="a multiple of 128 (default: FLUX.1's 3072)")
+    ap.add_argument("--flux2", choices=("flux2-dev", "flux2-klein-4b", "flux2-klein-9b"), default=None,
+                    help="the FLUX.2 model's layout instead of FLUX.1's (--hidden narrows it)")
+    ap.add_argument("--sparse", action="store_true",
+                    help="a sparse all-zero source (headers only on disk) instead of synthetic weights: for sizes "
+                         "the disk cannot hold twice; zero weights make the kernels' work lighter than real ones")
     ap.add_argument("--smoke", action="store_true", help="2 + 2 blocks of hidden 512 (checks the script, not speed)")
     ap.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here (after every run)")
     ap.add_argument("--remove-source", action="store_true", help="delete the generated source afterwards")
@@ -368,23 +392,26 @@ def main() -> None:
     SWITCH_INTERVAL = args.switch_interval
     TRACE = args.trace
 
-    from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry
+    from converter.layout import DOUBLE_BLOCKS, HIDDEN, SINGLE_BLOCKS, FluxGeometry, flux2_geometry
 
-    if args.smoke:
+    if args.flux2:
+        geo = flux2_geometry(args.flux2, args.hidden)
+    elif args.smoke:
         geo = FluxGeometry(double_blocks=2, single_blocks=2, hidden=512)
     else:
         geo = FluxGeometry(double_blocks=DOUBLE_BLOCKS if args.double_blocks is None else args.double_blocks,
                            single_blocks=SINGLE_BLOCKS if args.single_blocks is None else args.single_blocks,
                            hidden=HIDDEN if args.hidden is None else args.hidden)
     args.work.mkdir(parents=True, exist_ok=True)
-    src, gen_s = ensure_source(args.work, geo)
+    src, gen_s = ensure_source(args.work, geo, args.sparse)
     scenarios = args.scenario or DEFAULT_SCENARIOS
     cores = os.cpu_count() or 1
     results: dict = {
         "machine": {"cpus": cores, "python": platform.python_version(), "platform": platform.platform(),
                     "processor": _cpu_model(), "work": str(args.work),
                     "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]},
-        "geometry": {"double_blocks": geo.double_blocks, "single_blocks": geo.single_blocks, "hidden": geo.hidden},
+        "geometry": {"arch": geo.arch, "double_blocks": geo.double_blocks, "single_blocks": geo.single_blocks,
+                     "hidden": geo.hidden},
         "source": {"path": src.name, "bytes": src.stat().st_size, "generate_s": None if gen_s is None else round(gen_s, 1)},
         "stages": [], "runs": [], "sweep": [],
     }

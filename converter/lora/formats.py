@@ -1,4 +1,4 @@
-"""Every FLUX.1 LoRA file format, detected and normalized into one canonical form in BFL naming.
+"""Every FLUX.1 LoRA file format (and FLUX.2's kohya / ComfyUI / BFL / diffusers names), detected and normalized into one canonical form in BFL naming.
 
 Why one form: a LoRA is either merged into BFL-named weights before quantization or re-exported
 as a kohya side-car, and both need the same answer to "which rows of which BFL tensor get which
@@ -55,6 +55,8 @@ _BFL_LINEARS = (
       for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
     "single_blocks.{i}.linear1", "single_blocks.{i}.linear2", "single_blocks.{i}.modulation.lin",
     "final_layer.linear", "final_layer.adaLN_modulation.1",
+    # FLUX.2: the shared modulations (its other linears have FLUX.1's BFL names)
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
 )
 _BFL_NORMS = (
     *(f"double_blocks.{{i}}.{s}_attn.norm.{n}_norm.scale" for s in ("img", "txt") for n in ("query", "key")),
@@ -92,6 +94,20 @@ _DIFFUSERS_LINEARS: dict[str, tuple[str, object]] = {
     f"{_STB}.norm.linear": (f"{_SB}.modulation.lin", None),
     "norm_out.linear": ("final_layer.adaLN_modulation.1", _SWAP),
     "proj_out": ("final_layer.linear", None),
+    # FLUX.2 (Flux2Transformer2DModel; converter.diffusers_names): no name here is a FLUX.1 one
+    "time_guidance_embed.timestep_embedder.linear_1": ("time_in.in_layer", None),
+    "time_guidance_embed.timestep_embedder.linear_2": ("time_in.out_layer", None),
+    "time_guidance_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", None),
+    "time_guidance_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", None),
+    "double_stream_modulation_img.linear": ("double_stream_modulation_img.lin", None),
+    "double_stream_modulation_txt.linear": ("double_stream_modulation_txt.lin", None),
+    "single_stream_modulation.linear": ("single_stream_modulation.lin", None),
+    f"{_TB}.ff.linear_in": (f"{_DB}.img_mlp.0", None),
+    f"{_TB}.ff.linear_out": (f"{_DB}.img_mlp.2", None),
+    f"{_TB}.ff_context.linear_in": (f"{_DB}.txt_mlp.0", None),
+    f"{_TB}.ff_context.linear_out": (f"{_DB}.txt_mlp.2", None),
+    f"{_STB}.attn.to_qkv_mlp_proj": (f"{_SB}.linear1", None),
+    f"{_STB}.attn.to_out": (f"{_SB}.linear2", None),
 }
 _DIFFUSERS_NORMS = {
     f"{_TB}.attn.norm_q.weight": f"{_DB}.img_attn.norm.query_norm.scale",

@@ -33,7 +33,7 @@ import numpy as np
 from converter.detect import detect_model
 from converter.diffusers_names import bfl_name_for, diffusers_parts, part_rows
 from converter.errors import CalibrationError, FluxGGUFError, SourceError
-from converter.layout import CONTEXT_DIM, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
+from converter.layout import CONTEXT_DIM, FLUX1, FLUX2, VEC_DIM, FluxGeometry, bfl_tensor_shapes, is_kept_unquantized
 from converter.hub.source import is_hub_spec, open_any_source
 from converter.safetensors_io import SafetensorsFile
 from manifests.hashing import partial_path
@@ -46,6 +46,7 @@ from .diffusers_model import (
     release_memory,
     require_diffusers,
     resolve_device,
+    transformer_class_name,
     transformer_config,
     write_transformer_config,
 )
@@ -92,10 +93,11 @@ class ImatrixCollector:
         self._counts: dict[str, int] = dict.fromkeys(self.names, 0)
         self._handles: list[Any] = []
         hooked: set[str] = set()
+        arch = FLUX2 if type(model).__name__ == "Flux2Transformer2DModel" else FLUX1
         for module_name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
-            hit = bfl_name_for(f"{module_name}.weight")
+            hit = bfl_name_for(f"{module_name}.weight", arch)
             if hit is None or hit[0] not in wanted or hit[1] != 0:  # a shared input: the first part counts it
                 continue
             self._handles.append(module.register_forward_pre_hook(self._hook(hit[0])))
@@ -157,20 +159,21 @@ def _listing(what: str, names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- loading the model
 
 
-def diffusers_state_dict(tensors: Mapping[str, np.ndarray], device: str, dtype: torch.dtype) -> dict[str, Any]:
+def diffusers_state_dict(tensors: Mapping[str, np.ndarray], device: str, dtype: torch.dtype,
+                         arch: str = FLUX1) -> dict[str, Any]:
     """BFL tensors (float32 numpy) -> diffusers keys as torch tensors: the inverse of our naming table."""
     import torch
 
     out: dict[str, Any] = {}
     for name, x in tensors.items():
-        mapping = diffusers_parts(name)
+        mapping = diffusers_parts(name, arch)
         if mapping is None:
-            raise CalibrationError(f"tensor {name} is not part of a FLUX.1 transformer")
+            raise CalibrationError(f"tensor {name} is not part of a {'FLUX.2' if arch == FLUX2 else 'FLUX.1'} transformer")
         t = torch.from_numpy(np.ascontiguousarray(x))
         if mapping.swap_halves:
             half = t.shape[0] // 2
             t = torch.cat([t[half:], t[:half]])
-        rows = part_rows(name, t.shape[0]) if len(mapping.parts) > 1 else (t.shape[0],)
+        rows = part_rows(name, t.shape[0], arch) if len(mapping.parts) > 1 else (t.shape[0],)
         for key, piece in zip(mapping.parts, torch.split(t, list(rows)), strict=True):
             out[key] = piece.to(device=device, dtype=dtype).contiguous()
     return out
@@ -178,7 +181,8 @@ def diffusers_state_dict(tensors: Mapping[str, np.ndarray], device: str, dtype: 
 
 def build_transformer(geometry: FluxGeometry, read: Callable[[str], np.ndarray], device: str,
                       dtype: torch.dtype | None = None) -> Any:
-    """A diffusers FluxTransformer2DModel of any geometry, weights from ``read(BFL name)`` (float32).
+    """A diffusers FluxTransformer2DModel (FLUX.2: Flux2Transformer2DModel) of any geometry, weights
+    from ``read(BFL name)`` (float32).
 
     Built on the meta device and filled tensor by tensor on ``device``: host memory holds one
     tensor at a time. Unlike from_single_file this loads any hidden size (small test models).
@@ -189,10 +193,10 @@ def build_transformer(geometry: FluxGeometry, read: Callable[[str], np.ndarray],
     dtype = dtype or compute_dtype(device)
     config = {k: v for k, v in transformer_config(geometry).items() if k != "_class_name"}
     with torch.device("meta"):
-        model = diffusers.FluxTransformer2DModel(**config)
+        model = getattr(diffusers, transformer_class_name(geometry))(**config)
     state: dict[str, Any] = {}
     for name in bfl_tensor_shapes(geometry):
-        state.update(diffusers_state_dict({name: read(name)}, device, dtype))
+        state.update(diffusers_state_dict({name: read(name)}, device, dtype, geometry.arch))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

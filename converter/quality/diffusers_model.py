@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from converter.errors import ValidationError
-from converter.layout import CONTEXT_DIM, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+from converter.layout import CONTEXT_DIM, FLUX2, FLUX2_MARKER, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+from converter.synthetic import flux2_diffusers_config
 from manifests.hashing import write_bytes_atomic
 
 from .probes import KontextProbe
@@ -77,10 +78,18 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype}
 
 
+def transformer_class_name(geometry: FluxGeometry) -> str:
+    """The diffusers model class of a geometry: ``Flux2Transformer2DModel`` for FLUX.2."""
+    return "Flux2Transformer2DModel" if geometry.arch == FLUX2 else "FluxTransformer2DModel"
+
+
 def transformer_config(geometry: FluxGeometry) -> dict[str, Any]:
-    """The diffusers ``FluxTransformer2DModel`` config for a FLUX geometry (Kontext: in_channels 64)."""
+    """The diffusers ``FluxTransformer2DModel`` config for a FLUX geometry (Kontext: in_channels 64);
+    for FLUX.2 the ``Flux2Transformer2DModel`` one."""
     if geometry.hidden % HEAD_DIM:
         raise ValidationError(f"hidden size {geometry.hidden} is not a multiple of the head size {HEAD_DIM}")
+    if geometry.arch == FLUX2:
+        return dict(flux2_diffusers_config(geometry))
     return {
         "_class_name": "FluxTransformer2DModel",
         "patch_size": 1,
@@ -107,8 +116,9 @@ def write_transformer_config(geometry: FluxGeometry, folder: str | os.PathLike[s
 
 
 def check_loadable(geometry: FluxGeometry) -> None:
-    """diffusers can only load FLUX geometries its single-file converter understands."""
-    if geometry.hidden != DIFFUSERS_HIDDEN:
+    """diffusers can only load FLUX geometries its single-file converter understands (FLUX.2's
+    converter splits by chunks, so any hidden size loads)."""
+    if geometry.hidden != DIFFUSERS_HIDDEN and geometry.arch != FLUX2:
         raise ValidationError(
             f"diffusers loads FLUX transformers with hidden size {DIFFUSERS_HIDDEN} only "
             f"(its single-file conversion hard-codes it); this model has {geometry.hidden}"
@@ -130,13 +140,26 @@ def geometry_from_shapes(shapes: Mapping[str, tuple[int, ...]], where: str) -> F
         ids = {int(n.split(".")[1]) for n in shapes if n.startswith(prefix) and n.split(".")[1].isdigit()}
         return max(ids) + 1 if ids else 0
 
+    txt_in = shapes.get("txt_in.weight")
+    flux2 = FLUX2_MARKER in shapes
     return FluxGeometry(
         double_blocks=count("double_blocks."),
         single_blocks=count("single_blocks."),
         hidden=int(img_in[0]),
         img_in_channels=int(img_in[1]),
         guidance="guidance_in.in_layer.weight" in shapes,
+        **({"arch": FLUX2, "context_dim": int(txt_in[1]) if txt_in is not None and len(txt_in) == 2 else 0}
+           if flux2 else {}),
     )
+
+
+def model_class(diffusers: Any, config_dir: str | os.PathLike[str]) -> Any:
+    """The diffusers class ``config_dir``'s config.json names (FLUX.1's when it names none)."""
+    try:
+        name = json.loads((pathlib.Path(config_dir) / "config.json").read_text("utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return diffusers.Flux2Transformer2DModel if name == "Flux2Transformer2DModel" else diffusers.FluxTransformer2DModel
 
 
 def load_gguf_transformer(path: str | os.PathLike[str], config_dir: str | os.PathLike[str], device: str) -> Any:
@@ -144,7 +167,7 @@ def load_gguf_transformer(path: str | os.PathLike[str], config_dir: str | os.Pat
     diffusers = require_diffusers()
     dtype = compute_dtype(device)
     try:
-        model = diffusers.FluxTransformer2DModel.from_single_file(
+        model = model_class(diffusers, config_dir).from_single_file(
             str(path),
             config=str(config_dir),
             quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=dtype),
@@ -177,7 +200,7 @@ def load_source_transformer(
             raise ValidationError(f"{path}: expected a .safetensors file")
         source = read_state_dict()
     try:
-        model = diffusers.FluxTransformer2DModel.from_single_file(
+        model = model_class(diffusers, config_dir).from_single_file(
             source, config=str(config_dir), local_files_only=True, **dtype_kwargs(dtype)
         )
     except _LOAD_ERRORS as exc:
@@ -203,6 +226,9 @@ def run_probe(model: Any, probe: KontextProbe, device: str) -> np.ndarray:
     """
     import torch
 
+    if type(model).__name__ == "Flux2Transformer2DModel":
+        raise ValidationError("the validate/bench probe is FLUX.1 Kontext's (T5 and CLIP inputs, 64 latent channels); "
+                              "FLUX.2 models load, but have no probe yet")
     kwargs = probe.transformer_kwargs(device, compute_dtype(device), guidance_embeds=model.config.guidance_embeds)
     with torch.inference_mode():
         out = model(**kwargs, return_dict=False)[0]
