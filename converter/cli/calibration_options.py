@@ -83,6 +83,14 @@ class CalibrationInputs:
         return ProbeSpec(height=self.height or 512, width=self.width or 512, text_tokens=self.text_tokens,
                          seed=self.seed)
 
+    def pipeline_spec(self) -> Any:
+        """The pipeline run (a converter.quality.calibrate.PipelineSpec), or None without --pipeline."""
+        from converter.quality.calibrate import PipelineSpec
+
+        if self.pipeline_dir is None or self.prompts_file is None:
+            return None
+        return PipelineSpec(self.pipeline_dir, self.prompts_file, **self.pipeline_kwargs())
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the library's pipeline runs (collect_imatrix_pipeline, measure_sensitivity)."""
         return {"images_dir": self.images_dir, "steps": self.steps, "guidance": self.guidance,

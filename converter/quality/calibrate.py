@@ -778,6 +778,21 @@ def collect_with_pipeline(
     return im, n_calls, tokens
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline run to calibrate on: the Kontext pipeline folder and what it renders."""
+
+    pipeline_dir: pathlib.Path
+    prompts_file: pathlib.Path
+    images_dir: pathlib.Path | None = None
+    steps: int = 28
+    guidance: float = 2.5
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    max_sequence_length: int = 512
+
+
 def collect_imatrix_pipeline(
     source: str | os.PathLike[str],
     pipeline_dir: str | os.PathLike[str],
@@ -854,6 +869,7 @@ def _first_line(exc: BaseException) -> str:
 __all__ = [
     "CollectionReport",
     "ImatrixCollector",
+    "PipelineSpec",
     "build_transformer",
     "capture_transformer_inputs",
     "collect_imatrix",

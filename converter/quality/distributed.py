@@ -130,6 +130,16 @@ class Ranks:
             dist.broadcast(vector, 0)
         return vector
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, 0, group=self._control)
+        return box[0]
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order, on every rank (small results)."""
         if self.world == 1:

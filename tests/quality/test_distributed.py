@@ -134,3 +134,24 @@ def test_ranks_that_see_different_inputs_are_refused(src, tmp_path):
                               "(2, 0, 0); every rank needs the same inputs\n")
     assert results[1] == ("", "")
     assert not any(tmp_path.iterdir())
+
+
+def test_sensitivity_on_two_ranks_writes_the_file_one_writes_and_the_imatrix_of_its_pass(src, tmp_path):
+    """sensitivity --imatrix-out: the imatrix file is the one flux-gguf imatrix writes on the same probes,
+    and the sensitivity file (weighted with it) is the same for 1 and 2 ranks."""
+    probes = ["--probes", "2", *PROBES, "--check-tensors", "3"]
+    alone = single("imatrix", src, "-o", tmp_path / "alone.gguf", "--probes", "2", *PROBES)
+    assert alone.returncode == 0, alone.stderr
+    one = single("sensitivity", src, "-o", tmp_path / "1.json", "--imatrix-out", tmp_path / "1.gguf", *probes)
+    assert one.returncode == 0, one.stderr
+    runs = launch(2, "sensitivity", src, "-o", tmp_path / "2.json", "--imatrix-out", tmp_path / "2.gguf", *probes)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert runs[1].stdout == "" and runs[1].stderr == ""
+    assert (tmp_path / "1.gguf").read_bytes() == (tmp_path / "2.gguf").read_bytes() == \
+        (tmp_path / "alone.gguf").read_bytes()
+    import json
+
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
+    assert a["imatrix"]["file"] == "1.gguf" and b["imatrix"]["file"] == "2.gguf"
+    a["imatrix"]["file"] = b["imatrix"]["file"]
+    assert a == b and len(a["tensors"]) == 13 and a["check"]["pairs"] == 9
