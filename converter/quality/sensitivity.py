@@ -35,7 +35,7 @@ from converter.imatrix import Imatrix, check_against, uses_imatrix
 from converter.layout import bfl_tensor_shapes
 from converter.recipes import kept_type
 from converter.recipes import CANDIDATE_TYPES, SENSITIVITY_FORMAT, SENSITIVITY_VERSION
-from converter.sources import open_source
+from converter.sources import open_source, source_fingerprint
 
 from .calibrate import (
     ImatrixCollector,
@@ -251,6 +251,7 @@ def measure_sensitivity(
                 raise
             except FluxGGUFError as exc:
                 raise CalibrationError(str(exc)) from exc
+            fingerprint = source_fingerprint(source)
             shapes = bfl_tensor_shapes(geometry)
             names = quantized_weight_names(shapes)
             if imatrix is not None:  # before any forward pass: an imatrix for another model is one line
@@ -290,7 +291,7 @@ def measure_sensitivity(
             merged = {n: r for part in gathered for n, r in part.items()}
             tensors = {n: merged[n][0] for n in names}
             pairs = [p for n in names for p in merged[n][1]]
-    doc = _document(source_path, source_sha256, got.doc, imatrix_file, dev, dtype, check, pairs, tensors)
+    doc = _document(source_path, {"sha256": source_sha256, "fingerprint": fingerprint}, got.doc, imatrix_file, dev, dtype, check, pairs, tensors)
     return SensitivityReport(doc, time.perf_counter() - start, dev,
                              imatrix=imatrix if collect_imatrix else None, ranks=ranks.world)
 
@@ -344,7 +345,7 @@ def _measure_tensor(source: Any, model: Any, name: str, imatrix: Imatrix | None,
     return row, pairs
 
 
-def _document(source_path: str | pathlib.Path, source_sha256: str | None, inputs_doc: dict[str, Any],
+def _document(source_path: str | pathlib.Path, source_ids: dict[str, str | None], inputs_doc: dict[str, Any],
               imatrix_file: Mapping[str, str] | None, dev: str, dtype: Any, check: set[str],
               pairs: list[dict[str, Any]], tensors: dict[str, Any]) -> dict[str, Any]:
     ratios = [p["predicted"] / p["measured"] for p in pairs if p["measured"] > 0]
@@ -363,7 +364,7 @@ def _document(source_path: str | pathlib.Path, source_sha256: str | None, inputs
         "tool_version": __version__,
         "metric": "relative squared output error sum||y_q - y||^2 / sum||y||^2, one tensor quantized at a time",
         "reference_type": REFERENCE_TYPE,
-        "source": {"file": pathlib.Path(source_path).name, "sha256": source_sha256},
+        "source": {"file": pathlib.Path(source_path).name, **source_ids},
         "inputs": inputs_doc,
         "imatrix": dict(imatrix_file) if imatrix_file else None,
         "device": dev,
