@@ -155,3 +155,43 @@ def test_sensitivity_on_two_ranks_writes_the_file_one_writes_and_the_imatrix_of_
     assert a["imatrix"]["file"] == "1.gguf" and b["imatrix"]["file"] == "2.gguf"
     a["imatrix"]["file"] = b["imatrix"]["file"]
     assert a == b and len(a["tensors"]) == 13 and a["check"]["pairs"] == 9
+
+
+CHILD = """
+import sys, torch
+from converter.errors import CalibrationError
+from converter.layout import FluxGeometry, bfl_tensor_shapes
+from converter.quality.calibrate import ImatrixCollector, _collect_rounds, build_transformer, probe_sample, quantized_weight_names
+from converter.quality.distributed import open_ranks
+from converter.quality.probes import ProbeSpec
+from converter.sources import open_source
+
+geo = FluxGeometry(double_blocks=1, single_blocks=1, hidden=256)
+spec = ProbeSpec(height=32, width=32, text_tokens=8)
+with open_ranks("cpu") as ranks, open_source(sys.argv[1]) as s:
+    model = build_transformer(geo, s.read, "cpu")
+    def run_one(i):
+        if i == 3:
+            raise CalibrationError("sample 3 is bad")
+        p = probe_sample(i, 6, spec, "cpu", torch.float32, True)
+        model(**p.kwargs, return_dict=False)
+        return p.tokens, 1
+    with ImatrixCollector(model, quantized_weight_names(bfl_tensor_shapes(geo))) as c:
+        try:
+            _collect_rounds(ranks, c, 6, run_one, None)
+        except CalibrationError as e:
+            print(type(e).__name__, e)
+            sys.exit(1)
+"""
+
+
+def test_a_sample_that_fails_on_one_rank_stops_every_rank_in_that_round(src):
+    """Sample 3 runs on rank 1 of 2 (round 1): rank 1 raises its own error, rank 0 RankFailed with its reason."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+                                                  RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1]
+    assert outs == ["RankFailed rank 1: sample 3 is bad\n", "CalibrationError sample 3 is bad\n"]
