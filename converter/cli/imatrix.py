@@ -12,12 +12,12 @@ from .validate import _quiet_libraries
 
 
 @click.command("imatrix")
+@as_rank  # outermost: option conflicts too are rank 0's to report
 @click.argument("source")  # a path, or hf://OWNER/REPO[@REV][/PATH] (click.Path would fold the //)
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path, dir_okay=False), required=True,
               help="The imatrix file to write (llama.cpp's GGUF imatrix format), e.g. NAME.imatrix.gguf.")
 @calibration_inputs
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@as_rank
 def imatrix(source: str, output: pathlib.Path, calibration: CalibrationInputs, as_json: bool) -> None:
     """Collect an importance matrix for SOURCE (a checkpoint convert reads, or a GGUF file that fits small GPUs).
 

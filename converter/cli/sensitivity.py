@@ -14,6 +14,7 @@ from .validate import _quiet_libraries
 
 
 @click.command("sensitivity")
+@as_rank  # outermost: option conflicts too are rank 0's to report
 @click.argument("source", type=click.Path(path_type=pathlib.Path, exists=True))
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path, dir_okay=False), required=True,
               help="The sensitivity file to write (JSON), e.g. NAME.sensitivity.json.")
@@ -27,7 +28,6 @@ from .validate import _quiet_libraries
 @click.option("--check-tensors", type=click.IntRange(0), default=8, show_default=True,
               help="Tensors whose other types' output errors are measured to check the prediction.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-@as_rank
 def sensitivity(source: pathlib.Path, output: pathlib.Path, imatrix_file: pathlib.Path | None,
                 imatrix_out: pathlib.Path | None, calibration: CalibrationInputs, check_tensors: int,
                 as_json: bool) -> None:
