@@ -180,6 +180,42 @@ def plan_source_target(
                        extra_metadata=extra_metadata, imatrix=imatrix, imatrix_files=imatrix_files)
 
 
+def check_sensitivity_source(sensitivity: Sensitivity, source: Source) -> None:
+    """Refuse a sensitivity file measured on another checkpoint than ``source`` (one line naming both).
+
+    The file records the source's fingerprint (converter.sources.source_fingerprint: inventory and
+    a few KB of weights, cheap for any size) and, for a single file, its sha256. The fingerprint
+    is compared when recorded; a file from before it was recorded is compared by sha256 (the Hub's
+    for an hf:// source; a local file is hashed). A file that records neither (written by hand)
+    is not checked."""
+    from manifests.hashing import hash_file
+
+    from .sources import source_fingerprint
+
+    recorded = sensitivity.document.get("source")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    label = recorded.get("file") or "its source"
+    fingerprint, sha256 = recorded.get("fingerprint"), recorded.get("sha256")
+    if isinstance(fingerprint, str) and fingerprint:
+        found, what = source_fingerprint(source), "fingerprint"
+        if found == fingerprint:
+            return
+        expected = fingerprint
+    elif isinstance(sha256, str) and sha256:
+        known = getattr(source, "sha256_by_name", None) or {}
+        if len(source.files) != 1:
+            return
+        found = next(iter(known.values()), None) if len(known) == 1 else hash_file(source.files[0].path).sha256
+        what, expected = "sha256", sha256
+        if found == sha256:
+            return
+    else:
+        return
+    raise SensitivityError(f"{sensitivity.file}: measured on another checkpoint ({label}, {what} {expected[:12]}...; "
+                           f"{source.path.name} has {str(found)[:12]}...); measure this one with flux-gguf "
+                           "sensitivity, or pass --any-sensitivity-source to use it anyway", sensitivity.file)
+
+
 def default_mix_name(budget: Budget) -> str:
     return "T" + "".join(c for c in budget.text if c.isalnum() or c in "._-")
 

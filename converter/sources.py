@@ -338,3 +338,29 @@ def _assemble_diffusers(raw: dict[str, tuple[SafetensorsFile, RawTensor]]
             pieces[bfl] = plist
         tensors[bfl] = TensorInfo(bfl, shape, parts[0][1].dtype, sum(t.nbytes for _, t in parts))
     return tensors, pieces
+
+
+FINGERPRINT_TENSORS = 8
+FINGERPRINT_VALUES = 1024
+
+
+def source_fingerprint(source: Source) -> str:
+    """A cheap identity of a checkpoint's weights: the sha256 of its inventory (BFL names and shapes,
+    in BFL order) and of the first :data:`FINGERPRINT_VALUES` values (as float32) of
+    :data:`FINGERPRINT_TENSORS` tensors spread evenly over it. The same for every layout of the same
+    weights (single file, diffusers folder; an exact float32 copy of a BF16 file); a fine-tune
+    changes it (its weights differ everywhere). Reads about 32 KB, whatever the checkpoint's size."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([[n, list(t.shape)] for n, t in source.tensors.items()]).encode())
+    names = list(source.tensors)
+    step = max(1, len(names) // FINGERPRINT_TENSORS)
+    for name in names[::step][:FINGERPRINT_TENSORS]:
+        count = min(FINGERPRINT_VALUES, int(np.prod(source.tensors[name].shape)))
+        head = np.empty(count, dtype=np.float32)
+        for p in source._pieces[name]:
+            lo, hi = p.dest, min(p.dest + p.count, count)
+            if lo < hi:
+                p.file.read_elements_into(p.key, p.first, head[lo:hi])
+        h.update(name.encode() + b"\0" + head.astype("<f4").tobytes())
+    return h.hexdigest()

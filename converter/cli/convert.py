@@ -13,7 +13,7 @@ from converter.errors import PlanError
 from converter.imatrix import load_imatrices
 from converter.hub.source import RemoteSource, open_any_source
 from converter.lora.merge import build_merger, merged_lora_metadata, parse_lora_option
-from converter.pipeline import TargetMix, plan_source, plan_source_target
+from converter.pipeline import TargetMix, check_sensitivity_source, plan_source, plan_source_target
 from converter.pipeline import convert as run_convert
 from converter.recipes import Budget, bpw_budget, mix_variant, parse_overrides, read_sensitivity, resolve_variant, size_budget
 from manifests.hashing import hash_file
@@ -103,6 +103,8 @@ def _provenance(source: object, extra: dict[str, str]) -> dict[str, object]:
               help="Like --target-size, as bits per weight over every tensor (e.g. 4.5).")
 @click.option("--sensitivity", "sensitivity_file", type=click.Path(path_type=pathlib.Path, dir_okay=False),
               default=None, help="With --target-size/--target-bpw: the file flux-gguf sensitivity wrote.")
+@click.option("--any-sensitivity-source", "any_source", is_flag=True,
+              help="Use --sensitivity even when it records another checkpoint than SRC (its fingerprint or sha256).")
 @click.option("--mix-name", default=None, metavar="NAME",
               help="With --target-size/--target-bpw: the file's variant label, NAME-MIX.gguf (default: T<budget>).")
 @click.option("--threads", type=int, default=None,  # range checked by check_threads: one Error: line
@@ -121,7 +123,7 @@ def _provenance(source: object, extra: dict[str, str]) -> dict[str, object]:
 def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: str | None,
             overrides: tuple[str, ...], loras: tuple[str, ...], imatrix_files: tuple[pathlib.Path, ...],
             target_size: str | None, target_bpw: str | None, sensitivity_file: pathlib.Path | None,
-            mix_name: str | None, threads: int | None, direct: str | None, dry_run: bool, as_json: bool,
+            any_source: bool, mix_name: str | None, threads: int | None, direct: str | None, dry_run: bool, as_json: bool,
             keep_source: pathlib.Path | None, force: bool) -> None:
     """Convert a FLUX.1 safetensors checkpoint (file or diffusers folder) into GGUF files.
 
@@ -164,6 +166,8 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
                                       for s, (lora, _) in zip(lora_specs, transform.loras)])
     if dry_run and budget is not None and sens is not None:
         with open_any_source(src) as source:
+            if not any_source:
+                check_sensitivity_source(sens, source)
             mix = plan_source_target(source, sens, budget, mix_name=mix_name, name=name, imatrix=imatrix,
                                      imatrix_files=imatrix_files, **_provenance(source, extra))
         if as_json:
@@ -199,6 +203,8 @@ def convert(src: str, out_dir: pathlib.Path, variants: tuple[str, ...], name: st
     start = time.perf_counter()
     with progress_bar("converting") as progress, open_any_source(src, keep_source=keep_source,
                                                                      replace_kept=force) as source:
+        if sens is not None and not any_source:
+            check_sensitivity_source(sens, source)
         records = run_convert(source, out_dir, names, name=name, overrides=overrides, threads=threads,
                               progress=progress, before_quantize=prepare_kernels, tensor_transform=transform,
                               imatrix=imatrix, sensitivity=sens, budget=budget, mix_name=mix_name,

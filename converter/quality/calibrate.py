@@ -50,6 +50,7 @@ from .diffusers_model import (
     transformer_config,
     write_transformer_config,
 )
+from .distributed import Ranks
 from .probes import ProbeSpec, make_kontext_probe
 
 if TYPE_CHECKING:
@@ -80,8 +81,15 @@ def quantized_weight_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
 class ImatrixCollector:
     """Forward pre-hooks accumulating sum x^2 per input column for the BFL weights in ``names``.
 
-    Use as a context manager (the hooks are removed on exit); :meth:`imatrix` returns the result
-    and fails naming every weight that saw no input.
+    The sums of the sample being run go into one flat float64 block (every weight's columns, in
+    ``names`` order); :meth:`end_sample` adds the block into the running total, and
+    :meth:`take_block` hands it out as a vector instead (for the ranks to exchange; every rank then
+    adds every rank's vector with :meth:`add_block`, in global sample order). The total is thus
+    ``((s_0 + s_1) + s_2) + ...`` over the samples' float64 sums whatever the number of processes.
+    Within a sample (one transformer call, or one prompt's denoising steps) each call's float32
+    reduction is added into the block in call order. Use as a context manager (the hooks are
+    removed on exit); :meth:`imatrix` returns the result and fails naming every weight that saw
+    no input.
     """
 
     def __init__(self, model: Any, names: Iterable[str]) -> None:
@@ -89,10 +97,8 @@ class ImatrixCollector:
 
         self.names = list(names)
         wanted = set(self.names)
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = dict.fromkeys(self.names, 0)
         self._handles: list[Any] = []
-        hooked: set[str] = set()
+        modules: dict[str, Any] = {}
         arch = FLUX2 if type(model).__name__ == "Flux2Transformer2DModel" else FLUX1
         for module_name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
@@ -100,28 +106,60 @@ class ImatrixCollector:
             hit = bfl_name_for(f"{module_name}.weight", arch)
             if hit is None or hit[0] not in wanted or hit[1] != 0:  # a shared input: the first part counts it
                 continue
-            self._handles.append(module.register_forward_pre_hook(self._hook(hit[0])))
-            hooked.add(hit[0])
-        missing = [n for n in self.names if n not in hooked]
+            modules[hit[0]] = module
+        missing = [n for n in self.names if n not in modules]
         if missing:
-            self.close()
             raise CalibrationError(_listing("the model has no Linear layer for", missing))
+        widths = [int(modules[n].in_features) for n in self.names]
+        self._offsets = [sum(widths[:k]) for k in range(len(widths) + 1)]
+        device = modules[self.names[0]].weight.device if self.names else "cpu"
+        self._block = torch.zeros(self._offsets[-1], dtype=torch.float64, device=device)
+        self._total = torch.zeros_like(self._block)
+        self._block_counts = [0] * len(self.names)
+        self._counts = [0] * len(self.names)
+        for k, n in enumerate(self.names):
+            self._handles.append(modules[n].register_forward_pre_hook(self._hook(k)))
 
-    def _hook(self, name: str) -> Callable[..., None]:
+    def _hook(self, k: int) -> Callable[..., None]:
         import torch
+
+        view = self._block[self._offsets[k]:self._offsets[k + 1]]
 
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
             x = args[0]
             dims = tuple(range(x.dim() - 1))
-            part = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square_()
-            acc = self._sums.get(name)
-            if acc is None:
-                self._sums[name] = part.to(torch.float64)
-            else:
-                acc.add_(part)
-            self._counts[name] += x.numel() // x.shape[-1]
+            view.add_(torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square_())
+            self._block_counts[k] += x.numel() // x.shape[-1]
 
         return hook
+
+    @property
+    def block_size(self) -> int:
+        """Length of the vectors :meth:`take_block` returns: status, tokens, calls, counts, sums."""
+        return 3 + len(self.names) + self._offsets[-1]
+
+    def take_block(self, status: int, tokens: int = 0, calls: int = 0) -> torch.Tensor:
+        """The current sample as one float64 vector ``[status, tokens, calls, counts..., sums...]``
+        (counts are integers far below 2^53, exact in float64); the block starts afresh."""
+        import torch
+
+        head = torch.tensor([status, tokens, calls, *self._block_counts], dtype=torch.float64,
+                            device=self._block.device)
+        vector = torch.cat([head, self._block])
+        self._block.zero_()
+        self._block_counts = [0] * len(self.names)
+        return vector
+
+    def add_block(self, vector: torch.Tensor) -> None:
+        """Add a sample's vector from :meth:`take_block` (this rank's or another's) into the total."""
+        n = len(self.names)
+        counts = vector[3:3 + n].tolist()
+        self._counts = [c + int(v) for c, v in zip(self._counts, counts)]
+        self._total.add_(vector[3 + n:])
+
+    def end_sample(self) -> None:
+        """Add the current sample into the total (one process: what a rank does with its own block)."""
+        self.add_block(self.take_block(1))
 
     def close(self) -> None:
         for h in self._handles:
@@ -135,18 +173,22 @@ class ImatrixCollector:
         self.close()
 
     def imatrix(self, datasets: Sequence[str], chunk_count: int, chunk_size: int) -> Imatrix:
-        """The collected sums as an :class:`converter.imatrix.Imatrix` (float32 in_sum2 per weight)."""
+        """The collected sums as an :class:`converter.imatrix.Imatrix` (float32 in_sum2 per weight);
+        a sample still open (calls since the last :meth:`end_sample`) is added first."""
         from converter.imatrix import Imatrix, ImatrixEntry
 
-        missing = [n for n in self.names if self._counts[n] == 0 or n not in self._sums]
+        if any(self._block_counts):
+            self.end_sample()
+        missing = [n for n, c in zip(self.names, self._counts) if c == 0]
         if missing:
             raise CalibrationError(_listing("no input reached", missing))
+        total = self._total.cpu().numpy()
         entries = {}
-        for n in self.names:
-            s = self._sums[n].cpu().numpy()
+        for k, n in enumerate(self.names):
+            s = total[self._offsets[k]:self._offsets[k + 1]]
             if not np.isfinite(s).all():
                 raise CalibrationError(f"the inputs of {n} hold NaN or inf; the transformer's activations overflow")
-            entries[n] = ImatrixEntry(in_sum2=s.astype(np.float32), count=float(self._counts[n]))
+            entries[n] = ImatrixEntry(in_sum2=s.astype(np.float32), count=float(self._counts[k]))
         return Imatrix(entries=entries, datasets=list(datasets), chunk_count=chunk_count, chunk_size=chunk_size)
 
 
@@ -245,15 +287,19 @@ class Sample:
     tokens: int  # image + text tokens, times the batch
 
 
+def probe_sample(i: int, count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Sample:
+    """Probe ``i`` of ``count``: seed ``spec.seed + i``, timestep ``(i + 1) / (count + 1)`` (a pure
+    function of the index, so any process can make any probe)."""
+    s = ProbeSpec(height=spec.height, width=spec.width, text_tokens=spec.text_tokens, seed=spec.seed + i,
+                  timestep=(i + 1) / (count + 1), guidance=spec.guidance, context_image=spec.context_image)
+    p = make_kontext_probe(s)
+    return Sample(p.transformer_kwargs(device, dtype, guidance_embeds=guidance_embeds), s.image_tokens + s.text_tokens)
+
+
 def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Iterator[Sample]:
     """``count`` seeded probes: seeds spec.seed, spec.seed + 1, ...; timesteps spread over (0, 1)."""
     for i in range(count):
-        sigma = (i + 1) / (count + 1)
-        s = ProbeSpec(height=spec.height, width=spec.width, text_tokens=spec.text_tokens, seed=spec.seed + i,
-                      timestep=sigma, guidance=spec.guidance, context_image=spec.context_image)
-        p = make_kontext_probe(s)
-        yield Sample(p.transformer_kwargs(device, dtype, guidance_embeds=guidance_embeds),
-                     s.image_tokens + s.text_tokens)
+        yield probe_sample(i, count, spec, device, dtype, guidance_embeds)
 
 
 def probes_dataset(count: int, spec: ProbeSpec) -> str:
@@ -540,6 +586,7 @@ class CollectionReport:
     smoke: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
     load_seconds: float = 0.0  # of ``seconds``: loading the transformer (and pipeline)
+    ranks: int = 1  # processes that shared the samples
 
     def to_dict(self) -> dict[str, Any]:
         counts = [e.count for e in self.imatrix.entries.values()]
@@ -555,24 +602,50 @@ class CollectionReport:
             "seconds_per_sample": (self.seconds - self.load_seconds) / self.samples if self.samples else None,
             "device": self.device,
             "model": self.model,
+            "ranks": self.ranks,
             "min_count": min(counts) if counts else 0,
             "max_count": max(counts) if counts else 0,
             "notes": list(self.notes),
         }
 
 
-def _run_samples(model: Any, samples: Iterable[Sample], total: int, progress: ProgressFn | None) -> tuple[int, int]:
+def _collect_rounds(ranks: Ranks, collector: ImatrixCollector, total: int,
+                    run_one: Callable[[int], tuple[int, int]], progress: ProgressFn | None,
+                    progress_total: int | None = None) -> tuple[int, int, int]:
+    """Run global samples ``0..total-1`` spread over the ranks (:meth:`Ranks.rounds`); after each
+    round every rank holds every rank's sample vector and adds them in global sample order, so the
+    total is the same on every rank and for any number of ranks. ``run_one(i)`` runs sample ``i``
+    and returns its (tokens, transformer calls). A sample that raises is carried to every rank
+    (:meth:`Ranks.agree`). Returns (samples, calls, tokens); progress counts calls, on rank 0."""
     import torch
 
-    done = tokens = 0
+    samples = calls = tokens = 0
     with torch.inference_mode():
-        for s in samples:
-            model(**s.kwargs, return_dict=False)
-            done += 1
-            tokens += s.tokens
-            if progress:
-                progress(done, total)
-    return done, tokens
+        for i in ranks.rounds(total):
+            status, error, n_tokens, n_calls = 0, None, 0, 0
+            if i is not None:
+                try:
+                    n_tokens, n_calls = run_one(i)
+                    status = 1
+                except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+                    status, error = 2, exc
+            rows = ranks.all_gather(collector.take_block(status, n_tokens, n_calls))
+            statuses = [int(s) for s in rows[:, 0].tolist()]
+            if 2 in statuses:
+                ranks.agree(error)
+            for row, s in zip(rows, statuses):
+                if s == 1:
+                    collector.add_block(row)
+                    samples += 1
+                    tokens += int(row[1].item())
+                    calls += int(row[2].item())
+            if progress and ranks.main:
+                progress(calls, progress_total or total)
+    return samples, calls, tokens
+
+
+def _single(device: str | None) -> Ranks:
+    return Ranks(device=resolve_device(device))
 
 
 def collect_imatrix(
@@ -584,40 +657,62 @@ def collect_imatrix(
     device: str | None = None,
     progress: ProgressFn | None = None,
     log: LogFn | None = None,
+    ranks: Ranks | None = None,
 ) -> CollectionReport:
-    """Collect on the seeded probes (default) or on the saved transformer inputs in ``inputs``."""
+    """Collect on the seeded probes (default) or on the saved transformer inputs in ``inputs``.
+
+    ``ranks`` (from :func:`converter.quality.distributed.open_ranks`): this process's share of
+    the samples (global index ``i`` runs on rank ``i mod world``; its device is ``ranks.device``);
+    every rank returns the same report, with the imatrix of all the samples."""
     say = log or (lambda _msg: None)
     if inputs is None and probes < 1:
         raise CalibrationError(f"need at least one probe, got {probes}")
     require_diffusers()
-    dev = resolve_device(device)
+    ranks = ranks or _single(device)
+    dev = ranks.device
     start = time.perf_counter()
     # the inputs file is checked (header, then values) before the model is loaded: a bad one fails in
     # seconds, not after a minute of loading 24 GB; only what needs the model waits for it
     with contextlib.ExitStack() as stack:
-        saved = stack.enter_context(read_inputs_file(inputs)) if inputs is not None else None
-        model, geometry, kind = stack.enter_context(open_transformer(source, dev))
+        with ranks.step():
+            saved = stack.enter_context(read_inputs_file(inputs)) if inputs is not None else None
+        with ranks.step():
+            model, geometry, kind = stack.enter_context(open_transformer(source, dev))
+            names = quantized_weight_names(bfl_tensor_shapes(geometry))
+            dtype = compute_dtype(dev)
+            if saved is not None:
+                check_inputs_model(saved, geometry)
+            collector = stack.enter_context(ImatrixCollector(model, names))
         loaded = time.perf_counter() - start
-        names = quantized_weight_names(bfl_tensor_shapes(geometry))
-        dtype = compute_dtype(dev)
+        ranks.same((probes, 0, 0) if saved is None else (saved.samples, saved.image_tokens, saved.text_tokens),
+                   "(samples, image tokens, text tokens)")
         if saved is None:
             say(f"collecting on {probes} seeded random probes (a smoke default, not a calibration set)")
             datasets = (probes_dataset(probes, probe),)
-            total, samples = probes, probe_samples(probes, probe, dev, dtype, geometry.guidance)
-            chunk = probe.image_tokens + probe.text_tokens
+            total, chunk = probes, probe.image_tokens + probe.text_tokens
+
+            def sample(i: int) -> Sample:
+                return probe_sample(i, probes, probe, dev, dtype, geometry.guidance)
         else:
-            check_inputs_model(saved, geometry)
             total, chunk = saved.samples, saved.image_tokens + saved.text_tokens
             datasets = (pathlib.Path(inputs).name,)
-            samples = file_samples(saved, dev, dtype)
             say(f"collecting on {total} saved inputs from {inputs}")
-        with ImatrixCollector(model, names) as collector:
-            done, tokens = _run_samples(model, samples, total, progress)
+
+            def sample(i: int) -> Sample:
+                return saved.sample(i, dev, dtype)
+
+        def run_one(i: int) -> tuple[int, int]:
+            s = sample(i)
+            model(**s.kwargs, return_dict=False)
+            return s.tokens, 1
+
+        done, _calls, tokens = _collect_rounds(ranks, collector, total, run_one, progress)
+        with ranks.step():
             im = collector.imatrix(datasets, done, chunk)
     return CollectionReport(imatrix=im, inputs="probes" if inputs is None else "file", datasets=datasets,
                             samples=done, tokens=tokens, seconds=time.perf_counter() - start, device=dev,
                             model=kind, smoke=inputs is None, notes=(SMOKE_NOTE,) if inputs is None else (),
-                            load_seconds=loaded)
+                            load_seconds=loaded, ranks=ranks.world)
 
 
 def collect_with_pipeline(
@@ -633,54 +728,73 @@ def collect_with_pipeline(
     max_sequence_length: int = 512,
     dataset: str = "pipeline",
     progress: ProgressFn | None = None,
+    ranks: Ranks | None = None,
+    capture: list[dict[str, Any]] | None = None,
 ) -> tuple[Imatrix, int, int]:
-    """Run ``pipe`` (a FluxKontextPipeline) on every prompt (with image i mod len(images), if any),
-    collecting at every denoising step. Returns (imatrix, transformer calls, tokens)."""
-    import torch
+    """Run ``pipe`` (a FluxKontextPipeline) on every prompt (prompt ``i`` with image ``i mod
+    len(images)``, if any, and seed ``seed + i``), collecting at every denoising step; with
+    ``ranks``, prompt ``i`` runs on rank ``i mod world``. Returns (imatrix, transformer calls, tokens).
 
+    ``capture``: a list that receives every transformer call's inputs of this rank (on the CPU), in
+    call order (what ``sensitivity --pipeline`` replays)."""
     if not prompts:
         raise CalibrationError("no prompts to run the pipeline on")
     if steps < 1:
         raise CalibrationError(f"--steps must be at least 1, got {steps}")
     if (height is None) != (width is None):
         raise CalibrationError("give both --height and --width, or neither")
+    import torch
+
+    ranks = ranks or Ranks()
     transformer = pipe.transformer
     geometry = geometry_from_shapes(_bfl_shapes_of(transformer), "the pipeline's transformer")
     names = quantized_weight_names(bfl_tensor_shapes(geometry))
-    total = len(prompts) * steps
-    calls = [0, 0]  # transformer calls, tokens
+    calls = [0, 0]  # this sample's transformer calls, tokens
 
     def count(_module: Any, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hs, enc = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
         calls[0] += 1
         calls[1] += int(hs.shape[0] * (hs.shape[1] + enc.shape[1]))
-        if progress:
-            progress(calls[0], total)
 
     size: dict[str, Any] = {}
     if height is not None and width is not None:
         size = {"height": height, "width": width, "max_area": height * width, "_auto_resize": False}
-    handle = transformer.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        with ImatrixCollector(transformer, names) as collector:
-            for i, prompt in enumerate(prompts):
-                image = images[i % len(images)] if images else None
-                pipe(image=image, prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                     max_sequence_length=max_sequence_length, output_type="latent", **size)
-            chunk = calls[1] // max(calls[0], 1)
-            im = collector.imatrix([dataset], calls[0], chunk)
-    finally:
-        handle.remove()
-    return im, calls[0], calls[1]
+
+    def run_one(i: int) -> tuple[int, int]:
+        calls[0] = calls[1] = 0
+        image = images[i % len(images)] if images else None
+        pipe(image=image, prompt=prompts[i], num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator(device="cpu").manual_seed(seed + i),
+             max_sequence_length=max_sequence_length, output_type="latent", **size)
+        return calls[1], calls[0]
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(transformer.register_forward_pre_hook(count, with_kwargs=True).remove)
+        captured = stack.enter_context(capture_transformer_inputs(transformer)) if capture is not None else None
+        with ranks.step():
+            collector = stack.enter_context(ImatrixCollector(transformer, names))
+        _samples, n_calls, tokens = _collect_rounds(ranks, collector, len(prompts), run_one, progress,
+                                                    progress_total=len(prompts) * steps)
+        with ranks.step():
+            im = collector.imatrix([dataset], n_calls, tokens // max(n_calls, 1))
+        if capture is not None and captured is not None:
+            capture.extend(captured)
+    return im, n_calls, tokens
 
 
-def _bfl_shapes_of(transformer: Any) -> dict[str, tuple[int, ...]]:
-    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config)."""
-    c = transformer.config
-    return bfl_tensor_shapes(FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
-                                          hidden=c.num_attention_heads * c.attention_head_dim,
-                                          img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds)))
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline run to calibrate on: the Kontext pipeline folder and what it renders."""
+
+    pipeline_dir: pathlib.Path
+    prompts_file: pathlib.Path
+    images_dir: pathlib.Path | None = None
+    steps: int = 28
+    guidance: float = 2.5
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    max_sequence_length: int = 512
 
 
 def collect_imatrix_pipeline(
@@ -698,34 +812,57 @@ def collect_imatrix_pipeline(
     device: str | None = None,
     progress: ProgressFn | None = None,
     log: LogFn | None = None,
+    ranks: Ranks | None = None,
 ) -> CollectionReport:
-    """The real Kontext pipeline from ``pipeline_dir`` around the transformer ``source`` (checkpoint or GGUF)."""
+    """The real Kontext pipeline from ``pipeline_dir`` around the transformer ``source`` (checkpoint or
+    GGUF); with ``ranks``, every rank loads the pipeline and renders its share of the prompts."""
     from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline
 
     say = log or (lambda _msg: None)
-    prompts = read_prompts(prompts_file)
-    images = [_load_image(p) for p in list_images(images_dir)] if images_dir is not None else []
-    if steps < 1:
-        raise CalibrationError(f"--steps must be at least 1, got {steps}")
-    if (height is None) != (width is None):
-        raise CalibrationError("give both --height and --width, or neither")
-    _check_pipeline_dir(pathlib.Path(pipeline_dir))
-    require_diffusers()
-    dev = resolve_device(device)
+    ranks = ranks or _single(device)
+    dev = ranks.device
+    with ranks.step():
+        prompts = read_prompts(prompts_file)
+        images = [_load_image(p) for p in list_images(images_dir)] if images_dir is not None else []
+        if steps < 1:
+            raise CalibrationError(f"--steps must be at least 1, got {steps}")
+        if (height is None) != (width is None):
+            raise CalibrationError("give both --height and --width, or neither")
+        _check_pipeline_dir(pathlib.Path(pipeline_dir))
+        require_diffusers()
     start = time.perf_counter()
-    dataset = pathlib.Path(prompts_file).name + (f"+{pathlib.Path(images_dir).name}" if images_dir else "")
-    with open_transformer(source, dev) as (model, _geometry, kind):
-        say(f"loading the pipeline from {pipeline_dir}")
-        pipe = load_pipeline(pathlib.Path(pipeline_dir), model, dev)
+    dataset = pipeline_dataset(prompts_file, images_dir)
+    with contextlib.ExitStack() as stack:
+        with ranks.step():
+            model, _geometry, kind = stack.enter_context(open_transformer(source, dev))
+            say(f"loading the pipeline from {pipeline_dir}")
+            pipe = load_pipeline(pathlib.Path(pipeline_dir), model, dev)
         loaded = time.perf_counter() - start
+        ranks.same((len(prompts), len(images)), "(prompts, images)")
         say(f"running {len(prompts)} prompt(s) x {steps} steps")
-        im, calls, tokens = collect_with_pipeline(
-            pipe, prompts, images=images, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
-            max_sequence_length=max_sequence_length, dataset=dataset, progress=progress)
-        pipe.transformer = None
-        del pipe
+        try:
+            im, calls, tokens = collect_with_pipeline(
+                pipe, prompts, images=images, steps=steps, guidance=guidance, height=height, width=width, seed=seed,
+                max_sequence_length=max_sequence_length, dataset=dataset, progress=progress, ranks=ranks)
+        finally:
+            pipe.transformer = None
+            del pipe
     return CollectionReport(imatrix=im, inputs="pipeline", datasets=(dataset,), samples=calls, tokens=tokens,
-                            seconds=time.perf_counter() - start, device=dev, model=kind, load_seconds=loaded)
+                            seconds=time.perf_counter() - start, device=dev, model=kind, load_seconds=loaded,
+                            ranks=ranks.world)
+
+
+def _bfl_shapes_of(transformer: Any) -> dict[str, tuple[int, ...]]:
+    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config)."""
+    c = transformer.config
+    return bfl_tensor_shapes(FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
+                                          hidden=c.num_attention_heads * c.attention_head_dim,
+                                          img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds)))
+
+
+def pipeline_dataset(prompts_file: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None) -> str:
+    """The dataset name a pipeline run records: ``prompts.txt`` or ``prompts.txt+images``."""
+    return pathlib.Path(prompts_file).name + (f"+{pathlib.Path(images_dir).name}" if images_dir else "")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -736,6 +873,7 @@ def _first_line(exc: BaseException) -> str:
 __all__ = [
     "CollectionReport",
     "ImatrixCollector",
+    "PipelineSpec",
     "build_transformer",
     "capture_transformer_inputs",
     "collect_imatrix",

@@ -434,3 +434,27 @@ def test_collect_convert_validate_end_to_end(src, tmp_path):
                     "entries_count": 13, "chunks_count": 2}
     assert _imatrix_file(q4) == "tiny.imatrix.gguf"
     assert _imatrix_file(q8) is None  # Q8_0 ignores an imatrix, so its file does not claim one
+
+
+def test_sensitivity_through_the_pipeline_collects_the_imatrix_imatrix_collects(tiny_pipeline, src, tmp_path):
+    """sensitivity --pipeline --imatrix-out: the imatrix is the bytes imatrix --pipeline writes, and every
+    transformer call of the render is a sample."""
+    import json
+
+    _, _, folder = tiny_pipeline
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("make it snow\nadd a red hat\n")
+    inputs = ["--pipeline", folder / "pipe", "--prompts", prompts, "--images", folder / "images", "--steps", "2",
+              "--height", "32", "--width", "32", "--device", "cpu"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["imatrix", str(src), "-o", str(tmp_path / "a.gguf"), *map(str, inputs)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["sensitivity", str(src), "-o", str(tmp_path / "s.json"), "--imatrix-out",
+                               str(tmp_path / "b.gguf"), "--check-tensors", "2", *map(str, inputs)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["inputs"] == {"kind": "pipeline", "dataset": "prompts.txt+images", "samples": 4, "prompts": 2,
+                             "steps": 2}
+    assert doc["imatrix"]["file"] == "b.gguf" and len(doc["tensors"]) == 13
+    assert all(t["measured"]["Q4_K"] > 0 for t in doc["tensors"].values())

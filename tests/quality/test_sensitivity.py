@@ -53,7 +53,8 @@ def test_file_records_every_tensor_and_its_provenance(measured):
     d, src, doc, output = measured
     assert output.startswith(f"wrote {d / 'flux.sensitivity.json'}: 13 tensors in ")
     assert (doc["format"], doc["version"], doc["reference_type"]) == ("flux-gguf-sensitivity", 1, "Q4_K")
-    assert doc["source"] == {"file": "flux.safetensors", "sha256": sha256(src)}
+    assert doc["source"] == {"file": "flux.safetensors", "sha256": sha256(src), "fingerprint": doc["source"]["fingerprint"]}
+    assert len(doc["source"]["fingerprint"]) == 64
     assert doc["imatrix"] == {"file": "flux.imatrix.gguf", "sha256": sha256(d / "flux.imatrix.gguf")}
     assert doc["inputs"]["kind"] == "probes" and doc["inputs"]["samples"] == 2
     assert len(doc["tensors"]) == 13
@@ -185,3 +186,28 @@ def test_bad_inputs_are_one_line_and_leave_no_file(measured, tmp_path):
     assert r.output == (f"Error: {d / 'flux.imatrix.gguf'}: tensor double_blocks.0.img_attn.proj.weight has 512 "
                         "input columns but its entry has 256 (an importance matrix for another model?)\n")
     assert set(tmp_path.iterdir()) == {other, big}  # no sensitivity file, no partial
+
+
+def test_convert_refuses_a_sensitivity_file_of_another_checkpoint(measured, tmp_path):
+    """The file records the source's fingerprint; a fine-tune (other weights, same inventory) is refused
+    in one line unless --any-sensitivity-source; the same weights in a diffusers folder pass."""
+    from converter.sources import source_fingerprint
+
+    d, src, doc, _ = measured
+    with open_source(src) as s:
+        assert doc["source"]["fingerprint"] == source_fingerprint(s)
+    tuned = write_synthetic_flux(tmp_path / "tuned.safetensors", GEO, dtype="BF16", structured=True, seed=5)
+    sens = d / "flux.sensitivity.json"
+    args = ["--target-size", "5.3MB", "--sensitivity", sens, "--dry-run"]
+    r = run("convert", tuned, "-o", tmp_path / "out", *args)
+    with open_source(tuned) as s:
+        theirs = source_fingerprint(s)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr == (f"Error: flux.sensitivity.json: measured on another checkpoint (flux.safetensors, fingerprint "
+                        f"{doc['source']['fingerprint'][:12]}...; tuned.safetensors has {theirs[:12]}...); measure "
+                        "this one with flux-gguf sensitivity, or pass --any-sensitivity-source to use it anyway\n")
+    assert run("convert", tuned, "-o", tmp_path / "out", *args, "--any-sensitivity-source").exit_code == 0
+    folder = write_synthetic_flux(tmp_path / "same-diffusers", GEO, dtype="BF16", structured=True, layout="diffusers")
+    r = run("convert", folder, "-o", tmp_path / "out", *args)
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "out").exists()
