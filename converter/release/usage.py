@@ -56,7 +56,7 @@ class FamilyUsage:
     sdcpp_text_flags: tuple[tuple[str, Download], ...]  # sd-cli flag -> file
     sdcpp_vae: Download
     sdcpp_extra: tuple[str, ...]  # the rest of the documented command line
-    prompt: str
+    prompt: str  # the docs' example prompt (sd.cpp docs), its quotes made double for the shell line
 
 
 _FLUX1_VAE = Download("ae.safetensors", "black-forest-labs/FLUX.1-dev", "ae.safetensors")  # sd.cpp docs/flux.md, kontext.md
@@ -82,16 +82,16 @@ _FLUX1 = dict(transformer_class="FluxTransformer2DModel", comfy_text_node="DualC
 FAMILIES: dict[str, FamilyUsage] = {
     "flux-dev": FamilyUsage(label="FLUX.1 [dev]", diffusers_repo="black-forest-labs/FLUX.1-dev",
                             pipeline_class="FluxPipeline", edits_images=False, sdcpp_extra=_FLUX1_SDCPP,
-                            prompt="a lovely cat holding a sign says 'flux.cpp'", **_FLUX1),
+                            prompt='a lovely cat holding a sign says "flux.cpp"', **_FLUX1),
     # dev and Kontext share every tensor: the spec's base_model tells them apart (kontext_family)
     "flux-kontext": FamilyUsage(label="FLUX.1 Kontext [dev]", diffusers_repo="black-forest-labs/FLUX.1-Kontext-dev",
                                 pipeline_class="FluxKontextPipeline", edits_images=True,
                                 sdcpp_extra=("-r", "input.png", *_FLUX1_SDCPP),
-                                prompt="change 'flux.cpp' to 'kontext.cpp'", **_FLUX1),
+                                prompt='change "flux.cpp" to "kontext.cpp"', **_FLUX1),
     "flux-schnell": FamilyUsage(label="FLUX.1 [schnell]", diffusers_repo="black-forest-labs/FLUX.1-schnell",
                                 pipeline_class="FluxPipeline", edits_images=False,
                                 sdcpp_extra=(*_FLUX1_SDCPP, "--steps", "4"),
-                                prompt="a lovely cat holding a sign says 'flux.cpp'", **_FLUX1),
+                                prompt='a lovely cat holding a sign says "flux.cpp"', **_FLUX1),
     "flux2-dev": FamilyUsage(label="FLUX.2 [dev]", diffusers_repo="black-forest-labs/FLUX.2-dev",
                              transformer_class="Flux2Transformer2DModel", pipeline_class="Flux2Pipeline",
                              edits_images=True, comfy_text_node="CLIPLoaderGGUF", comfy_text_type="flux2",
@@ -99,7 +99,7 @@ FAMILIES: dict[str, FamilyUsage] = {
                              sdcpp_text_flags=(("--llm", _MISTRAL_GGUF),), sdcpp_vae=_FLUX2_VAE_BFL,
                              sdcpp_extra=("-r", "input.png", "--cfg-scale", "1.0", "--sampling-method", "euler",
                                           "--diffusion-fa", "--offload-to-cpu"),
-                             prompt="change 'flux.cpp' to 'flux2-dev.cpp'"),
+                             prompt='change "flux.cpp" to "flux2-dev.cpp"'),
     "flux2-klein-4b": FamilyUsage(label="FLUX.2 [klein] 4B", diffusers_repo="black-forest-labs/FLUX.2-klein-4B",
                                   transformer_class="Flux2Transformer2DModel", pipeline_class="Flux2KleinPipeline",
                                   edits_images=False, comfy_text_node="CLIPLoaderGGUF", comfy_text_type="flux2",
