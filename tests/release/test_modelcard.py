@@ -180,3 +180,18 @@ def test_diffusers_snippet_from_the_card_loads_the_gguf(example_release, tmp_pat
     model = scope["transformer"]
     assert type(model).__name__ == "FluxTransformer2DModel"
     assert any(type(p).__name__ == "GGUFParameter" for p in model.parameters())  # kept quantized
+
+
+def test_measured_vram_and_speed_from_the_validation_report_replace_the_estimate(tmp_path):
+    from converter.release.modelcard import CardFile, gpu_section, read_validation_report
+    files = [CardFile("m-Q4_K_M.gguf", "Q4_K_M", 6_932_000_000, "0" * 64, 4.66, {}),
+             CardFile("m-Q8_0.gguf", "Q8_0", 12_714_000_000, "1" * 64, 8.5, {})]
+    report = tmp_path / "validation.json"
+    report.write_text('{"variants": [{"file": "m-Q4_K_M.gguf", "peak_memory_bytes": 9663676416, '
+                      '"seconds_per_step": 0.8123, "ssim": 0.97}]}')
+    figures = read_validation_report(report, files)
+    assert figures == {"Q4_K_M": {"peak_memory_bytes": 9663676416.0, "seconds_per_step": 0.8123, "ssim": 0.97}}
+    rows = {ln.split(" | ")[0]: ln for ln in gpu_section(files, figures) if ln.startswith("| m-")}
+    assert rows["| m-Q4_K_M.gguf"] == ("| m-Q4_K_M.gguf | 4.66 | 6.932 GB | 9.00 GiB | 0.812 | "
+                                       "measured (`flux-gguf bench`, `validation.json`) |")
+    assert " | ≥ 11.84 GiB | – | estimate: the weights alone" in rows["| m-Q8_0.gguf"]
