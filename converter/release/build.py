@@ -34,6 +34,7 @@ import numpy as np
 
 from converter import __version__
 from converter.errors import OutputError, ReleaseError
+from converter.detect import detect_model
 from converter.imatrix import Imatrix, load_imatrices
 from converter.pipeline import convert
 from converter.recipes import bpw_budget, read_sensitivity, size_budget
@@ -343,6 +344,7 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
     with open_any_source(spec.source if remote else spec.source_path) as source:
         source_files = [] if remote else [Path(f.path) for f in source.files]
         shapes = {name: tuple(t.shape) for name, t in source.tensors.items()}
+        family = detect_model(source).family  # the card's usage notes are per family
     names = _source_names(spec.source_path, source_files)
     ext_files = [f for ext in spec.extensions.values() for f in ext.files]
     names += [Path(os.path.relpath(f, spec.base_dir)).as_posix() for f in ext_files]
@@ -409,7 +411,7 @@ def _build_into(spec: ReleaseSpec, out: Path, partial: Path, created: str | None
                              extension_outputs=ext_outputs, imatrix=imatrix,
                              mixes={r.variant: {t.name: t.type for t in r.tensors if len(t.shape) > 1}
                                     for r in records if r.variant in spec.targets},
-                             signature_section=card_section(signature) if signature else ())
+                             signature_section=card_section(signature) if signature else (), model_family=family)
     with _writing(out, f"write {partial / MODEL_CARD_NAME}"):
         card_digest = write_bytes_atomic(partial / MODEL_CARD_NAME, card.encode("utf-8"))
     artifacts += [_file_entry(MODEL_CARD_NAME, card_digest, KIND_CARD)] + extra

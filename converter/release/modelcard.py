@@ -14,6 +14,7 @@ shown; anything else is ignored.
 from __future__ import annotations
 
 import math
+from urllib.parse import quote
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,10 +25,17 @@ from converter import __version__
 from converter.errors import ReleaseError
 from manifests.errors import SchemaError
 from manifests.manifest import parse_json
+from manifests.paths import character_problem
 
 from .spec import ReleaseSpec
+from .usage import how_to_use, usage_family
 
-QUALITY_FIELDS: dict[str, str] = {"cosine": "cosine", "rel_l2": "rel. L2", "psnr": "PSNR (dB)"}
+QUALITY_FIELDS: dict[str, str] = {"cosine": "cosine", "rel_l2": "rel. L2", "psnr": "PSNR (dB)", "ssim": "SSIM"}
+PERF_FIELDS: dict[str, str] = {"peak_memory_bytes": "peak VRAM", "seconds_per_step": "s/step"}
+"""Measured by ``flux-gguf bench`` (converter/quality/bench.py ``BenchResult``), read from the validation report."""
+ACTIVATIONS_1024_BYTES: int | None = None
+"""Peak activation memory of one FLUX.1 transformer step at 1024x1024 on top of the weights. Not measured
+yet, so the card's estimate is the file size alone and says so (see docs/model-card.md)."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +114,10 @@ def read_validation_report(path: Path, files: Sequence[CardFile]) -> dict[str, d
             raise ReleaseError(f"{path}: variants[{i}] must be an object naming its 'variant' or 'file'")
         variant = by_file.get(key, key)
         figures = dict(entry.get("metrics", {})) if isinstance(entry.get("metrics"), dict) else {}
-        figures.update({k: v for k, v in entry.items() if k in QUALITY_FIELDS})
+        figures.update({k: v for k, v in entry.items() if k in QUALITY_FIELDS or k in PERF_FIELDS})
         picked = {}
         for field, value in figures.items():
-            if field not in QUALITY_FIELDS:
+            if field not in QUALITY_FIELDS and field not in PERF_FIELDS:
                 continue
             if not _number(value):
                 raise ReleaseError(f"{path}: {field} of {variant} must be a finite number, got {value!r}")
@@ -137,8 +145,44 @@ def _figure(field: str, value: float | None) -> str:
     return f"{value:.4g}"
 
 
+_MD_SPECIAL = set("\\`*[]<>|~&")  # what can start markup mid-line (the text never starts a line; an intraword _ never emphasises)
+
+
+def _visible(c: str, escape: str) -> str:
+    """A character as the card may hold it: invisible ones (controls, line breaks, bidi overrides,
+    zero-width: what Python cannot print or the name policy flags) as their escape, ``\\u202e``."""
+    if not c.isprintable() or character_problem(c) is not None:
+        return escape + ascii(c)[1:-1]
+    return c
+
+
+def md_text(text: object) -> str:
+    """User-controlled text (a title, a dataset name) as inert Markdown on one line: Markdown's
+    punctuation backslash-escaped and invisible characters shown as escapes, so it can neither
+    format the card nor hide or reorder text."""
+    return "".join("\\" + c if c in _MD_SPECIAL else _visible(c, "\\") for c in str(text))
+
+
+def md_code(text: object) -> str:
+    """User-controlled text for inside a code span (no escapes work there): backticks become
+    quotes, invisible characters are shown as escapes."""
+    return "".join("'" if c == "`" else _visible(c, "") for c in str(text))
+
+
+def md_prose(text: str) -> str:
+    """The spec author's own Markdown (``card.description``): kept as Markdown, but invisible
+    characters shown as escapes (line breaks kept)."""
+    return "".join(c if c == "\n" else _visible(c, "\\") for c in text)
+
+
+def link_target(path: str) -> str:
+    """A relative link to a release file, percent-encoded (spaces, parentheses)."""
+    return quote(path)
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text inside a table cell (or inline): escaped as :func:`md_text`."""
+    return md_text(text)
 
 
 def front_matter(spec: ReleaseSpec) -> str:
@@ -164,20 +208,55 @@ def _files_table(files: Sequence[CardFile], quality: Mapping[str, Mapping[str, f
     for f in files:
         types = ", ".join(f"{n} {t}" for t, n in f.type_counts.items())
         q = quality.get(f.variant, {})
-        row = [f"[{_cell(f.path)}]({f.path.replace(' ', '%20')})", f.variant, human_size(f.size),
+        row = [f"[{_cell(f.path)}]({link_target(f.path)})", f.variant, human_size(f.size),
                f"{f.bits_per_weight:.2f}", types, *[_figure(x, q.get(x)) for x in fields], f"`{f.sha256}`"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
+def gpu_section(files: Sequence[CardFile], figures: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """"Which file for my GPU": measured peak VRAM and s/step where the report has them, else an estimate."""
+    ggufs = [f for f in files if f.path.endswith(".gguf") and f.variant]
+    if not ggufs:
+        return []
+    rows = ["## Which file for my GPU", "",
+            "| File | Bits/weight | Size | Peak VRAM | s/step | Source of the memory figure |", "|---|--:|--:|--:|--:|---|"]
+    for f in ggufs:
+        q = figures.get(f.variant, {})
+        if "peak_memory_bytes" in q:
+            mem, how = f"{q['peak_memory_bytes'] / 2**30:.2f} GiB", "measured (`flux-gguf bench`, `validation.json`)"
+        elif ACTIVATIONS_1024_BYTES is not None:
+            mem = f"≈ {(f.size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB"
+            how = "estimate: file size + activations at 1024x1024"
+        else:
+            mem, how = f"≥ {f.size / 2**30:.2f} GiB", "estimate: the weights alone (file size); activations come on top"
+        step = f"{q['seconds_per_step']:.3f}" if "seconds_per_step" in q else "–"
+        rows.append(f"| {_cell(f.path)} | {f.bits_per_weight:.2f} | {human_size(f.size)} | {mem} | {step} | {how} |")
+    rows += ["", "Text encoders and VAE are loaded besides the transformer (ComfyUI and diffusers can offload them to "
+             "the CPU). Quality figures per file are in the table above.", ""]
+    return rows
+
+
+def calibration_sentence(datasets: Sequence[str]) -> str:
+    """What the calibration data was, said for a user (the dataset names flux-gguf calibrate writes:
+    converter/quality/calibrate.py ``probes_dataset`` and the inputs/prompts file names)."""
+    if not datasets:
+        return "The file does not say what it was collected on"
+    if all(d.startswith("probes:") for d in datasets):
+        return ("It was collected on seeded random probe inputs (the smoke default), not on real prompts or images, "
+                "so it says little about real use")
+    return ("It was collected by running the model on the inputs named above (a prompts/images set or a saved "
+            "inputs file chosen by the publisher)")
+
+
 def imatrix_card_line(files: Sequence[str], imatrix: Any) -> str:
     """The card's line for a calibrated release: which importance matrix, collected on what."""
-    names = ", ".join(f"`{_cell(Path(f).name)}`" for f in files)
+    names = ", ".join(f"`{md_code(Path(f).name)}`" for f in files)
     what = ""
     if imatrix is not None:
         datasets = "; ".join(imatrix.datasets) or "no dataset recorded in the file"
         what = (f", collected on: {_cell(datasets)} ({imatrix.chunk_count} chunks, "
-                f"{len(imatrix.entries)} tensors)")
+                f"{len(imatrix.entries)} tensors). {calibration_sentence(imatrix.datasets)}")
     return (f"- **Calibrated**: K-quant tensors were quantized with the importance matrix {names}{what}; "
             "it is listed with its sha256 under the source files and recorded as `quantize.imatrix.*` in each "
             "GGUF that uses it. Q8_0, F16 and BF16 files do not use it.")
@@ -193,23 +272,27 @@ def render_model_card(
     imatrix: Any = None,
     signature_section: Sequence[str] = (),
     mixes: Mapping[str, Mapping[str, str]] | None = None,
+    model_family: str = "",
 ) -> str:
     """The full README.md text (front matter + body), deterministic for a given input."""
     quality = quality or {}
     card = spec.card
-    title = card.title or f"{spec.name} GGUF"
+    title = md_text(card.title or f"{spec.name} GGUF")
     base_link = f"[{spec.base_model}](https://huggingface.co/{spec.base_model})"
     out = [front_matter(spec), f"# {title}", "",
            f"GGUF quantizations of {base_link}, made with flux-gguf {__version__} from the spec recorded in "
            "`manifest.json`. Tensor names follow the BFL layout that ComfyUI-GGUF, diffusers and "
            "stable-diffusion.cpp load.", ""]
     if card.description:
-        out += [card.description.strip(), ""]
+        out += [md_prose(card.description.strip()), ""]
     out += ["## Files", ""] + _files_table(files, quality) + [""]
     if quality:
         out += ["Quality figures compare each file's output with the unquantized source model "
                 "(from the validation report shipped as `validation.json`).", ""]
     out += ["Bits/weight counts every tensor's bytes (F32 biases and norms included) over all parameters.", ""]
+    out += gpu_section(files, quality)
+    ggufs = [f.path for f in files if f.path.endswith(".gguf") and f.variant]
+    out += how_to_use(usage_family(model_family, spec.base_model), ggufs)
     out += ["## How the files were made", "",
             "- 1-D tensors (biases, norm scales) are F32; `img_in.weight` is F32 so diffusers detects the model correctly.",
             "- Tensors under `img_in.`, `txt_in.`, `time_in.`, `vector_in.`, `guidance_in.` and `final_layer.` keep "
@@ -219,13 +302,13 @@ def render_model_card(
     if spec.imatrix:
         out.append(imatrix_card_line(spec.imatrix, imatrix))
     for label, (kind, value) in spec.targets.items():
-        out.append(f"- `{label}` is a size-targeted mix ({kind.replace('_', ' ')} {value}): each quantized tensor's "
+        out.append(f"- `{md_code(label)}` is a size-targeted mix ({kind.replace('_', ' ')} {value}): each quantized tensor's "
                    "type (Q2_K to Q8_0 or the source precision) was chosen to minimise the output error predicted "
-                   f"from measured per-tensor sensitivity (`flux-gguf sensitivity`, file `{_cell(spec.sensitivity or '')}`,"
+                   f"from measured per-tensor sensitivity (`flux-gguf sensitivity`, file `{md_code(spec.sensitivity or '')}`,"
                    " listed with its sha256 under the source files) within the budget; `flux_gguf.recipe_target` "
                    "in the file records the choice. Its types per block are below.")
     if spec.overrides:
-        out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{o}`" for o in spec.overrides) + ".")
+        out.append("- Overrides (REGEX=TYPE, first match wins): " + ", ".join(f"`{md_code(o)}`" for o in spec.overrides) + ".")
     sections: list[str] = []
     for key, ext in spec.extensions.items():
         if ext.card_section is not None:
@@ -249,6 +332,6 @@ def render_model_card(
     out += list(signature_section)  # signed releases: how to check model.sig (release/signing.py)
     if card.license_link or card.license_name:
         name = card.license_name or card.license
-        out += ["## License", "", f"License: `{name}`" +
-                (f"; see [{card.license_link}]({card.license_link})." if card.license_link else "."), ""]
+        out += ["## License", "", f"License: `{md_code(name)}`" +
+                (f"; see [{_cell(card.license_link)}]({link_target(card.license_link)})." if card.license_link else "."), ""]
     return "\n".join(out)
