@@ -25,17 +25,19 @@ the pace:
 
 Output bytes do not depend on the thread count: the kernels encode rows independently, chunks
 are whole rows, and everything is written in plan order. Memory, with T kernel threads,
-R = min(4, max(1, T // 4)) reader threads and the largest source tensor S (source bytes, plus the
-4 KB every pooled buffer has to spare for placing) and
-largest encoded tensor E: (R + 2) * S of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
+R = min(4, max(1, T // 4)) reader threads, the read piece P (a tensor whole, or a range of its
+rows when it is larger than _PIECE_BYTES = 64 MiB, so P <= 64 MiB + one row, plus the 4 KB every
+pooled buffer has to spare for placing) and the largest encoded tensor E:
+(R + 2) * P of raw buffers + T * 64 KB of kernel buffers (T * 8 MB while
 a float output type is converted) + at most Q * ((_QUEUE_DEPTH + 4) * E + 128 MB) of encoded tensors
 (Q: distinct types per tensor, at most the variant count; each file has one tensor being encoded,
 _QUEUE_DEPTH + 2 waiting for or in a write on its two writer threads, and up to 128 MB plus one
-tensor queued at its whole-file hash, which may run that far behind). For the full FLUX.1 model
-(S = 132 MB BF16, E = 70 MB Q8_0) at 16 threads and three variants: 0.8 GB + 1 MB + 1.6 GB,
-about 2.4 GB; Q4_K_M alone at 2 threads (E = 54 MB): 0.4 GB + 0.5 GB. A
-``tensor_transform`` adds the float32 tensor it is given (2 S for a BF16 source) and whatever it
-allocates.
+tensor queued at its whole-file hash, which may run that far behind); in practice the writers
+and hashes keep up and two or three encoded tensors are alive at once. For the full FLUX.1 model
+(E = 70 MB Q8_0) at 16 threads and three variants: 0.4 GB + 1 MB + at most 1.6 GB. FLUX.2
+[dev]'s 680 MB BF16 single-block linear1 is read in 11 ranges. A ``tensor_transform`` needs
+whole tensors (read unsplit, P = the largest source tensor) and adds the float32 tensor it is
+given (2 P for a BF16 source) and whatever it allocates.
 """
 from __future__ import annotations
 
@@ -102,6 +104,10 @@ _PARALLEL_CHUNKSIZE = 4  # loop iterations a kernel thread takes at a time (0: n
 _MAX_READERS = 4  # reader threads: a quarter of the kernel threads, at least 1, at most this
 _MAX_HASHERS = 8  # tensor-hash threads: half the kernel threads, at least 1, at most this
 _FILE_HASH_BUDGET = 128 << 20  # bytes a file's sha256 may fall behind the tensors encoded for it
+# A source tensor larger than this is read and encoded in ranges of whole rows of about this many
+# source bytes (bytes unchanged: rows encode independently), so that the raw buffers in flight do
+# not grow with the largest tensor: FLUX.2 [dev]'s fused single-block linear1 is 680 MB of BF16.
+_PIECE_BYTES = 64 << 20
 
 
 def default_name(path: str | os.PathLike[str]) -> str:
@@ -510,27 +516,30 @@ def _convert_planned(
         hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(_MAX_HASHERS, threads // 2)),
                                                         thread_name_prefix="flux-gguf-hash")
         encoded_pool = _Buffers(max((e.nbytes for p in plans for e in p.entries), default=0) + IO_ALIGN)
-        reader = _Reader(source, read_order, max(1, min(_MAX_READERS, threads // 4)), stats)
+        reader = _Reader(source, read_order, max(1, min(_MAX_READERS, threads // 4)), stats,
+                         whole=transform is not None)
         chunk_size = threads * _CHUNK_PER_THREAD
         done = 0
         if progress is not None:
             progress(0, total)
+        encoded: dict[str, _Shared] = {}
         for tname, raw in reader:
             current = tname
             info = source.tensors[tname]
             entries = [b[tname] for b in by_name]
             qtypes = list(dict.fromkeys(e.qtype for e in entries))
             qw = imatrix.importance(tname) if imatrix is not None and tname in weighted else None
-            users = {qt: sum(sink.users for sink, e in zip(sinks, entries) if e.qtype == qt) for qt in qtypes}
             n = entries[0].shape[-1] if entries[0].shape else 1
-            rows = raw.data.nbytes // max(1, _width(raw.dtype) * n)
-            # Each type's bytes placed for the first file that holds them (a direct write from
-            # there needs no copy; a second file of the same type at another phase gets one).
-            phase = {qt: next((w.offset_of(tname) for w, e in zip(writers, entries) if e.qtype == qt and w.direct), 0)
-                     for qt in qtypes}
-            encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows, quant_kernels.row_nbytes(qt, n) if n else 0,
-                                   phase[qt])
-                       for qt in qtypes}
+            rows = raw.data.nbytes // max(1, _width(raw.dtype) * n) if raw.whole else raw.rows
+            if raw.first:
+                users = {qt: sum(sink.users for sink, e in zip(sinks, entries) if e.qtype == qt) for qt in qtypes}
+                # Each type's bytes placed for the first file that holds them (a direct write from
+                # there needs no copy; a second file of the same type at another phase gets one).
+                phase = {qt: next((w.offset_of(tname) for w, e in zip(writers, entries)
+                                   if e.qtype == qt and w.direct), 0) for qt in qtypes}
+                encoded = {qt: _Shared(encoded_pool, users[qt] + 1, rows,
+                                       quant_kernels.row_nbytes(qt, n) if n else 0, phase[qt])
+                           for qt in qtypes}
             try:
                 if transform is not None:
                     x = np.empty(info.shape, np.float32)
@@ -545,18 +554,30 @@ def _convert_planned(
                             _encode(x, qt, qw, out=encoded[qt].array)
                     del x
                 else:
-                    _encode_raw(raw, raw.dtype, rows, n, encoded, chunk_size, stats, qw)
+                    try:
+                        _encode_raw(raw, raw.dtype, rows if raw.whole else raw.r1 - raw.r0, n,
+                                    {qt: sh.array if raw.whole else sh.array[raw.r0:raw.r1]
+                                     for qt, sh in encoded.items()},
+                                    chunk_size, stats, qw)
+                    except QuantError:
+                        if not raw.whole:  # the error as the whole tensor gives it (counts, positions)
+                            reader.release(raw)
+                            _whole_tensor_error(source, tname, qtypes, qw)
+                        raise
                     reader.release(raw)
             except BaseException:
                 for shared in encoded.values():
                     shared.discard()
+                encoded = {}
                 raise
-            digests = {qt: hashers.submit(_tensor_sha256, shared, stats) for qt, shared in encoded.items()}
-            for sink, e in zip(sinks, entries):
-                sink.put(tname, encoded[e.qtype], digests[e.qtype])
-            del encoded, digests
-            done += int(info.nbytes)
-            current = None
+            done += int(raw.data.nbytes) if not raw.whole else int(info.nbytes)
+            if raw.last:
+                digests = {qt: hashers.submit(_tensor_sha256, shared, stats) for qt, shared in encoded.items()}
+                for sink, e in zip(sinks, entries):
+                    sink.put(tname, encoded[e.qtype], digests[e.qtype])
+                encoded, digests = {}, {}
+                done = min(done, total)
+                current = None
             if progress is not None:
                 progress(done, total)
         for s in sinks:  # every file fully written before any is renamed into place
@@ -599,31 +620,46 @@ def _width(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
 
 
-def _encode_raw(raw: _RawTensor, dtype: str, rows: int, n: int, encoded: Mapping[str, _Shared],
+def _encode_raw(raw: _RawTensor, dtype: str, rows: int, n: int, encoded: Mapping[str, np.ndarray],
                 chunk_size: int, stats: StageStats | None, importance: np.ndarray | None = None) -> None:
-    """Encode one tensor from its raw source bytes into every output type.
+    """Encode a tensor's rows from their raw source bytes into every output type's array.
 
     Quantized types: one call of the fused kernels per type, which upcast a cache-sized chunk of
     rows at a time on every kernel thread and encode it (no float32 copy of the tensor). Float
     output types (F32/F16/BF16) are converted ``chunk_size`` elements of whole rows at a time, so
     no float32 copy of a large tensor is made either. Either way the bytes, and the errors, are
-    those of encoding the whole float32 tensor at once."""
+    those of encoding the float32 rows at once."""
     if rows == 0 or n == 0:
         return
     codes, kind, table = raw_codes(raw.data, dtype, rows, n)
-    for qt, shared in encoded.items():
+    for qt, out in encoded.items():
         with _timed(stats, "quantize"):
             if not quant_kernels.resolve(qt).is_float:
-                quant_kernels.quantize_raw(codes, kind, qt, table=table, imatrix=importance, out=shared.array)
+                quant_kernels.quantize_raw(codes, kind, qt, table=table, imatrix=importance, out=out)
                 continue
             step = max(1, chunk_size // n)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 try:
-                    quant_kernels.quantize_raw(codes[r0:r1], kind, qt, table=table, out=shared.array[r0:r1])
+                    quant_kernels.quantize_raw(codes[r0:r1], kind, qt, table=table, out=out[r0:r1])
                 except QuantError:
-                    quant_kernels.quantize_raw(codes, kind, qt, table=table)  # positions over the whole tensor
+                    quant_kernels.quantize_raw(codes, kind, qt, table=table)  # positions over all the rows
                     raise
+
+
+def _whole_tensor_error(source: Source, name: str, qtypes: Sequence[str], importance: np.ndarray | None) -> None:
+    """A row range of ``name`` failed to encode: read the whole tensor once and encode it, so the
+    error raised counts and places its values over the whole tensor, as an unsplit read would.
+    (Only on this failure path does a tensor larger than _PIECE_BYTES sit in memory whole.)"""
+    info = source.tensors[name]
+    data = np.empty(int(info.nbytes), np.uint8)
+    source.read_raw_into(name, data)
+    n = int(info.shape[-1]) if info.shape else 1
+    rows = int(info.nbytes) // max(1, DTYPE_SIZES[info.dtype] * n)
+    codes, kind, table = raw_codes(data, info.dtype, rows, n)
+    for qt in qtypes:
+        quant_kernels.quantize_raw(codes, kind, qt, table=table,
+                                   imatrix=None if quant_kernels.resolve(qt).is_float else importance)
 
 
 def _tensor_sha256(shared: _Shared, stats: StageStats | None) -> str:
@@ -803,26 +839,68 @@ class _Shared:
 
 
 class _RawTensor:
-    """A tensor's raw source bytes (``dtype``, little-endian) in a pooled buffer."""
+    """Rows ``[r0, r1)`` of a tensor of ``rows`` rows, its raw source bytes (``dtype``,
+    little-endian) in a pooled buffer; ``r0 == 0`` and ``r1 == rows`` when read whole."""
 
-    def __init__(self, buf: np.ndarray, data: np.ndarray, dtype: str) -> None:
+    def __init__(self, buf: np.ndarray, data: np.ndarray, dtype: str, r0: int = 0, r1: int = 1,
+                 rows: int = 1) -> None:
         self.buf, self.data, self.dtype = buf, data, dtype
+        self.r0, self.r1, self.rows = r0, r1, rows
+
+    @property
+    def first(self) -> bool:
+        return self.r0 == 0
+
+    @property
+    def last(self) -> bool:
+        return self.r1 >= self.rows
+
+    @property
+    def whole(self) -> bool:
+        return self.first and self.last
+
+
+def _row_ranges(info: Any, piece_bytes: int | None) -> tuple[int, list[tuple[int, int]]]:
+    """A tensor's row count and the row ranges it is read in: whole, unless ``piece_bytes`` is
+    given and the tensor is larger (then ranges of equal whole rows, each about that size)."""
+    n = int(info.shape[-1]) if info.shape else 1
+    row_bytes = max(1, DTYPE_SIZES[info.dtype] * n)
+    rows = int(info.nbytes) // row_bytes
+    if piece_bytes is None or int(info.nbytes) <= piece_bytes or rows < 2:
+        return rows, [(0, rows)]
+    k = min(rows, -(-int(info.nbytes) // piece_bytes))
+    step = -(-rows // k)
+    return rows, [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 class _Reader:
-    """Reads the raw bytes of the next tensors on ``workers`` threads, ``workers + 1`` ahead of
-    the consumer, in order, into reusable buffers (``release`` gives one back).
+    """Reads the raw bytes of the next tensors (or row ranges of a large tensor, see _PIECE_BYTES)
+    on ``workers`` threads, ``workers + 1`` ahead of the consumer, in order, into reusable buffers
+    (``release`` gives one back).
 
     Only I/O happens here: numba's parallel kernels (upcast, quantizers, the LoRA product) run in
     the calling thread alone, since two threads launching parallel regions at once abort the
     process under numba's workqueue threading layer, and ``set_num_threads`` is per thread.
+    ``whole``: every tensor in one piece (a tensor transform needs the whole tensor; a streamed
+    source serves whole tensors only).
     """
 
-    def __init__(self, source: Source, names: Sequence[str], workers: int, stats: StageStats | None) -> None:
-        self._source, self._names, self._stats = source, list(names), stats
-        # IO_ALIGN spare bytes, so that each tensor can start at its file offset's phase (direct
+    def __init__(self, source: Source, names: Sequence[str], workers: int, stats: StageStats | None,
+                 whole: bool = False) -> None:
+        self._source, self._stats = source, stats
+        piece = None if whole or not getattr(source, "partial_reads", False) else _PIECE_BYTES
+        self._items: list[tuple[str, int, int, int]] = []
+        largest = 0
+        for name in names:
+            info = source.tensors[name]
+            rows, ranges = _row_ranges(info, piece)
+            row_bytes = int(info.nbytes) // max(1, rows)
+            for r0, r1 in ranges:
+                self._items.append((name, r0, r1, rows))
+                largest = max(largest, (r1 - r0) * row_bytes if len(ranges) > 1 else int(info.nbytes))
+        # IO_ALIGN spare bytes, so that each piece can start at its file offset's phase (direct
         # reads then land in place, without a bounce copy).
-        self._pool = _Buffers(max((int(source.tensors[n].nbytes) for n in names), default=0) + IO_ALIGN)
+        self._pool = _Buffers(largest + IO_ALIGN)
         self._ahead = workers + 1
         self._stop = threading.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="flux-gguf-reader")
@@ -830,29 +908,35 @@ class _Reader:
         self._next = 0
         self._closed = False
 
-    def _read(self, name: str) -> _RawTensor:
+    def _read(self, name: str, r0: int, r1: int, rows: int) -> _RawTensor:
         if self._stop.is_set():
             raise _TensorError(name, KeyboardInterrupt())
         buf = self._pool.get()
         info = self._source.tensors[name]
-        nbytes = int(info.nbytes)
+        row_bytes = int(info.nbytes) // max(1, rows)
+        whole = r0 == 0 and r1 >= rows
+        nbytes = int(info.nbytes) if whole else (r1 - r0) * row_bytes
+        first = 0 if whole else r0 * (row_bytes // DTYPE_SIZES[info.dtype])
         # At its file phase only where the tensor's elements stay aligned to their width (the kernels
         # take BF16/F16 codes as uint16); otherwise a direct read goes through the bounce buffer.
-        phase = self._source.raw_phase(name)
+        phase = self._source.raw_phase(name, first) if first else self._source.raw_phase(name)
         data = direct_io.placed(buf, phase, nbytes) if phase % DTYPE_SIZES[info.dtype] == 0 else buf[:nbytes]
         try:
             with _timed(self._stats, "read", cpu=True):
-                self._source.read_raw_into(name, data)
+                if whole:
+                    self._source.read_raw_into(name, data)
+                else:
+                    self._source.read_raw_range_into(name, first, data)
         except BaseException:
             self._pool.put(buf)
             raise
-        return _RawTensor(buf, data, info.dtype)
+        return _RawTensor(buf, data, info.dtype, r0, r1, rows)
 
     def _fill(self) -> None:
-        while len(self._pending) < self._ahead and self._next < len(self._names):
-            name = self._names[self._next]
+        while len(self._pending) < self._ahead and self._next < len(self._items):
+            item = self._items[self._next]
             self._next += 1
-            self._pending.append((name, self._executor.submit(self._read, name)))
+            self._pending.append((item[0], self._executor.submit(self._read, *item)))
 
     def __iter__(self) -> Iterator[tuple[str, _RawTensor]]:
         while True:

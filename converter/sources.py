@@ -128,6 +128,10 @@ class Source:
             p.file.read_elements_into(p.key, p.first, flat[p.dest:p.dest + p.count])
         return out
 
+    # The pipeline may read a large tensor in row ranges (read_raw_range_into); a source that can
+    # only stream each tensor whole (converter.hub.source) sets this False.
+    partial_reads = True
+
     def read_raw_into(self, name: str, out: np.ndarray) -> None:
         """Tensor ``name``'s source bytes (its TensorInfo dtype, little-endian, BFL element order:
         diffusers parts stacked and halves swapped) into ``out``, a C-contiguous uint8 array of
@@ -137,20 +141,34 @@ class Source:
             raise SourceError(f"{self.path}: no tensor {name}")
         if out.nbytes != info.nbytes:
             raise ValueError(f"tensor {name} has {info.nbytes} source bytes, the buffer {out.nbytes}")
-        flat = out.reshape(-1).view(np.uint8)
-        width = DTYPE_SIZES[info.dtype]
-        for p in self._pieces[name]:
-            p.file.read_raw_into(p.key, p.first, flat[p.dest * width:(p.dest + p.count) * width])
+        self.read_raw_range_into(name, 0, out)
 
-    def raw_phase(self, name: str) -> int:
-        """Where tensor ``name``'s source bytes start, modulo the direct-read alignment: a buffer
-        at an address with this remainder receives them without a copy (see safetensors_io)."""
-        pieces = self._pieces.get(name)
-        if not pieces:
-            return 0
-        p = pieces[0]
-        phase = getattr(p.file, "raw_phase", None)  # remote shards have none
-        return int(phase(p.key, p.first)) if phase is not None else 0
+    def read_raw_range_into(self, name: str, first: int, out: np.ndarray) -> None:
+        """Elements ``[first, first + out.nbytes // width)`` of tensor ``name`` (BFL element order),
+        raw, into ``out`` (C-contiguous): a row range of a tensor too large to hold whole."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise SourceError(f"{self.path}: no tensor {name}")
+        width = DTYPE_SIZES[info.dtype]
+        count = out.nbytes // width
+        if out.nbytes % width or first < 0 or (first + count) * width > info.nbytes:
+            raise ValueError(f"{out.nbytes} bytes from element {first} do not fit tensor {name} ({info.nbytes} bytes)")
+        flat = out.reshape(-1).view(np.uint8)
+        end = first + count
+        for p in self._pieces[name]:
+            lo, hi = max(first, p.dest), min(end, p.dest + p.count)
+            if lo < hi:
+                p.file.read_raw_into(p.key, p.first + lo - p.dest, flat[(lo - first) * width:(hi - first) * width])
+
+    def raw_phase(self, name: str, first: int = 0) -> int:
+        """Where element ``first`` of tensor ``name``'s source bytes lies, modulo the direct-read
+        alignment: a buffer at an address with this remainder receives them without a copy (see
+        safetensors_io)."""
+        for p in self._pieces.get(name, ()):
+            if p.dest <= first < p.dest + p.count or (first == 0 and p.count == 0):
+                phase = getattr(p.file, "raw_phase", None)  # remote shards have none
+                return int(phase(p.key, p.first + first - p.dest)) if phase is not None else 0
+        return 0
 
     def read_order(self, names: list[str]) -> list[str]:
         """The order in which to read ``names`` (a remote source prefers its file order). Local: as given."""

@@ -631,6 +631,8 @@ class RemoteSource(Source):
                                  for p in pieces[n]) if pieces[n] else (0, 0) for n in tensors}
         self._plan(connections, window)
 
+    partial_reads = False  # each tensor streams whole, once, in file order
+
     def read_order(self, names: list[str]) -> list[str]:
         """``names`` in file order (stable for ties): what the fetch-ahead schedule follows."""
         return sorted(names, key=lambda n: self._file_key[n])
