@@ -237,11 +237,13 @@ def default_mix_name(budget: Budget) -> str:
 # Exact bytes: the header's size depends on the metadata, which names the chosen types, so the
 # allocation runs against the budget minus an upper bound of the header (every type name at its
 # longest, the predicted error at its fixed width); the final file is then at most the budget and
-# short of it by the header's slack (tens of bytes) plus whatever no swap could fill.
+# short of it by the header's slack (about a hundred bytes) plus whatever no swap could fill.
 
 KV_TARGET = "flux_gguf.recipe_target"
 _PROBE_VARIANT = VARIANTS["Q4_K_S"]  # any single-type variant: tells which tensors a recipe quantizes
 _LONGEST_TYPE = "Q8_0"  # a longest candidate name (4 characters), for the header's upper bound
+_LONGEST_FLOAT = -2.2250738585072014e-308  # a float whose JSON form is as long as any (24 characters)
+_BOUND_TEXT = 40  # budget texts (and labels) up to this long give the same header bound
 _GB = 1e9
 
 
@@ -315,23 +317,28 @@ def plan_target(
     if not choosable:
         raise PlanError("the source has no tensor a recipe quantizes; nothing to choose")
 
-    def build(types: Mapping[str, str], predicted: float, file_type: int) -> Plan:
+    def build(types: Mapping[str, str], predicted: float, file_type: int, bound: bool = False) -> Plan:
+        # The bound's header holds the budget and the label at a width no real one of up to
+        # _BOUND_TEXT characters exceeds: the reachable range it gives (and reports when a budget
+        # is refused) then does not depend on how the budget was written ("5.8MB" or "5807808").
+        shown = Budget(budget.kind, _LONGEST_FLOAT, "x" * max(_BOUND_TEXT, len(json.dumps(budget.text)))) if bound else budget
         doc = {
-            "budget": budget.to_dict(),
+            "budget": shown.to_dict(),
             "sensitivity": {"file": sensitivity.file, "sha256": sensitivity.sha256},
             "predicted_rel_l2": f"{predicted_rel_l2(predicted):.6e}",
             "method": "per-tensor types minimising predicted output error (flux-gguf sensitivity) within the budget",
             "types": dict(sorted(types.items())),
         }
         extra = {**(extra_metadata or {}), KV_TARGET: json.dumps(doc, sort_keys=True)}
-        plan = make_plan(mix_variant(label, file_type), tensors, name=name, family=family, sources=sources,
+        plan = make_plan(mix_variant("T" * max(_BOUND_TEXT + 1, len(label.encode())) if bound else label, file_type),
+                         tensors, name=name, family=family, sources=sources,
                          extra_metadata=extra, types=types)
         return plan if imatrix is None else attach_to_plans([plan], imatrix, imatrix_files)[0]
 
     # every name 4 characters, and a K-quant wherever one fits, so that the bound carries the
     # quantize.imatrix.* KVs whenever the final mix could
     bound = build({n: next((t for t in cands if uses_imatrix(t)), _LONGEST_TYPE) for n, cands in choosable.items()},
-                  0.0, 0)
+                  0.0, 0, bound=True)
     fixed = [e for e in bound.entries if e.name not in choosable]
     n_params = bound.n_params
     if budget.kind == "size":

@@ -143,9 +143,17 @@ def test_budget_outside_the_reachable_range_states_it(full):
             plan_source_target(source, sens, size_budget("1GB"))
         with pytest.raises(TargetRangeError, match="outside the reachable range") as e:
             plan_source_target(source, sens, size_budget("30GB"))
-        # the range in bytes; the low end moves by a few bytes with the budget's own text, which the file records
-        assert e.value.low < plan_source_target(source, sens, size_budget(str(int(e.value.low) + 64))).plan.file_size \
-            <= e.value.low + 64
+        # the range in bytes does not depend on how the budget is written: both ends, typed back
+        # exactly as the error gave them, are accepted, and the files stay within them
+        low, high = int(e.value.low), int(e.value.high)
+        for text in (str(low), f"{low} B", str(high)):
+            mix = plan_source_target(source, sens, size_budget(text))
+            assert mix.reachable == (low, high)
+            assert mix.plan.file_size <= int(parse_size(text))
+        assert plan_source_target(source, sens, size_budget(str(low))).plan.file_size > low - 256
+        with pytest.raises(TargetRangeError) as short:
+            plan_source_target(source, sens, size_budget(str(low - 1)))
+        assert (short.value.low, short.value.high) == (low, high)
         with pytest.raises(PlanError, match=r"^target 1bpw is outside the reachable range 2\.\d{3}-16\.\d{3} bits"):
             plan_source_target(source, sens, bpw_budget("1"))
 
