@@ -33,9 +33,38 @@ from .usage import how_to_use, usage_family
 QUALITY_FIELDS: dict[str, str] = {"cosine": "cosine", "rel_l2": "rel. L2", "psnr": "PSNR (dB)", "ssim": "SSIM"}
 PERF_FIELDS: dict[str, str] = {"peak_memory_bytes": "peak VRAM", "seconds_per_step": "s/step"}
 """Measured by ``flux-gguf bench`` (converter/quality/bench.py ``BenchResult``), read from the validation report."""
-ACTIVATIONS_1024_BYTES: int | None = None
-"""Peak activation memory of one FLUX.1 transformer step at 1024x1024 on top of the weights. Not measured
-yet, so the card's estimate is the file size alone and says so (see docs/model-card.md)."""
+ACTIVATIONS_1024_BYTES: int = 949_024_772
+"""Peak activation memory of one FLUX.1 transformer step at 1024x1024 on top of the weights (0.884 GiB).
+
+Measured once with ``python scripts/measure_activations.py --json activations.json`` (defaults: FLUX.1
+Kontext, Q4_K_M made by our converter from a synthetic full-width checkpoint, hidden 3072 / 24 heads,
+1 double + 1 single block, checked equal at 2 + 2; loaded with diffusers ``from_single_file`` and
+``GGUFQuantizationConfig(compute_dtype=torch.bfloat16)``; one call under ``torch.inference_mode``) on
+CPU, 2 cores (AMD EPYC), torch 2.13 CPU, diffusers 0.42.1: the maximum of torch.profiler's running
+CPU-allocator total during the call minus its value before (exact; the peak-RSS cross-check gave
+0.908 GiB, which adds glibc and the profiler's own memory).
+
+Includes: the residual streams, attention and MLP intermediates, RoPE tables and output for 4096
+target + 4096 reference-image + 512 T5 tokens, and the largest layer's weight as diffusers' GGUF layer
+dequantizes it on the fly. Excludes: the weights themselves (the file size stands for them), the text
+encoders and VAE, and on a GPU the CUDA context (a few hundred MiB) and the caching allocator's slack;
+a GPU that runs diffusers' fused GGUF kernels does not materialize the dequantized weight. So the
+card calls size + this an estimate from a CPU measurement. Peak activation memory does not grow
+with depth under inference_mode (the script's docstring says why), so it holds for the 19 + 38 block
+model. Text-to-image ([dev], [schnell]: no reference image) needs less; the figure is an upper bound there.
+"""
+KLEIN_4B_ACTIVATIONS_1024_BYTES: int = 1_286_438_914
+"""The same for FLUX.2 [klein] 4B (1.198 GiB): ``python scripts/measure_activations.py --family flux2-klein-4b
+--json klein4b.json``, same machine and method (hidden 3072 / 24 heads, context 7680, SwiGLU ratio 3; 1 + 1
+blocks, equal to the byte at 2 + 2; peak-RSS cross-check 1.221 GiB); 4096 target + 4096 reference-image +
+512 Qwen3 tokens. Includes and excludes what ``ACTIVATIONS_1024_BYTES`` does; an estimate from a CPU
+measurement too, and an upper bound for text-to-image."""
+ACTIVATIONS_1024_BY_FAMILY: dict[str, int] = {
+    "flux-dev": ACTIVATIONS_1024_BYTES, "flux-kontext": ACTIVATIONS_1024_BYTES, "flux-schnell": ACTIVATIONS_1024_BYTES,
+    "flux2-klein-4b": KLEIN_4B_ACTIVATIONS_1024_BYTES,
+}
+"""The activation figure per model family (``usage.usage_family``); a family without a measured figure
+(FLUX.2 [dev] and [klein] 9B: other widths; Fill, Depth, Canny) gets the weights-only lower bound."""
 
 
 @dataclass(frozen=True)
@@ -214,24 +243,33 @@ def _files_table(files: Sequence[CardFile], quality: Mapping[str, Mapping[str, f
     return lines
 
 
-def gpu_section(files: Sequence[CardFile], figures: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """"Which file for my GPU": measured peak VRAM and s/step where the report has them, else an estimate."""
+def gpu_section(files: Sequence[CardFile], figures: Mapping[str, Mapping[str, float]], family: str = "") -> list[str]:
+    """"Which file for my GPU": measured peak VRAM and s/step where the report has them, else an estimate
+    (file size + the family's activation figure, ``ACTIVATIONS_1024_BY_FAMILY``; the weights alone for a
+    family without one)."""
     ggufs = [f for f in files if f.path.endswith(".gguf") and f.variant]
     if not ggufs:
         return []
+    activations = ACTIVATIONS_1024_BY_FAMILY.get(family)
+    estimated = False
     rows = ["## Which file for my GPU", "",
             "| File | Bits/weight | Size | Peak VRAM | s/step | Source of the memory figure |", "|---|--:|--:|--:|--:|---|"]
     for f in ggufs:
         q = figures.get(f.variant, {})
         if "peak_memory_bytes" in q:
             mem, how = f"{q['peak_memory_bytes'] / 2**30:.2f} GiB", "measured (`flux-gguf bench`, `validation.json`)"
-        elif ACTIVATIONS_1024_BYTES is not None:
-            mem = f"≈ {(f.size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB"
-            how = "estimate: file size + activations at 1024x1024"
+        elif activations is not None:
+            mem, estimated = f"≈ {(f.size + activations) / 2**30:.2f} GiB", True
+            how = "estimate: file size + activations at 1024x1024 measured on CPU"
         else:
             mem, how = f"≥ {f.size / 2**30:.2f} GiB", "estimate: the weights alone (file size); activations come on top"
         step = f"{q['seconds_per_step']:.3f}" if "seconds_per_step" in q else "–"
         rows.append(f"| {_cell(f.path)} | {f.bits_per_weight:.2f} | {human_size(f.size)} | {mem} | {step} | {how} |")
+    if estimated:
+        rows += ["", f"The ≈ figures are an estimate, not a GPU measurement: the file size plus "
+                 f"{activations / 2**30:.2f} GiB of activations, measured on CPU (bf16, diffusers' GGUF loader) for "
+                 "one 1024x1024 step with a 1024x1024 reference image and 512 text tokens. A GPU adds its CUDA "
+                 "context and allocator slack; text-to-image without a reference image needs less."]
     rows += ["", "Text encoders and VAE are loaded besides the transformer (ComfyUI and diffusers can offload them to "
              "the CPU). Quality figures per file are in the table above.", ""]
     return rows
@@ -290,9 +328,10 @@ def render_model_card(
         out += ["Quality figures compare each file's output with the unquantized source model "
                 "(from the validation report shipped as `validation.json`).", ""]
     out += ["Bits/weight counts every tensor's bytes (F32 biases and norms included) over all parameters.", ""]
-    out += gpu_section(files, quality)
+    family = usage_family(model_family, spec.base_model)
+    out += gpu_section(files, quality, family)
     ggufs = [f.path for f in files if f.path.endswith(".gguf") and f.variant]
-    out += how_to_use(usage_family(model_family, spec.base_model), ggufs)
+    out += how_to_use(family, ggufs)
     out += ["## How the files were made", "",
             "- 1-D tensors (biases, norm scales) are F32; `img_in.weight` is F32 so diffusers detects the model correctly.",
             "- Tensors under `img_in.`, `txt_in.`, `time_in.`, `vector_in.`, `guidance_in.` and `final_layer.` keep "

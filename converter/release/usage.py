@@ -73,6 +73,18 @@ _MISTRAL_GGUF = Download("Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf", "uns
 _MISTRAL_COMFY = Download("mistral_3_small_flux2_bf16.safetensors", "Comfy-Org/flux2-dev",
                           "split_files/text_encoders/mistral_3_small_flux2_bf16.safetensors")
 _QWEN3_4B = Download("qwen_3_4b.safetensors", "Comfy-Org/flux2-klein-4B", "split_files/text_encoders", folder=True)
+# FLUX.2 [klein] 9B: sd.cpp docs/flux2.md ("Flux.2 klein 9B / Flux.2 klein base 9B") downloads Qwen3 8B from the
+# folder Comfy-Org/flux2-klein-9B split_files/text_encoders and its examples pass it as --llm qwen_3_8b.safetensors,
+# with the same VAE (black-forest-labs/FLUX.2-dev, flux2_ae.safetensors) and flags as [klein] 4B. ComfyUI: that repo's
+# split_files/text_encoders/qwen_3_8b_fp8mixed.safetensors and split_files/vae/flux2-vae.safetensors are the files
+# stored ComfyUI setups download (resolve/main URLs in Dockerfiles and download scripts) and the FLUX.2 [klein] 9B
+# workflows load (CLIPLoader widgets ["qwen_3_8b_fp8mixed.safetensors", "flux2", "default"], VAELoader
+# "flux2-vae.safetensors"). diffusers: black-forest-labs/FLUX.2-klein-9B (layout.FLUX2_SIZES) with Flux2KleinPipeline.
+_QWEN3_8B = Download("qwen_3_8b.safetensors", "Comfy-Org/flux2-klein-9B", "split_files/text_encoders", folder=True)
+_QWEN3_8B_COMFY = Download("qwen_3_8b_fp8mixed.safetensors", "Comfy-Org/flux2-klein-9B",
+                           "split_files/text_encoders/qwen_3_8b_fp8mixed.safetensors")
+_FLUX2_VAE_KLEIN9B_COMFY = Download("flux2-vae.safetensors", "Comfy-Org/flux2-klein-9B", "split_files/vae/flux2-vae.safetensors")
+_KLEIN_SDCPP = ("--cfg-scale", "1.0", "--steps", "4", "--diffusion-fa", "--offload-to-cpu")  # sd.cpp docs/flux2.md
 _FLUX1_SDCPP = ("--cfg-scale", "1.0", "--sampling-method", "euler")  # sd.cpp docs/flux.md: cfg-scale 1 recommended
 
 _FLUX1 = dict(transformer_class="FluxTransformer2DModel", comfy_text_node="DualCLIPLoaderGGUF", comfy_text_type="flux",
@@ -105,11 +117,16 @@ FAMILIES: dict[str, FamilyUsage] = {
                                   edits_images=False, comfy_text_node="CLIPLoaderGGUF", comfy_text_type="flux2",
                                   comfy_text_files=(_QWEN3_4B,), comfy_vae=_FLUX2_VAE_COMFY,
                                   sdcpp_text_flags=(("--llm", _QWEN3_4B),), sdcpp_vae=_FLUX2_VAE_BFL,
-                                  sdcpp_extra=("--cfg-scale", "1.0", "--steps", "4", "--diffusion-fa", "--offload-to-cpu"),
-                                  prompt="a lovely cat"),
+                                  sdcpp_extra=_KLEIN_SDCPP, prompt="a lovely cat"),
+    "flux2-klein-9b": FamilyUsage(label="FLUX.2 [klein] 9B", diffusers_repo="black-forest-labs/FLUX.2-klein-9B",
+                                  transformer_class="Flux2Transformer2DModel", pipeline_class="Flux2KleinPipeline",
+                                  edits_images=False, comfy_text_node="CLIPLoaderGGUF", comfy_text_type="flux2",
+                                  comfy_text_files=(_QWEN3_8B_COMFY,), comfy_vae=_FLUX2_VAE_KLEIN9B_COMFY,
+                                  sdcpp_text_flags=(("--llm", _QWEN3_8B),), sdcpp_vae=_FLUX2_VAE_BFL,
+                                  sdcpp_extra=_KLEIN_SDCPP, prompt="a lovely cat"),
 }
 """Family (``flux_gguf.model_family``, Kontext told apart by base_model) -> usage facts.
-Left out for lack of verified facts: flux-fill, flux-depth-canny, flux2-klein-9b."""
+Left out for lack of verified facts: flux-fill, flux-depth-canny."""
 
 
 def usage_family(model_family: str, base_model: str) -> str:

@@ -6,6 +6,7 @@ that names a flag, node or folder they do not have fails here, not on a user's m
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -21,7 +22,8 @@ from converter.cli.example import EXAMPLE_GEOMETRY, EXAMPLE_NAME, example_spec
 from converter.layout import FluxGeometry
 from converter.quality.diffusers_model import write_transformer_config
 from converter.release.build import build_release
-from converter.release.modelcard import md_text
+from converter.release.modelcard import (ACTIVATIONS_1024_BY_FAMILY, ACTIVATIONS_1024_BYTES, KLEIN_4B_ACTIVATIONS_1024_BYTES,
+                                         CardFile, gpu_section, md_text)
 from converter.release.usage import FAMILIES
 from converter.synthetic import write_synthetic_flux
 
@@ -108,10 +110,11 @@ def _blocks(body: str, lang: str) -> list[str]:
 def test_example_card_passes_front_matter_links_and_tables(example_release):
     body = check_card(example_release)
     assert "## How to use" in body and "## Which file for my GPU" in body
-    for variant in ("Q8_0", "Q4_K_M"):
+    for variant in ("Q8_0", "Q4_K_M"):  # a FLUX.1 [dev] release without validation.json: size + activations
         f = example_release / f"{EXAMPLE_NAME}-{variant}.gguf"
         row = next(ln for ln in body.splitlines() if ln.startswith(f"| {f.name} |"))
-        assert f"≥ {f.stat().st_size / 2**30:.2f} GiB" in row and "the weights alone" in row
+        assert f"≈ {(f.stat().st_size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB" in row and "estimate" in row
+    assert "The ≈ figures are an estimate, not a GPU measurement" in body
 
 
 def test_calibrated_card_escapes_and_says_what_calibration_was(calibrated_release):
@@ -195,3 +198,87 @@ def test_measured_vram_and_speed_from_the_validation_report_replace_the_estimate
     assert rows["| m-Q4_K_M.gguf"] == ("| m-Q4_K_M.gguf | 4.66 | 6.932 GB | 9.00 GiB | 0.812 | "
                                        "measured (`flux-gguf bench`, `validation.json`) |")
     assert " | ≥ 11.84 GiB | – | estimate: the weights alone" in rows["| m-Q8_0.gguf"]
+
+
+def _rows(lines: list[str]) -> dict[str, str]:
+    return {ln.split(" | ")[0].removeprefix("| "): ln for ln in lines if ln.startswith("| m-")}
+
+
+CARD_FILES = [CardFile("m-Q4_K_M.gguf", "Q4_K_M", 6_932_000_000, "0" * 64, 4.66, {}),
+              CardFile("m-Q8_0.gguf", "Q8_0", 12_714_000_000, "1" * 64, 8.5, {})]
+
+
+@pytest.mark.parametrize("family, activations", [("flux-dev", ACTIVATIONS_1024_BYTES),
+                                                  ("flux-kontext", ACTIVATIONS_1024_BYTES),
+                                                  ("flux-schnell", ACTIVATIONS_1024_BYTES),
+                                                  ("flux2-klein-4b", KLEIN_4B_ACTIVATIONS_1024_BYTES)])
+def test_estimate_is_file_size_plus_the_familys_measured_activations(family, activations):
+    assert ACTIVATIONS_1024_BY_FAMILY[family] == activations > 0
+    lines = gpu_section(CARD_FILES, {}, family)
+    for f in CARD_FILES:
+        row = _rows(lines)[f.path]
+        assert f" | ≈ {(f.size + activations) / 2**30:.2f} GiB | – | " in row
+        assert row.endswith("| estimate: file size + activations at 1024x1024 measured on CPU |")
+    note = next(ln for ln in lines if ln.startswith("The ≈ figures"))
+    assert "estimate" in note and "measured on CPU" in note and f"{activations / 2**30:.2f} GiB" in note
+
+
+def test_flux2_klein_4b_has_its_own_figure_not_flux1s():
+    assert KLEIN_4B_ACTIVATIONS_1024_BYTES != ACTIVATIONS_1024_BYTES
+    klein = _rows(gpu_section(CARD_FILES, {}, "flux2-klein-4b"))["m-Q8_0.gguf"]
+    assert f"≈ {(CARD_FILES[1].size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB" not in klein
+
+
+@pytest.mark.parametrize("family", ["flux2-dev", "flux2-klein-9b", "flux-fill", ""])
+def test_a_family_without_its_own_figure_gets_no_flux1_estimate(family):
+    assert family not in ACTIVATIONS_1024_BY_FAMILY
+    lines = gpu_section(CARD_FILES, {}, family)
+    for f in CARD_FILES:
+        row = _rows(lines)[f.path]
+        assert f" | ≥ {f.size / 2**30:.2f} GiB | " in row and "the weights alone" in row and "≈" not in row
+    assert not any(ln.startswith("The ≈ figures") for ln in lines)
+
+
+def test_a_measured_figure_replaces_the_estimate_for_a_family_that_has_one(tmp_path):
+    from converter.release.modelcard import read_validation_report
+    report = tmp_path / "validation.json"
+    report.write_text('{"variants": {"Q8_0": {"peak_memory_bytes": 14000000000}}}')
+    rows = _rows(gpu_section(CARD_FILES, read_validation_report(report, CARD_FILES), "flux-kontext"))
+    assert f" | {14e9 / 2**30:.2f} GiB | – | measured" in rows["m-Q8_0.gguf"]
+    assert f"≈ {(CARD_FILES[0].size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB" in rows["m-Q4_K_M.gguf"]
+
+
+def test_activation_measurement_counts_exactly_the_bytes_allocated_during_the_call(tmp_path):
+    """scripts/measure_activations.py's CPU method: the profiler's running allocator total, peak minus
+    the value before the call; memory allocated before the call is not counted, a free lowers the total."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    path = Path(__file__).resolve().parents[2] / "scripts" / "measure_activations.py"
+    spec = importlib.util.spec_from_file_location("measure_activations", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mib = 1 << 20
+    before = torch.empty(7 * mib, dtype=torch.uint8)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(3 * mib, dtype=torch.uint8)
+        b = torch.empty(5 * mib, dtype=torch.uint8)
+        del a
+        c = torch.empty(2 * mib, dtype=torch.uint8)
+        del b, c
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    peak, events = script._profiler_peak(tmp_path / "trace.json")
+    assert (peak, events) == (8 * mib, 6)
+    del before
+
+
+def test_klein_9b_usage_names_qwen3_8b_and_the_9b_repos():
+    from converter.release.usage import how_to_use, sdcpp_command
+    u = FAMILIES["flux2-klein-9b"]
+    text = "\n".join(how_to_use("flux2-klein-9b", ["x-Q4_K_M.gguf"]))
+    assert "FLUX.2 [klein] 9B" in text and "Flux2KleinPipeline" in text and "Flux2Transformer2DModel" in text
+    assert "config='black-forest-labs/FLUX.2-klein-9B'" in text
+    assert "https://huggingface.co/Comfy-Org/flux2-klein-9B/blob/main/split_files/text_encoders/qwen_3_8b_fp8mixed.safetensors" in text
+    assert "https://huggingface.co/Comfy-Org/flux2-klein-9B/tree/main/split_files/text_encoders" in text
+    args = sdcpp_command(u, "x-Q4_K_M.gguf")
+    assert args[args.index("--llm") + 1] == "qwen_3_8b.safetensors" and args[args.index("--vae") + 1] == "flux2_ae.safetensors"
+    assert "qwen_3_4b" not in text  # not the 4B's encoder
