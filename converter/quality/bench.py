@@ -40,7 +40,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .probes import KontextProbe, ProbeSpec, make_kontext_probe
+from .probes import Probe, ProbeSpec, make_probe
 from .tensor_error import json_float
 from .validate import (
     LogFn,
@@ -112,7 +112,7 @@ class Measurement:
     output: np.ndarray  # float32 output of the first call on the probe (target tokens)
 
 
-def measure(load: Callable[[], Any], probe: KontextProbe, device: str, *, steps: int, warmup: int) -> Measurement:
+def measure(load: Callable[[], Any], probe: Probe, device: str, *, steps: int, warmup: int) -> Measurement:
     """Load a model, run ``warmup`` untimed then ``steps`` timed probe calls, free it."""
     import torch
 
@@ -225,7 +225,7 @@ def bench(
                 what = f"the baseline {baseline}" if baseline is not None else paths[0].name
                 raise ValidationError(f"{p}: its tensors describe {g}, unlike {what} ({geometry})")
         check_loadable(geometry)
-        inputs = make_kontext_probe(probe)
+        inputs = make_probe(probe, geometry)
         reference: np.ndarray | None = None
         with tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
             cfg = config_dir or write_transformer_config(geometry, tmp)

@@ -51,7 +51,7 @@ from .diffusers_model import (
     write_transformer_config,
 )
 from .distributed import Ranks
-from .probes import ProbeSpec, make_kontext_probe
+from .probes import ProbeSpec, make_kontext_probe, make_probe
 
 if TYPE_CHECKING:
     import torch
@@ -276,6 +276,19 @@ def open_transformer(path: str | os.PathLike[str], device: str) -> Iterator[tupl
         release_memory(device)
 
 
+def source_geometry(path: str | os.PathLike[str]) -> FluxGeometry:
+    """The geometry of a checkpoint, ``hf://`` repo or GGUF, from its header alone (nothing is loaded)."""
+    if not is_hub_spec(path) and pathlib.Path(path).suffix == ".gguf":
+        from .validate import gguf_shapes, open_gguf
+
+        return geometry_from_shapes(gguf_shapes(open_gguf(pathlib.Path(path))), str(path))
+    try:
+        with open_any_source(path) as source:
+            return detect_model(source).geometry
+    except FluxGGUFError as exc:
+        raise CalibrationError(str(exc)) from exc
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -287,19 +300,22 @@ class Sample:
     tokens: int  # image + text tokens, times the batch
 
 
-def probe_sample(i: int, count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Sample:
+def probe_sample(i: int, count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool,
+                 geometry: FluxGeometry | None = None) -> Sample:
     """Probe ``i`` of ``count``: seed ``spec.seed + i``, timestep ``(i + 1) / (count + 1)`` (a pure
-    function of the index, so any process can make any probe)."""
+    function of the index, so any process can make any probe). ``geometry``: the model's (its
+    family's probe: FLUX.2's for a FLUX.2 model); None: FLUX.1 Kontext's."""
     s = ProbeSpec(height=spec.height, width=spec.width, text_tokens=spec.text_tokens, seed=spec.seed + i,
                   timestep=(i + 1) / (count + 1), guidance=spec.guidance, context_image=spec.context_image)
-    p = make_kontext_probe(s)
+    p = make_probe(s, geometry) if geometry is not None else make_kontext_probe(s)
     return Sample(p.transformer_kwargs(device, dtype, guidance_embeds=guidance_embeds), s.image_tokens + s.text_tokens)
 
 
-def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Iterator[Sample]:
+def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool,
+                  geometry: FluxGeometry | None = None) -> Iterator[Sample]:
     """``count`` seeded probes: seeds spec.seed, spec.seed + 1, ...; timesteps spread over (0, 1)."""
     for i in range(count):
-        yield probe_sample(i, count, spec, device, dtype, guidance_embeds)
+        yield probe_sample(i, count, spec, device, dtype, guidance_embeds, geometry)
 
 
 def probes_dataset(count: int, spec: ProbeSpec) -> str:
@@ -692,7 +708,7 @@ def collect_imatrix(
             total, chunk = probes, probe.image_tokens + probe.text_tokens
 
             def sample(i: int) -> Sample:
-                return probe_sample(i, probes, probe, dev, dtype, geometry.guidance)
+                return probe_sample(i, probes, probe, dev, dtype, geometry.guidance, geometry)
         else:
             total, chunk = saved.samples, saved.image_tokens + saved.text_tokens
             datasets = (pathlib.Path(inputs).name,)
@@ -816,7 +832,7 @@ def collect_imatrix_pipeline(
 ) -> CollectionReport:
     """The real Kontext pipeline from ``pipeline_dir`` around the transformer ``source`` (checkpoint or
     GGUF); with ``ranks``, every rank loads the pipeline and renders its share of the prompts."""
-    from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline
+    from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline, refuse_flux2_pipeline
 
     say = log or (lambda _msg: None)
     ranks = ranks or _single(device)
@@ -829,6 +845,7 @@ def collect_imatrix_pipeline(
         if (height is None) != (width is None):
             raise CalibrationError("give both --height and --width, or neither")
         _check_pipeline_dir(pathlib.Path(pipeline_dir))
+        refuse_flux2_pipeline(source_geometry(source))  # from the header: before loading gigabytes
         require_diffusers()
     start = time.perf_counter()
     dataset = pipeline_dataset(prompts_file, images_dir)
@@ -853,11 +870,19 @@ def collect_imatrix_pipeline(
 
 
 def _bfl_shapes_of(transformer: Any) -> dict[str, tuple[int, ...]]:
-    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config)."""
+    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config);
+    a Flux2Transformer2DModel's are FLUX.2's (128 channels, its text width)."""
+    return bfl_tensor_shapes(geometry_of_model(transformer))
+
+
+def geometry_of_model(transformer: Any) -> FluxGeometry:
+    """The FLUX geometry of a diffusers FluxTransformer2DModel or Flux2Transformer2DModel, from its config."""
     c = transformer.config
-    return bfl_tensor_shapes(FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
-                                          hidden=c.num_attention_heads * c.attention_head_dim,
-                                          img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds)))
+    flux2 = {"arch": FLUX2, "context_dim": int(c.joint_attention_dim)} \
+        if type(transformer).__name__ == "Flux2Transformer2DModel" else {}
+    return FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
+                        hidden=c.num_attention_heads * c.attention_head_dim,
+                        img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds), **flux2)
 
 
 def pipeline_dataset(prompts_file: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None) -> str:

@@ -55,7 +55,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .probes import ProbeSpec, make_kontext_probe
+from .probes import ProbeSpec, make_probe
 from .tensor_error import (
     ErrorSummary,
     TensorError,
@@ -331,7 +331,7 @@ def compare_end_to_end(
     """Run the source and the GGUF transformer on the same probe, one model in memory at a time."""
     say = log or (lambda _msg: None)
     check_loadable(geometry)
-    inputs = make_kontext_probe(probe)
+    inputs = make_probe(probe, geometry)
     with tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
         cfg = config_dir or write_transformer_config(geometry, tmp)
         say(f"loading source transformer {source.path} ({device})")
