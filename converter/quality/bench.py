@@ -3,8 +3,9 @@
 Per file: load time (from_single_file until the model sits on the device), peak GPU memory
 (``torch.cuda.max_memory_allocated`` from before the load to after the last step: weights plus
 activations), seconds per transformer step on a Kontext-shaped probe (target and context image
-tokens, so 2 * H/16 * W/16 image tokens plus the text tokens), and the cosine / relative L2 of
-its output against the BF16 baseline's output on the same probe.
+tokens, so 2 * H/16 * W/16 image tokens plus the text tokens; FLUX.2: the Flux2Pipeline-shaped
+probe, target plus one reference image, as many tokens), and the cosine / relative L2 of its
+output against the BF16 baseline's output on the same probe.
 
 Models are loaded one at a time and freed before the next, so the figures of one file do not
 include another's weights. Timing numbers are wall-clock on whatever else the machine runs.

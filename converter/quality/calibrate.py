@@ -11,10 +11,11 @@ diffusers splits fused BFL weights (``qkv`` into to_q/to_k/to_v, ``single_blocks
 to_q/to_k/to_v + proj_mlp); all parts see the same input, so only the first part is hooked and the
 input is counted once (the mapping is converter.diffusers_names.diffusers_parts).
 
-Inputs, in increasing realism: seeded Kontext-shaped probes (a smoke default: random inputs say
-little about real activations), a safetensors file of saved transformer inputs (any pipeline's
-real inputs, captured with :func:`capture_transformer_inputs`), or the real Kontext pipeline run
-on the user's prompts and images, collecting at every denoising step.
+Inputs, in increasing realism: seeded probes shaped as the model family's pipeline calls (FLUX.1
+Kontext's or FLUX.2's; a smoke default: random inputs say little about real activations), a safetensors file of saved transformer inputs (any pipeline's
+real inputs, captured with :func:`capture_transformer_inputs`; FLUX.2's Flux2Pipeline too), or
+the real Kontext pipeline run on the user's prompts and images, collecting at every denoising
+step (FLUX.1 only).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ SMOKE_NOTE = ("seeded random probes: a smoke default, not a calibration set; "
 # Keys of FluxTransformer2DModel.forward an inputs file holds ("guidance" only for models that embed it).
 INPUT_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
               "img_ids", "txt_ids")
+# Flux2Transformer2DModel.forward's: no pooled vector; ids have 4 axes (T, H, W, L).
+FLUX2_INPUT_KEYS = ("hidden_states", "encoder_hidden_states", "timestep", "guidance", "img_ids", "txt_ids")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -422,7 +425,10 @@ def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry | None
 
     Keys follow ``FluxTransformer2DModel.forward``: hidden_states [S, T_img, C], encoder_hidden_states
     [S, T_txt, 4096], pooled_projections [S, 768], timestep [S], guidance [S] (models with guidance
-    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3]; F32, F16 or BF16.
+    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3]; F32, F16 or BF16. A FLUX.2 file follows
+    ``Flux2Transformer2DModel.forward``: no pooled_projections, encoder_hidden_states [S, T_txt, the
+    model's text width], img_ids [T_img, 4], txt_ids [T_txt, 4] (without ``geometry``, a file of 4-axis
+    ids and no pooled vector is taken for one).
     """
     path = pathlib.Path(path)
     try:
@@ -454,14 +460,25 @@ def check_inputs_model(inputs: InputsFile, geometry: FluxGeometry) -> None:
     _check_inputs_header(inputs.path, inputs.shapes, inputs.dtypes, geometry)
 
 
+def _inputs_family(shapes: Mapping[str, tuple[int, ...]], geometry: FluxGeometry | None) -> str:
+    """FLUX.2 for a FLUX.2 model; without one, for a file of 4-axis ids and no pooled vector."""
+    if geometry is not None:
+        return geometry.arch
+    ids = shapes.get("img_ids", ())
+    return FLUX2 if "pooled_projections" not in shapes and len(ids) == 2 and ids[1] == 4 else FLUX1
+
+
 def _check_inputs_header(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str],
                          geometry: FluxGeometry | None) -> None:
+    flux2 = _inputs_family(shapes, geometry) == FLUX2
     guidance = geometry.guidance if geometry is not None else "guidance" in shapes
-    required = [k for k in INPUT_KEYS if k != "guidance" or guidance]
+    keys = FLUX2_INPUT_KEYS if flux2 else INPUT_KEYS
+    required = [k for k in keys if k != "guidance" or guidance]
+    forward = "Flux2Transformer2DModel.forward" if flux2 else "FluxTransformer2DModel.forward"
     missing = [k for k in required if k not in shapes]
     if missing:
         raise CalibrationError(f"{path}: missing key(s) {', '.join(missing)}; an inputs file holds "
-                               f"{', '.join(required)} (the arguments of FluxTransformer2DModel.forward)")
+                               f"{', '.join(required)} (the arguments of {forward})")
     extra = sorted(k for k in shapes if k not in required)
     if extra:
         raise CalibrationError(f"{path}: unexpected key(s) {', '.join(extra)}; expected exactly {', '.join(required)}")
@@ -477,21 +494,26 @@ def _check_inputs_header(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...
         raise CalibrationError(f"{path}: hidden_states holds {t_img} image tokens per sample; 1 to "
                                f"{MAX_IMAGE_TOKENS} are accepted (two 2048x2048 latents)")
     enc = list(shapes["encoder_hidden_states"])
+    text_dim: Any = CONTEXT_DIM
+    if flux2:  # the model's text width; without a model, any
+        text_dim = geometry.context_dim if geometry is not None else enc[2] if len(enc) == 3 and enc[2] >= 1 else "text width"
     if len(enc) != 3 or enc[1] < 1:
         raise CalibrationError(f"{path}: encoder_hidden_states has shape {enc}; expected "
-                               f"[{s}, text tokens, {CONTEXT_DIM}]")
+                               f"[{s}, text tokens, {text_dim}]")
     t_txt = enc[1]
     if t_txt > MAX_TEXT_TOKENS:
         raise CalibrationError(f"{path}: encoder_hidden_states holds {t_txt} text tokens per sample; at most "
-                               f"{MAX_TEXT_TOKENS} are accepted (T5's limit in the FLUX pipelines)")
+                               f"{MAX_TEXT_TOKENS} are accepted (the FLUX pipelines' longest max_sequence_length)")
+    axes = 4 if flux2 else 3
     expected = {
-        "encoder_hidden_states": [s, t_txt, CONTEXT_DIM],
-        "pooled_projections": [s, VEC_DIM],
+        "encoder_hidden_states": [s, t_txt, text_dim],
         "timestep": [s],
         "guidance": [s],
-        "img_ids": [t_img, 3],
-        "txt_ids": [t_txt, 3],
+        "img_ids": [t_img, axes],
+        "txt_ids": [t_txt, axes],
     }
+    if not flux2:
+        expected["pooled_projections"] = [s, VEC_DIM]
     for key, want in expected.items():
         if key in shapes and list(shapes[key]) != want:
             raise CalibrationError(f"{path}: {key} has shape {list(shapes[key])}; expected {want} "
@@ -542,9 +564,9 @@ def write_inputs_file(calls: Sequence[Mapping[str, Any]], path: str | os.PathLik
             if k in batched:
                 out[k] = torch.cat([c[k].reshape(-1, *c[k].shape[1:]) if c[k].dim() else c[k].reshape(1)
                                     for c in calls]).contiguous()
-            else:
+            else:  # Flux2Pipeline's ids are int64: float32 holds them exactly, and inputs files are float
                 ids = calls[0][k]
-                out[k] = (ids[0] if ids.dim() == 3 else ids).contiguous()
+                out[k] = (ids[0] if ids.dim() == 3 else ids).to(torch.float32).contiguous()
     except (RuntimeError, KeyError) as exc:
         raise CalibrationError(f"{path}: captured calls differ in shape and cannot be stacked ({_first_line(exc)}); "
                                "capture one resolution per file") from None

@@ -23,7 +23,7 @@ import numpy as np
 
 from converter.detect import detect_model
 from converter.errors import FluxGGUFError, ValidationError
-from converter.layout import FLUX1, FLUX2
+from converter.layout import FLUX2, FluxGeometry
 from converter.sources import open_source
 from manifests.hashing import write_bytes_atomic
 
@@ -116,9 +116,9 @@ FLUX2_NO_PIPELINE = ("--pipeline renders with FluxKontextPipeline (FLUX.1 Kontex
                      "does not drive: use the seeded probes or --inputs (captured Flux2Pipeline calls)")
 
 
-def refuse_flux2_pipeline(geometry: Any) -> None:
+def refuse_flux2_pipeline(geometry: FluxGeometry) -> None:
     """The --pipeline paths are FLUX.1 Kontext's: a FLUX.2 model gets one line, before anything loads."""
-    if getattr(geometry, "arch", FLUX1) == FLUX2:
+    if geometry.arch == FLUX2:
         raise ValidationError(FLUX2_NO_PIPELINE)
 
 

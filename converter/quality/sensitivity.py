@@ -54,8 +54,8 @@ from .calibrate import (
     read_prompts,
 )
 from .diffusers_model import compute_dtype, require_diffusers, resolve_device
-from .pipeline_check import refuse_flux2_pipeline
 from .distributed import Ranks
+from .pipeline_check import refuse_flux2_pipeline
 from .probes import ProbeSpec
 
 ProgressFn = Callable[[int, int], None]

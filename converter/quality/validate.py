@@ -3,8 +3,8 @@
 Per tensor: every stored tensor is decoded and compared with the source tensor of the same BFL
 name (tensor_error.py), then summarized per storage type and per block. End to end: the source
 and the GGUF are each loaded as diffusers users load them (diffusers_model.py), one at a time,
-and run on the same seeded Kontext-shaped probe (probes.py); their outputs are compared by
-relative L2, cosine and PSNR.
+and run on the same seeded probe of the model's family (probes.py: FLUX.1 Kontext's or
+FLUX.2's); their outputs are compared by relative L2, cosine and PSNR.
 
 ``write_validation_json`` keeps one ``validation.json`` per folder, keyed by GGUF file name, so a
 release folder holding several variants has one file that ``release build`` reads into the model

@@ -209,3 +209,45 @@ def test_sensitivity_then_target_size_fits_the_budget_and_diffusers_runs_it(work
         assert (kind, geometry) == ("gguf", GEO) and type(model).__name__ == "Flux2Transformer2DModel"
         out = run_probe(model, make_probe(SPEC, geometry), "cpu")
     assert out.shape == (1, 6, 128) and np.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- saved inputs
+
+
+def test_captured_flux2_calls_make_an_inputs_file_imatrix_reads(work, tmp_path):
+    from converter.quality.calibrate import capture_transformer_inputs, read_inputs_file, write_inputs_file
+
+    d, src = work
+    with open_source(src) as s:
+        model = build_transformer(GEO, s.read, "cpu")
+    with capture_transformer_inputs(model) as calls, torch.inference_mode():
+        for smp in probe_samples(2, SPEC, "cpu", torch.float32, GEO.guidance, GEO):
+            kw = dict(smp.kwargs)  # as Flux2Pipeline passes them: batched int64 ids
+            kw["img_ids"], kw["txt_ids"] = kw["img_ids"][None].long(), kw["txt_ids"][None].long()
+            model(**kw, return_dict=False)
+    path = write_inputs_file(calls, tmp_path / "flux2-inputs.safetensors")
+    with read_inputs_file(path, GEO) as f:
+        assert f.shapes == {"hidden_states": (2, 12, 128), "encoder_hidden_states": (2, 8, 7680), "timestep": (2,),
+                            "img_ids": (12, 4), "txt_ids": (8, 4)}
+        assert f.dtypes["img_ids"] == "F32" and f.tensor("txt_ids")[:, 3].tolist() == list(range(8))
+    out = tmp_path / "from-inputs.imatrix.gguf"
+    r = run("imatrix", src, "-o", out, "--inputs", path, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    im = read_imatrix(out)
+    assert set(im.entries) == set(quantized_weight_names(bfl_tensor_shapes(GEO)))
+    assert im.entries["single_blocks.0.linear1.weight"].count == 2 * (12 + 8)
+
+
+def test_a_flux1_inputs_file_against_a_flux2_model_is_one_line(work, tmp_path):
+    from safetensors.numpy import save_file
+
+    _d, src = work
+    f32 = np.float32
+    save_file({"hidden_states": np.zeros((1, 4, 64), f32), "encoder_hidden_states": np.zeros((1, 2, 4096), f32),
+               "pooled_projections": np.zeros((1, 768), f32), "timestep": np.zeros(1, f32),
+               "img_ids": np.zeros((4, 3), f32), "txt_ids": np.zeros((2, 3), f32)}, str(tmp_path / "f1.safetensors"))
+    r = run("imatrix", src, "-o", tmp_path / "x.gguf", "--inputs", tmp_path / "f1.safetensors", "--device", "cpu")
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'f1.safetensors'}: unexpected key(s) pooled_projections; expected exactly "
+        "hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids")
