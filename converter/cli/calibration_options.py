@@ -40,7 +40,7 @@ _OPTIONS = [
     click.option("--probes", type=click.IntRange(1), default=4, show_default=True,
                  help="Without --inputs/--pipeline: how many seeded probes (a smoke default, not a calibration set)."),
     click.option("--text-tokens", type=click.IntRange(1), default=512, show_default=True,
-                 help="T5 tokens of each probe."),
+                 help="Text tokens of each probe (T5 for FLUX.1)."),
     click.option("--seed", type=int, default=0, show_default=True, help="First probe seed, or the render seed."),
     click.option("--device", type=_DEVICE, default=None,
                  help="Where the transformer runs (default: cuda if available; under torchrun, GPU LOCAL_RANK)."),

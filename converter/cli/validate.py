@@ -95,7 +95,7 @@ def describe_report(report: ValidationReport) -> str:
 @click.option("--tensors-only", is_flag=True, help="Compare tensors only; skip running the transformers.")
 @click.option("--height", type=int, default=512, show_default=True, help="Probe image height in pixels.")
 @click.option("--width", type=int, default=512, show_default=True, help="Probe image width in pixels.")
-@click.option("--text-tokens", type=click.IntRange(1), default=512, show_default=True, help="Probe T5 tokens.")
+@click.option("--text-tokens", type=click.IntRange(1), default=512, show_default=True, help="Probe text tokens (T5 for FLUX.1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe and of the render.")
 @click.option("--pipeline", "pipeline_dir", type=click.Path(path_type=pathlib.Path), default=None,
               help="Local FLUX.1 Kontext diffusers pipeline folder: also render an edit with both transformers.")
@@ -117,7 +117,8 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
     """Measure how far a GGUF file is from its source: per tensor, and end to end through diffusers.
 
     Writes the report into validation.json (one entry per GGUF file), which `release build`
-    puts into the model card.
+    puts into the model card. FLUX.1 and FLUX.2 files run on their family's probe; --pipeline
+    is FLUX.1 Kontext's.
 
     \b
     Example:
@@ -164,7 +165,7 @@ def validate(gguf: pathlib.Path, source: pathlib.Path, config_dir: pathlib.Path 
 @click.option("--width", type=int, default=1024, show_default=True, help="Image width in pixels.")
 @click.option("--steps", type=click.IntRange(1), default=3, show_default=True, help="Timed transformer steps.")
 @click.option("--warmup", type=click.IntRange(1), default=2, show_default=True, help="Untimed steps first.")
-@click.option("--text-tokens", type=click.IntRange(1), default=512, show_default=True, help="T5 tokens.")
+@click.option("--text-tokens", type=click.IntRange(1), default=512, show_default=True, help="Text tokens (T5 for FLUX.1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe inputs.")
 @click.option("--device", type=_DEVICE, default=None, help="Where the models run (default: cuda if available).")
 @click.option("--config", "config_dir", type=click.Path(path_type=pathlib.Path, file_okay=False), default=None,
@@ -178,7 +179,8 @@ def bench(ggufs: tuple[pathlib.Path, ...], baseline: pathlib.Path | None, height
     """Time GGUF files in diffusers: load time, peak GPU memory, seconds per Kontext step, output drift.
 
     Each step runs the transformer on a Kontext edit at HEIGHTxWIDTH (target plus context image
-    tokens); with --baseline every file's output is compared with the BF16 source's.
+    tokens; FLUX.2: Flux2Pipeline's inputs with one reference image); with --baseline every file's
+    output is compared with the BF16 source's.
 
     \b
     Example:

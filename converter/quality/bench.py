@@ -3,8 +3,9 @@
 Per file: load time (from_single_file until the model sits on the device), peak GPU memory
 (``torch.cuda.max_memory_allocated`` from before the load to after the last step: weights plus
 activations), seconds per transformer step on a Kontext-shaped probe (target and context image
-tokens, so 2 * H/16 * W/16 image tokens plus the text tokens), and the cosine / relative L2 of
-its output against the BF16 baseline's output on the same probe.
+tokens, so 2 * H/16 * W/16 image tokens plus the text tokens; FLUX.2: the Flux2Pipeline-shaped
+probe, target plus one reference image, as many tokens), and the cosine / relative L2 of its
+output against the BF16 baseline's output on the same probe.
 
 Models are loaded one at a time and freed before the next, so the figures of one file do not
 include another's weights. Timing numbers are wall-clock on whatever else the machine runs.
@@ -40,7 +41,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .probes import KontextProbe, ProbeSpec, make_kontext_probe
+from .probes import Probe, ProbeSpec, make_probe
 from .tensor_error import json_float
 from .validate import (
     LogFn,
@@ -112,7 +113,7 @@ class Measurement:
     output: np.ndarray  # float32 output of the first call on the probe (target tokens)
 
 
-def measure(load: Callable[[], Any], probe: KontextProbe, device: str, *, steps: int, warmup: int) -> Measurement:
+def measure(load: Callable[[], Any], probe: Probe, device: str, *, steps: int, warmup: int) -> Measurement:
     """Load a model, run ``warmup`` untimed then ``steps`` timed probe calls, free it."""
     import torch
 
@@ -225,7 +226,7 @@ def bench(
                 what = f"the baseline {baseline}" if baseline is not None else paths[0].name
                 raise ValidationError(f"{p}: its tensors describe {g}, unlike {what} ({geometry})")
         check_loadable(geometry)
-        inputs = make_kontext_probe(probe)
+        inputs = make_probe(probe, geometry)
         reference: np.ndarray | None = None
         with tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
             cfg = config_dir or write_transformer_config(geometry, tmp)

@@ -11,10 +11,11 @@ diffusers splits fused BFL weights (``qkv`` into to_q/to_k/to_v, ``single_blocks
 to_q/to_k/to_v + proj_mlp); all parts see the same input, so only the first part is hooked and the
 input is counted once (the mapping is converter.diffusers_names.diffusers_parts).
 
-Inputs, in increasing realism: seeded Kontext-shaped probes (a smoke default: random inputs say
-little about real activations), a safetensors file of saved transformer inputs (any pipeline's
-real inputs, captured with :func:`capture_transformer_inputs`), or the real Kontext pipeline run
-on the user's prompts and images, collecting at every denoising step.
+Inputs, in increasing realism: seeded probes shaped as the model family's pipeline calls (FLUX.1
+Kontext's or FLUX.2's; a smoke default: random inputs say little about real activations), a safetensors file of saved transformer inputs (any pipeline's
+real inputs, captured with :func:`capture_transformer_inputs`; FLUX.2's Flux2Pipeline too), or
+the real Kontext pipeline run on the user's prompts and images, collecting at every denoising
+step (FLUX.1 only).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from .diffusers_model import (
     write_transformer_config,
 )
 from .distributed import Ranks
-from .probes import ProbeSpec, make_kontext_probe
+from .probes import ProbeSpec, make_kontext_probe, make_probe
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,8 @@ SMOKE_NOTE = ("seeded random probes: a smoke default, not a calibration set; "
 # Keys of FluxTransformer2DModel.forward an inputs file holds ("guidance" only for models that embed it).
 INPUT_KEYS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
               "img_ids", "txt_ids")
+# Flux2Transformer2DModel.forward's: no pooled vector; ids have 4 axes (T, H, W, L).
+FLUX2_INPUT_KEYS = ("hidden_states", "encoder_hidden_states", "timestep", "guidance", "img_ids", "txt_ids")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -276,6 +279,19 @@ def open_transformer(path: str | os.PathLike[str], device: str) -> Iterator[tupl
         release_memory(device)
 
 
+def source_geometry(path: str | os.PathLike[str]) -> FluxGeometry:
+    """The geometry of a checkpoint, ``hf://`` repo or GGUF, from its header alone (nothing is loaded)."""
+    if not is_hub_spec(path) and pathlib.Path(path).suffix == ".gguf":
+        from .validate import gguf_shapes, open_gguf
+
+        return geometry_from_shapes(gguf_shapes(open_gguf(pathlib.Path(path))), str(path))
+    try:
+        with open_any_source(path) as source:
+            return detect_model(source).geometry
+    except FluxGGUFError as exc:
+        raise CalibrationError(str(exc)) from exc
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -287,19 +303,22 @@ class Sample:
     tokens: int  # image + text tokens, times the batch
 
 
-def probe_sample(i: int, count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Sample:
+def probe_sample(i: int, count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool,
+                 geometry: FluxGeometry | None = None) -> Sample:
     """Probe ``i`` of ``count``: seed ``spec.seed + i``, timestep ``(i + 1) / (count + 1)`` (a pure
-    function of the index, so any process can make any probe)."""
+    function of the index, so any process can make any probe). ``geometry``: the model's (its
+    family's probe: FLUX.2's for a FLUX.2 model); None: FLUX.1 Kontext's."""
     s = ProbeSpec(height=spec.height, width=spec.width, text_tokens=spec.text_tokens, seed=spec.seed + i,
                   timestep=(i + 1) / (count + 1), guidance=spec.guidance, context_image=spec.context_image)
-    p = make_kontext_probe(s)
+    p = make_probe(s, geometry) if geometry is not None else make_kontext_probe(s)
     return Sample(p.transformer_kwargs(device, dtype, guidance_embeds=guidance_embeds), s.image_tokens + s.text_tokens)
 
 
-def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool) -> Iterator[Sample]:
+def probe_samples(count: int, spec: ProbeSpec, device: str, dtype: Any, guidance_embeds: bool,
+                  geometry: FluxGeometry | None = None) -> Iterator[Sample]:
     """``count`` seeded probes: seeds spec.seed, spec.seed + 1, ...; timesteps spread over (0, 1)."""
     for i in range(count):
-        yield probe_sample(i, count, spec, device, dtype, guidance_embeds)
+        yield probe_sample(i, count, spec, device, dtype, guidance_embeds, geometry)
 
 
 def probes_dataset(count: int, spec: ProbeSpec) -> str:
@@ -406,7 +425,10 @@ def read_inputs_file(path: str | os.PathLike[str], geometry: FluxGeometry | None
 
     Keys follow ``FluxTransformer2DModel.forward``: hidden_states [S, T_img, C], encoder_hidden_states
     [S, T_txt, 4096], pooled_projections [S, 768], timestep [S], guidance [S] (models with guidance
-    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3]; F32, F16 or BF16.
+    embedding only), img_ids [T_img, 3], txt_ids [T_txt, 3]; F32, F16 or BF16. A FLUX.2 file follows
+    ``Flux2Transformer2DModel.forward``: no pooled_projections, encoder_hidden_states [S, T_txt, the
+    model's text width], img_ids [T_img, 4], txt_ids [T_txt, 4] (without ``geometry``, a file of 4-axis
+    ids and no pooled vector is taken for one).
     """
     path = pathlib.Path(path)
     try:
@@ -438,14 +460,25 @@ def check_inputs_model(inputs: InputsFile, geometry: FluxGeometry) -> None:
     _check_inputs_header(inputs.path, inputs.shapes, inputs.dtypes, geometry)
 
 
+def _inputs_family(shapes: Mapping[str, tuple[int, ...]], geometry: FluxGeometry | None) -> str:
+    """FLUX.2 for a FLUX.2 model; without one, for a file of 4-axis ids and no pooled vector."""
+    if geometry is not None:
+        return geometry.arch
+    ids = shapes.get("img_ids", ())
+    return FLUX2 if "pooled_projections" not in shapes and len(ids) == 2 and ids[1] == 4 else FLUX1
+
+
 def _check_inputs_header(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str],
                          geometry: FluxGeometry | None) -> None:
+    flux2 = _inputs_family(shapes, geometry) == FLUX2
     guidance = geometry.guidance if geometry is not None else "guidance" in shapes
-    required = [k for k in INPUT_KEYS if k != "guidance" or guidance]
+    keys = FLUX2_INPUT_KEYS if flux2 else INPUT_KEYS
+    required = [k for k in keys if k != "guidance" or guidance]
+    forward = "Flux2Transformer2DModel.forward" if flux2 else "FluxTransformer2DModel.forward"
     missing = [k for k in required if k not in shapes]
     if missing:
         raise CalibrationError(f"{path}: missing key(s) {', '.join(missing)}; an inputs file holds "
-                               f"{', '.join(required)} (the arguments of FluxTransformer2DModel.forward)")
+                               f"{', '.join(required)} (the arguments of {forward})")
     extra = sorted(k for k in shapes if k not in required)
     if extra:
         raise CalibrationError(f"{path}: unexpected key(s) {', '.join(extra)}; expected exactly {', '.join(required)}")
@@ -461,21 +494,26 @@ def _check_inputs_header(path: pathlib.Path, shapes: Mapping[str, tuple[int, ...
         raise CalibrationError(f"{path}: hidden_states holds {t_img} image tokens per sample; 1 to "
                                f"{MAX_IMAGE_TOKENS} are accepted (two 2048x2048 latents)")
     enc = list(shapes["encoder_hidden_states"])
+    text_dim: Any = CONTEXT_DIM
+    if flux2:  # the model's text width; without a model, any
+        text_dim = geometry.context_dim if geometry is not None else enc[2] if len(enc) == 3 and enc[2] >= 1 else "text width"
     if len(enc) != 3 or enc[1] < 1:
         raise CalibrationError(f"{path}: encoder_hidden_states has shape {enc}; expected "
-                               f"[{s}, text tokens, {CONTEXT_DIM}]")
+                               f"[{s}, text tokens, {text_dim}]")
     t_txt = enc[1]
     if t_txt > MAX_TEXT_TOKENS:
         raise CalibrationError(f"{path}: encoder_hidden_states holds {t_txt} text tokens per sample; at most "
-                               f"{MAX_TEXT_TOKENS} are accepted (T5's limit in the FLUX pipelines)")
+                               f"{MAX_TEXT_TOKENS} are accepted (the FLUX pipelines' longest max_sequence_length)")
+    axes = 4 if flux2 else 3
     expected = {
-        "encoder_hidden_states": [s, t_txt, CONTEXT_DIM],
-        "pooled_projections": [s, VEC_DIM],
+        "encoder_hidden_states": [s, t_txt, text_dim],
         "timestep": [s],
         "guidance": [s],
-        "img_ids": [t_img, 3],
-        "txt_ids": [t_txt, 3],
+        "img_ids": [t_img, axes],
+        "txt_ids": [t_txt, axes],
     }
+    if not flux2:
+        expected["pooled_projections"] = [s, VEC_DIM]
     for key, want in expected.items():
         if key in shapes and list(shapes[key]) != want:
             raise CalibrationError(f"{path}: {key} has shape {list(shapes[key])}; expected {want} "
@@ -526,9 +564,9 @@ def write_inputs_file(calls: Sequence[Mapping[str, Any]], path: str | os.PathLik
             if k in batched:
                 out[k] = torch.cat([c[k].reshape(-1, *c[k].shape[1:]) if c[k].dim() else c[k].reshape(1)
                                     for c in calls]).contiguous()
-            else:
+            else:  # Flux2Pipeline's ids are int64: float32 holds them exactly, and inputs files are float
                 ids = calls[0][k]
-                out[k] = (ids[0] if ids.dim() == 3 else ids).contiguous()
+                out[k] = (ids[0] if ids.dim() == 3 else ids).to(torch.float32).contiguous()
     except (RuntimeError, KeyError) as exc:
         raise CalibrationError(f"{path}: captured calls differ in shape and cannot be stacked ({_first_line(exc)}); "
                                "capture one resolution per file") from None
@@ -692,7 +730,7 @@ def collect_imatrix(
             total, chunk = probes, probe.image_tokens + probe.text_tokens
 
             def sample(i: int) -> Sample:
-                return probe_sample(i, probes, probe, dev, dtype, geometry.guidance)
+                return probe_sample(i, probes, probe, dev, dtype, geometry.guidance, geometry)
         else:
             total, chunk = saved.samples, saved.image_tokens + saved.text_tokens
             datasets = (pathlib.Path(inputs).name,)
@@ -816,7 +854,7 @@ def collect_imatrix_pipeline(
 ) -> CollectionReport:
     """The real Kontext pipeline from ``pipeline_dir`` around the transformer ``source`` (checkpoint or
     GGUF); with ``ranks``, every rank loads the pipeline and renders its share of the prompts."""
-    from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline
+    from .pipeline_check import _check_pipeline_dir, _load_image, load_pipeline, refuse_flux2_pipeline
 
     say = log or (lambda _msg: None)
     ranks = ranks or _single(device)
@@ -829,6 +867,7 @@ def collect_imatrix_pipeline(
         if (height is None) != (width is None):
             raise CalibrationError("give both --height and --width, or neither")
         _check_pipeline_dir(pathlib.Path(pipeline_dir))
+        refuse_flux2_pipeline(source_geometry(source))  # from the header: before loading gigabytes
         require_diffusers()
     start = time.perf_counter()
     dataset = pipeline_dataset(prompts_file, images_dir)
@@ -853,11 +892,19 @@ def collect_imatrix_pipeline(
 
 
 def _bfl_shapes_of(transformer: Any) -> dict[str, tuple[int, ...]]:
-    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config)."""
+    """BFL shapes of a diffusers transformer's config (weights may be quantized: use the config);
+    a Flux2Transformer2DModel's are FLUX.2's (128 channels, its text width)."""
+    return bfl_tensor_shapes(geometry_of_model(transformer))
+
+
+def geometry_of_model(transformer: Any) -> FluxGeometry:
+    """The FLUX geometry of a diffusers FluxTransformer2DModel or Flux2Transformer2DModel, from its config."""
     c = transformer.config
-    return bfl_tensor_shapes(FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
-                                          hidden=c.num_attention_heads * c.attention_head_dim,
-                                          img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds)))
+    flux2 = {"arch": FLUX2, "context_dim": int(c.joint_attention_dim)} \
+        if type(transformer).__name__ == "Flux2Transformer2DModel" else {}
+    return FluxGeometry(double_blocks=c.num_layers, single_blocks=c.num_single_layers,
+                        hidden=c.num_attention_heads * c.attention_head_dim,
+                        img_in_channels=c.in_channels, guidance=bool(c.guidance_embeds), **flux2)
 
 
 def pipeline_dataset(prompts_file: str | os.PathLike[str], images_dir: str | os.PathLike[str] | None) -> str:

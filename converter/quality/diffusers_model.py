@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from converter.errors import ValidationError
-from converter.layout import CONTEXT_DIM, FLUX2, FLUX2_MARKER, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
+from converter.layout import CONTEXT_DIM, FLUX1, FLUX2, FLUX2_MARKER, HEAD_DIM, OUT_CHANNELS, VEC_DIM, FluxGeometry
 from converter.synthetic import flux2_diffusers_config
 from manifests.hashing import write_bytes_atomic
 
-from .probes import KontextProbe
+from .probes import Probe
 
 if TYPE_CHECKING:
     import torch
@@ -219,20 +219,26 @@ def _to_device(model: Any, device: str) -> Any:
     return model
 
 
-def run_probe(model: Any, probe: KontextProbe, device: str) -> np.ndarray:
-    """One transformer call on ``probe``; the target tokens' output as float32 (1, N, 64).
+def run_probe(model: Any, probe: Probe, device: str) -> np.ndarray:
+    """One transformer call on ``probe``; the target tokens' output as float32 (1, N, C): C = 64 for
+    FLUX.1, 128 for FLUX.2.
 
-    The context image's tokens are dropped, as FluxKontextPipeline drops them.
+    The context (reference) image's tokens are dropped, as FluxKontextPipeline and Flux2Pipeline
+    drop them. The probe must be the model's family's (:func:`converter.quality.probes.make_probe`).
     """
     import torch
 
-    if type(model).__name__ == "Flux2Transformer2DModel":
-        raise ValidationError("the validate/bench probe is FLUX.1 Kontext's (T5 and CLIP inputs, 64 latent channels); "
-                              "FLUX.2 models load, but have no probe yet")
+    arch = FLUX2 if type(model).__name__ == "Flux2Transformer2DModel" else FLUX1
+    if probe.arch != arch:
+        raise ValidationError(f"the probe is {_FAMILY[probe.arch]}'s but the model is {_FAMILY[arch]}; "
+                              "build it with make_probe(spec, geometry) for this model")
     kwargs = probe.transformer_kwargs(device, compute_dtype(device), guidance_embeds=model.config.guidance_embeds)
     with torch.inference_mode():
         out = model(**kwargs, return_dict=False)[0]
     return out[:, : probe.spec.target_tokens].float().cpu().numpy()
+
+
+_FAMILY = {FLUX1: "FLUX.1", FLUX2: "FLUX.2"}
 
 
 def release_memory(device: str) -> None:

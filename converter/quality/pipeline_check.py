@@ -23,6 +23,7 @@ import numpy as np
 
 from converter.detect import detect_model
 from converter.errors import FluxGGUFError, ValidationError
+from converter.layout import FLUX2, FluxGeometry
 from converter.sources import open_source
 from manifests.hashing import write_bytes_atomic
 
@@ -110,9 +111,22 @@ def _check_pipeline_dir(pipeline_dir: pathlib.Path) -> None:
         )
 
 
+FLUX2_NO_PIPELINE = ("--pipeline renders with FluxKontextPipeline (FLUX.1 Kontext: T5 and CLIP text encoders); "
+                     "this is a FLUX.2 transformer, whose Flux2Pipeline (Mistral or Qwen3 text encoder) flux-gguf "
+                     "does not drive: use the seeded probes or --inputs (captured Flux2Pipeline calls)")
+
+
+def refuse_flux2_pipeline(geometry: FluxGeometry) -> None:
+    """The --pipeline paths are FLUX.1 Kontext's: a FLUX.2 model gets one line, before anything loads."""
+    if geometry.arch == FLUX2:
+        raise ValidationError(FLUX2_NO_PIPELINE)
+
+
 def load_pipeline(pipeline_dir: pathlib.Path, transformer: Any, device: str) -> Any:
     """FluxKontextPipeline from a local diffusers folder, around ``transformer`` (its own is never loaded)."""
     diffusers = require_diffusers()
+    if type(transformer).__name__ == "Flux2Transformer2DModel":
+        raise ValidationError(FLUX2_NO_PIPELINE)
     _check_pipeline_dir(pipeline_dir)
     try:
         pipe = diffusers.FluxKontextPipeline.from_pretrained(
@@ -202,6 +216,7 @@ def pipeline_check(
     try:
         with open_source(source_path) as source, tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
             geometry = detect_model(source).geometry
+            refuse_flux2_pipeline(geometry)
             check_loadable(geometry)
             cfg = config_dir or write_transformer_config(geometry, tmp)
             say(f"loading source transformer {source.path} ({dev})")

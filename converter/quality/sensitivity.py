@@ -32,7 +32,7 @@ from converter import __version__
 from converter.detect import detect_model
 from converter.errors import CalibrationError, FluxGGUFError
 from converter.imatrix import Imatrix, check_against, uses_imatrix
-from converter.layout import bfl_tensor_shapes
+from converter.layout import FLUX1, bfl_tensor_shapes
 from converter.recipes import kept_type
 from converter.recipes import CANDIDATE_TYPES, SENSITIVITY_FORMAT, SENSITIVITY_VERSION
 from converter.sources import open_source, source_fingerprint
@@ -55,6 +55,7 @@ from .calibrate import (
 )
 from .diffusers_model import compute_dtype, require_diffusers, resolve_device
 from .distributed import Ranks
+from .pipeline_check import refuse_flux2_pipeline
 from .probes import ProbeSpec
 
 ProgressFn = Callable[[int, int], None]
@@ -257,6 +258,8 @@ def measure_sensitivity(
             try:
                 source = stack.enter_context(open_source(source_path))
                 geometry = detect_model(source).geometry
+                if pipeline is not None:
+                    refuse_flux2_pipeline(geometry)
             except CalibrationError:
                 raise
             except FluxGGUFError as exc:
@@ -292,7 +295,8 @@ def measure_sensitivity(
             with ranks.step():
                 if k is not None:
                     name = names[k]
-                    results[name] = _measure_tensor(source, model, name, imatrix, name in check, dev, dtype, measure)
+                    results[name] = _measure_tensor(source, model, name, imatrix, name in check, dev, dtype, measure,
+                                                    geometry.arch)
                     done += 2 if name in check else 1
                     if progress and ranks.main:
                         progress(done, total_steps)
@@ -311,7 +315,7 @@ def _make_inputs(model: Any, geometry: Any, inputs: str | pathlib.Path | None, p
     if pipeline is not None:
         return _pipeline_inputs(model, pipeline, dev, dtype)
     if inputs is None:
-        samples = list(probe_samples(probes, probe, dev, dtype, geometry.guidance))
+        samples = list(probe_samples(probes, probe, dev, dtype, geometry.guidance, geometry))
         doc = {"kind": "probes", "dataset": probes_dataset(probes, probe), "samples": probes, "probe": probe.to_dict()}
         return _Inputs(samples, [probe.target_tokens] * probes, doc, doc["dataset"],
                        probe.image_tokens + probe.text_tokens)
@@ -322,7 +326,7 @@ def _make_inputs(model: Any, geometry: Any, inputs: str | pathlib.Path | None, p
 
 
 def _measure_tensor(source: Any, model: Any, name: str, imatrix: Imatrix | None, checked: bool, dev: str, dtype: Any,
-                    measure: _OutputError) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    measure: _OutputError, arch: str = FLUX1) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One tensor's row of the file (weight errors, measured and predicted output errors) and its check pairs."""
     import torch
 
@@ -345,7 +349,7 @@ def _measure_tensor(source: Any, model: Any, name: str, imatrix: Imatrix | None,
     ref = REFERENCE_TYPE if REFERENCE_TYPE in dequant else next(iter(dequant), None)
     measured: dict[str, float] = {}
     if ref is not None:
-        measured[ref] = _inject(model, name, dequant[ref], x, dev, dtype, measure)
+        measured[ref] = _inject(model, name, dequant[ref], x, dev, dtype, measure, arch)
     gain = measured[ref] / weight_err[ref] if ref is not None and weight_err[ref] > 0 else 0.0
     predicted = {qt: gain * w for qt, w in weight_err.items()}
     predicted[kept_type(src_dtype)] = 0.0
@@ -353,7 +357,7 @@ def _measure_tensor(source: Any, model: Any, name: str, imatrix: Imatrix | None,
     if checked:
         for qt in CHECK_TYPES:
             if qt in dequant:
-                measured[qt] = _inject(model, name, dequant[qt], x, dev, dtype, measure)
+                measured[qt] = _inject(model, name, dequant[qt], x, dev, dtype, measure, arch)
                 pairs.append({"tensor": name, "type": qt, "predicted": predicted[qt], "measured": measured[qt]})
     row = {"shape": list(shape), "gain": gain, "weight_error": weight_err, "measured": measured, "predicted": predicted}
     return row, pairs
@@ -397,13 +401,14 @@ def _document(source_path: str | pathlib.Path, source_ids: dict[str, str | None]
     }
 
 
-def _inject(model: Any, name: str, q: np.ndarray, x: np.ndarray, dev: str, dtype: Any, measure: _OutputError) -> float:
+def _inject(model: Any, name: str, q: np.ndarray, x: np.ndarray, dev: str, dtype: Any, measure: _OutputError,
+            arch: str = FLUX1) -> float:
     """Output error with tensor ``name`` alone replaced by ``q``; the original weight is put back."""
-    model.load_state_dict(diffusers_state_dict({name: q}, dev, dtype), strict=False)
+    model.load_state_dict(diffusers_state_dict({name: q}, dev, dtype, arch), strict=False)
     try:
         return measure()
     finally:
-        model.load_state_dict(diffusers_state_dict({name: x}, dev, dtype), strict=False)
+        model.load_state_dict(diffusers_state_dict({name: x}, dev, dtype, arch), strict=False)
 
 
 __all__ = ["REFERENCE_TYPE", "CHECK_TYPES", "SensitivityReport", "measure_sensitivity", "spearman"]

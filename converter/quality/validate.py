@@ -3,8 +3,8 @@
 Per tensor: every stored tensor is decoded and compared with the source tensor of the same BFL
 name (tensor_error.py), then summarized per storage type and per block. End to end: the source
 and the GGUF are each loaded as diffusers users load them (diffusers_model.py), one at a time,
-and run on the same seeded Kontext-shaped probe (probes.py); their outputs are compared by
-relative L2, cosine and PSNR.
+and run on the same seeded probe of the model's family (probes.py: FLUX.1 Kontext's or
+FLUX.2's); their outputs are compared by relative L2, cosine and PSNR.
 
 ``write_validation_json`` keeps one ``validation.json`` per folder, keyed by GGUF file name, so a
 release folder holding several variants has one file that ``release build`` reads into the model
@@ -55,7 +55,7 @@ from .diffusers_model import (
     run_probe,
     write_transformer_config,
 )
-from .probes import ProbeSpec, make_kontext_probe
+from .probes import ProbeSpec, make_probe
 from .tensor_error import (
     ErrorSummary,
     TensorError,
@@ -331,7 +331,7 @@ def compare_end_to_end(
     """Run the source and the GGUF transformer on the same probe, one model in memory at a time."""
     say = log or (lambda _msg: None)
     check_loadable(geometry)
-    inputs = make_kontext_probe(probe)
+    inputs = make_probe(probe, geometry)
     with tempfile.TemporaryDirectory(prefix="flux-gguf-config-") as tmp:
         cfg = config_dir or write_transformer_config(geometry, tmp)
         say(f"loading source transformer {source.path} ({device})")

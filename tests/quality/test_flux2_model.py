@@ -82,7 +82,7 @@ def test_open_transformer_reads_a_flux2_gguf_and_source(src, tmp_path):
     assert torch.equal(outs[0][1], outs[1][1])
 
 
-def test_probe_refuses_flux2_in_one_line(src):
+def test_a_flux1_probe_is_refused_by_a_flux2_model_in_one_line(src):
     from converter.errors import ValidationError
     from converter.quality.diffusers_model import run_probe
     from converter.quality.probes import make_kontext_probe
@@ -91,5 +91,5 @@ def test_probe_refuses_flux2_in_one_line(src):
         model = build_transformer(GEO, s.read, "cpu")
     with pytest.raises(ValidationError) as e:
         run_probe(model, make_kontext_probe(), "cpu")
-    assert str(e.value) == ("the validate/bench probe is FLUX.1 Kontext's (T5 and CLIP inputs, 64 latent channels); "
-                            "FLUX.2 models load, but have no probe yet")
+    assert str(e.value) == ("the probe is FLUX.1's but the model is FLUX.2; "
+                            "build it with make_probe(spec, geometry) for this model")
