@@ -4,7 +4,7 @@
 The figure is what the model card's "Which file for my GPU" estimate adds to a file's size
 (converter/release/modelcard.py ``ACTIVATIONS_1024_BYTES``). What is measured:
 
-* a synthetic checkpoint at FULL WIDTH (FLUX.1: hidden 3072, 24 heads; FLUX.2 [klein] 4B: hidden 3072,
+* a synthetic checkpoint at FULL WIDTH (FLUX.1: hidden 3072, 24 heads; FLUX.2: the family's width, e.g. [klein] 4B: hidden 3072,
   24 heads, context 7680, ``layout.flux2_geometry``) but reduced depth, converted to Q4_K_M by our
   converter and loaded with diffusers ``from_single_file(..., quantization_config=GGUFQuantizationConfig(
   compute_dtype=torch.bfloat16))`` and a local config folder, as the card's diffusers snippet does;
@@ -67,7 +67,7 @@ import click
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-FAMILIES = ("flux1-kontext", "flux2-klein-4b")
+FAMILIES = ("flux1-kontext", "flux2-dev", "flux2-klein-4b", "flux2-klein-9b")
 TOKEN_PIXELS = 16  # VAE 8x, then 2x2 patches
 MMAP_THRESHOLD = 1 << 17  # glibc: blocks above 128 KiB are mmap'd and returned to the OS on free
 
@@ -77,7 +77,7 @@ def geometry(family: str, double_blocks: int, single_blocks: int):
 
     if family == "flux1-kontext":
         return FluxGeometry(double_blocks=double_blocks, single_blocks=single_blocks)  # hidden 3072
-    return dataclasses.replace(flux2_geometry("flux2-klein-4b"), double_blocks=double_blocks, single_blocks=single_blocks)
+    return dataclasses.replace(flux2_geometry(family), double_blocks=double_blocks, single_blocks=single_blocks)
 
 
 @contextlib.contextmanager
@@ -148,11 +148,14 @@ def inputs(family: str, size: int, text_tokens: int, reference: bool, device: st
     ids = [np.stack([np.full(side * side, 10 * k), rows.ravel(), cols.ravel(), np.zeros(side * side)], 1)
            for k in range(images)]
     txt = np.stack([np.zeros(text_tokens)] * 3 + [np.arange(text_tokens)], 1)
-    context = FLUX2_FAMILIES["flux2-klein-4b"].context_dim
-    return dict(hidden_states=t(rng.standard_normal((1, images * side * side, FLUX2_CHANNELS))),
-                encoder_hidden_states=t(0.2 * rng.standard_normal((1, text_tokens, context))),
-                timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                img_ids=t(np.concatenate(ids), torch.float32), txt_ids=t(txt, torch.float32))
+    size_ = FLUX2_FAMILIES[family]
+    out = dict(hidden_states=t(rng.standard_normal((1, images * side * side, FLUX2_CHANNELS))),
+               encoder_hidden_states=t(0.2 * rng.standard_normal((1, text_tokens, size_.context_dim))),
+               timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+               img_ids=t(np.concatenate(ids), torch.float32), txt_ids=t(txt, torch.float32))
+    if size_.guidance:  # FLUX.2 [dev] embeds the guidance scale; [klein] has no guidance input
+        out["guidance"] = torch.full((1,), 4.0, device=device, dtype=torch.float32)
+    return out
 
 
 def _status(field: str) -> int:

@@ -151,6 +151,9 @@ class Ranks:
         return out
 
 
+_LEAVE_TIMEOUT_S = 120  # how long a rank waits at exit for the others to reach it
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -199,6 +202,15 @@ def open_ranks(device: str | None) -> Iterator[Ranks]:
         control = dist.new_group(backend="gloo") if dev == "cuda" else None
         yield Ranks(rank=rank, world=world, local_rank=local, device=dev, _control=control)
     finally:
+        # Every rank leaves together: a rank that tears its group down while a peer is still in
+        # its last exchange (rank 0 done first, on a loaded machine) makes gloo abort the peer
+        # (SIGABRT) instead of letting it exit with its own error. A peer that is gone already
+        # (killed) fails the barrier within the timeout, and teardown goes on.
+        try:
+            dist.monitored_barrier(group=control, timeout=datetime.timedelta(seconds=_LEAVE_TIMEOUT_S),
+                                   wait_all_ranks=True)
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 

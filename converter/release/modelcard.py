@@ -59,12 +59,24 @@ KLEIN_4B_ACTIVATIONS_1024_BYTES: int = 1_286_438_914
 blocks, equal to the byte at 2 + 2; peak-RSS cross-check 1.221 GiB); 4096 target + 4096 reference-image +
 512 Qwen3 tokens. Includes and excludes what ``ACTIVATIONS_1024_BYTES`` does; an estimate from a CPU
 measurement too, and an upper bound for text-to-image."""
+KLEIN_9B_ACTIVATIONS_1024_BYTES: int = 1_796_341_762
+"""FLUX.2 [klein] 9B (1.673 GiB): ``python scripts/measure_activations.py --family flux2-klein-9b --check-depth 0
+--json klein9b.json``, same machine and method (hidden 4096 / 32 heads, context 12288; 1 + 1 blocks, peak-RSS
+cross-check 1.696 GiB; the depth check was skipped here, the same code path gave equal peaks at 2 + 2 for
+FLUX.1 and [klein] 4B); 4096 target + 4096 reference-image + 512 Qwen3 tokens. An estimate from a CPU
+measurement, as above."""
+FLUX2_DEV_ACTIVATIONS_1024_BYTES: int = 2_946_695_172
+"""FLUX.2 [dev] (2.744 GiB): ``python scripts/measure_activations.py --family flux2-dev --check-depth 0
+--json dev.json``, same machine and method (hidden 6144 / 48 heads, context 15360, guidance embedded;
+1 + 1 blocks, peak-RSS cross-check 2.768 GiB); 4096 target + 4096 reference-image + 512 Mistral tokens.
+An estimate from a CPU measurement, as above."""
 ACTIVATIONS_1024_BY_FAMILY: dict[str, int] = {
     "flux-dev": ACTIVATIONS_1024_BYTES, "flux-kontext": ACTIVATIONS_1024_BYTES, "flux-schnell": ACTIVATIONS_1024_BYTES,
-    "flux2-klein-4b": KLEIN_4B_ACTIVATIONS_1024_BYTES,
+    "flux2-klein-4b": KLEIN_4B_ACTIVATIONS_1024_BYTES, "flux2-klein-9b": KLEIN_9B_ACTIVATIONS_1024_BYTES,
+    "flux2-dev": FLUX2_DEV_ACTIVATIONS_1024_BYTES,
 }
 """The activation figure per model family (``usage.usage_family``); a family without a measured figure
-(FLUX.2 [dev] and [klein] 9B: other widths; Fill, Depth, Canny) gets the weights-only lower bound."""
+(Fill, Depth, Canny, unknown) gets the weights-only lower bound."""
 
 
 @dataclass(frozen=True)

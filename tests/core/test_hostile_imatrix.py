@@ -343,7 +343,7 @@ def test_more_text_tokens_than_t5_gives_are_refused(tmp_path):
     with pytest.raises(CalibrationError) as e:
         read_inputs_file(path)
     assert str(e.value) == (f"{path}: encoder_hidden_states holds 513 text tokens per sample; at most 512 are "
-                            "accepted (T5's limit in the FLUX pipelines)")
+                            "accepted (the FLUX pipelines' longest max_sequence_length)")
 
 
 def test_an_inputs_header_claiming_more_bytes_than_the_file_has_is_refused(tmp_path):

@@ -22,8 +22,9 @@ from converter.cli.example import EXAMPLE_GEOMETRY, EXAMPLE_NAME, example_spec
 from converter.layout import FluxGeometry
 from converter.quality.diffusers_model import write_transformer_config
 from converter.release.build import build_release
-from converter.release.modelcard import (ACTIVATIONS_1024_BY_FAMILY, ACTIVATIONS_1024_BYTES, KLEIN_4B_ACTIVATIONS_1024_BYTES,
-                                         CardFile, gpu_section, md_text)
+from converter.release.modelcard import (ACTIVATIONS_1024_BY_FAMILY, ACTIVATIONS_1024_BYTES, FLUX2_DEV_ACTIVATIONS_1024_BYTES,
+                                        KLEIN_4B_ACTIVATIONS_1024_BYTES, KLEIN_9B_ACTIVATIONS_1024_BYTES,
+                                        CardFile, gpu_section, md_text)
 from converter.release.usage import FAMILIES
 from converter.synthetic import write_synthetic_flux
 
@@ -211,7 +212,9 @@ CARD_FILES = [CardFile("m-Q4_K_M.gguf", "Q4_K_M", 6_932_000_000, "0" * 64, 4.66,
 @pytest.mark.parametrize("family, activations", [("flux-dev", ACTIVATIONS_1024_BYTES),
                                                   ("flux-kontext", ACTIVATIONS_1024_BYTES),
                                                   ("flux-schnell", ACTIVATIONS_1024_BYTES),
-                                                  ("flux2-klein-4b", KLEIN_4B_ACTIVATIONS_1024_BYTES)])
+                                                  ("flux2-klein-4b", KLEIN_4B_ACTIVATIONS_1024_BYTES),
+                                                  ("flux2-klein-9b", KLEIN_9B_ACTIVATIONS_1024_BYTES),
+                                                  ("flux2-dev", FLUX2_DEV_ACTIVATIONS_1024_BYTES)])
 def test_estimate_is_file_size_plus_the_familys_measured_activations(family, activations):
     assert ACTIVATIONS_1024_BY_FAMILY[family] == activations > 0
     lines = gpu_section(CARD_FILES, {}, family)
@@ -229,7 +232,7 @@ def test_flux2_klein_4b_has_its_own_figure_not_flux1s():
     assert f"≈ {(CARD_FILES[1].size + ACTIVATIONS_1024_BYTES) / 2**30:.2f} GiB" not in klein
 
 
-@pytest.mark.parametrize("family", ["flux2-dev", "flux2-klein-9b", "flux-fill", ""])
+@pytest.mark.parametrize("family", ["flux-fill", "flux-depth-canny", ""])
 def test_a_family_without_its_own_figure_gets_no_flux1_estimate(family):
     assert family not in ACTIVATIONS_1024_BY_FAMILY
     lines = gpu_section(CARD_FILES, {}, family)
