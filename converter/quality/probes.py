@@ -97,22 +97,7 @@ class KontextProbe:
         Position ids stay float32 as the pipeline keeps them; guidance is passed only to models
         that embed it (FLUX.1 [schnell] has no guidance embedder).
         """
-        import torch
-
-        def t(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
-
-        kwargs = {
-            "hidden_states": t(self.hidden_states, dtype),
-            "encoder_hidden_states": t(self.encoder_hidden_states, dtype),
-            "pooled_projections": t(self.pooled_projections, dtype),
-            "timestep": torch.full((1,), self.spec.timestep, device=device, dtype=dtype),
-            "img_ids": t(self.img_ids, torch.float32),
-            "txt_ids": t(self.txt_ids, torch.float32),
-        }
-        if guidance_embeds:
-            kwargs["guidance"] = torch.full((1,), self.spec.guidance, device=device, dtype=torch.float32)
-        return kwargs
+        return _call_kwargs(self, device, dtype, guidance_embeds, pooled=self.pooled_projections)
 
 
 def latent_image_ids(rows: int, cols: int, first: float = 0.0) -> np.ndarray:
@@ -181,24 +166,28 @@ class Flux2Probe:
     ) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``Flux2Transformer2DModel.forward`` on ``device``: ids float32, the
         guidance scale only for models that embed it ([dev]; [klein] passes none, as its pipeline)."""
-        import torch
-
-        def t(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
-
-        kwargs = {
-            "hidden_states": t(self.hidden_states, dtype),
-            "encoder_hidden_states": t(self.encoder_hidden_states, dtype),
-            "timestep": torch.full((1,), self.spec.timestep, device=device, dtype=dtype),
-            "img_ids": t(self.img_ids, torch.float32),
-            "txt_ids": t(self.txt_ids, torch.float32),
-        }
-        if guidance_embeds:
-            kwargs["guidance"] = torch.full((1,), self.spec.guidance, device=device, dtype=torch.float32)
-        return kwargs
+        return _call_kwargs(self, device, dtype, guidance_embeds)
 
 
 Probe = Union[KontextProbe, Flux2Probe]
+
+
+def _call_kwargs(probe: Any, device: str, dtype: Any, guidance_embeds: bool, pooled: np.ndarray | None = None) -> dict:
+    """A probe's arrays as the transformer's keyword arguments on ``device`` (ids in float32, as the
+    pipelines pass them; the guidance scale only for a model that embeds it)."""
+    import torch
+
+    def t(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+    kwargs = {"hidden_states": t(probe.hidden_states, dtype), "encoder_hidden_states": t(probe.encoder_hidden_states, dtype)}
+    if pooled is not None:
+        kwargs["pooled_projections"] = t(pooled, dtype)
+    kwargs.update(timestep=torch.full((1,), probe.spec.timestep, device=device, dtype=dtype),
+                  img_ids=t(probe.img_ids, torch.float32), txt_ids=t(probe.txt_ids, torch.float32))
+    if guidance_embeds:
+        kwargs["guidance"] = torch.full((1,), probe.spec.guidance, device=device, dtype=torch.float32)
+    return kwargs
 
 
 def flux2_image_ids(rows: int, cols: int, t: float = 0.0) -> np.ndarray:
