@@ -577,13 +577,12 @@ def _convert_planned(
                     shared.discard()
                 encoded = {}
                 raise
-            done += int(raw.data.nbytes) if not raw.whole else int(info.nbytes)
+            done += int(info.nbytes) if raw.whole else int(raw.data.nbytes)
             if raw.last:
                 digests = {qt: hashers.submit(_tensor_sha256, shared, stats) for qt, shared in encoded.items()}
                 for sink, e in zip(sinks, entries):
                     sink.put(tname, encoded[e.qtype], digests[e.qtype])
                 encoded, digests = {}, {}
-                done = min(done, total)
                 current = None
             if progress is not None:
                 progress(done, total)
@@ -926,7 +925,7 @@ class _Reader:
         first = 0 if whole else r0 * (row_bytes // DTYPE_SIZES[info.dtype])
         # At its file phase only where the tensor's elements stay aligned to their width (the kernels
         # take BF16/F16 codes as uint16); otherwise a direct read goes through the bounce buffer.
-        phase = self._source.raw_phase(name, first) if first else self._source.raw_phase(name)
+        phase = self._source.raw_phase(name, first)
         data = direct_io.placed(buf, phase, nbytes) if phase % DTYPE_SIZES[info.dtype] == 0 else buf[:nbytes]
         try:
             with _timed(self._stats, "read", cpu=True):
